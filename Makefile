@@ -1,0 +1,45 @@
+# wmaudit — every target works from a fresh clone (see README).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUILD := build
+DATA := $(BUILD)/data
+FIX := $(BUILD)/fixtures
+export WMAUDIT_DATA := $(abspath $(DATA))
+export WMAUDIT_FIXTURES := $(abspath $(FIX))
+
+.PHONY: env data fixtures demo test test-all bench report gate clean
+
+# torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@$(PY) -c "import torch,sys; v=torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: '+v)"
+	touch $@
+
+env: $(VENV)/.stamp
+
+data: $(DATA)/.stamp
+$(DATA)/.stamp: scripts/fetch_data.sh
+	bash scripts/fetch_data.sh $(DATA)
+	touch $@
+
+fixtures: env data
+	$(PY) -m fixtures.build --out $(FIX)
+
+demo: env data
+	$(PY) -m exporters.demo --out $(BUILD)/demo
+
+test: env fixtures
+	$(PY) -m pytest -q tests
+
+test-all: env fixtures
+	$(PY) -m pytest -q -m '' tests
+
+bench: env fixtures
+	$(PY) bench/run.py --out $(BUILD)/bench
+
+clean:
+	rm -rf $(BUILD)

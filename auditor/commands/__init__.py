@@ -1,0 +1,1 @@
+"""One module per `wmaudit` subcommand (HELP, add_arguments, run)."""
