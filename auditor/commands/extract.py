@@ -1,0 +1,110 @@
+"""wmaudit extract: read a white-box mark off an ONNX file and judge it."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .. import results, stats
+from ..errors import AuditError
+from ..keys import load_key
+
+HELP = "extract white-box (Uchida) marks from an ONNX file and give a verdict"
+DESCRIPTION = """Extract every white-box mark of KEY from MODEL and give a verdict with an exact
+binomial p-value (detected when p < --alpha). Exit 0 detected, 1 not detected or
+insufficient evidence, 2 error."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--key", required=True, help="key file (wmaudit-key/1 JSON)")
+    p.add_argument("--manifest", help="exporter manifest mapping torch parameters to ONNX tensors")
+    p.add_argument("--reference", help="owner's reference ONNX model (BatchNorm kept) to undo BN folding")
+    p.add_argument("--mark", action="append", help="only this mark id or parameter (repeatable)")
+    p.add_argument("--alpha", type=_alpha, default=stats.DEFAULT_ALPHA,
+                   help="detection threshold on the p-value (default 1e-6)")
+    p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
+    p.add_argument("-o", "--output", help="also write the result JSON to this file")
+
+
+def _alpha(s: str) -> float:
+    try:
+        a = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0.0 < a < 1.0:
+        raise argparse.ArgumentTypeError("alpha must be in (0, 1)")
+    return a
+
+
+def load_manifest(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise AuditError(f"manifest not found: {path}")
+    try:
+        doc = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AuditError(f"manifest {path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("params", {}), dict):
+        raise AuditError(f"manifest {path} has no 'params' mapping")
+    return doc
+
+
+def run(args) -> int:
+    from ..whitebox import extract
+
+    key = load_key(args.key)
+    manifest = load_manifest(args.manifest)
+    res = extract(args.model, key, manifest=manifest, alpha=args.alpha,
+                  reference=args.reference, marks=args.mark)
+    doc = results.envelope("extract", model_path=args.model, key=key, result=res.to_json())
+    if args.output:
+        results.write_result(args.output, doc)
+    if args.json:
+        sys.stdout.write(results.dumps(doc))
+    else:
+        print(render(doc))
+    return res.exit_code
+
+
+def _fmt_p(p: float, log10p: float | None = None) -> str:
+    if p == 0.0 and log10p is not None:
+        return f"10^{log10p:.1f}"
+    return f"{p:.3g}"
+
+
+def render(doc: dict) -> str:
+    """Human summary of an extract result document."""
+    r = doc["result"]
+    lines = [f"model  {doc['model']['path']}  ({doc['model']['sha256'][:19]}…)",
+             f"key    {doc.get('key_commitment', '')[:19]}…"]
+    for m in r["marks"]:
+        lines.append("")
+        lines.append(f"mark {m['id']}: {m['param']} {m['shape']} reduce={m['reduce']}, {m['n_bits']} bits")
+        loc = m.get("location")
+        if loc:
+            q = f", dequantized from {loc['quant']}" if loc.get("quant") else ""
+            lines.append(f"  found     {loc['weight']} [{loc['transform']}] by {loc['how']}"
+                         f"{_cands(loc)}; "
+                         f"{loc.get('location') or '?'}, {loc.get('stored_dtype') or '?'}{q}")
+        lines.append(f"  bits      {m['matches']}/{m['n_bits']} match   BER {m['ber']:.4f}   "
+                     f"p {_fmt_p(m['p_value'], m['log10_p'])} (log10 {m['log10_p']:.2f})"
+                     + (f"   corrected p {m['p_corrected']:.3g}" if loc and loc['candidates'] > 1 else ""))
+        lines.append(f"  margin    |x.w| min {m['margin_min']:.4g}  median {m['margin_median']:.4g}   "
+                     f"signed min {m['signed_margin_min']:.4g}")
+        bn = m.get("batchnorm") or {}
+        if bn.get("status") not in (None, "not-applicable"):
+            lines.append(f"  batchnorm {bn['status']}: {bn.get('detail', '')}")
+        for n in m.get("notes", []):
+            lines.append(f"  note      {n}")
+        lines.append(f"  verdict   {m['verdict']} ({m['reason']})")
+    lines.append("")
+    lines.append(f"VERDICT: {r['verdict'].upper()} ({r['reason']})")
+    return "\n".join(lines)
+
+
+def _cands(loc: dict) -> str:
+    return f" among {loc['candidates']} candidates" if loc["candidates"] > 1 else ""

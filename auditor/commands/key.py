@@ -1,0 +1,190 @@
+"""wmaudit key: import keys made by other tools, show and verify key files."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .. import results
+from ..errors import AuditError
+from ..keys import (Key, load_key, make_mark, reduced_length, save_key, sha256_file)
+
+HELP = "import, show and verify key files"
+DESCRIPTION = """Key files.
+
+  wmaudit key import --matrix X.npy --bits bits.npy --param conv2.weight \\
+                     --shape 64,32,3,3 --reduce mean -o key.json
+      white-box key from another Uchida implementation: X is T x N (or N x T with
+      --transposed), bits are 0/1, the shape is the torch layout of the parameter.
+  wmaudit key import --seed 7 --bits bits.npy --param ... --shape ... --reduce ... -o key.json
+      X rebuilt from numpy.random.default_rng(seed).standard_normal((T, N)).
+  wmaudit key import --images keys.npy --labels labels.npy -o key.json
+      black-box trigger set (images N x C x H x W .npy or a folder of PNGs).
+  wmaudit key show KEY.json      summary (no secret material printed)
+  wmaudit key verify KEY.json    schema, commitment and sidecar checks"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = p.add_subparsers(dest="key_command", metavar="ACTION", parser_class=type(p))
+    imp = sub.add_parser("import", help="build a key from raw material made by another tool")
+    imp.add_argument("--matrix", help="projection X as .npy (T x N, or N x T with --transposed)")
+    imp.add_argument("--transposed", action="store_true", help="the matrix is N x T")
+    imp.add_argument("--seed", type=int, help="rebuild X from the documented numpy generator with this seed")
+    imp.add_argument("--scale", type=float, default=1.0, help="scale of the generated X (default 1)")
+    imp.add_argument("--bits", help="bits as .npy of 0/1")
+    imp.add_argument("--param", help="torch parameter name, e.g. conv2.weight")
+    imp.add_argument("--shape", help="torch shape of the parameter, e.g. 64,32,3,3")
+    imp.add_argument("--reduce", choices=["mean", "flatten"], help="mean over output channels, or all coefficients")
+    imp.add_argument("--id", help="mark id (default: the parameter name)")
+    imp.add_argument("--images", help="trigger images: .npy N x C x H x W, or a folder of PNGs")
+    imp.add_argument("--labels", help="trigger labels: .npy or a text file, one integer per line")
+    imp.add_argument("--num-classes", type=int, help="number of model outputs (for the 1/C null rate)")
+    imp.add_argument("--append", action="store_true", help="add the mark to an existing key file -o")
+    imp.add_argument("-o", "--output", required=True, help="key file to write")
+    show = sub.add_parser("show", help="summarise a key file")
+    show.add_argument("key")
+    show.add_argument("--json", action="store_true")
+    ver = sub.add_parser("verify", help="check schema, commitment and sidecars of a key file")
+    ver.add_argument("key")
+    ver.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    if args.key_command == "import":
+        return _import(args)
+    if args.key_command == "show":
+        return _show(args, verify=False)
+    if args.key_command == "verify":
+        return _show(args, verify=True)
+    raise AuditError("missing action: import, show or verify (see wmaudit key --help)")
+
+
+def parse_shape(s: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in re.split(r"[,x× ]+", s.strip()) if x)
+    except ValueError:
+        raise AuditError(f"--shape must be integers separated by commas, got {s!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise AuditError(f"--shape must be positive integers, got {s!r}")
+    return shape
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise AuditError(f"{what} file not found: {path}")
+    try:
+        return np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise AuditError(f"cannot read {what} {path} as .npy: {e}") from None
+
+
+def load_bits(path: str) -> np.ndarray:
+    b = _load_npy(path, "bits").reshape(-1)
+    if b.dtype == bool:
+        b = b.astype(np.uint8)
+    if b.size == 0 or not np.isin(b, (0, 1)).all():
+        raise AuditError(f"bits in {path} must be 0/1 (found values {sorted(set(np.unique(b).tolist()))[:5]})")
+    return b.astype(np.uint8)
+
+
+def _import(args) -> int:
+    out = Path(args.output)
+    if args.images or args.labels:
+        if not (args.images and args.labels):
+            raise AuditError("a trigger-set import needs both --images and --labels")
+        try:
+            from ..blackbox import import_trigger_key
+        except ImportError:
+            raise AuditError("black-box keys are not available in this build") from None
+        import_trigger_key(args.images, args.labels, out, num_classes=args.num_classes)
+        print(f"wrote {out}")
+        return 0
+    missing = [f"--{n}" for n in ("bits", "param", "shape", "reduce") if getattr(args, n) is None]
+    if missing:
+        raise AuditError(f"a white-box import needs {', '.join(missing)}")
+    if (args.matrix is None) == (args.seed is None):
+        raise AuditError("give exactly one of --matrix X.npy or --seed S")
+    shape = parse_shape(args.shape)
+    if args.reduce == "mean" and len(shape) < 2:
+        raise AuditError("--reduce mean needs a parameter with at least 2 axes")
+    bits = load_bits(args.bits)
+    T, N = bits.size, reduced_length(shape, args.reduce)
+    key = load_key(out) if args.append else Key(whitebox=[], model={})
+    mark_id = args.id or args.param
+    if any(m.id == mark_id for m in key.whitebox):
+        raise AuditError(f"the key already has a mark {mark_id!r} (use --id)")
+    sidecar_tmp = None
+    if args.seed is not None:
+        if args.seed < 0:
+            raise AuditError("--seed must be >= 0")
+        mark = make_mark(args.param, shape, args.reduce, bits, seed=args.seed, scale=args.scale, id=mark_id)
+    else:
+        X = _load_npy(args.matrix, "matrix")
+        if X.ndim != 2 or not np.issubdtype(X.dtype, np.number):
+            raise AuditError(f"matrix must be a 2-D numeric array, got shape {list(X.shape)} {X.dtype}")
+        if args.transposed:
+            X = X.T
+        if X.shape != (T, N):
+            hint = " (it looks N x T: add --transposed)" if X.shape == (N, T) else ""
+            raise AuditError(f"matrix is {X.shape[0]}x{X.shape[1]}, expected {T}x{N} = bits x reduced length of "
+                             f"{list(shape)} with reduce={args.reduce}{hint}")
+        if not np.isfinite(X).all():
+            raise AuditError("matrix has non-finite values")
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", mark_id)
+        name = f"{out.stem}.{safe}.X.npy"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sidecar_tmp = out.parent / f".{name}.tmp{os.getpid()}"
+        with open(sidecar_tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(X.astype(np.float64)))
+        mark = make_mark(args.param, shape, args.reduce, bits, matrix_path=name,
+                         matrix_sha256=sha256_file(sidecar_tmp), id=mark_id)
+    mark.extra["imported"] = {"matrix": Path(args.matrix).name if args.matrix else None,
+                              "bits": Path(args.bits).name}
+    key.whitebox.append(mark)
+    try:
+        if sidecar_tmp is not None:
+            os.replace(sidecar_tmp, out.parent / mark.projection["path"])
+        save_key(key, out)
+    finally:
+        if sidecar_tmp is not None and sidecar_tmp.exists():
+            sidecar_tmp.unlink()
+    print(f"wrote {out} ({T} bits on {args.param} {list(shape)}, reduce={args.reduce})")
+    return 0
+
+
+def _show(args, verify: bool) -> int:
+    key = load_key(args.key)
+    marks = []
+    for m in key.whitebox:
+        if verify:
+            m.matrix()  # checks sidecar presence, sha256 and shape
+        marks.append({"id": m.id, "param": m.param, "shape": list(m.shape), "reduce": m.reduce,
+                      "n_bits": m.n_bits, "projection": m.projection.get("kind"),
+                      "batchnorm_anchors": m.batchnorm is not None})
+    if verify and key.blackbox:
+        try:
+            from ..blackbox import verify_blackbox_key
+        except ImportError:
+            verify_blackbox_key = None
+        if verify_blackbox_key is not None:
+            verify_blackbox_key(key)
+    doc = {"key": str(args.key), "commitment": key.commitment, "whitebox": marks,
+           "blackbox": sorted(key.blackbox) if key.blackbox else [], "verified": verify}
+    if args.json:
+        sys.stdout.write(results.dumps(doc))
+    else:
+        print(f"key {args.key}\ncommitment {key.commitment}")
+        for m in marks:
+            print(f"  white-box {m['id']}: {m['param']} {m['shape']} reduce={m['reduce']} {m['n_bits']} bits, "
+                  f"X by {m['projection']}{', BN anchors' if m['batchnorm_anchors'] else ''}")
+        for k in doc["blackbox"]:
+            print(f"  black-box {k}")
+        if verify:
+            print("verified: schema, commitment and sidecars are consistent")
+    return 0

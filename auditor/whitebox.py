@@ -1,0 +1,337 @@
+"""White-box (Uchida) extraction: find the marked parameter in an ONNX file,
+project it with the key, and judge the result with exact statistics.
+
+Locating the parameter (the key names a torch parameter and its torch shape):
+  1. the exporter's manifest, when given (ONNX tensor + layout transform);
+  2. a name match: the ONNX tensor's name equals the torch name after
+     normalisation (separators, exporter/quantizer prefixes and suffixes);
+  3. otherwise every torch-layout view of every weight with the key's shape
+     is tried, the best is reported, and its p-value is Bonferroni-corrected
+     for the number of distinct candidates tried (a forensic search must pay
+     for looking in many places).
+
+BatchNorm folding: if the key says a BatchNormalization followed the marked
+conv at embedding time (anchors stored in the key, or a reference model),
+and the graph no longer has one after that conv, the weight was folded:
+W' = W * gamma / sqrt(var + eps) per output channel. The audit says so and
+divides the scale back out before extraction.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import stats
+from .errors import AuditError
+from .keys import Key, WhiteboxMark, reduce_weight
+
+# Names exporters and quantizers give to a tensor derived from a parameter.
+_SUFFIXES = ("_quantized", "_dequantizelinear_output", "_dequantized", "_dequantizelinear",
+             "_fp16", "_float16", "_qdq", "_transposed", "_weight_only", "_q4", "_q8",
+             "_prequant", "_fused", "_folded")
+_PREFIXES = ("onnx__", "model_", "module_", "_orig_mod_", "p_", "l__self___", "self_")
+
+
+@dataclass
+class Location:
+    weight: str               # ONNX tensor (as listed by WeightStore)
+    transform: str            # layout transform to torch layout (auditor.layout label)
+    how: str                  # manifest | name | shape-search
+    candidates: int           # distinct candidates tried (Bonferroni m)
+    stored_dtype: str = ""
+    location: str = ""        # where the tensor lives (initializer, external:..., ...)
+    quant: str | None = None  # quantized form it was dequantized from
+
+
+@dataclass
+class MarkResult:
+    id: str
+    param: str
+    shape: list[int]
+    reduce: str
+    n_bits: int
+    matches: int
+    ber: float
+    p_value: float
+    log10_p: float
+    p_corrected: float
+    alpha: float
+    verdict: str
+    reason: str
+    margin_min: float
+    margin_median: float
+    margin_mean: float
+    signed_margin_min: float
+    wrong_bits: int
+    bits: str
+    location: Location | None
+    batchnorm: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d
+
+
+@dataclass
+class ExtractionResult:
+    marks: list[MarkResult]
+    verdict: str
+    p_value: float            # min over marks, Bonferroni over marks
+    alpha: float
+    reason: str
+
+    @property
+    def exit_code(self) -> int:
+        return stats.exit_code(self.verdict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "p_value": self.p_value, "alpha": self.alpha,
+                "reason": self.reason, "marks": [m.to_json() for m in self.marks]}
+
+
+# ---------------------------------------------------------------- core maths
+def project(mark: WhiteboxMark, w_torch: np.ndarray) -> np.ndarray:
+    """y = X . reduce(w): the pre-sigmoid values whose signs are the bits."""
+    w = reduce_weight(w_torch, mark.reduce)
+    if w.size != mark.n_coeffs:
+        raise AuditError(f"mark {mark.id!r}: reduced weight has {w.size} values, key expects {mark.n_coeffs}")
+    return mark.matrix() @ w
+
+
+def score(mark: WhiteboxMark, y: np.ndarray, alpha: float, m: int = 1) -> dict[str, Any]:
+    """Bits, BER, exact p and margins from the projections y."""
+    bits = (y > 0).astype(np.uint8)
+    T = int(mark.n_bits)
+    k = int((bits == mark.bits).sum())
+    signed = (2.0 * mark.bits.astype(np.float64) - 1.0) * y
+    p = stats.binom_tail_half(T, k)
+    p_corr = stats.bonferroni(p, m)
+    best = stats.bonferroni(stats.min_achievable_p_half(T), m)
+    dec = stats.decide(p_corr, best, alpha)
+    absy = np.abs(y)
+    return dict(
+        n_bits=T, matches=k, ber=(T - k) / T, p_value=p,
+        log10_p=stats.log10_binom_tail_half(T, k),
+        p_corrected=p_corr, alpha=alpha, verdict=dec.verdict, reason=dec.reason,
+        margin_min=float(absy.min()), margin_median=float(np.median(absy)), margin_mean=float(absy.mean()),
+        signed_margin_min=float(signed.min()), wrong_bits=T - k,
+        bits="".join("1" if b else "0" for b in bits))
+
+
+# ---------------------------------------------------------------- locating
+def normalize_name(name: str) -> str:
+    n = re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+    changed = True
+    while changed:
+        changed = False
+        for s in _SUFFIXES:
+            if n.endswith(s):
+                n, changed = n[: -len(s)], True
+        for p in _PREFIXES:
+            if n.startswith(p) and len(n) > len(p):
+                n, changed = n[len(p):], True
+    return n
+
+
+def names_match(param: str, tensor_name: str) -> bool:
+    a, b = normalize_name(param), normalize_name(tensor_name)
+    if not a or not b:
+        return False
+    return a == b or b.endswith("_" + a) or a.endswith("_" + b)
+
+
+def _rnn_hint(param: str) -> tuple[str | None, int | None]:
+    """torch RNN parameter names tell which ONNX input (W/R) and direction."""
+    m = re.search(r"weight_(ih|hh)_l\d+(_reverse)?$", param)
+    if not m:
+        return None, None
+    return ("W" if m.group(1) == "ih" else "R"), (1 if m.group(2) else 0)
+
+
+def _views(store):
+    from .layout import torch_views
+
+    return torch_views(store)
+
+
+def candidate_views(store, mark: WhiteboxMark):
+    """Torch-layout views whose shape equals the key's, without reading values."""
+    shape = tuple(int(s) for s in mark.shape)
+    return [v for v in _views(store) if tuple(v.shape) == shape]
+
+
+def _weight_info(store, name):
+    try:
+        w = store.get(name)
+    except Exception:
+        return "", "", None
+    return getattr(w, "stored_dtype", ""), getattr(w, "location", ""), getattr(w, "quant", None)
+
+
+def _name_of(store, view) -> list[str]:
+    names = [view.weight]
+    try:
+        w = store.get(view.weight)
+        if getattr(w, "stored_name", None):
+            names.append(w.stored_name)
+    except Exception:
+        pass
+    return names
+
+
+def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[list, str]:
+    """Candidate views for a mark and how they were chosen."""
+    views = candidate_views(store, mark)
+    if not views:
+        return [], "none"
+    if manifest:
+        entry = (manifest.get("params") or {}).get(mark.param)
+        if entry:
+            hit = [v for v in views if v.weight == entry.get("onnx") and v.transform == entry.get("transform", v.transform)]
+            if len(hit) == 1:
+                return hit, "manifest"
+    named = [v for v in views if any(names_match(mark.param, n) for n in _name_of(store, v))]
+    gate, direction = _rnn_hint(mark.param)
+    if len(named) > 1:
+        # prefer the torch-native layout for a named tensor: identity first
+        ident = [v for v in named if v.transform == "identity"]
+        if len(ident) == 1:
+            named = ident
+    if len(named) == 1:
+        return named, "name"
+    pool = named or views
+    if gate is not None:
+        hinted = [v for v in pool if f":{gate}:dir={direction}" in v.transform
+                  or (v.transform == "identity" and names_match(mark.param, v.weight))]
+        if hinted:
+            pool = hinted
+    return pool, "shape-search"
+
+
+# ---------------------------------------------------------------- BN folding
+def _bn_scale(bn: dict[str, Any]) -> np.ndarray:
+    gamma = np.asarray(bn["gamma"], dtype=np.float64)
+    var = np.asarray(bn["running_var"], dtype=np.float64)
+    return gamma / np.sqrt(var + float(bn["eps"]))
+
+
+def batchnorm_status(store, view, mark: WhiteboxMark, reference_bn: dict | None) -> dict[str, Any]:
+    """Was the marked conv folded with its BatchNorm? Returns status and the scale to undo."""
+    anchors = reference_bn or mark.batchnorm
+    if not _is_conv(view):
+        return {"status": "not-applicable"}
+    following = None
+    try:
+        from .layout import following_batchnorm
+
+        following = following_batchnorm(store, view.weight)
+    except (ImportError, AttributeError):
+        following = None
+    if following is not None:
+        return {"status": "kept", "detail": "a BatchNormalization still follows the marked conv"}
+    if anchors is None:
+        return {"status": "unknown",
+                "detail": "no BatchNormalization follows this conv; the key holds no BN anchors, "
+                          "so folding cannot be ruled out"}
+    scale = _bn_scale(anchors)
+    if scale.size != mark.shape[0]:
+        raise AuditError(f"mark {mark.id!r}: BN anchors have {scale.size} channels, weight has {mark.shape[0]}")
+    src = "reference model" if reference_bn is not None else "anchors stored in the key"
+    return {"status": "folded", "scale": scale,
+            "detail": f"no BatchNormalization follows the marked conv although one did at embedding time: "
+                      f"the weight was folded (W' = W * gamma/sqrt(var+eps)); undone with the {src}"}
+
+
+def reference_batchnorm(reference_path: str | Path, mark: WhiteboxMark) -> dict | None:
+    """BN parameters following the marked conv in the owner's reference ONNX model."""
+    from .layout import following_batchnorm
+    from .weights import WeightStore
+
+    ref = WeightStore.open(reference_path)
+    views, how = locate(ref, mark)
+    if len(views) != 1:
+        raise AuditError(f"reference model: cannot identify {mark.param!r} uniquely ({len(views)} candidates)")
+    bn = following_batchnorm(ref, views[0].weight)
+    if bn is None:
+        raise AuditError(f"reference model: no BatchNormalization follows {mark.param!r}")
+    return {k: np.asarray(v).tolist() if not isinstance(v, float) else v for k, v in bn.items()}
+
+
+# ---------------------------------------------------------------- extraction
+def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAULT_ALPHA,
+                 reference_bn=None) -> MarkResult:
+    views, how = locate(store, mark, manifest)
+    base = dict(id=mark.id, param=mark.param, shape=list(mark.shape), reduce=mark.reduce, alpha=alpha)
+    if not views:
+        T = mark.n_bits
+        dec = stats.decide(1.0, stats.min_achievable_p_half(T), alpha)
+        return MarkResult(**base, n_bits=T, matches=0, ber=1.0, p_value=1.0, log10_p=0.0, p_corrected=1.0,
+                          verdict=dec.verdict if dec.verdict == stats.INSUFFICIENT else stats.NOT_DETECTED,
+                          reason=f"no tensor with torch shape {list(mark.shape)} in the model",
+                          margin_min=0.0, margin_median=0.0, margin_mean=0.0, signed_margin_min=0.0,
+                          wrong_bits=T, bits="", location=None)
+    # identical tensors seen through several names (e.g. an initializer and the
+    # W built from it by Slice/Concat) are one candidate, not several.
+    distinct: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for v in views:
+        a = np.ascontiguousarray(v.array(), dtype=np.float32)
+        h = hashlib.sha256(a.tobytes()).hexdigest()
+        if h not in distinct:
+            distinct[h] = v
+            arrays[h] = a
+    m = len(distinct) if how == "shape-search" else 1
+    best = None
+    for h, v in distinct.items():
+        w = arrays[h].astype(np.float64)
+        bn = batchnorm_status(store, v, mark, reference_bn)
+        if bn.get("status") == "folded":
+            w = w / bn["scale"].reshape((-1,) + (1,) * (w.ndim - 1))
+        s = score(mark, project(mark, w), alpha, m)
+        if best is None or s["p_value"] < best[0]["p_value"]:
+            best = (s, v, bn)
+    s, v, bn = best
+    dtype, loc, quant = _weight_info(store, v.weight)
+    bn_out = {k: val for k, val in bn.items() if k != "scale"}
+    notes = []
+    if quant:
+        notes.append(f"weight stored quantized ({quant}); extracted from its dequantized float values")
+    if how == "shape-search" and m > 1:
+        notes.append(f"{m} distinct tensors have the key's shape; best reported, p Bonferroni-corrected")
+    return MarkResult(**base, **{k: s[k] for k in s if k not in ("alpha",)},
+                      location=Location(weight=v.weight, transform=v.transform, how=how, candidates=m,
+                                        stored_dtype=dtype, location=loc, quant=quant),
+                      batchnorm=bn_out, notes=notes)
+
+
+def _is_conv(view) -> bool:
+    return getattr(view, "kind", "") == "conv"
+
+
+def extract(model, key: Key, *, manifest: dict | None = None, alpha: float = stats.DEFAULT_ALPHA,
+            reference: str | Path | None = None, marks: list[str] | None = None) -> ExtractionResult:
+    """Extract every white-box mark of `key` from `model` (a path or a WeightStore)."""
+    from .weights import WeightStore
+
+    store = model if not isinstance(model, (str, Path)) else WeightStore.open(model)
+    selected = [mk for mk in key.whitebox if not marks or mk.id in marks or mk.param in marks]
+    if not selected:
+        raise AuditError("the key holds no white-box mark" + (f" named {', '.join(marks)}" if marks else ""))
+    results = []
+    for mk in selected:
+        ref_bn = reference_batchnorm(reference, mk) if reference is not None and len(mk.shape) == 4 else None
+        results.append(extract_mark(store, mk, manifest=manifest, alpha=alpha, reference_bn=ref_bn))
+    M = len(results)
+    p = stats.bonferroni(min(r.p_corrected for r in results), M)
+    best_possible = stats.bonferroni(min(stats.bonferroni(stats.min_achievable_p_half(r.n_bits),
+                                                          r.location.candidates if r.location else 1)
+                                         for r in results), M)
+    dec = stats.decide(p, best_possible, alpha)
+    reason = dec.reason + (f" (best of {M} marks, Bonferroni-corrected)" if M > 1 else "")
+    return ExtractionResult(marks=results, verdict=dec.verdict, p_value=p, alpha=alpha, reason=reason)
