@@ -65,11 +65,11 @@ def run(args) -> int:
 
 
 def parse_shape(s: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(x) for x in re.split(r"[,x× ]+", s.strip()) if x)
-    except ValueError:
-        raise AuditError(f"--shape must be integers separated by commas, got {s!r}") from None
-    if not shape or any(d <= 0 for d in shape):
+    compact = re.sub(r"\s+", "", s)
+    if not re.fullmatch(r"\d+([,x×]\d+)*", compact):
+        raise AuditError(f"--shape must be integers separated by commas, got {s!r}")
+    shape = tuple(int(x) for x in re.split(r"[,x×]", compact))
+    if any(d <= 0 for d in shape):
         raise AuditError(f"--shape must be positive integers, got {s!r}")
     return shape
 
