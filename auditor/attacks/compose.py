@@ -1,0 +1,100 @@
+"""A sequence of attacks in the order asked: ``prune:0.8,quantize:static-qdq-per-channel``.
+
+Step syntax (comma separated, applied left to right):
+
+* ``prune:RATE`` or ``prune:RATE:MODE`` (MODE one of prune.MODES, default magnitude)
+* ``quantize:MODE`` (quantize.MODES) -- static modes use the shared calibration
+* ``fp16``, ``int4``
+* ``simulate`` or ``simulate:per-tensor`` / ``simulate:per-channel`` (GRU/RNN int8 round-trip)
+
+Options that apply to a kind of step (``calibration`` method, ``reduce_range``,
+``weight_type``, ``prune_seed``, ...) are passed as keyword arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from ..errors import AuditError
+from . import AttackResult, precision, prune, quantize, simulate
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # prune | quantize | fp16 | int4 | simulate
+    args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __str__(self) -> str:
+        return ":".join((self.kind, *self.args))
+
+
+def parse_steps(spec: str) -> list[Step]:
+    """Parse ``prune:0.8,quantize:dynamic`` into steps (AuditError on bad syntax)."""
+    steps = []
+    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+        kind, *args = part.split(":")
+        if kind == "prune":
+            if len(args) not in (1, 2):
+                raise AuditError(f"step {part!r}: expected prune:RATE[:MODE]")
+            try:
+                float(args[0])
+            except ValueError:
+                raise AuditError(f"step {part!r}: pruning rate {args[0]!r} is not a number") from None
+            if len(args) == 2 and args[1] not in prune.MODES:
+                raise AuditError(f"step {part!r}: pruning mode must be one of {', '.join(prune.MODES)}")
+        elif kind == "quantize":
+            if len(args) != 1 or args[0] not in quantize.MODES:
+                raise AuditError(f"step {part!r}: expected quantize:MODE with MODE one of {', '.join(quantize.MODES)}")
+        elif kind in ("fp16", "int4"):
+            if args:
+                raise AuditError(f"step {part!r}: {kind} takes no arguments")
+        elif kind == "simulate":
+            if len(args) > 1 or (args and args[0] not in simulate.GRANULARITIES):
+                raise AuditError(f"step {part!r}: expected simulate[:per-tensor|per-channel]")
+        else:
+            raise AuditError(f"unknown attack step {part!r} (prune, quantize, fp16, int4, simulate)")
+        steps.append(Step(kind, tuple(args)))
+    if not steps:
+        raise AuditError("no attack steps given")
+    return steps
+
+
+def apply_step(model: onnx.ModelProto, step: Step, calibration=None, **options: Any) -> AttackResult:
+    """One step on a copy of ``model``."""
+    if step.kind == "prune":
+        mode = step.args[1] if len(step.args) > 1 else options.get("prune_mode", "magnitude")
+        return prune.prune(model, float(step.args[0]), mode=mode, seed=options.get("prune_seed", 0))
+    if step.kind == "quantize":
+        mode = step.args[0]
+        kw = {k: options[k] for k in ("reduce_range", "weight_type", "pre_process", "keep_batchnorm")
+              if k in options}
+        if mode in quantize.STATIC_MODES:
+            kw.update({k: options[k] for k in ("activation_type",) if k in options})
+            kw["method"] = options.get("calibration_method", "minmax")
+        return quantize.quantize(model, mode, calibration, **kw)
+    if step.kind == "fp16":
+        return precision.to_fp16(model)
+    if step.kind == "int4":
+        return precision.to_int4(model)
+    if step.kind == "simulate":
+        return simulate.simulate_int8(model, granularity=step.args[0] if step.args else "per-channel")
+    raise AuditError(f"unknown attack step {step}")  # parse_steps prevents this
+
+
+def compose(model: onnx.ModelProto, steps: str | list[Step], calibration=None, **options: Any) -> AttackResult:
+    """Apply ``steps`` in order; params hold each step's params, notes are prefixed by the step."""
+    if isinstance(steps, str):
+        steps = parse_steps(steps)
+    current, params, notes, simulated = model, [], [], False
+    for step in steps:
+        r = apply_step(current, step, calibration, **options)
+        current = r.model
+        params.append({"step": str(step), **r.params})
+        notes.extend(f"{step}: {n}" for n in r.notes)
+        simulated = simulated or r.simulated
+    if current is model:  # no step ran (cannot happen after parse_steps); never hand back the input
+        current = onnx.ModelProto()
+        current.CopyFrom(model)
+    return AttackResult(current, {"steps": params, "order": [str(s) for s in steps]}, notes, simulated)

@@ -1,0 +1,171 @@
+"""int8 quantization with onnxruntime's own tools (``onnxruntime.quantization``).
+
+Modes (``quantize(model, mode, ...)``):
+
+* ``dynamic``: ``quantize_dynamic`` -> ConvInteger / MatMulInteger /
+  DynamicQuantizeLSTM; weights int8 (or uint8), activations quantized at run
+  time, no calibration. onnxruntime ignores per-channel for Conv here.
+* ``static-qdq`` / ``static-qdq-per-channel``: ``quantize_static`` with
+  ``QuantFormat.QDQ`` (DequantizeLinear before float ops), per-tensor or
+  per-channel weights.
+* ``static-qop`` / ``static-qop-per-channel``: ``quantize_static`` with
+  ``QuantFormat.QOperator`` (QLinearConv, com.microsoft QGemm, ...).
+
+Static modes need a ``Calibration`` (auditor.calibration): activation ranges
+are computed once per float model and method and read back through
+``quantize_static(calibration_cache_path=...)``.
+
+Pre-processing (default on): stale ``graph.value_info`` is dropped (new-exporter
+files can carry shapes that no longer hold) and ``quant_pre_process`` runs
+shape inference with ``skip_optimization=True``, so BatchNorm stays a separate
+node, as it was exported. ``keep_batchnorm=False`` lets it run onnxruntime's
+optimizer, which folds BatchNorm into the conv weights (what a deployer
+following onnxruntime's recipe gets); the notes say which happened.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import Any
+
+import onnx
+
+from ..errors import AuditError
+from . import AttackResult, cap_ir_version, copy_model, load, save, workdir
+
+DYNAMIC = "dynamic"
+STATIC_MODES = {
+    "static-qdq": ("qdq", False),
+    "static-qdq-per-channel": ("qdq", True),
+    "static-qop": ("qop", False),
+    "static-qop-per-channel": ("qop", True),
+}
+MODES = (DYNAMIC, *STATIC_MODES)
+TYPES = ("int8", "uint8")
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    if name not in TYPES:
+        raise AuditError(f"unknown quantized type {name!r} (int8 or uint8)")
+    return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantizer logs warnings ('consider pre-processing') to the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def preprocess(model: onnx.ModelProto, keep_batchnorm: bool = True) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` ready for quantization, and what was done to it."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    m = copy_model(model)
+    notes = []
+    if len(m.graph.value_info):
+        notes.append(f"dropped {len(m.graph.value_info)} graph.value_info entries before shape inference")
+        del m.graph.value_info[:]
+    with workdir() as d, _quiet():
+        src, dst = save(m, d / "in.onnx"), d / "pre.onnx"
+        try:
+            quant_pre_process(str(src), str(dst), skip_optimization=keep_batchnorm)
+        except Exception as e:
+            raise AuditError(f"quant_pre_process failed: {type(e).__name__}: {e}") from None
+        out = load(dst)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    if keep_batchnorm:
+        notes.append("quant_pre_process: shape inference, skip_optimization=True (BatchNorm kept)")
+    else:
+        left = sum(n.op_type == "BatchNormalization" for n in out.graph.node)
+        notes.append(f"quant_pre_process: shape inference and onnxruntime optimization "
+                     f"({n_bn - left} of {n_bn} BatchNormalization folded into conv weights)")
+    return out, notes
+
+
+def quantize_dynamic(model: onnx.ModelProto, *, weight_type: str = "int8", per_channel: bool = False,
+                     reduce_range: bool = False, pre_process: bool = True,
+                     keep_batchnorm: bool = True) -> AttackResult:
+    """``onnxruntime.quantization.quantize_dynamic`` on a copy of ``model``."""
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    params = {"mode": DYNAMIC, "weight_type": weight_type, "per_channel": bool(per_channel),
+              "reduce_range": bool(reduce_range), "pre_process": bool(pre_process),
+              "keep_batchnorm": bool(keep_batchnorm)}
+    m, notes = preprocess(model, keep_batchnorm) if pre_process else (copy_model(model), [])
+    with workdir() as d, _quiet():
+        src, dst = save(m, d / "float.onnx"), d / "int8.onnx"
+        try:
+            ort_quantize_dynamic(src, dst, weight_type=_qtype(weight_type), per_channel=per_channel,
+                                 reduce_range=reduce_range)
+        except Exception as e:
+            raise AuditError(f"quantize_dynamic failed: {type(e).__name__}: {e}") from None
+        out = load(dst)
+    if per_channel and any(n.op_type == "ConvInteger" for n in out.graph.node):
+        notes.append("onnxruntime's dynamic mode quantizes Conv weights per tensor even with per_channel")
+    return AttackResult(cap_ir_version(out), params, notes)
+
+
+def quantize_static(model: onnx.ModelProto, calibration, *, quant_format: str = "qdq",
+                    per_channel: bool = False, reduce_range: bool = False, weight_type: str = "int8",
+                    activation_type: str = "uint8", method: str = "minmax", pre_process: bool = True,
+                    keep_batchnorm: bool = True) -> AttackResult:
+    """``onnxruntime.quantization.quantize_static`` (QDQ or QOperator) on a copy of ``model``.
+
+    ``calibration`` is an ``auditor.calibration.Calibration``; ranges are computed once
+    per (pre-processed float model, method) and reused through onnxruntime's cache file.
+    """
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    if quant_format not in ("qdq", "qop"):
+        raise AuditError(f"unknown quantization format {quant_format!r} (qdq or qop)")
+    if calibration is None:
+        raise AuditError("static quantization needs calibration data")
+    from ..calibration import ort_method
+
+    params = {"mode": "static-" + quant_format + ("-per-channel" if per_channel else ""),
+              "quant_format": quant_format, "per_channel": bool(per_channel),
+              "reduce_range": bool(reduce_range), "weight_type": weight_type,
+              "activation_type": activation_type, "calibration": method,
+              "calibration_data": calibration.data.describe(), "pre_process": bool(pre_process),
+              "keep_batchnorm": bool(keep_batchnorm)}
+    m, notes = preprocess(model, keep_batchnorm) if pre_process else (copy_model(model), [])
+    ranges = calibration.ranges(m, method)
+    fmt = QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator
+    with workdir() as d, _quiet():
+        src, dst = save(m, d / "float.onnx"), d / "int8.onnx"
+        try:
+            ort_quantize_static(src, dst, None, quant_format=fmt, per_channel=per_channel,
+                                reduce_range=reduce_range, activation_type=_qtype(activation_type),
+                                weight_type=_qtype(weight_type), calibrate_method=ort_method(method),
+                                calibration_cache_path=ranges)
+        except AuditError:
+            raise
+        except Exception as e:
+            raise AuditError(f"quantize_static failed: {type(e).__name__}: {e}") from None
+        out = load(dst)
+    notes.append(f"activation ranges: {method} calibration on {calibration.data.source} "
+                 f"({calibration.data.inputs.shape[0]} samples, seed {calibration.data.seed}), cached")
+    return AttackResult(cap_ir_version(out), params, notes)
+
+
+def quantize(model: onnx.ModelProto, mode: str, calibration=None, **options: Any) -> AttackResult:
+    """One of ``MODES`` (see the module docstring)."""
+    if mode == DYNAMIC:
+        options.pop("method", None)
+        options.pop("activation_type", None)
+        return quantize_dynamic(model, **options)
+    if mode in STATIC_MODES:
+        fmt, per_channel = STATIC_MODES[mode]
+        return quantize_static(model, calibration, quant_format=fmt, per_channel=per_channel, **options)
+    raise AuditError(f"unknown quantization mode {mode!r} (one of {', '.join(MODES)})")
