@@ -1,0 +1,181 @@
+"""ONNX layout -> torch layout: every plausible torch view of every weight.
+
+A torch parameter can reach ONNX transposed (Linear as Gemm transB=0 or as
+MatMul, stored [in, out]), split per direction and gate-reordered (RNN W/R),
+or stored in a quantized op's own layout (DynamicQuantizeLSTM [D, in, 4H]).
+`torch_views` lists, for each weight, the views under which it may equal a
+torch parameter; the white-box extractor tries them. RNN weights are found
+through the inputs of the RNN node, never by their names.
+
+Transform labels: `identity`, `transpose`, `rnn:<LSTM|GRU|RNN>:<W|R>:dir=<d>`,
+`rnn:<LSTM|GRU|RNN>:<Bih|Bhh>:dir=<d>` (the two halves of B),
+`DynamicQuantizeLSTM:<W|R>:dir=<d>`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .weights import Weight, WeightStore
+
+__all__ = ["TorchView", "torch_views", "views_of", "following_batchnorm", "GATE_ORDER", "apply_transform"]
+
+# ONNX gate order -> torch gate order: torch gate k is ONNX gate GATE_ORDER[op][k].
+GATE_ORDER = {
+    "LSTM": (0, 2, 3, 1),   # ONNX i,o,f,c -> torch i,f,g,o
+    "GRU": (1, 0, 2),       # ONNX z,r,h   -> torch r,z,n
+    "RNN": (0,),
+}
+_CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+_MATMUL_OPS = {"MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1}
+_GEMM_OPS = {"Gemm": 1, "QGemm": 3}
+_RNN_OPS = {"LSTM", "GRU", "RNN"}
+
+
+@dataclass
+class TorchView:
+    """One way to read an ONNX weight as a torch parameter.
+
+    weight: the Weight; transform: layout label; kind: `conv` |
+    `conv_transpose` | `linear` | `rnn` | `tensor`; direction: RNN direction
+    (None elsewhere); shape: torch-layout shape; array(): float32 values in
+    that layout (read lazily).
+    """
+
+    weight: Weight
+    transform: str
+    kind: str
+    direction: int | None
+    shape: tuple[int, ...]
+    _fn: Callable[[], np.ndarray] = field(repr=False, compare=False, default=None)
+
+    def array(self) -> np.ndarray:
+        return self._fn()
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _reorder_gates(a: np.ndarray, op: str) -> np.ndarray:
+    """[G*H, X] in ONNX gate order -> [G*H, X] in torch gate order."""
+    order = GATE_ORDER[op]
+    g = len(order)
+    return np.ascontiguousarray(a.reshape(g, a.shape[0] // g, *a.shape[1:])[list(order)].reshape(a.shape))
+
+
+def apply_transform(a: np.ndarray, transform: str) -> np.ndarray:
+    """Map an ONNX-layout array to torch layout under a transform label."""
+    if transform == "identity":
+        return a
+    if transform == "transpose":
+        return np.ascontiguousarray(a.T)
+    parts = transform.split(":")
+    d = int(parts[-1].split("=")[1])
+    if parts[0] == "rnn" and parts[2] in ("Bih", "Bhh"):
+        half = a.shape[1] // 2
+        b = a[d, :half] if parts[2] == "Bih" else a[d, half:]
+        return _reorder_gates(b, parts[1])
+    if parts[0] == "rnn":
+        return _reorder_gates(a[d], parts[1])
+    if parts[0] == "DynamicQuantizeLSTM":
+        return _reorder_gates(np.ascontiguousarray(a[d].T), "LSTM")
+    raise ValueError(f"unknown layout transform {transform!r}")
+
+
+def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
+    """Every plausible torch view of one weight (identity always first)."""
+    shape = tuple(w.shape)
+    views: dict[str, TorchView] = {}
+
+    def add(transform: str, kind: str, direction: int | None, tshape: tuple[int, ...]) -> None:
+        if transform in views:
+            if views[transform].kind == "tensor" and kind != "tensor":
+                views[transform].kind = kind
+            return
+        fn = lambda name=w.name, t=transform: apply_transform(store.array(name), t)  # noqa: E731
+        views[transform] = TorchView(w, transform, kind, direction, tuple(int(x) for x in tshape), fn)
+
+    kinds = []
+    for op, node_name, idx in w.uses:
+        node = store.node(node_name)
+        if op in _CONV_OPS and idx == _CONV_OPS[op]:
+            kinds.append(("identity", "conv"))
+        elif op == "ConvTranspose" and idx == 1:
+            kinds.append(("identity", "conv_transpose"))
+        elif op in _GEMM_OPS and idx == _GEMM_OPS[op]:
+            kinds.append(("identity" if int(_attr(node, "transB", 0)) else "transpose", "linear"))
+        elif op in _MATMUL_OPS and idx == _MATMUL_OPS[op] and len(shape) == 2:
+            kinds.append(("transpose", "linear"))
+        elif op in _RNN_OPS and idx in (1, 2) and len(shape) == 3:
+            tag = "W" if idx == 1 else "R"
+            for d in range(shape[0]):
+                add(f"rnn:{op}:{tag}:dir={d}", "rnn", d, (shape[1], shape[2]))
+        elif op in _RNN_OPS and idx == 3 and len(shape) == 2:
+            # B [D, 2*G*H] = [Wb | Rb]: torch bias_ih / bias_hh per direction
+            half = shape[1] // 2
+            for d in range(shape[0]):
+                add(f"rnn:{op}:Bih:dir={d}", "rnn", d, (half,))
+                add(f"rnn:{op}:Bhh:dir={d}", "rnn", d, (half,))
+        elif op == "DynamicQuantizeLSTM" and idx in (1, 2) and len(shape) == 3:
+            tag = "W" if idx == 1 else "R"
+            for d in range(shape[0]):
+                add(f"DynamicQuantizeLSTM:{tag}:dir={d}", "rnn", d, (shape[2], shape[1]))
+    first = [k for t, k in kinds if t == "identity"]
+    add("identity", first[0] if first else "tensor", None, shape)
+    for t, k in kinds:
+        if t == "transpose":
+            add("transpose", k, None, shape[::-1])
+    if len(shape) == 2:
+        add("transpose", "tensor", None, shape[::-1])
+    # identity first, then transpose, then per-direction RNN views
+    order = sorted(views.values(), key=lambda v: (v.transform != "identity", v.transform != "transpose", v.transform))
+    return order
+
+
+def torch_views(store: WeightStore) -> list[TorchView]:
+    """Every plausible torch view of every weight of the store."""
+    out: list[TorchView] = []
+    for w in store.weights:
+        out.extend(views_of(store, w))
+    return out
+
+
+def following_batchnorm(store: WeightStore, weight_name: str) -> dict | None:
+    """The BatchNormalization fed by the Conv that uses this weight, or None.
+
+    Returns {"node", "scale", "bias", "mean", "var", "eps"} (arrays float32)
+    when the conv's output goes (possibly through Identity) into exactly one
+    BatchNormalization whose parameters are constants. A conv weight with no
+    such BN in the graph may have had it folded in.
+    """
+    w = store.get(weight_name)
+    for op, node_name, idx in w.uses:
+        if op not in _CONV_OPS and op != "ConvTranspose":
+            continue
+        node = store.node(node_name)
+        out = node.output[0]
+        for _ in range(4):  # through a few Identity nodes at most
+            cons = store.consumers(store._output_key(node_name) or out)
+            if len(cons) != 1:
+                break
+            nxt, nxt_name, j = cons[0]
+            if nxt.op_type == "Identity":
+                node, node_name = nxt, nxt_name
+                continue
+            if nxt.op_type == "BatchNormalization" and j == 0:
+                keys = [store._const_key(nxt_name, i) for i in range(1, 5)]
+                if any(k is None for k in keys):
+                    return None
+                vals = [np.asarray(store._value(k), dtype=np.float32) for k in keys]
+                return {"node": nxt_name, "scale": vals[0], "bias": vals[1], "mean": vals[2], "var": vals[3],
+                        "eps": float(_attr(nxt, "epsilon", 1e-5))}
+            break
+    return None

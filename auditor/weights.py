@@ -1,0 +1,595 @@
+"""Every weight of an ONNX model, as float32, in ONNX layout.
+
+Weights are found wherever they live: graph initializers (inline or external
+data), Constant nodes, initializers and Constants inside If/Loop/Scan bodies,
+and tensors computed by constant subgraphs (Slice/Concat/Transpose/... chains
+whose inputs are all constant, evaluated with onnx.reference). Every
+onnxruntime quantized form is dequantized back to float; the quantized
+tensor is then listed once, under the float weight's name, with `quant` set,
+and its scales / zero points are not listed as weights.
+
+Nothing is read until asked: `WeightStore.array(name)` reads the bytes of
+that one tensor (and of its scale / zero point) and nothing else.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from .errors import AuditError
+from .graph import external_info, model_dir, open_model, tensor_array, tensor_shape
+
+__all__ = ["Weight", "WeightStore", "FOLDABLE_OPS", "dtype_name"]
+
+# Ops named in the contract as building weights from constants; any other
+# deterministic standard op whose inputs are all constant is folded too (dynamo
+# computes Slice bounds with Shape/Mul on constant tensors). Semantics always
+# come from onnx.reference, never re-implemented here.
+FOLDABLE_OPS = frozenset({
+    "Slice", "Concat", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Gather",
+    "Split", "Cast", "Identity", "DequantizeLinear", "Flatten",
+})
+_NOT_FOLDABLE = frozenset({
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+    "Bernoulli", "Dropout", "Constant", "If", "Loop", "Scan", "SequenceConstruct",
+    # Layers themselves are never folded: a weight must stay visible at its layer
+    # even when the layer's other input happens to be constant (zero initial state).
+    "MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN", "MatMulInteger",
+    "ConvInteger", "QLinearConv", "QLinearMatMul", "BatchNormalization", "Einsum",
+})
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+_MS = "com.microsoft"
+
+
+def dtype_name(data_type: int) -> str:
+    """ONNX element type as a short lower-case name (float32, float16, int8, uint8, int4, ...)."""
+    if data_type == onnx.TensorProto.FLOAT:
+        return "float32"
+    if data_type == onnx.TensorProto.DOUBLE:
+        return "float64"
+    return onnx.TensorProto.DataType.Name(data_type).lower()
+
+
+def _np_dtype_name(a: np.ndarray) -> str:
+    try:
+        return dtype_name(helper.np_dtype_to_tensor_dtype(a.dtype))
+    except Exception:
+        return str(a.dtype)
+
+
+@dataclass
+class Weight:
+    """One weight as the auditor sees it.
+
+    name: the float weight's name (for a quantized tensor, onnxruntime's
+    `_quantized` suffix removed); stored_name: the tensor actually stored;
+    shape: ONNX layout of the (dequantized) float weight; stored_dtype: dtype
+    of the stored tensor; location: `initializer` | `external:<file>` |
+    `constant-node` | `subgraph:<node>` | `folded:<Op>`; quant: None or the
+    quantized form; uses: (consumer op type, node name, input index) of the
+    float weight.
+    """
+
+    name: str
+    stored_name: str
+    shape: tuple[int, ...]
+    stored_dtype: str
+    location: str
+    quant: str | None = None
+    uses: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Number of coefficients."""
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass
+class _Const:
+    """A tensor known to be constant: stored (TensorProto) or computed by a node."""
+
+    key: str
+    location: str
+    tensor: onnx.TensorProto | None = None
+    node: onnx.NodeProto | None = None
+    inputs: tuple[str, ...] = ()   # keys of the node's inputs ("" for an absent optional input)
+    out_index: int = 0
+    owner: str | None = None       # subgraph owner node, None in the main graph
+
+
+def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The value of a Constant node as a TensorProto (None for sparse/string values)."""
+    for a in node.attribute:
+        if a.name == "value":
+            return a.t
+        if a.name == "value_float":
+            return helper.make_tensor(node.output[0], onnx.TensorProto.FLOAT, [], [a.f])
+        if a.name == "value_floats":
+            return helper.make_tensor(node.output[0], onnx.TensorProto.FLOAT, [len(a.floats)], list(a.floats))
+        if a.name == "value_int":
+            return helper.make_tensor(node.output[0], onnx.TensorProto.INT64, [], [a.i])
+        if a.name == "value_ints":
+            return helper.make_tensor(node.output[0], onnx.TensorProto.INT64, [len(a.ints)], list(a.ints))
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _dequantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 1, block_size: int = 0) -> np.ndarray:
+    """DequantizeLinear as the ONNX reference evaluator computes it, as float32."""
+    inputs = ["x", "s"] + (["z"] if zero_point is not None else [])
+    attrs: dict[str, int] = {"axis": int(axis)}
+    if block_size:
+        attrs["block_size"] = int(block_size)
+    node = helper.make_node("DequantizeLinear", inputs, ["y"], **attrs)
+    feeds = {"x": x, "s": np.asarray(scale)}
+    if zero_point is not None:
+        feeds["z"] = np.asarray(zero_point).astype(x.dtype) if np.asarray(zero_point).dtype != x.dtype else np.asarray(zero_point)
+    (y,) = ReferenceEvaluator(node).run(None, feeds)
+    return np.asarray(y, dtype=np.float32)
+
+
+def _quant_label(scale_shape: tuple[int, ...], axis: int) -> str:
+    n = int(np.prod(scale_shape, dtype=np.int64)) if scale_shape else 1
+    return "qdq-per-tensor" if n == 1 else f"qdq-per-channel(axis={axis})"
+
+
+class WeightStore:
+    """All weights of one model; arrays read lazily, one tensor at a time."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str | os.PathLike | None = None):
+        self.model = model
+        self.base_dir = Path(base_dir).resolve() if base_dir is not None else None
+        self._consts: dict[str, _Const] = {}
+        self._uses: dict[str, list[tuple[str, str, int]]] = {}
+        self._nodes: dict[str, onnx.NodeProto] = {}
+        self._node_owner: dict[str, str | None] = {}
+        self._producer: dict[str, str] = {}          # tensor key -> node name
+        self._outputs: dict[str, list[str | None]] = {}  # node name -> key of each output
+        self._consumers: dict[str, list[tuple[str, int]]] = {}  # tensor key -> (node name, input index)
+        self._folded_cache: dict[str, np.ndarray] = {}
+        self._recipes: dict[str, Callable[[], np.ndarray]] = {}
+        self._scan(model.graph, {}, None)
+        self.weights: list[Weight] = self._classify()
+        self._by_name = {w.name: w for w in self.weights}
+        for w in self.weights:  # stored names also find a weight, names win on a clash
+            self._by_name.setdefault(w.stored_name, w)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "WeightStore":
+        """Open an ONNX file (external data checked, not loaded)."""
+        model = open_model(path)
+        store = cls(model, model_dir(path))
+        store.path = Path(path)
+        return store
+
+    # ------------------------------------------------------------------ queries
+    def get(self, name: str) -> Weight:
+        """The weight called `name` (float name or stored name); AuditError if absent."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise AuditError(f"no weight named {name!r} in the model") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def array(self, name: str) -> np.ndarray:
+        """The weight as float32 in ONNX layout, dequantized; reads only this tensor's bytes."""
+        w = self.get(name)
+        return np.asarray(self._recipes[w.name](), dtype=np.float32)
+
+    def node(self, node_name: str) -> onnx.NodeProto:
+        """A node by name (unnamed nodes are called `<OpType>#<index>`)."""
+        return self._nodes[node_name]
+
+    def producer(self, tensor: str) -> onnx.NodeProto | None:
+        n = self._producer.get(tensor)
+        return self._nodes[n] if n is not None else None
+
+    def consumers(self, tensor: str) -> list[tuple[onnx.NodeProto, str, int]]:
+        """(node, node name, input index) of every node reading `tensor`."""
+        return [(self._nodes[n], n, i) for n, i in self._consumers.get(tensor, [])]
+
+    def is_constant(self, tensor: str) -> bool:
+        return tensor in self._consts
+
+    def constant(self, tensor: str) -> np.ndarray:
+        """Raw value (stored dtype, not dequantized) of any constant tensor, folded ones included."""
+        if tensor not in self._consts:
+            raise AuditError(f"tensor {tensor!r} is not a constant of the model")
+        return self._value(tensor)
+
+    # ------------------------------------------------------------------ scanning
+    def _unique(self, name: str, owner: str | None) -> str:
+        if name not in self._consts and name not in self._producer:
+            return name
+        base = f"{owner}/{name}" if owner else name
+        key, i = base, 1
+        while key in self._consts or key in self._producer:
+            i += 1
+            key = f"{base}#{i}"
+        return key
+
+    def _scan(self, graph: onnx.GraphProto, outer: dict[str, str], owner: str | None) -> None:
+        """Register constants, nodes, producers and consumers of one (sub)graph.
+
+        `outer` maps names visible from enclosing scopes to their keys.
+        """
+        scope = dict(outer)
+        for vi in graph.input:  # a graph input shadows outer names (and is not constant)
+            scope.pop(vi.name, None)
+        init_loc = f"subgraph:{owner}" if owner else None
+        for t in graph.initializer:
+            key = self._unique(t.name, owner)
+            if init_loc:
+                loc = init_loc
+            elif t.data_location == onnx.TensorProto.EXTERNAL:
+                loc = f"external:{external_info(t).get('location', '')}"
+            else:
+                loc = "initializer"
+            self._consts[key] = _Const(key, loc, tensor=t, owner=owner)
+            scope[t.name] = key
+        for i, node in enumerate(graph.node):
+            nname = node.name or f"{node.op_type}#{len(self._nodes)}"
+            if nname in self._nodes:
+                nname = f"{owner}/{nname}" if owner else f"{nname}#{len(self._nodes)}"
+            self._nodes[nname] = node
+            self._node_owner[nname] = owner
+            for j, inp in enumerate(node.input):
+                if inp and inp in scope:
+                    self._consumers.setdefault(scope[inp], []).append((nname, j))
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                t = _constant_node_tensor(node)
+                if t is not None:
+                    key = self._unique(node.output[0], owner)
+                    self._consts[key] = _Const(key, init_loc or "constant-node", tensor=t, owner=owner)
+                    self._producer[key] = nname
+                    self._outputs[nname] = [key]
+                    scope[node.output[0]] = key
+                    continue
+            foldable = (
+                node.op_type not in _NOT_FOLDABLE and node.domain in ("", "ai.onnx")
+                and not _has_subgraph(node)
+                and all((not x) or (x in scope and scope[x] in self._consts) for x in node.input)
+                and any(node.input)
+            )
+            self._outputs[nname] = []
+            for k, out in enumerate(node.output):
+                if not out:
+                    self._outputs[nname].append(None)
+                    continue
+                key = self._unique(out, owner)
+                self._outputs[nname].append(key)
+                self._producer[key] = nname
+                scope[out] = key
+                if foldable:
+                    self._consts[key] = _Const(
+                        key, f"folded:{node.op_type}", node=node,
+                        inputs=tuple(scope[x] if x else "" for x in node.input), out_index=k, owner=owner)
+            for a in node.attribute:
+                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+                for g in subs:
+                    # Names the body reads from outer scope count as uses by the owner node.
+                    self._scan(g, scope, nname)
+
+    def _value(self, key: str) -> np.ndarray:
+        """Stored-dtype value of a constant (folded ones computed with onnx.reference and cached)."""
+        c = self._consts[key]
+        if c.tensor is not None:
+            return tensor_array(c.tensor, self.base_dir)
+        if key in self._folded_cache:
+            return self._folded_cache[key]
+        node = c.node
+        feeds = {}
+        names = []
+        for x, k in zip(node.input, c.inputs):
+            names.append(x)
+            if x:
+                feeds[x] = self._value(k)
+        try:
+            opset = self._opset("")
+            outs = ReferenceEvaluator(node, opsets={"": opset} if opset else None).run(None, feeds)
+        except Exception as e:
+            raise AuditError(f"cannot evaluate constant {node.op_type} node producing {key!r}: {type(e).__name__}: {e}") from None
+        for k2, kk in enumerate(self._outputs[self._producer[key]]):
+            if kk is not None and kk in self._consts:
+                self._folded_cache[kk] = np.asarray(outs[k2])
+        return self._folded_cache[key]
+
+    def _opset(self, domain: str) -> int | None:
+        for o in self.model.opset_import:
+            if o.domain in (domain, "ai.onnx" if domain == "" else domain):
+                return int(o.version)
+        return None
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        c = self._consts[key]
+        if c.tensor is not None:
+            return tensor_shape(c.tensor)
+        return tuple(int(d) for d in self._value(key).shape)
+
+    def _dtype(self, key: str) -> str:
+        c = self._consts[key]
+        if c.tensor is not None:
+            return dtype_name(c.tensor.data_type)
+        return _np_dtype_name(self._value(key))
+
+    def _is_float(self, key: str) -> bool:
+        c = self._consts[key]
+        if c.tensor is not None:
+            return c.tensor.data_type in _FLOAT_TYPES
+        return np.issubdtype(self._value(key).dtype, np.floating) or str(self._value(key).dtype) == "bfloat16"
+
+    def _const_key(self, node_name: str, index: int) -> str | None:
+        """Key of the node's input `index` if it is a constant, else None."""
+        node = self._nodes[node_name]
+        if index >= len(node.input) or not node.input[index]:
+            return None
+        for k, (n, j) in self._input_keys(node_name):
+            if j == index:
+                return k if k in self._consts else None
+        return None
+
+    def _input_keys(self, node_name: str) -> list[tuple[str, tuple[str, int]]]:
+        if not hasattr(self, "_inputs_of"):
+            inv: dict[str, list[tuple[str, tuple[str, int]]]] = {}
+            for k, lst in self._consumers.items():
+                for n, j in lst:
+                    inv.setdefault(n, []).append((k, (n, j)))
+            self._inputs_of = inv
+        return self._inputs_of.get(node_name, [])
+
+    def _output_key(self, node_name: str, index: int = 0) -> str | None:
+        outs = self._outputs.get(node_name, [])
+        return outs[index] if index < len(outs) else None
+
+    # ------------------------------------------------------------------ classification
+    def _classify(self) -> list[Weight]:
+        quant: dict[str, tuple[str, Callable[[], np.ndarray], tuple[int, ...], list]] = {}
+        aux: set[str] = set()        # scales / zero points: never weights themselves
+        dq_outputs: set[str] = set()  # DequantizeLinear outputs standing for a listed quantized weight
+
+        def add(wkey: str, label: str, fn: Callable[[], np.ndarray], shape: tuple[int, ...], uses: list, aux_keys: list[str | None]) -> None:
+            if wkey in quant:  # one listing per stored tensor, uses merged
+                quant[wkey][3].extend(u for u in uses if u not in quant[wkey][3])
+            else:
+                quant[wkey] = (label, fn, shape, list(uses))
+            aux.update(k for k in aux_keys if k)
+
+        for nname, node in self._nodes.items():
+            op, dom = node.op_type, node.domain
+            ck = lambda i: self._const_key(nname, i)  # noqa: E731
+            if op == "DequantizeLinear" and dom in ("", "ai.onnx", _MS):
+                x, s, z = ck(0), ck(1), ck(2)
+                if x is None or s is None:
+                    continue
+                axis = int(_attr(node, "axis", 1))
+                block = int(_attr(node, "block_size", 0) or 0)
+                shape = self._shape(x)
+                if shape and axis < 0:
+                    axis += len(shape)
+                out = self._output_key(nname)
+                uses = [(self._nodes[n].op_type, n, j) for n, j in self._consumers.get(out, [])] if out else []
+                label = _quant_label(self._shape(s), axis)
+                if block:
+                    label = f"qdq-blocked(axis={axis},block={block})"
+                fn = (lambda x=x, s=s, z=z, axis=axis, block=block:
+                      _dequantize(self._value(x), self._value(s), self._value(z) if z else None, axis, block))
+                add(x, label, fn, shape, uses, [s, z])
+                if out:
+                    dq_outputs.add(out)
+            elif op == "QLinearConv":
+                w, s, z = ck(3), ck(4), ck(5)
+                if w is None or s is None:
+                    continue
+                fn = lambda w=w, s=s, z=z: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, 0)  # noqa: E731
+                add(w, "QLinearConv", fn, self._shape(w), [(op, nname, 3)], [s, z, ck(1), ck(2), ck(6), ck(7)])
+                b, xs = ck(8), ck(1)
+                if b is not None and xs is not None:
+                    fn_b = lambda b=b, xs=xs, s=s: (self._value(b).astype(np.float64) * (self._value(xs).astype(np.float64) * self._value(s).astype(np.float64))).astype(np.float32)  # noqa: E731
+                    add(b, "QLinearConv", fn_b, self._shape(b), [(op, nname, 8)], [])
+            elif op == "QLinearMatMul" or (op == "QGemm" and dom == _MS):
+                wi, si, zi = 3, 4, 5
+                w, s, z = ck(wi), ck(si), ck(zi)
+                if w is None or s is None:
+                    continue
+                shape = self._shape(w)
+                # Per-column scales run along N: axis 1 of B [K,N], axis 0 of B^T [N,K].
+                axis = 0 if (op == "QGemm" and int(_attr(node, "transB", 0))) else len(shape) - 1
+                fn = lambda w=w, s=s, z=z, axis=axis: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, axis)  # noqa: E731
+                extra = [ck(1), ck(2)] + ([ck(6), ck(7)] if op == "QLinearMatMul" else [ck(7), ck(8)])
+                add(w, op, fn, shape, [(op, nname, wi)], [s, z] + extra)
+                if op == "QGemm":
+                    c, xs = ck(6), ck(1)
+                    if c is not None and xs is not None:
+                        fn_c = lambda c=c, xs=xs, s=s: (self._value(c).astype(np.float64) * (self._value(xs).astype(np.float64) * self._value(s).astype(np.float64))).astype(np.float32)  # noqa: E731
+                        add(c, "QGemm", fn_c, self._shape(c), [(op, nname, 6)], [])
+            elif op in ("ConvInteger", "MatMulInteger"):
+                w, z = ck(1), ck(3)
+                if w is None:
+                    continue
+                s = self._trace_integer_scale(nname, w)
+                shape = self._shape(w)
+                axis = 0 if op == "ConvInteger" else len(shape) - 1
+                if s is None:
+                    # No float scale can be found: dequantize with unit scale (still the right direction of every coefficient).
+                    fn = lambda w=w, z=z: (self._value(w).astype(np.float32) - (self._value(z).astype(np.float32) if z else 0)).astype(np.float32)  # noqa: E731
+                else:
+                    fn = lambda w=w, s=s, z=z, axis=axis: _dequantize(self._value(w), self._value(s).reshape(-1) if self._value(s).size > 1 else self._value(s).reshape(()), self._value(z).reshape(-1) if (z and self._value(z).size > 1) else (self._value(z).reshape(()) if z else None), axis)  # noqa: E731
+                add(w, op, fn, shape, [(op, nname, 1)], [s, z, ck(2)])
+            elif op == "DynamicQuantizeLSTM" and dom == _MS:
+                for wi, si, zi, tag in ((1, 8, 9, "W"), (2, 10, 11, "R")):
+                    w, s, z = ck(wi), ck(si), ck(zi)
+                    if w is None or s is None:
+                        continue
+                    fn = lambda w=w, s=s, z=z: self._dequantize_lstm(w, s, z)  # noqa: E731
+                    add(w, "DynamicQuantizeLSTM", fn, self._shape(w), [(op, nname, wi)], [s, z])
+            elif op == "MatMulNBits" and dom == _MS:
+                b, s = ck(1), ck(2)
+                if b is None or s is None:
+                    continue
+                z = ck(3)
+                K, N = int(_attr(node, "K")), int(_attr(node, "N"))
+                fn = lambda nname=nname, b=b, s=s, z=z: self._dequantize_nbits(nname, b, s, z)  # noqa: E731
+                add(b, "MatMulNBits", fn, (K, N), [(op, nname, 1)], [s, z, ck(4)])
+
+        self._quantized_keys = set(quant)
+        weights: list[Weight] = []
+        taken: set[str] = set()
+        for key, c in self._consts.items():
+            if key in aux and key not in quant:
+                continue
+            if key in quant:
+                label, fn, shape, uses = quant[key]
+                name = key[: -len("_quantized")] if key.endswith("_quantized") else key
+                if name != key and (name in self._consts or name in self._producer or name in taken):
+                    name = key
+                stored_dtype = self._dtype(key)
+            else:
+                if key in dq_outputs or not self._is_float(key):
+                    continue
+                uses = [(self._nodes[n].op_type, n, j) for n, j in self._consumers.get(key, [])]
+                if c.node is not None:
+                    # A folded intermediate (read only by further folding) is not a weight of its own,
+                    # nor is a tensor built from scalars and shapes only (zeros for initial states).
+                    if uses and all(k2 in self._consts for k2 in self._outputs_of_users(key)):
+                        continue
+                    if not self._derives_from_weight(key):
+                        continue
+                elif c.tensor is not None and len(c.tensor.dims) == 0:
+                    continue  # 0-d float constants are arithmetic, not weights
+                label, name, stored_dtype = None, key, self._dtype(key)
+                fn = (lambda key=key: self._value(key).astype(np.float32))
+                shape = self._shape(key)
+            taken.add(name)
+            self._recipes[name] = fn
+            weights.append(Weight(name=name, stored_name=key, shape=tuple(int(d) for d in shape),
+                                  stored_dtype=stored_dtype, location=c.location, quant=label, uses=list(uses)))
+        return weights
+
+    def _derives_from_weight(self, key: str, _memo: dict | None = None) -> bool:
+        """True when a folded constant reads (transitively) a stored float tensor of rank >= 1."""
+        memo = self._derive_memo if hasattr(self, "_derive_memo") else {}
+        self._derive_memo = memo
+        if key in memo:
+            return memo[key]
+        memo[key] = False
+        c = self._consts[key]
+        if c.tensor is not None:
+            r = (c.tensor.data_type in _FLOAT_TYPES or key in self._quantized_keys) and len(c.tensor.dims) >= 1
+        else:
+            r = any(k and k in self._consts and self._derives_from_weight(k) for k in c.inputs)
+        memo[key] = r
+        return r
+
+    def _outputs_of_users(self, key: str) -> list[str]:
+        """Keys of the outputs of every node that reads `key` (empty string for none)."""
+        outs = []
+        for n, _ in self._consumers.get(key, []):
+            ks = [self._output_key(n, i) for i in range(len(self._nodes[n].output))]
+            ks = [k for k in ks if k]
+            outs.extend(ks or [""])
+        return outs
+
+    def _trace_integer_scale(self, node_name: str, w_key: str) -> str | None:
+        """The float scale of a ConvInteger / MatMulInteger weight.
+
+        onnxruntime's dynamic quantization multiplies the int32 result (after a
+        Cast) by x_scale * w_scale, computed by a Mul of the dynamic input
+        scale and the constant `<w>_scale`: follow Cast/Mul forward and take the
+        constant factor. Falls back to the naming convention.
+        """
+        out = self._output_key(node_name)
+        frontier = [out] if out else []
+        seen = set()
+        while frontier:
+            t = frontier.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for n, j in self._consumers.get(t, []):
+                node = self._nodes[n]
+                if node.op_type == "Cast":
+                    o = self._output_key(n)
+                    if o:
+                        frontier.append(o)
+                elif node.op_type == "Mul":
+                    other = self._const_key(n, 1 - j)
+                    if other is not None and self._is_float(other):
+                        return other
+                    pk = self._input_key_at(n, 1 - j)
+                    prod = self._producer.get(pk) if pk else None
+                    if prod and self._nodes[prod].op_type == "Mul":
+                        for jj in range(2):
+                            k2 = self._const_key(prod, jj)
+                            if k2 is not None and self._is_float(k2):
+                                return k2
+        base = w_key[: -len("_quantized")] if w_key.endswith("_quantized") else w_key
+        cand = f"{base}_scale"
+        return cand if cand in self._consts else None
+
+    def _input_key_at(self, node_name: str, index: int) -> str | None:
+        for k, (_, j) in self._input_keys(node_name):
+            if j == index:
+                return k
+        # A non-constant input produced in scope: find by name.
+        node = self._nodes[node_name]
+        name = node.input[index] if index < len(node.input) else ""
+        return name if name in self._producer else None
+
+    def _dequantize_lstm(self, w: str, s: str, z: str | None) -> np.ndarray:
+        """DynamicQuantizeLSTM W [D, in, 4H] / R [D, H, 4H]; scale [D] (per tensor) or [D, 4H] (per channel)."""
+        q = self._value(w)
+        scale = self._value(s)
+        zp = self._value(z) if z else None
+        out = np.empty(q.shape, dtype=np.float32)
+        for d in range(q.shape[0]):
+            sd = scale[d] if scale.ndim >= 1 else scale
+            zd = (zp[d] if zp.ndim >= 1 else zp) if zp is not None else None
+            out[d] = _dequantize(q[d], np.asarray(sd), None if zd is None else np.asarray(zd), axis=1)
+        return out
+
+    def _dequantize_nbits(self, node_name: str, b: str, s: str, z: str | None) -> np.ndarray:
+        """com.microsoft MatMulNBits: B [N, n_blocks, blob] packed low nibble first -> float [K, N]."""
+        node = self._nodes[node_name]
+        K, N = int(_attr(node, "K")), int(_attr(node, "N"))
+        bits = int(_attr(node, "bits", 4))
+        block = int(_attr(node, "block_size"))
+        if bits != 4:
+            raise AuditError(f"MatMulNBits with bits={bits} is not supported (4-bit only)")
+        packed = self._value(b).astype(np.uint8)
+        n_blocks = (K + block - 1) // block
+        packed = packed.reshape(N, n_blocks, -1)
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(N, n_blocks, -1)[:, :, :block].astype(np.float32)
+        scales = self._value(s).astype(np.float32).reshape(N, n_blocks)
+        if z is None:
+            zp = np.full((N, n_blocks), 8.0, dtype=np.float32)
+        else:
+            zraw = self._value(z)
+            if np.issubdtype(zraw.dtype, np.floating):
+                zp = zraw.astype(np.float32).reshape(N, n_blocks)
+            else:
+                zb = zraw.astype(np.uint8).reshape(N, -1)
+                zp = np.stack([zb & 0x0F, zb >> 4], axis=-1).reshape(N, -1)[:, :n_blocks].astype(np.float32)
+        deq = (q - zp[:, :, None]) * scales[:, :, None]
+        return np.ascontiguousarray(deq.reshape(N, n_blocks * block)[:, :K].T)
