@@ -1,0 +1,389 @@
+"""The pre-release gate: policy -> requirements -> pass / fail with reasons.
+
+``run_gate(model_path, key, policy)`` applies every attack the policy names
+(through ``auditor.attacks``, never re-implemented here) to a copy of the
+model, extracts the white-box marks from each attacked model
+(``auditor.whitebox``), measures task accuracy on every backend the policy
+names (``auditor.accuracy``) and, when the key carries black-box evidence,
+queries it (``auditor.blackbox``). Each piece of evidence becomes one
+*requirement* with its measured numbers, the thresholds it was held to, and
+the reasons it failed. The gate passes when every requirement passes.
+
+Requirement ids: ``<attack>/whitebox/<mark>`` (or ``<attack>/whitebox`` for
+``any-mark``), ``<attack>/<backend>/accuracy``, ``<attack>/<backend>/<evidence>``
+for black-box evidence. ``original`` is the unattacked model.
+
+Statuses: ``pass``; ``fail`` (a threshold not met); ``error`` (the evidence
+could not be produced: a backend not available here, an attack that failed).
+Errors fail the gate too: a release cannot pass on evidence nobody measured.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import results
+from .errors import AuditError
+from .keys import Key
+from .policy import BASELINE_ID, AttackSpec, Policy
+
+PASS, FAIL, ERROR = "pass", "fail", "error"
+
+
+@dataclass
+class Requirement:
+    id: str
+    attack: str
+    evidence: str                 # whitebox | accuracy | trigger | logo | ...
+    backend: str | None = None
+    mark: str | None = None
+    status: str = PASS
+    measured: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        """One line: why it failed (or what it measured when it passed)."""
+        if self.reasons:
+            return "; ".join(self.reasons)
+        return "met: " + ", ".join(f"{k} = {_num(v)}" for k, v in sorted(self.measured.items())
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "attack": self.attack, "evidence": self.evidence, "backend": self.backend,
+                "mark": self.mark, "status": self.status, "measured": self.measured,
+                "thresholds": self.thresholds, "reasons": list(self.reasons), "message": self.message}
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if (v == 0 or 1e-3 <= abs(v) < 1e4) else f"{v:.3e}"
+    return str(v)
+
+
+# ------------------------------------------------------------------ judging evidence
+def judge_mark(attack_id: str, mark: dict[str, Any], thresholds: dict[str, float]) -> Requirement:
+    """One white-box mark of one attacked model against the thresholds.
+
+    p is the mark's p-value corrected for the candidate tensors tried
+    (``p_corrected``); the margin held to ``min_margin`` is the *signed* minimum
+    margin min_i (2 b_i - 1) x_i . w, negative as soon as one bit is wrong.
+    """
+    mid = str(mark.get("id") or mark.get("param"))
+    p = float(mark.get("p_corrected", mark.get("p_value", 1.0)))
+    measured = {"n_bits": int(mark["n_bits"]), "matches": int(mark["matches"]), "ber": float(mark["ber"]),
+                "p_value": p, "log10_p": float(mark.get("log10_p", math.log10(p) if p > 0 else -math.inf)),
+                "margin_min": float(mark.get("margin_min", 0.0)),
+                "margin_median": float(mark.get("margin_median", 0.0)),
+                "signed_margin_min": float(mark.get("signed_margin_min", 0.0)),
+                "verdict": mark.get("verdict", "")}
+    loc = mark.get("location") or {}
+    if loc:
+        measured["weight"] = loc.get("weight")
+    req = Requirement(id=f"{attack_id}/whitebox/{mid}", attack=attack_id, evidence="whitebox", mark=mid,
+                      measured=measured, thresholds={k: v for k, v in thresholds.items()
+                                                     if k in ("max_p_value", "max_ber", "min_margin")})
+    if not loc:
+        req.reasons.append(f"marked parameter not found: {mark.get('reason', 'no candidate tensor')}")
+    if "max_p_value" in thresholds and not p < thresholds["max_p_value"]:
+        req.reasons.append(f"p = {_p(p, measured['log10_p'])} >= max_p_value {thresholds['max_p_value']:g} "
+                           f"({measured['matches']}/{measured['n_bits']} bits match)")
+    if "max_ber" in thresholds and measured["ber"] > thresholds["max_ber"]:
+        req.reasons.append(f"BER = {measured['ber']:.4f} > max_ber {thresholds['max_ber']:g}")
+    if "min_margin" in thresholds and measured["signed_margin_min"] < thresholds["min_margin"]:
+        req.reasons.append(f"signed margin min = {measured['signed_margin_min']:.4g} < min_margin "
+                           f"{thresholds['min_margin']:g}")
+    req.status = FAIL if req.reasons else PASS
+    return req
+
+
+def _p(p: float, log10_p: float) -> str:
+    if p == 0.0 and math.isfinite(log10_p):
+        return f"10^{log10_p:.1f}"
+    return f"{p:.3g}"
+
+
+def judge_any_mark(attack_id: str, marks: list[dict[str, Any]], thresholds: dict[str, float]) -> Requirement:
+    """`any-mark` evidence: one requirement, met when at least one mark meets every threshold."""
+    each = [judge_mark(attack_id, m, thresholds) for m in marks]
+    best = next((r for r in each if r.status == PASS), None)
+    if best is None:
+        best = min(each, key=lambda r: r.measured["p_value"])
+    req = Requirement(id=f"{attack_id}/whitebox", attack=attack_id, evidence="whitebox", mark=best.mark,
+                      status=best.status, measured=best.measured, thresholds=best.thresholds)
+    if best.status != PASS:
+        req.reasons = [f"no mark meets the thresholds; best {best.mark}: " + "; ".join(best.reasons)]
+    return req
+
+
+def judge_accuracy(attack_id: str, backend: str, acc: float, ref: float, n: int,
+                   thresholds: dict[str, float]) -> Requirement:
+    """Accuracy drop in percentage points against the unattacked model on the same backend."""
+    drop = 100.0 * (ref - acc)
+    req = Requirement(id=f"{attack_id}/{backend}/accuracy", attack=attack_id, evidence="accuracy",
+                      backend=backend,
+                      measured={"accuracy": acc, "reference_accuracy": ref, "accuracy_drop": drop, "samples": n},
+                      thresholds={"max_accuracy_drop": thresholds["max_accuracy_drop"]})
+    if drop > thresholds["max_accuracy_drop"]:
+        req.status = FAIL
+        req.reasons.append(f"accuracy {100 * acc:.2f}% vs {100 * ref:.2f}% unattacked: drop {drop:.2f} "
+                           f"points > max_accuracy_drop {thresholds['max_accuracy_drop']:g}")
+    return req
+
+
+def error_requirement(rid: str, attack_id: str, evidence: str, why: str, backend: str | None = None) -> Requirement:
+    return Requirement(id=rid, attack=attack_id, evidence=evidence, backend=backend, status=ERROR, reasons=[why])
+
+
+# ------------------------------------------------------------------ running attacks
+def needs_calibration(policy: Policy) -> bool:
+    return any("quantize:static" in a.steps for a in policy.attacks)
+
+
+def make_calibration(policy: Policy):
+    """Calibration data for static quantization, as the policy names it (seeded)."""
+    from .calibration import Calibration, calibration_data
+
+    return Calibration(calibration_data(policy.calibration_data, policy.calibration_samples,
+                                        policy.calibration_seed))
+
+
+def apply_attack(model, spec: AttackSpec, policy: Policy, calibration=None) -> tuple[Any, dict[str, Any]]:
+    """Run the spec's steps through auditor.attacks.compose on the model (never modified);
+    (attacked model, record of the parameters each step used, notes, simulated)."""
+    from .attacks.compose import compose
+
+    options = dict(spec.options)
+    options.setdefault("prune_seed", policy.seed)  # random pruning draws from the policy's seed
+    try:
+        res = compose(model, spec.steps, calibration, **options)
+    except AuditError as e:
+        raise AuditError(f"attack '{spec.id}' ({spec.steps}) cannot be applied: {e}") from None
+    record = {"steps": spec.steps, "options": dict(sorted(options.items())),
+              "params": results._clean(res.params), "notes": [str(n) for n in res.notes],
+              "simulated": bool(res.simulated)}
+    return res.model, record
+
+
+def load_model_full(path: str | Path):
+    """The model with its external data, after graph.open_model's safety checks."""
+    import onnx.external_data_helper as xdh
+
+    from .graph import model_dir, open_model
+
+    model = open_model(path)
+    xdh.load_external_data_for_model(model, str(model_dir(path)))
+    return model
+
+
+def _save(model, path: Path) -> Path:
+    from .attacks import save
+
+    return save(model, path)
+
+
+# ------------------------------------------------------------------ measurement adapters
+def measure_accuracy(model_path: Path, backend: str, heldout) -> dict[str, Any]:
+    """Top-1 accuracy on the held-out set (auditor.accuracy) on one backend: onnxruntime CPU
+    through auditor.accuracy itself, every other backend through its auditor.backends runner."""
+    import numpy as np
+
+    from . import accuracy
+
+    if backend == "ort-cpu":
+        acc = accuracy.accuracy(str(model_path), heldout)
+    else:
+        from .backends import open_runner
+
+        with open_runner(model_path, backend) as runner:
+            logits = runner.infer_batches(heldout.inputs, batch_size=500)
+        acc = float(np.mean(np.asarray(logits).argmax(axis=1) == heldout.labels))
+    return {"accuracy": acc, "samples": int(len(heldout.labels)), "heldout": heldout.describe()}
+
+
+def _error_text(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# ------------------------------------------------------------------ the gate
+def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict | None = None,
+             progress=None) -> dict[str, Any]:
+    """Evaluate the policy on the model; the body of a ``gate`` result document.
+
+    Returns {"verdict": "pass"|"fail", "summary", "requirements", "attacks", "policy"}.
+    Raises AuditError for bad input (unreadable model, an attack that cannot be applied).
+    """
+    from .whitebox import extract
+
+    model_path = Path(model_path)
+    original = load_model_full(model_path)
+    want_blackbox = policy.blackbox == "required" or (policy.blackbox == "if-key-has" and bool(key.blackbox))
+
+    specs: list[AttackSpec] = [AttackSpec(BASELINE_ID, "", {}, {})] + list(policy.attacks)
+    calibration = make_calibration(policy) if needs_calibration(policy) else None
+    heldout = None
+    if policy.accuracy:
+        from .accuracy import fashion_mnist_heldout
+
+        heldout = fashion_mnist_heldout(policy.accuracy_samples, policy.accuracy_seed)
+    reqs: list[Requirement] = []
+    cells: list[dict[str, Any]] = []
+    reference_acc: dict[str, dict[str, Any] | str] = {}
+
+    with tempfile.TemporaryDirectory(prefix="wmaudit-gate-") as tmp:
+        for i, spec in enumerate(specs):
+            if progress is not None:
+                progress.set_note(spec.id)
+            thresholds = policy.thresholds_for(spec.id)
+            if spec.steps:
+                attacked, record = apply_attack(original, spec, policy, calibration)
+                cell_dir = Path(tmp) / f"{i:03d}"
+                cell_dir.mkdir()
+                path = _save(attacked, cell_dir / "model.onnx")
+                sha = results.file_sha256(path)
+            else:
+                record, path, sha = {"steps": "", "notes": [], "simulated": False}, model_path, None
+            cell: dict[str, Any] = {"id": spec.id, **record, "thresholds": thresholds}
+            if sha is not None:
+                cell["model_sha256"] = sha
+            if spec.description:
+                cell["description"] = spec.description
+
+            # white-box evidence: read off the weights, the same on every backend
+            if policy.whitebox != "none":
+                ex = extract(path, key, manifest=manifest, alpha=thresholds.get("max_p_value", 1e-6)).to_json()
+                cell["whitebox"] = ex
+                if policy.whitebox == "all-marks":
+                    reqs.extend(judge_mark(spec.id, m, thresholds) for m in ex["marks"])
+                else:
+                    reqs.append(judge_any_mark(spec.id, ex["marks"], thresholds))
+
+            # task accuracy: per backend, against the unattacked model on that backend
+            if policy.accuracy:
+                cell["accuracy"] = {}
+                for backend in policy.backends:
+                    try:
+                        acc = measure_accuracy(path, backend, heldout)
+                    except AuditError as e:
+                        acc_err = _error_text(e)
+                        cell["accuracy"][backend] = {"error": acc_err}
+                        if spec.id == BASELINE_ID:
+                            reference_acc[backend] = acc_err
+                        else:
+                            reqs.append(error_requirement(f"{spec.id}/{backend}/accuracy", spec.id, "accuracy",
+                                                          acc_err, backend))
+                        continue
+                    if spec.id == BASELINE_ID:
+                        reference_acc[backend] = acc
+                        cell["accuracy"][backend] = acc
+                        continue
+                    ref = reference_acc.get(backend)
+                    if not isinstance(ref, dict):
+                        reqs.append(error_requirement(f"{spec.id}/{backend}/accuracy", spec.id, "accuracy",
+                                                      f"no reference accuracy of the unattacked model: {ref}",
+                                                      backend))
+                        cell["accuracy"][backend] = acc
+                        continue
+                    r = judge_accuracy(spec.id, backend, float(acc["accuracy"]), float(ref["accuracy"]),
+                                       int(acc.get("samples", policy.accuracy_samples)), thresholds)
+                    cell["accuracy"][backend] = dict(acc, accuracy_drop=r.measured["accuracy_drop"])
+                    reqs.append(r)
+
+            if want_blackbox:
+                cell["blackbox"] = {}
+                for backend in policy.backends:
+                    bb_reqs, bb = judge_blackbox(spec.id, path, key, backend, thresholds, policy)
+                    cell["blackbox"][backend] = bb
+                    reqs.extend(bb_reqs)
+            cells.append(cell)
+            if progress is not None:
+                progress.advance(note=spec.id)
+
+    # baseline backend failures are listed once, as their own requirement
+    for backend, ref in sorted(reference_acc.items()):
+        if isinstance(ref, str):
+            reqs.insert(0, error_requirement(f"{BASELINE_ID}/{backend}/accuracy", BASELINE_ID, "accuracy",
+                                             ref, backend))
+
+    summary = {"requirements": len(reqs), "passed": sum(r.status == PASS for r in reqs),
+               "failed": sum(r.status == FAIL for r in reqs), "errors": sum(r.status == ERROR for r in reqs)}
+    verdict = PASS if summary["passed"] == len(reqs) and reqs else FAIL
+    return {"verdict": verdict, "summary": summary,
+            "failing": [r.id for r in reqs if r.status != PASS],
+            "requirements": [r.to_json() for r in reqs], "attacks": cells}
+
+
+def judge_blackbox(attack_id: str, model_path: Path, key: Key, backend: str, thresholds: dict[str, float],
+                   policy: Policy) -> tuple[list[Requirement], dict[str, Any]]:
+    """Black-box evidence of one model on one backend: the trigger set and the logo
+    the key holds, each one requirement held to ``max_p_value``."""
+    rid = f"{attack_id}/{backend}/blackbox"
+    bb = key.blackbox or {}
+    if not (bb.get("triggers") or bb.get("logo")):
+        return [error_requirement(rid, attack_id, "blackbox",
+                                  "the policy requires black-box evidence but the key holds none", backend)], {}
+    from . import blackbox
+    from .backends import open_runner
+
+    alpha = thresholds["max_p_value"]
+    doc: dict[str, Any] = {}
+    reqs: list[Requirement] = []
+    try:
+        with open_runner(model_path, backend) as runner:
+            if bb.get("triggers"):
+                doc["triggers"] = blackbox.evaluate_triggers(runner, blackbox.load_triggers(key), alpha=alpha)
+            if bb.get("logo"):
+                doc["logo"] = blackbox.evaluate_logo(runner, blackbox.load_logo(key), seed=policy.seed, alpha=alpha)
+    except AuditError as e:
+        return [error_requirement(rid, attack_id, "blackbox", _error_text(e), backend)], {"error": _error_text(e)}
+    if "triggers" in doc:
+        t = doc["triggers"]
+        r = Requirement(id=f"{attack_id}/{backend}/triggers", attack=attack_id, evidence="triggers",
+                        backend=backend, thresholds={"max_p_value": alpha},
+                        measured={"hits": t["hits"], "n": t["n"], "trigger_accuracy": t["trigger_accuracy"],
+                                  "null_rate": t["null_rate"], "p_value": t["p_value"], "log10_p": t["log10_p"]})
+        if not t["p_value"] < alpha:
+            r.status = FAIL
+            r.reasons.append(f"trigger set: {t['hits']}/{t['n']} hits, p = {_p(t['p_value'], t['log10_p'])} "
+                             f">= max_p_value {alpha:g} (null rate {t['null_rate']:.3g})")
+        reqs.append(r)
+    if "logo" in doc:
+        lg = doc["logo"]
+        r = Requirement(id=f"{attack_id}/{backend}/logo", attack=attack_id, evidence="logo", backend=backend,
+                        thresholds={"max_p_value": alpha},
+                        measured={"k": lg["k"], "r": lg["r"], "p_value": lg["p_value"], "n_perm": lg["n_perm"]})
+        if not lg["p_value"] < alpha:
+            r.status = FAIL
+            r.reasons.append(f"logo: r = {lg['r']:.3f} with {lg['k']} key images, permutation p = "
+                             f"{lg['p_value']:.3g} >= max_p_value {alpha:g}"
+                             + (" (below the permutation test's resolution)" if lg["resolution_limit"] >= alpha
+                                else ""))
+        reqs.append(r)
+    return reqs, doc
+
+
+def gate_document(model_path: str | Path, key: Key, policy: Policy, *, policy_path: str | Path,
+                  manifest: dict | None = None, progress=None, command: str | None = None) -> dict[str, Any]:
+    """The full ``gate`` result envelope (deterministic apart from ``created``)."""
+    body = run_gate(model_path, key, policy, manifest=manifest, progress=progress)
+    pol = policy.to_json()
+    pol["path"] = str(policy_path)
+    pol["sha256"] = results.file_sha256(policy_path)
+    return results.envelope("gate", model_path=model_path, key=key, command=command, policy=pol, **body)
+
+
+def exit_code(doc: dict[str, Any]) -> int:
+    return 0 if doc.get("verdict") == PASS else 1
+
+
+def requirements_from(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The requirement records of a gate document (for renderers)."""
+    return list(doc.get("requirements", []))
+
+
+__all__ = ["Requirement", "judge_mark", "judge_any_mark", "judge_accuracy", "run_gate", "gate_document",
+           "exit_code", "apply_attack", "PASS", "FAIL", "ERROR"]

@@ -1,0 +1,303 @@
+"""Release policy (``wmaudit-policy/1``): what a model must survive before it ships.
+
+A policy is a TOML file (read with tomllib) naming
+
+* the attacks the watermark must survive (``[[attacks]]``: an id and
+  ``steps`` in the syntax of ``auditor.attacks.compose``, e.g.
+  ``"prune:0.5,quantize:static-qdq-per-channel"``, plus ``options`` such as
+  ``calibration_method``);
+* the backends the attacked models must run on (``backends``);
+* the thresholds every piece of evidence must meet (``[thresholds]``:
+  ``max_p_value``, ``min_margin``, ``max_ber``, ``max_accuracy_drop`` in
+  percentage points), optionally tightened or relaxed per attack;
+* the evidence required (``[evidence]``: white-box marks, trigger set /
+  logo, task accuracy);
+* how task accuracy is measured (``[accuracy]``: samples, seed) and which
+  data calibrates static quantization (``[calibration]``: data, samples, seed).
+
+``load_policy(path)`` validates everything before any model is touched: an
+unknown field, a wrong type, a missing field, an unknown attack step, backend
+or attack option is an ``AuditError`` naming the problem in one line.
+See ``examples/release-policy.toml`` for a documented example.
+"""
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import AuditError
+
+FORMAT = "wmaudit-policy/1"
+
+# The names auditor.backends uses: onnxruntime CPU / CUDA / TensorRT EPs, native TensorRT.
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+WHITEBOX_MODES = ("all-marks", "any-mark", "none")
+BLACKBOX_MODES = ("if-key-has", "required", "none")
+
+# name -> (python type(s), check, description of a valid value)
+_THRESHOLDS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "max_p_value": ("a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
+    "min_margin": ("a finite number", lambda v: math.isfinite(v)),
+    "max_ber": ("a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "max_accuracy_drop": ("a number of percentage points in [0, 100]", lambda v: 0.0 <= v <= 100.0),
+}
+DEFAULT_THRESHOLDS = {"max_p_value": 1e-6}
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BASELINE_ID = "original"
+
+
+# Options auditor.attacks.compose reads, with their TOML types.
+ATTACK_OPTIONS: dict[str, tuple[type, ...]] = {
+    "prune_mode": (str,), "prune_seed": (int,), "reduce_range": (bool,), "weight_type": (str,),
+    "pre_process": (bool,), "keep_batchnorm": (bool,), "activation_type": (str,),
+    "calibration_method": (str,),
+}
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One entry of ``[[attacks]]``: an id, compose steps, their options, threshold overrides."""
+
+    id: str
+    steps: str                      # compose syntax, "" for the unattacked model
+    options: dict[str, Any]
+    thresholds: dict[str, float]
+    description: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "steps": self.steps, "options": dict(sorted(self.options.items())),
+                             "thresholds": dict(sorted(self.thresholds.items()))}
+        if self.description:
+            d["description"] = self.description
+        return d
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    backends: tuple[str, ...]
+    thresholds: dict[str, float]
+    attacks: tuple[AttackSpec, ...]
+    whitebox: str = "all-marks"
+    blackbox: str = "if-key-has"
+    accuracy: bool = True
+    accuracy_samples: int = 1000
+    accuracy_seed: int = 0
+    calibration_data: str = "fashion-mnist"
+    calibration_samples: int = 128
+    calibration_seed: int = 0
+    seed: int = 0
+    description: str = ""
+    path: str | None = field(default=None, compare=False)
+
+    def thresholds_for(self, attack_id: str) -> dict[str, float]:
+        """Global thresholds with the attack's overrides applied."""
+        t = dict(self.thresholds)
+        for a in self.attacks:
+            if a.id == attack_id:
+                t.update(a.thresholds)
+        return t
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "description": self.description,
+            "backends": list(self.backends),
+            "seed": self.seed,
+            "thresholds": dict(sorted(self.thresholds.items())),
+            "evidence": {"whitebox": self.whitebox, "blackbox": self.blackbox, "accuracy": self.accuracy},
+            "accuracy": {"samples": self.accuracy_samples, "seed": self.accuracy_seed},
+            "calibration": {"data": self.calibration_data, "samples": self.calibration_samples,
+                            "seed": self.calibration_seed},
+            "attacks": [a.to_json() for a in self.attacks],
+        }
+
+
+# ------------------------------------------------------------------ attack steps
+def check_steps(steps: str, ctx: str) -> str:
+    """Validate compose step syntax (auditor.attacks.compose.parse_steps); the normalised string."""
+    from .attacks.compose import parse_steps
+
+    try:
+        return ",".join(str(st) for st in parse_steps(steps))
+    except AuditError as e:
+        raise AuditError(f"'{ctx}': {e}") from None
+
+
+# ------------------------------------------------------------------ validation helpers
+def _where(ctx: str, key: str) -> str:
+    return f"{ctx}.{key}" if ctx else key
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string",
+            list: "array", dict: "table"}.get(type(v), type(v).__name__)
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], required: set[str], ctx: str) -> None:
+    for k in table:
+        if k not in allowed:
+            raise AuditError(f"unknown field '{_where(ctx, k)}' (allowed: {', '.join(sorted(allowed))})")
+    for k in sorted(required):
+        if k not in table:
+            raise AuditError(f"missing field '{_where(ctx, k)}'")
+
+
+def _get(table: dict[str, Any], key: str, types: tuple[type, ...], ctx: str, default: Any = None) -> Any:
+    if key not in table:
+        return default
+    v = table[key]
+    # bool is an int in Python; a policy that says `seed = true` is wrong.
+    if isinstance(v, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(v, types)
+    if not ok:
+        want = " or ".join(_type_name(t()) if t is not type(None) else "null" for t in types)
+        raise AuditError(f"'{_where(ctx, key)}' must be a {want}, got {_type_name(v)} {v!r}")
+    return v
+
+
+def _number(table: dict[str, Any], key: str, ctx: str) -> float:
+    return float(_get(table, key, (int, float), ctx))
+
+
+def _thresholds(table: Any, ctx: str) -> dict[str, float]:
+    if not isinstance(table, dict):
+        raise AuditError(f"'{ctx}' must be a table, got {_type_name(table)}")
+    _check_keys(table, set(_THRESHOLDS), set(), ctx)
+    out: dict[str, float] = {}
+    for k in sorted(table):
+        v = _number(table, k, ctx)
+        desc, ok = _THRESHOLDS[k]
+        if not ok(v):
+            raise AuditError(f"'{_where(ctx, k)}' must be {desc}, got {v!r}")
+        out[k] = v
+    return out
+
+
+def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], ctx: str, default: str) -> str:
+    v = _get(table, key, (str,), ctx, default)
+    if v not in choices:
+        raise AuditError(f"'{_where(ctx, key)}' must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+# ------------------------------------------------------------------ entry points
+def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
+    """Validate a parsed TOML document and return the Policy; AuditError names the first problem."""
+    top = {"format", "name", "description", "backends", "seed", "thresholds", "evidence", "accuracy",
+           "calibration", "attacks"}
+    _check_keys(doc, top, {"format", "name", "backends", "attacks"}, "")
+    fmt = _get(doc, "format", (str,), "")
+    if fmt != FORMAT:
+        raise AuditError(f"'format' must be \"{FORMAT}\", got {fmt!r}")
+    name = _get(doc, "name", (str,), "")
+    if not name.strip():
+        raise AuditError("'name' must not be empty")
+    description = _get(doc, "description", (str,), "", "")
+    seed = _get(doc, "seed", (int,), "", 0)
+
+    backends = _get(doc, "backends", (list,), "")
+    if not backends:
+        raise AuditError("'backends' must name at least one backend")
+    for i, b in enumerate(backends):
+        if not isinstance(b, str):
+            raise AuditError(f"'backends[{i}]' must be a string, got {_type_name(b)} {b!r}")
+        if b not in BACKENDS:
+            raise AuditError(f"unknown backend '{b}' in 'backends' (known: {', '.join(BACKENDS)})")
+    if len(set(backends)) != len(backends):
+        raise AuditError("'backends' names a backend twice")
+
+    thresholds = dict(DEFAULT_THRESHOLDS)
+    thresholds.update(_thresholds(_get(doc, "thresholds", (dict,), "", {}), "thresholds"))
+
+    ev = _get(doc, "evidence", (dict,), "", {})
+    _check_keys(ev, {"whitebox", "blackbox", "accuracy"}, set(), "evidence")
+    whitebox = _choice(ev, "whitebox", WHITEBOX_MODES, "evidence", "all-marks")
+    blackbox = _choice(ev, "blackbox", BLACKBOX_MODES, "evidence", "if-key-has")
+    accuracy = _get(ev, "accuracy", (bool,), "evidence", "max_accuracy_drop" in thresholds)
+    if accuracy and "max_accuracy_drop" not in thresholds:
+        raise AuditError("'evidence.accuracy' is true but 'thresholds.max_accuracy_drop' is not set")
+    if whitebox == "none" and blackbox == "none":
+        raise AuditError("'evidence' requires neither white-box nor black-box evidence: nothing to gate on")
+
+    acc = _get(doc, "accuracy", (dict,), "", {})
+    _check_keys(acc, {"samples", "seed"}, set(), "accuracy")
+    samples = _get(acc, "samples", (int,), "accuracy", 1000)
+    if samples <= 0:
+        raise AuditError(f"'accuracy.samples' must be a positive integer, got {samples}")
+    acc_seed = _get(acc, "seed", (int,), "accuracy", 0)
+
+    cal = _get(doc, "calibration", (dict,), "", {})
+    _check_keys(cal, {"data", "samples", "seed"}, set(), "calibration")
+    cal_data = _get(cal, "data", (str,), "calibration", "fashion-mnist")
+    if cal_data != "fashion-mnist" and not cal_data.endswith(".npy"):
+        raise AuditError(f"'calibration.data' must be \"fashion-mnist\" or a .npy file, got {cal_data!r}")
+    if cal_data.endswith(".npy") and path is not None and not Path(cal_data).is_absolute():
+        cal_data = str(Path(path).parent / cal_data)  # relative to the policy file, as a reader expects
+    cal_samples = _get(cal, "samples", (int,), "calibration", 128)
+    if cal_samples <= 0:
+        raise AuditError(f"'calibration.samples' must be a positive integer, got {cal_samples}")
+    cal_seed = _get(cal, "seed", (int,), "calibration", 0)
+
+    raw_attacks = _get(doc, "attacks", (list,), "")
+    attacks: list[AttackSpec] = []
+    seen = {BASELINE_ID}
+    for i, a in enumerate(raw_attacks):
+        ctx = f"attacks[{i}]"
+        if not isinstance(a, dict):
+            raise AuditError(f"'{ctx}' must be a table, got {_type_name(a)}")
+        _check_keys(a, {"id", "steps", "options", "thresholds", "description"}, {"id", "steps"}, ctx)
+        aid = _get(a, "id", (str,), ctx)
+        if not _ID.match(aid):
+            raise AuditError(f"'{ctx}.id' must be 1-64 letters, digits, '.', '_' or '-', got {aid!r}")
+        if aid in seen:
+            raise AuditError(f"'{ctx}.id' {aid!r} is used twice" if aid != BASELINE_ID
+                             else f"'{ctx}.id' may not be {BASELINE_ID!r} (reserved for the unattacked model)")
+        seen.add(aid)
+        raw_steps = _get(a, "steps", (str, list), ctx)
+        if isinstance(raw_steps, list):
+            for j, st in enumerate(raw_steps):
+                if not isinstance(st, str):
+                    raise AuditError(f"'{ctx}.steps[{j}]' must be a string, got {_type_name(st)} {st!r}")
+            raw_steps = ",".join(raw_steps)
+        steps = check_steps(raw_steps, f"{ctx}.steps")
+        options = _get(a, "options", (dict,), ctx, {})
+        _check_keys(options, set(ATTACK_OPTIONS), set(), f"{ctx}.options")
+        for k in options:
+            _get(options, k, ATTACK_OPTIONS[k], f"{ctx}.options")
+        over = _thresholds(_get(a, "thresholds", (dict,), ctx, {}), f"{ctx}.thresholds")
+        attacks.append(AttackSpec(aid, steps, dict(options), over, _get(a, "description", (str,), ctx, "")))
+
+    return Policy(name=name, backends=tuple(backends), thresholds=thresholds, attacks=tuple(attacks),
+                  whitebox=whitebox, blackbox=blackbox, accuracy=accuracy, accuracy_samples=samples,
+                  accuracy_seed=acc_seed, calibration_data=cal_data, calibration_samples=cal_samples,
+                  calibration_seed=cal_seed, seed=seed, description=description, path=path)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy TOML file (AuditError on any problem)."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise AuditError(f"policy file not found: {p}") from None
+    except OSError as e:
+        raise AuditError(f"cannot read policy {p}: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise AuditError(f"policy {p} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise AuditError(f"policy {p} is not valid TOML: {e}") from None
+    try:
+        return parse_policy(doc, path=str(p))
+    except AuditError as e:
+        raise AuditError(f"policy {p}: {e}") from None

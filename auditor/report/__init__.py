@@ -1,0 +1,144 @@
+"""Renderers of result documents: JSON is the artefact; JUnit XML (junit.py),
+the terminal table (terminal.py) and the HTML report (html.py, with charts from
+plots.py) are views of it and add no numbers of their own.
+
+This module holds what the renderers share: loading result files, number
+formatting, and flattening a gate or robustness document into one row per
+(attack, mark) cell of the attack grid.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import AuditError
+from ..results import SCHEMA
+
+
+# ------------------------------------------------------------------ loading
+def load_result(path: str | Path) -> dict[str, Any]:
+    """A result document from a file; AuditError if it is not a wmaudit result."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AuditError(f"result file not found: {p}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AuditError(f"{p} is not a JSON result: {e}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise AuditError(f"{p} is not a wmaudit result (schema {got!r}, expected {SCHEMA!r})")
+    if not isinstance(doc.get("kind"), str):
+        raise AuditError(f"{p}: result has no 'kind'")
+    return doc
+
+
+# ------------------------------------------------------------------ numbers
+def as_float(v: Any) -> float | None:
+    """Numbers as floats; the strings results.py writes for non-finite values back to floats."""
+    if v is None or isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
+        return float(v)
+    return None
+
+
+def fmt_num(v: Any, digits: int = 3) -> str:
+    """Fixed-point text; '-' when there is no number."""
+    f = as_float(v)
+    if f is None:
+        return "-"
+    if not math.isfinite(f):
+        return str(f)
+    return f"{f:.{digits}f}"
+
+
+def fmt_p(v: Any, log10_p: Any = None) -> str:
+    """A p-value in 3 significant digits; from log10 p where p underflowed to 0."""
+    f = as_float(v)
+    if f is None:
+        return "-"
+    lp = as_float(log10_p)
+    if f == 0.0 and lp is not None and math.isfinite(lp):
+        e = math.floor(lp)
+        return f"{10 ** (lp - e):.2f}e{e}"
+    if f == 0.0:
+        return "0"
+    if f >= 1e-3:
+        return f"{f:.3g}"
+    return f"{f:.2e}"
+
+
+# ------------------------------------------------------------------ the attack grid
+def _attack_label(cell: dict[str, Any]) -> str:
+    if cell.get("id"):
+        return str(cell["id"])
+    steps = cell.get("steps") or []
+    if steps:
+        return " + ".join(_step_label(s) for s in steps)
+    return _step_label(cell)
+
+
+def _step_label(step: dict[str, Any]) -> str:
+    name = step.get("attack") or step.get("name") or "?"
+    params = step.get("params") or {}
+    if not params:
+        return str(name)
+    return f"{name}(" + ", ".join(f"{k}={params[k]}" for k in sorted(params)) + ")"
+
+
+def _marks_of(cell: dict[str, Any]) -> list[dict[str, Any]]:
+    wb = cell.get("whitebox")
+    if isinstance(wb, dict):
+        return list(wb.get("marks") or [])
+    if isinstance(wb, list):
+        return wb
+    return list(cell.get("marks") or [])
+
+
+def _accuracy_of(cell: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(accuracy, drop in points) of a cell, first backend, as documents carry them."""
+    acc = cell.get("accuracy")
+    if isinstance(acc, dict):
+        if "accuracy" in acc:
+            return as_float(acc.get("accuracy")), as_float(acc.get("accuracy_drop"))
+        for _, v in sorted(acc.items()):
+            if isinstance(v, dict) and "accuracy" in v:
+                return as_float(v.get("accuracy")), as_float(v.get("accuracy_drop"))
+        return None, None
+    return as_float(acc), as_float(cell.get("accuracy_drop"))
+
+
+def grid_cells(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attacked-model cells of a gate or robustness document, in document order."""
+    for k in ("attacks", "grid", "cells", "results"):
+        v = doc.get(k)
+        if isinstance(v, list):
+            return [c for c in v if isinstance(c, dict)]
+    return []
+
+
+def grid_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per (attack cell, white-box mark) with the numbers every view shows."""
+    rows = []
+    for cell in grid_cells(doc):
+        acc, drop = _accuracy_of(cell)
+        base = {"attack": _attack_label(cell), "accuracy": acc, "accuracy_drop": drop,
+                "simulated": bool(cell.get("simulated", False)), "cell": cell}
+        marks = _marks_of(cell)
+        if not marks:
+            rows.append(dict(base, mark="", verdict=cell.get("error", "")))
+            continue
+        for m in marks:
+            rows.append(dict(
+                base, mark=m.get("id", m.get("param", "")),
+                k_over_t=f"{m.get('matches', '?')}/{m.get('n_bits', '?')}",
+                ber=as_float(m.get("ber")), p_value=as_float(m.get("p_value")),
+                log10_p=as_float(m.get("log10_p")),
+                margin_min=as_float(m.get("margin_min")), margin_median=as_float(m.get("margin_median")),
+                signed_margin_min=as_float(m.get("signed_margin_min")), verdict=m.get("verdict", "")))
+    return rows
