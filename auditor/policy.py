@@ -159,8 +159,9 @@ def _get(table: dict[str, Any], key: str, types: tuple[type, ...], ctx: str, def
     else:
         ok = isinstance(v, types)
     if not ok:
-        want = " or ".join(_type_name(t()) if t is not type(None) else "null" for t in types)
-        raise AuditError(f"'{_where(ctx, key)}' must be a {want}, got {_type_name(v)} {v!r}")
+        names = ["number"] if set(types) == {int, float} else [_type_name(t()) for t in types]
+        want = " or ".join(f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in names)
+        raise AuditError(f"'{_where(ctx, key)}' must be {want}, got {_type_name(v)} {v!r}")
     return v
 
 

@@ -1,0 +1,127 @@
+"""Release policy parsing: the example parses to the documented values; every kind of
+malformed policy is refused with one line naming the problem, and the CLI exits 2."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from auditor.errors import AuditError
+from auditor.policy import load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "release-policy.toml"
+
+GOOD = """
+format = "wmaudit-policy/1"
+name = "t"
+backends = ["ort-cpu"]
+[thresholds]
+max_p_value = 1e-6
+max_accuracy_drop = 2.0
+[[attacks]]
+id = "prune-50"
+steps = "prune:0.5"
+"""
+
+
+def _write(tmp_path, text, name="policy.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_example_policy_parses_to_documented_values():
+    p = load_policy(EXAMPLE)
+    assert p.name == "release"
+    assert p.backends == ("ort-cpu",)
+    assert p.thresholds == {"max_p_value": 1e-6, "max_ber": 0.05, "min_margin": 0.0, "max_accuracy_drop": 2.0}
+    assert [a.id for a in p.attacks] == ["int8-static-per-channel", "prune-50", "prune-50-then-int8"]
+    assert [a.steps for a in p.attacks] == ["quantize:static-qdq-per-channel", "prune:0.5",
+                                            "prune:0.5,quantize:static-qdq-per-channel"]
+    assert p.attacks[0].options == {"calibration_method": "minmax"}
+    # per-attack override on top of the global thresholds
+    assert p.thresholds_for("prune-50-then-int8")["max_accuracy_drop"] == 3.0
+    assert p.thresholds_for("prune-50")["max_accuracy_drop"] == 2.0
+    assert (p.whitebox, p.blackbox, p.accuracy) == ("all-marks", "if-key-has", True)
+    assert (p.accuracy_samples, p.calibration_samples) == (1000, 128)
+
+
+def test_minimal_policy_defaults(tmp_path):
+    p = load_policy(_write(tmp_path, GOOD))
+    assert p.seed == 0 and p.whitebox == "all-marks" and p.accuracy is True
+    assert p.to_json()["attacks"] == [{"id": "prune-50", "steps": "prune:0.5", "options": {}, "thresholds": {}}]
+
+
+def test_steps_as_array_are_joined(tmp_path):
+    p = load_policy(_write(tmp_path, GOOD.replace('steps = "prune:0.5"',
+                                                  'steps = ["prune:0.3:random", "quantize:dynamic"]')))
+    assert p.attacks[0].steps == "prune:0.3:random,quantize:dynamic"
+
+
+BAD = [
+    # (replace old -> new in GOOD, expected fragment of the message)
+    ('steps = "prune:0.5"', 'steps = "quantise:dynamic"', "unknown attack step 'quantise:dynamic'"),
+    ('steps = "prune:0.5"', 'steps = "quantize:int3"', "attacks[0].steps"),
+    ('steps = "prune:0.5"', 'steps = "prune:half"', "is not a number"),
+    ('max_p_value = 1e-6', 'max_p_value = "1e-6"', "'thresholds.max_p_value' must be a number, got string"),
+    ('max_p_value = 1e-6', 'max_p_value = 0', "'thresholds.max_p_value' must be a number in (0, 1]"),
+    ('max_p_value = 1e-6', 'max_ber = 1.5', "'thresholds.max_ber' must be a number in [0, 1]"),
+    ('max_p_value = 1e-6', 'max_pvalue = 1e-6', "unknown field 'thresholds.max_pvalue'"),
+    ('backends = ["ort-cpu"]', '', "missing field 'backends'"),
+    ('backends = ["ort-cpu"]', 'backends = ["onnxruntime"]', "unknown backend 'onnxruntime'"),
+    ('backends = ["ort-cpu"]', 'backends = "ort-cpu"', "'backends' must be an array, got string"),
+    ('backends = ["ort-cpu"]', 'backends = []', "'backends' must name at least one backend"),
+    ('format = "wmaudit-policy/1"', 'format = "wmaudit-policy/2"', "'format' must be \"wmaudit-policy/1\""),
+    ('name = "t"', 'name = "t"\nseed = true', "'seed' must be an integer, got boolean"),
+    ('id = "prune-50"', '', "missing field 'attacks[0].id'"),
+    ('id = "prune-50"', 'id = "original"', "reserved for the unattacked model"),
+    ('id = "prune-50"', 'id = "a b"', "'attacks[0].id' must be"),
+    ('steps = "prune:0.5"', 'steps = "prune:0.5"\noptions = { prune_sead = 1 }',
+     "unknown field 'attacks[0].options.prune_sead'"),
+    ('steps = "prune:0.5"', 'steps = "prune:0.5"\noptions = { prune_seed = "1" }',
+     "'attacks[0].options.prune_seed' must be an integer, got string"),
+    ('steps = "prune:0.5"', 'steps = "prune:0.5"\n[evidence]\nwhitebox = "some"', "'evidence.whitebox' must be one of"),
+    ('max_p_value = 1e-6', 'max_p_value = 1e-6\n[thresholds]', "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("old,new,fragment", BAD)
+def test_malformed_policy_is_one_line_error(tmp_path, old, new, fragment):
+    assert old in GOOD
+    path = _write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(AuditError) as e:
+        load_policy(path)
+    msg = str(e.value)
+    assert fragment in msg, msg
+    assert "\n" not in msg and msg.startswith(f"policy {path}")
+
+
+def test_duplicate_attack_ids(tmp_path):
+    with pytest.raises(AuditError, match="'attacks\\[1\\].id' 'prune-50' is used twice"):
+        load_policy(_write(tmp_path, GOOD + '[[attacks]]\nid = "prune-50"\nsteps = "prune:0.7"\n'))
+
+
+def test_accuracy_evidence_needs_a_threshold(tmp_path):
+    text = GOOD.replace("max_accuracy_drop = 2.0", "") + "[evidence]\naccuracy = true\n"
+    with pytest.raises(AuditError, match="'thresholds.max_accuracy_drop' is not set"):
+        load_policy(_write(tmp_path, text))
+
+
+def test_missing_policy_file(tmp_path):
+    with pytest.raises(AuditError, match="policy file not found"):
+        load_policy(tmp_path / "nope.toml")
+
+
+def test_cli_malformed_policy_exit_2_one_line(tmp_path):
+    bad = _write(tmp_path, GOOD.replace('steps = "prune:0.5"', 'steps = "shrink:0.5"'))
+    # the policy is checked before the model or key is touched
+    r = subprocess.run([sys.executable, "-m", "auditor", "gate", str(tmp_path / "m.onnx"), "--key",
+                        str(tmp_path / "k.json"), "--policy", str(bad), "--junit", str(tmp_path / "j.xml")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "unknown attack step 'shrink:0.5'" in lines[0] and lines[0].startswith("wmaudit gate: error: policy ")
+    assert not (tmp_path / "j.xml").exists()  # no partial output
