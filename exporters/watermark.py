@@ -1,0 +1,156 @@
+"""Uchida et al. (2017) white-box embedding regulariser, in torch.
+
+For each mark on a parameter W (torch layout) with projection X (T x N) and
+bits b (T), the embedding loss is
+
+    E_R = strength * BCE(sigmoid(X @ w), b),   w = reduce(W)
+
+with ``reduce`` exactly as ``auditor.keys.reduce_weight``: ``mean`` averages
+over axis 0 (output channels / gate rows) and flattens the rest in C order,
+``flatten`` takes every coefficient in C order. X is rebuilt from
+``auditor.keys.generate_projection(seed, T, N, scale)`` (float64, cast to
+float32 for training) unless a matrix is supplied. Several marks (e.g. a
+kernel and a recurrent weight) are summed. A bit reads 1 when X_i . w > 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from auditor import keys
+
+from .models import batchnorm_after
+
+
+def random_bits(n_bits: int, seed: int) -> np.ndarray:
+    """n_bits fair 0/1 bits from numpy.random.default_rng(seed) (uint8)."""
+    return np.random.default_rng(int(seed)).integers(0, 2, size=int(n_bits)).astype(np.uint8)
+
+
+@dataclass
+class MarkSpec:
+    """What to embed: ``bits`` into ``param`` under ``reduce`` with projection seed ``seed``
+    (or an explicit ``matrix`` T x N, which is then stored as a sidecar next to the key)."""
+
+    param: str
+    bits: np.ndarray
+    reduce: str = "mean"
+    seed: int = 0
+    scale: float = 1.0
+    matrix: np.ndarray | None = None
+    id: str | None = None
+
+    def __post_init__(self):
+        self.bits = np.asarray(self.bits).astype(np.uint8).reshape(-1)
+        if self.reduce not in keys.REDUCTIONS:
+            raise ValueError(f"unknown reduction {self.reduce!r}")
+        self.id = self.id or f"{self.param}:{self.reduce}"
+
+
+def reduce_torch(w: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Torch twin of ``auditor.keys.reduce_weight`` (same order of coefficients)."""
+    if reduce == "mean":
+        return w.mean(dim=0).reshape(-1)
+    if reduce == "flatten":
+        return w.reshape(-1)
+    raise ValueError(f"unknown reduction {reduce!r}")
+
+
+@dataclass
+class UchidaRegularizer:
+    """The summed embedding loss of several marks on one model."""
+
+    model: nn.Module
+    specs: list[MarkSpec]
+    strength: float = 0.1
+    _X: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        params = dict(self.model.named_parameters())
+        for s in self.specs:
+            if s.param not in params:
+                raise KeyError(f"model has no parameter {s.param!r}")
+            n = keys.reduced_length(tuple(params[s.param].shape), s.reduce)
+            X = s.matrix if s.matrix is not None else keys.generate_projection(s.seed, s.bits.size, n, s.scale)
+            X = np.asarray(X, dtype=np.float64)
+            if X.shape != (s.bits.size, n):
+                raise ValueError(f"mark {s.id}: projection is {X.shape}, expected {(s.bits.size, n)}")
+            self._X[s.id] = torch.from_numpy(X.astype(np.float32))
+
+    def _projections(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {s.id: self._X[s.id] @ reduce_torch(params[s.param], s.reduce) for s in self.specs}
+
+    def loss(self) -> torch.Tensor:
+        """strength * sum over marks of mean BCE(sigmoid(X w), b)."""
+        total = torch.zeros(())
+        for s in self.specs:
+            z = self._X[s.id] @ reduce_torch(dict(self.model.named_parameters())[s.param], s.reduce)
+            total = total + F.binary_cross_entropy_with_logits(z, torch.from_numpy(s.bits).float())
+        return self.strength * total
+
+    @torch.no_grad()
+    def ber(self) -> dict[str, float]:
+        """Bit error rate per mark, read from the torch weights (float64 as the auditor does)."""
+        out = {}
+        params = dict(self.model.named_parameters())
+        for s in self.specs:
+            w = keys.reduce_weight(params[s.param].detach().cpu().numpy(), s.reduce)
+            X = s.matrix if s.matrix is not None else keys.generate_projection(s.seed, s.bits.size, w.size, s.scale)
+            bits = (np.asarray(X, dtype=np.float64) @ w > 0).astype(np.uint8)
+            out[s.id] = float(np.mean(bits != s.bits))
+        return out
+
+    def key(self, model_info: dict | None = None, sidecar_dir=None) -> keys.Key:
+        """The key file content for the current weights (BN anchors from the trained model)."""
+        return make_key(self.model, self.specs, model_info, sidecar_dir, strength=self.strength)
+
+
+def batchnorm_anchors(model: nn.Module, param: str) -> dict | None:
+    """gamma, beta, running_mean, running_var, eps of the BN right after ``param``'s conv."""
+    bn = batchnorm_after(model, param)
+    if bn is None:
+        return None
+    f = lambda t: [float(v) for v in t.detach().cpu().double().numpy()]  # noqa: E731 - float32 exact in JSON
+    return {"gamma": f(bn.weight), "beta": f(bn.bias), "running_mean": f(bn.running_mean),
+            "running_var": f(bn.running_var), "eps": float(bn.eps)}
+
+
+def make_key(model: nn.Module, specs: list[MarkSpec], model_info: dict | None = None,
+             sidecar_dir=None, strength: float | None = None) -> keys.Key:
+    """A Key holding ``specs`` (shapes from ``model``), with BN anchors where a BN follows the conv.
+
+    Marks with an explicit matrix need ``sidecar_dir`` (the key's folder): the
+    matrix is saved there as ``<n>.X.npy`` and referenced by relative path.
+    """
+    from pathlib import Path
+
+    params = dict(model.named_parameters())
+    marks = []
+    for i, s in enumerate(specs):
+        extra = {"embedding": {"method": "uchida2017", "loss": "bce", "strength": strength}} if strength else {}
+        if s.matrix is None:
+            m = keys.make_mark(s.param, tuple(params[s.param].shape), s.reduce, s.bits, seed=s.seed,
+                               scale=s.scale, id=s.id, batchnorm=batchnorm_anchors(model, s.param), extra=extra)
+        else:
+            if sidecar_dir is None:
+                raise ValueError(f"mark {s.id}: an explicit matrix needs sidecar_dir")
+            name = f"mark{i}.X.npy"
+            path = Path(sidecar_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, np.asarray(s.matrix, dtype=np.float64))
+            m = keys.make_mark(s.param, tuple(params[s.param].shape), s.reduce, s.bits, matrix_path=name,
+                               matrix_sha256=keys.sha256_file(path), id=s.id,
+                               batchnorm=batchnorm_anchors(model, s.param), extra=extra)
+        marks.append(m)
+    return keys.Key(whitebox=marks, model=dict(model_info or {}))
+
+
+def extract_bits_torch(model: nn.Module, mark: keys.WhiteboxMark) -> np.ndarray:
+    """Bits read from the torch model's parameter with the key's X (float64)."""
+    w = dict(model.named_parameters())[mark.param].detach().cpu().numpy()
+    return (mark.matrix() @ keys.reduce_weight(w, mark.reduce) > 0).astype(np.uint8)
