@@ -462,7 +462,9 @@ class WeightStore:
             if key in quant:
                 label, fn, shape, uses = quant[key]
                 name = key[: -len("_quantized")] if key.endswith("_quantized") else key
-                if name != key and (name in self._consts or name in self._producer or name in taken):
+                # onnxruntime may name the DequantizeLinear output after the float tensor it replaces.
+                own_output = name in dq_outputs and self._consts[name].inputs[:1] == (key,)
+                if name != key and not own_output and (name in self._consts or name in self._producer or name in taken):
                     name = key
                 stored_dtype = self._dtype(key)
             else:
