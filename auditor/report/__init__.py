@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,12 @@ def fmt_p(v: Any, log10_p: Any = None) -> str:
 
 # ------------------------------------------------------------------ the attack grid
 def _attack_label(cell: dict[str, Any]) -> str:
-    if cell.get("id"):
-        return str(cell["id"])
-    steps = cell.get("steps") or []
+    for k in ("id", "name"):
+        if cell.get(k):
+            return str(cell[k])
+    steps = cell.get("steps")
+    if isinstance(steps, str):
+        return steps or "original"
     if steps:
         return " + ".join(_step_label(s) for s in steps)
     return _step_label(cell)
@@ -100,34 +104,70 @@ def _marks_of(cell: dict[str, Any]) -> list[dict[str, Any]]:
     return list(cell.get("marks") or [])
 
 
-def _accuracy_of(cell: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(accuracy, drop in points) of a cell, first backend, as documents carry them."""
+def _accuracy_of(cell: dict[str, Any], kind: str | None) -> tuple[float | None, float | None]:
+    """(accuracy as a fraction, drop in percentage points) of a cell, first backend.
+
+    Gate documents hold accuracy per backend with the drop already in points;
+    robustness documents hold one accuracy and the drop as a fraction.
+    """
     acc = cell.get("accuracy")
     if isinstance(acc, dict):
-        if "accuracy" in acc:
-            return as_float(acc.get("accuracy")), as_float(acc.get("accuracy_drop"))
         for _, v in sorted(acc.items()):
             if isinstance(v, dict) and "accuracy" in v:
                 return as_float(v.get("accuracy")), as_float(v.get("accuracy_drop"))
         return None, None
-    return as_float(acc), as_float(cell.get("accuracy_drop"))
+    drop = as_float(cell.get("accuracy_drop"))
+    if drop is not None and kind == "robustness":
+        drop = 100.0 * drop
+    return as_float(acc), drop
+
+
+_STEP_PRUNE = re.compile(r"^prune:([0-9.eE+-]+)(?::([a-z0-9-]+))?$")
+
+
+def step_axes(steps: Any) -> tuple[float, str]:
+    """(pruning rate, precision) of a compose step string, for survival curves:
+    "prune:0.5,quantize:static-qdq" -> (0.5, "static-qdq"); no pruning -> 0.0; no
+    quantization step -> "float"."""
+    if isinstance(steps, list):
+        steps = ",".join(str(s) for s in steps)
+    rate, precision = 0.0, "float"
+    for part in [p.strip() for p in str(steps or "").split(",") if p.strip()]:
+        m = _STEP_PRUNE.match(part)
+        if m:
+            try:
+                rate = float(m.group(1))
+            except ValueError:
+                pass
+        elif part.startswith("quantize:"):
+            precision = part.split(":", 1)[1]
+        elif part in ("fp16", "int4") or part.startswith("simulate"):
+            precision = part
+    return rate, precision
 
 
 def grid_cells(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The attacked-model cells of a gate or robustness document, in document order."""
-    for k in ("attacks", "grid", "cells", "results"):
+    cells: list[dict[str, Any]] = []
+    base = doc.get("baseline")
+    if isinstance(base, dict) and base.get("marks") is not None:  # robustness: the unattacked model
+        cells.append({"name": "original", "steps": "", **base})
+    for k in ("attacks", "configs", "cells"):
         v = doc.get(k)
         if isinstance(v, list):
-            return [c for c in v if isinstance(c, dict)]
-    return []
+            cells.extend(c for c in v if isinstance(c, dict))
+            break
+    return cells
 
 
 def grid_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """One flat row per (attack cell, white-box mark) with the numbers every view shows."""
     rows = []
     for cell in grid_cells(doc):
-        acc, drop = _accuracy_of(cell)
-        base = {"attack": _attack_label(cell), "accuracy": acc, "accuracy_drop": drop,
+        acc, drop = _accuracy_of(cell, doc.get("kind"))
+        rate, precision = step_axes(cell.get("steps"))
+        base = {"attack": _attack_label(cell), "steps": cell.get("steps") or "", "prune_rate": rate,
+                "precision": precision, "accuracy": acc, "accuracy_drop": drop,
                 "simulated": bool(cell.get("simulated", False)), "cell": cell}
         marks = _marks_of(cell)
         if not marks:
@@ -140,5 +180,6 @@ def grid_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 ber=as_float(m.get("ber")), p_value=as_float(m.get("p_value")),
                 log10_p=as_float(m.get("log10_p")),
                 margin_min=as_float(m.get("margin_min")), margin_median=as_float(m.get("margin_median")),
-                signed_margin_min=as_float(m.get("signed_margin_min")), verdict=m.get("verdict", "")))
+                signed_margin_min=as_float(m.get("signed_margin_min")), verdict=m.get("verdict", ""),
+                signed_margins=m.get("signed_margins")))
     return rows

@@ -1,0 +1,381 @@
+"""One self-contained HTML file a reviewer reads in a browser.
+
+``render(docs)`` turns result documents (gate, robustness, query, extract, ...)
+into a page with: the verdict up front; the model's provenance (path, sha256,
+key commitment, tool version, command); survival curves (BER and margin
+against pruning rate, one line per precision) and margin charts drawn as
+inline SVG (auditor.report.plots); the attack grid with task accuracy;
+decoded logos for every number of key images a query result holds (PNG as
+data: URIs); and how each number was produced (command and every seed).
+
+No scripts, no external CSS, fonts or images: the file works offline and
+from an e-mail attachment. All text is escaped. The output depends only on
+the documents, so rendering the same JSON twice gives the same bytes.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Any, Iterator
+
+from . import as_float, fmt_num, fmt_p, grid_rows
+from . import plots
+
+_CSS = """
+body { font-family: sans-serif; margin: 24px auto; max-width: 1200px; color: #1a1a1a; line-height: 1.4; }
+h1 { font-size: 24px; margin-bottom: 4px; } h2 { font-size: 19px; margin-top: 32px; border-bottom: 1px solid #ccc; }
+h3 { font-size: 15px; margin-top: 20px; }
+.verdict { padding: 14px 18px; border-radius: 6px; font-size: 18px; font-weight: bold; margin: 12px 0; }
+.pass { background: #e3f4e6; border: 2px solid #2e7d32; color: #1b5e20; }
+.fail { background: #fdeaea; border: 2px solid #c62828; color: #8e0000; }
+.neutral { background: #eef2f7; border: 2px solid #5c6f87; color: #2b3a4d; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
+th, td { border: 1px solid #d0d0d0; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-family: monospace; }
+td.st-pass { color: #1b5e20; font-weight: bold; } td.st-fail, td.st-error { color: #b00020; font-weight: bold; }
+code, .mono { font-family: monospace; font-size: 12px; word-break: break-all; }
+.charts { display: flex; flex-wrap: wrap; gap: 12px; } .charts svg { border: 1px solid #e0e0e0; }
+.logos { display: flex; flex-wrap: wrap; gap: 16px; } .logos figure { margin: 0; text-align: center; font-size: 12px; }
+.logos img { image-rendering: pixelated; border: 1px solid #999; }
+.note { color: #555; font-size: 12px; }
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+# ------------------------------------------------------------------ verdicts
+def verdict_of(doc: dict[str, Any]) -> tuple[str, str]:
+    """(css class, one-line verdict) of a document."""
+    kind = doc.get("kind")
+    v = doc.get("verdict")
+    if kind == "gate":
+        s = doc.get("summary", {})
+        if v == "pass":
+            return "pass", f"GATE PASSED: all {s.get('requirements', 0)} requirements met"
+        return "fail", (f"GATE FAILED: {s.get('failed', 0)} requirements not met, {s.get('errors', 0)} not "
+                        f"measurable, of {s.get('requirements', 0)}")
+    if kind == "robustness":
+        s = doc.get("summary", {})
+        text = (f"mark survived {s.get('survived', '?')} of {s.get('configs', '?')} attack configurations"
+                + ("" if s.get("baseline_detected", True) else "; NOT detected in the unattacked model"))
+        return ("pass" if v == "survived" else "fail"), ("SURVIVED: " if v == "survived" else "BROKEN: ") + text
+    inner = doc.get("result") if isinstance(doc.get("result"), dict) else doc
+    v = inner.get("verdict", v)
+    if v == "detected":
+        return "pass", f"{kind}: watermark detected" + (f" ({inner['reason']})" if inner.get("reason") else "")
+    if v in ("not detected", "insufficient evidence"):
+        return "fail", f"{kind}: {v}" + (f" ({inner['reason']})" if inner.get("reason") else "")
+    return "neutral", f"{kind}: {v if v is not None else 'see details'}"
+
+
+# ------------------------------------------------------------------ pieces
+def _table(headers: list[str], rows: list[list[tuple[str, str]]]) -> str:
+    """rows of (css class, already-escaped html) cells."""
+    out = ["<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr></thead><tbody>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f'<td class="{c}">{h}</td>' if c else f"<td>{h}</td>" for c, h in r) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def provenance(doc: dict[str, Any]) -> str:
+    model = doc.get("model") or {}
+    tool = doc.get("tool") or {}
+    rows = [("kind", doc.get("kind")), ("model path", model.get("path")), ("model sha256", model.get("sha256")),
+            ("key commitment", doc.get("key_commitment")),
+            ("tool", f"{tool.get('name', 'wmaudit')} {tool.get('version', '')}"),
+            ("command", doc.get("command")), ("created", doc.get("created")), ("schema", doc.get("schema"))]
+    pol = doc.get("policy")
+    if isinstance(pol, dict):
+        rows += [("policy", f"{pol.get('name', '')} ({pol.get('path', '')})"), ("policy sha256", pol.get("sha256"))]
+    return _table(["field", "value"], [[("", _e(k)), ("mono", _e(v))] for k, v in rows if v not in (None, "")])
+
+
+def _walk(x: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(x, dict):
+        for k in sorted(x):
+            yield from _walk(x[k], f"{path}.{k}" if path else str(k))
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, x
+
+
+def how_produced(doc: dict[str, Any]) -> str:
+    """The command and every seed and data description in the document, with where it sits."""
+    seeds = [(p, v) for p, v in _walk(doc) if p.rsplit(".", 1)[-1].endswith("seed") and not isinstance(v, (dict, list))]
+    out = [f"<p>Command: <code>{_e(doc.get('command'))}</code></p>"]
+    data = []
+    for key in ("calibration", "heldout"):
+        v = doc.get(key)
+        if isinstance(v, dict):
+            data.append((key, json.dumps(v, sort_keys=True)))
+    pol = doc.get("policy")
+    if isinstance(pol, dict):
+        for key in ("accuracy", "calibration"):
+            if isinstance(pol.get(key), dict):
+                data.append((f"policy.{key}", json.dumps(pol[key], sort_keys=True)))
+    if data:
+        out.append(_table(["data", "description"], [[("", _e(k)), ("mono", _e(v))] for k, v in data]))
+    if seeds:
+        # the same seed repeated per cell says nothing new: show each (field, value) once, first place
+        seen: dict[tuple[str, str], str] = {}
+        for p, v in seeds:
+            leaf = p.rsplit(".", 1)[-1]
+            seen.setdefault((leaf, json.dumps(v)), p)
+        out.append(_table(["seed", "value", "first recorded at"],
+                          [[("", _e(leaf)), ("num", _e(val)), ("mono", _e(p))]
+                           for (leaf, val), p in sorted(seen.items(), key=lambda kv: kv[1])]))
+    else:
+        out.append('<p class="note">This result records no random seed.</p>')
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ charts
+def survival_charts(doc: dict[str, Any]) -> str:
+    """BER, margin and accuracy against pruning rate, one line per precision (and per mark)."""
+    rows = [r for r in grid_rows(doc) if r.get("mark")]
+    if not rows:
+        return ""
+    marks = sorted({r["mark"] for r in rows})
+    precisions = sorted({r["precision"] for r in rows}, key=lambda p: (p != "float", p))
+    if len({r["prune_rate"] for r in rows}) < 2:
+        return _bars(doc, rows)
+
+    def series(field: str, scale: float = 1.0):
+        out = []
+        for mk in marks:
+            for prec in precisions:
+                pts = [(r["prune_rate"], scale * r[field]) for r in rows
+                       if r["mark"] == mk and r["precision"] == prec and r.get(field) is not None
+                       and math.isfinite(r[field])]
+                if pts:
+                    out.append((prec if len(marks) == 1 else f"{mk} / {prec}", sorted(set(pts))))
+        return out
+
+    thr = (doc.get("policy") or {}).get("thresholds", {})
+    charts = [plots.line_chart(series("ber"), title="Bit error rate vs pruning rate", x_label="pruning rate",
+                               y_label="BER", y_range=(0.0, 0.5),
+                               hline=(thr["max_ber"], f"max_ber {thr['max_ber']:g}") if "max_ber" in thr else
+                               (0.5, "chance")),
+              plots.line_chart(series("margin_min"), title="Minimum margin |x_i . w| vs pruning rate",
+                               x_label="pruning rate", y_label="min margin"),
+              plots.line_chart(series("margin_median"), title="Median margin |x_i . w| vs pruning rate",
+                               x_label="pruning rate", y_label="median margin")]
+    acc = []
+    for prec in precisions:
+        pts = sorted({(r["prune_rate"], 100.0 * r["accuracy"]) for r in rows
+                      if r["precision"] == prec and r.get("accuracy") is not None})
+        if pts:
+            acc.append((prec, pts))
+    if acc:
+        charts.append(plots.line_chart(acc, title="Task accuracy vs pruning rate", x_label="pruning rate",
+                                       y_label="accuracy (%)"))
+    return '<div class="charts">' + "\n".join(charts) + "</div>"
+
+
+def _bars(doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Without a pruning axis (e.g. a gate with a few attacks): one bar per attacked model."""
+    label = lambda r: r["attack"] if len({x["mark"] for x in rows}) == 1 else f"{r['attack']}/{r['mark']}"  # noqa: E731
+    charts = [plots.bar_chart([(label(r), r["ber"]) for r in rows if r.get("ber") is not None],
+                              title="Bit error rate per attack", y_label="BER")]
+    field = "signed_margin_min" if all(r.get("signed_margin_min") is not None for r in rows) else "margin_min"
+    charts.append(plots.bar_chart([(label(r), r[field]) for r in rows if r.get(field) is not None],
+                                  title=("Signed" if field.startswith("signed") else "Absolute")
+                                  + " minimum margin per attack", y_label="margin",
+                                  hline=(0.0, "bit flips below 0") if field.startswith("signed") else None))
+    return '<div class="charts">' + "\n".join(charts) + "</div>"
+
+
+def margin_histograms(doc: dict[str, Any]) -> str:
+    """Histograms of the signed per-bit margins (2 b_i - 1) x_i . w where the result carries them;
+    otherwise min / median margin per attacked model."""
+    rows = [r for r in grid_rows(doc) if r.get("mark")]
+    with_bits = [r for r in rows if isinstance(r.get("signed_margins"), list) and r["signed_margins"]]
+    if with_bits:
+        charts = [plots.histogram([float(v) for v in r["signed_margins"]],
+                                  title=f"{r['attack']} / {r['mark']}", x_label="signed margin (below 0: bit wrong)")
+                  for r in with_bits]
+        return '<div class="charts">' + "\n".join(charts) + "</div>"
+    if not rows:
+        return ""
+    bars = []
+    for r in rows:
+        lab = r["attack"] if len({x["mark"] for x in rows}) == 1 else f"{r['attack']}/{r['mark']}"
+        if r.get("margin_median") is not None:
+            bars.append((lab, r["margin_median"]))
+    return ('<p class="note">The results carry margin summaries (min / median of |x_i . w|), not the '
+            'per-bit margins; the chart shows the median per attacked model.</p><div class="charts">'
+            + plots.bar_chart(bars, title="Median margin per attacked model", y_label="median |x_i . w|",
+                              width=max(560, 28 * len(bars) + 100)) + "</div>")
+
+
+# ------------------------------------------------------------------ tables
+def grid_table(doc: dict[str, Any]) -> str:
+    rows = grid_rows(doc)
+    if not rows:
+        return '<p class="note">No attacked models in this result.</p>'
+    body = []
+    for r in rows:
+        verdict = r.get("verdict", "")
+        cls = "st-pass" if verdict == "detected" else ("st-fail" if verdict else "")
+        body.append([("", _e(r["attack"])), ("mono", _e(r.get("steps") or "-")), ("", _e(r.get("mark", ""))),
+                     ("num", _e(r.get("k_over_t", "-"))), ("num", _e(fmt_num(r.get("ber"), 4))),
+                     ("num", _e(fmt_p(r.get("p_value"), r.get("log10_p")))),
+                     ("num", _e(fmt_num(r.get("margin_min"), 4))), ("num", _e(fmt_num(r.get("margin_median"), 4))),
+                     ("num", _e(fmt_num(None if r.get("accuracy") is None else 100 * r["accuracy"], 2))),
+                     ("num", _e(fmt_num(r.get("accuracy_drop"), 2))),
+                     ("", "simulated" if r.get("simulated") else ""), (cls, _e(verdict))])
+    return _table(["attack", "steps", "mark", "k/T", "BER", "p", "margin min", "margin median", "accuracy %",
+                   "drop (points)", "", "verdict"], body)
+
+
+def requirements_table(doc: dict[str, Any]) -> str:
+    reqs = doc.get("requirements") or []
+    body = []
+    for r in reqs:
+        st = r.get("status", "")
+        body.append([(f"st-{st}", _e(st.upper())), ("mono", _e(r.get("id"))), ("", _e(r.get("message")))])
+    return _table(["status", "requirement", "numbers / why"], body)
+
+
+def notes_table(doc: dict[str, Any]) -> str:
+    rows = []
+    for r in grid_rows(doc):
+        notes = (r.get("cell") or {}).get("notes") or []
+        if notes and r["attack"] not in {x[0] for x in rows}:
+            rows.append((r["attack"], notes))
+    if not rows:
+        return ""
+    return "<h3>What each attack did</h3>" + _table(
+        ["attack", "notes"], [[("", _e(a)), ("", "<br>".join(_e(n) for n in ns))] for a, ns in rows])
+
+
+# ------------------------------------------------------------------ logos
+def _logo_sets(x: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every dict in the document that holds decoded logo maps ({"maps": {k: 2-D list}})."""
+    if isinstance(x, dict):
+        if isinstance(x.get("maps"), dict) and x["maps"]:
+            yield path, x
+        for k in sorted(x):
+            if k != "maps":
+                yield from _logo_sets(x[k], f"{path}.{k}" if path else k)
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _logo_sets(v, f"{path}[{i}]")
+
+
+def _to_gray(m: Any):
+    import numpy as np
+
+    a = np.asarray(m, dtype=np.float64)
+    if a.ndim != 2 or a.size == 0 or not np.all(np.isfinite(a)):
+        return None
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.round((a - lo) / (hi - lo) * 255.0).astype(np.uint8)
+
+
+def logos(doc: dict[str, Any]) -> str:
+    out = []
+    for path, lg in _logo_sets(doc):
+        per_k = {str(p.get("k")): p for p in lg.get("per_k", []) if isinstance(p, dict)}
+        figs = []
+        target = _to_gray(lg["target"]) if lg.get("target") is not None else None
+        if target is not None:
+            figs.append(f'<figure><img alt="{_e("embedded logo")}" src="{plots.png_data_uri(target)}">'
+                        f"<figcaption>embedded logo</figcaption></figure>")
+        for k in sorted(lg["maps"], key=lambda s: int(s) if str(s).isdigit() else 0):
+            g = _to_gray(lg["maps"][k])
+            if g is None:
+                continue
+            info = per_k.get(str(k), {})
+            cap = f"{k} key image{'s' if str(k) != '1' else ''}"
+            if info:
+                cap += f"<br>r = {_e(fmt_num(info.get('r'), 3))}, p = {_e(fmt_p(info.get('p_value')))}"
+            figs.append(f'<figure><img alt="{_e(f"decoded logo, {k} key images")}" '
+                        f'src="{plots.png_data_uri(g)}"><figcaption>{cap}</figcaption></figure>')
+        if figs:
+            out.append(f"<h3>Decoded logo <code>{_e(path)}</code></h3>"
+                       f"<p>Verdict: {_e(lg.get('verdict', '-'))}; permutation p = {_e(fmt_p(lg.get('p_value')))} "
+                       f"({_e(lg.get('n_perm', '-'))} permutations, seed {_e(lg.get('permutation_seed', '-'))})</p>"
+                       f'<div class="logos">{"".join(figs)}</div>')
+    return "\n".join(out)
+
+
+def triggers(doc: dict[str, Any]) -> str:
+    rows = []
+    for path, v in _walk_dicts(doc):
+        if isinstance(v, dict) and "hits" in v and "null_rate" in v and "n" in v:
+            rows.append([("mono", _e(path)), ("num", _e(f"{v['hits']}/{v['n']}")),
+                         ("num", _e(fmt_num(v.get("null_rate"), 3))),
+                         ("num", _e(fmt_p(v.get("p_value"), v.get("log10_p")))), ("", _e(v.get("verdict", "")))])
+    if not rows:
+        return ""
+    return "<h3>Trigger sets</h3>" + _table(["where", "hits", "null rate", "p", "verdict"], rows)
+
+
+def _walk_dicts(x: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(x, dict):
+        yield path, x
+        for k in sorted(x):
+            yield from _walk_dicts(x[k], f"{path}.{k}" if path else k)
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _walk_dicts(v, f"{path}[{i}]")
+
+
+# ------------------------------------------------------------------ the page
+def document_section(doc: dict[str, Any], index: int) -> str:
+    cls, text = verdict_of(doc)
+    parts = [f'<section id="result-{index}">',
+             f"<h2>{index + 1}. {_e(doc.get('kind', 'result'))}: {_e((doc.get('model') or {}).get('path', ''))}</h2>",
+             f'<div class="verdict {cls}">{_e(text)}</div>',
+             "<h3>Provenance</h3>", provenance(doc)]
+    if doc.get("kind") == "gate":
+        parts += ["<h3>Requirements</h3>", requirements_table(doc)]
+    charts = survival_charts(doc)
+    if charts:
+        parts += ["<h3>Survival of the mark</h3>", charts]
+    hist = margin_histograms(doc)
+    if hist:
+        parts += ["<h3>Margins</h3>", hist]
+    if grid_rows(doc):
+        parts += ["<h3>Attack grid</h3>", grid_table(doc), notes_table(doc)]
+    lg, tr = logos(doc), triggers(doc)
+    if lg or tr:
+        parts += ["<h3>Black-box evidence</h3>", tr, lg]
+    parts += ["<h3>How these numbers were produced</h3>", how_produced(doc), "</section>"]
+    return "\n".join(p for p in parts if p)
+
+
+def render(docs: list[dict[str, Any]], title: str = "wmaudit report") -> str:
+    """The complete HTML page for one or more result documents."""
+    summary = []
+    for i, d in enumerate(docs):
+        cls, text = verdict_of(d)
+        summary.append(f'<div class="verdict {cls}"><a href="#result-{i}" style="color:inherit">'
+                       f"{_e(text)}</a></div>")
+    tools = sorted({f"{(d.get('tool') or {}).get('name', 'wmaudit')} {(d.get('tool') or {}).get('version', '')}"
+                    for d in docs})
+    page = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            # nothing may load from elsewhere: no scripts at all, images only inline
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+            "img-src data:; style-src 'unsafe-inline'\">",
+            f"<title>{_e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+            f"<h1>{_e(title)}</h1>",
+            f'<p class="note">{len(docs)} result document{"s" if len(docs) != 1 else ""}; '
+            f"rendered by {_e(', '.join(tools))}. Every number below is read from the result JSON.</p>",
+            '<div id="verdict">', *summary, "</div>",
+            *[document_section(d, i) for i, d in enumerate(docs)],
+            "</body>", "</html>", ""]
+    return "\n".join(page)
+
+
+__all__ = ["render", "verdict_of", "as_float"]
