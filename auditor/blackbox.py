@@ -396,11 +396,20 @@ def permutation_p(decoded: np.ndarray, target: np.ndarray, *, n_perm: int = DEFA
             "resolution_limit": limit, "seed": seed, "stopped_early": False}
 
 
+def verdict_permutations(alpha: float, n_perm: int) -> int:
+    """Enough permutations for the resolution limit 1/(n+1) to fall below alpha."""
+    return max(int(n_perm), int(math.ceil(1.0 / alpha)))
+
+
 def evaluate_logo(runner, mark: LogoMark, *, counts=DEFAULT_COUNTS, n_perm: int = DEFAULT_PERMUTATIONS,
                   seed: int = 0, batch_size: int = 64, attack: str | None = None, attack_seed: int = 0,
-                  alpha: float = stats.DEFAULT_ALPHA) -> dict[str, Any]:
-    """Decode the logo for each k in ``counts``; r and permutation p against the logo
-    as embedded (the soft labels laid out 2-D). The verdict uses the largest k."""
+                  alpha: float = stats.DEFAULT_ALPHA, verdict_perm: int | None = None) -> dict[str, Any]:
+    """Decode the logo for each k in ``counts``; Pearson r and a permutation p against
+    the logo as embedded (the soft labels laid out 2-D; ``r_vs_logo`` against the
+    raw logo). Every k gets ``n_perm`` permutations; the verdict is taken at the
+    largest k with ``verdict_perm`` permutations (default: enough for a resolution
+    limit below alpha, 10^6 at alpha = 1e-6; sequential stopping keeps an unmarked
+    model cheap)."""
     out = query(runner, mark.images, mark.preprocess, batch_size=batch_size, attack=attack,
                 attack_seed=attack_seed)
     if out.shape[1] != mark.num_classes:
@@ -414,15 +423,17 @@ def evaluate_logo(runner, mark: LogoMark, *, counts=DEFAULT_COUNTS, n_perm: int 
     for k, m in maps.items():
         perm = permutation_p(m, target, n_perm=n_perm, seed=seed)
         per_k[k] = {"k": k, "r": perm["r"], "r_vs_logo": pearson(m, mark.logo), "p_value": perm["p_value"],
-                    "n_perm": perm["n_perm"], "stopped_early": perm["stopped_early"]}
+                    "n_perm": perm["n_perm"], "stopped_early": perm["stopped_early"],
+                    "resolution_limit": perm["resolution_limit"]}
     k_max = max(maps)
-    top = per_k[k_max]
-    limit = 1.0 / (n_perm + 1)
-    d = stats.decide(top["p_value"], limit, alpha)
+    n_verdict = verdict_perm if verdict_perm is not None else verdict_permutations(alpha, n_perm)
+    top = permutation_p(maps[k_max], target, n_perm=n_verdict, seed=seed)
+    d = stats.decide(top["p_value"], top["resolution_limit"], alpha)
     return {"counts": sorted(maps), "per_k": [per_k[k] for k in sorted(per_k)], "k": k_max,
-            "r": top["r"], "p_value": top["p_value"], "n_perm": n_perm, "permutation_seed": seed,
-            "resolution_limit": limit, "verdict": d.verdict, "alpha": alpha, "reason": d.reason,
-            "maps": maps, "target": target}
+            "r": top["r"], "p_value": top["p_value"], "n_perm": n_verdict, "permutations_run": top["n_perm"],
+            "stopped_early": top["stopped_early"], "permutation_seed": seed,
+            "resolution_limit": top["resolution_limit"], "verdict": d.verdict, "alpha": alpha,
+            "reason": d.reason, "maps": maps, "target": target}
 
 
 def logo_image(m: np.ndarray) -> np.ndarray:
