@@ -1,0 +1,104 @@
+"""wmaudit attack: apply deployment attacks (pruning, int8, fp16, int4) to an ONNX file."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .. import results
+from ..errors import AuditError
+
+HELP = "prune / quantize / convert an ONNX model the way a deployer would"
+DESCRIPTION = """Apply pruning and quantization to MODEL and write the attacked model to -o OUT.
+Steps run in --order (default: prune, then quantize). Quantization uses onnxruntime's
+own tools; static modes calibrate on Fashion-MNIST (train split) or --data inputs.npy.
+Prints the parameters used; exit 0 on success, 2 on bad input."""
+
+QUANT_CHOICES = ("dynamic", "static-qdq", "static-qdq-per-channel", "static-qop",
+                 "static-qop-per-channel", "fp16", "int4")
+
+
+def _rate(s: str) -> float:
+    try:
+        r = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0.0 <= r < 1.0:
+        raise argparse.ArgumentTypeError("pruning rate must be in [0, 1)")
+    return r
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..attacks.prune import MODES as PRUNE_MODES
+    from ..calibration import METHODS
+
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--prune", type=_rate, help="pruning rate in [0, 1)")
+    p.add_argument("--prune-mode", choices=PRUNE_MODES, default="magnitude")
+    p.add_argument("--prune-seed", type=int, default=0, help="seed of random pruning")
+    p.add_argument("--quantize", choices=QUANT_CHOICES)
+    p.add_argument("--calibration", choices=METHODS, default="minmax", help="static calibration method")
+    p.add_argument("--data", default="fashion-mnist", help="calibration inputs: fashion-mnist or a .npy file")
+    p.add_argument("--calibration-samples", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
+    p.add_argument("--reduce-range", action="store_true", help="7-bit weights (onnxruntime reduce_range)")
+    p.add_argument("--weight-type", choices=("int8", "uint8"), default="int8")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="let quant_pre_process fold BatchNorm into conv weights (kept by default)")
+    p.add_argument("--order", default="prune,quantize", help="order of the steps (prune,quantize or quantize,prune)")
+    p.add_argument("-o", "--output", required=True, help="attacked ONNX file (written atomically)")
+    p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
+
+
+def steps_from_args(args) -> str:
+    order = [s.strip() for s in args.order.split(",") if s.strip()]
+    if sorted(order) != ["prune", "quantize"]:
+        raise AuditError(f"--order must name prune and quantize once each, got {args.order!r}")
+    parts = []
+    for kind in order:
+        if kind == "prune" and args.prune is not None:
+            parts.append(f"prune:{args.prune:g}:{args.prune_mode}")
+        if kind == "quantize" and args.quantize:
+            parts.append(args.quantize if args.quantize in ("fp16", "int4") else f"quantize:{args.quantize}")
+    if not parts:
+        raise AuditError("nothing to do: give --prune and/or --quantize")
+    return ",".join(parts)
+
+
+def run(args) -> int:
+    import onnx
+
+    from ..attacks import load_model
+    from ..attacks.compose import compose
+    from ..calibration import Calibration, calibration_data
+
+    steps = steps_from_args(args)
+    if args.calibration_samples < 1:
+        raise AuditError("--calibration-samples must be >= 1")
+    model = load_model(args.model)
+    calibration = None
+    if "static" in steps:
+        calibration = Calibration(calibration_data(args.data, args.calibration_samples, args.seed))
+    r = compose(model, steps, calibration, calibration_method=args.calibration, prune_seed=args.prune_seed,
+                reduce_range=args.reduce_range, weight_type=args.weight_type,
+                keep_batchnorm=not args.fold_batchnorm)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        onnx.save_model(r.model, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    doc = results.envelope("attack", model_path=args.model, output={"path": str(out),
+                           "sha256": results.file_sha256(out)}, steps=steps, params=r.params,
+                           notes=r.notes, simulated=r.simulated)
+    if args.json:
+        sys.stdout.write(results.dumps(doc))
+    else:
+        print(f"{args.model} -> {out}: {steps}" + ("  [simulated]" if r.simulated else ""))
+        for n in r.notes:
+            print(f"  {n}")
+    return 0

@@ -1,0 +1,302 @@
+"""Survival grid: attack a marked model many ways, measure the mark and the task each time.
+
+A grid is a list of configs; each config is a sequence of attack steps
+(``auditor.attacks.compose`` syntax). From TOML::
+
+    [grid]
+    prune_rates = [0.0, 0.5, 0.8]          # crossed with every quantize mode
+    prune_mode = "magnitude"
+    quantize = ["none", "dynamic", "static-qdq-per-channel", "fp16"]
+    calibration = "minmax"                  # minmax | entropy | percentile
+
+    [[config]]                              # extra configs, any order of steps
+    name = "prune then int8 QOperator"
+    steps = "prune:0.8,quantize:static-qop"
+
+Per config: the attack's params and notes, ``simulated``, every white-box
+mark's BER / p / log10 p / margins / verdict (``auditor.whitebox.extract``),
+task accuracy on the held-out set and the drop against the unattacked model.
+The mark survives a config when the verdict stays "detected".
+
+Calibration: before the configs run, every distinct float model that a
+static quantization step will see (the unattacked model, or its pruned
+variants) is calibrated once per method, in parallel; the configs then read
+the cached ranges (``auditor.calibration``). Configs run in a process pool
+(workers = min(cores, configs, jobs)); results are ordered as the grid lists
+them, so the JSON is identical across runs apart from ``created``.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from . import stats
+from .attacks import compose as compose_mod
+from .attacks import quantize as quantize_mod
+from .errors import AuditError
+
+DEFAULT_PRUNE_RATES = (0.0, 0.5, 0.8, 0.9)
+DEFAULT_QUANTIZE = ("none", "dynamic", "static-qdq", "static-qdq-per-channel", "static-qop", "fp16")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    steps: str  # compose syntax; "" = the unattacked model
+
+
+@dataclass(frozen=True)
+class Grid:
+    configs: tuple[Config, ...]
+    calibration: str = "minmax"
+    prune_seed: int = 0
+
+    def describe(self) -> dict:
+        return {"calibration": self.calibration, "prune_seed": self.prune_seed,
+                "configs": [{"name": c.name, "steps": c.steps} for c in self.configs]}
+
+
+def _cross(rates, mode: str, quants) -> list[Config]:
+    out = []
+    for q in quants:
+        if q != "none" and q not in quantize_mod.MODES and q not in ("fp16", "int4"):
+            raise AuditError(f"grid: unknown quantization {q!r}")
+        for r in rates:
+            steps = []
+            if float(r) > 0:
+                steps.append(f"prune:{float(r):g}:{mode}")
+            if q in ("fp16", "int4"):
+                steps.append(q)
+            elif q != "none":
+                steps.append(f"quantize:{q}")
+            if steps:
+                out.append(Config(",".join(steps), ",".join(steps)))
+    return out
+
+
+def default_grid() -> Grid:
+    """Pruning rates x quantization modes x fp16 (the unattacked model is the baseline)."""
+    return Grid(tuple(_cross(DEFAULT_PRUNE_RATES, "magnitude", DEFAULT_QUANTIZE)))
+
+
+def grid_from_dict(doc: dict, where: str = "grid") -> Grid:
+    g = doc.get("grid", {})
+    if not isinstance(g, dict):
+        raise AuditError(f"{where}: [grid] must be a table")
+    configs = []
+    if g:
+        rates = g.get("prune_rates", [0.0])
+        quants = g.get("quantize", ["none"])
+        if not isinstance(rates, list) or not isinstance(quants, list):
+            raise AuditError(f"{where}: prune_rates and quantize must be lists")
+        for r in rates:
+            if not isinstance(r, (int, float)) or not 0 <= r < 1:
+                raise AuditError(f"{where}: pruning rate {r!r} is not in [0, 1)")
+        configs += _cross(rates, g.get("prune_mode", "magnitude"), quants)
+    for i, c in enumerate(doc.get("config", [])):
+        if not isinstance(c, dict) or "steps" not in c:
+            raise AuditError(f"{where}: [[config]] #{i + 1} needs steps = \"...\"")
+        compose_mod.parse_steps(c["steps"])  # validate now, not inside a worker
+        configs.append(Config(str(c.get("name", c["steps"])), str(c["steps"])))
+    for c in configs:
+        compose_mod.parse_steps(c.steps)
+    names = [c.name for c in configs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AuditError(f"{where}: duplicate config name {dup[0]!r}")
+    if not configs:
+        raise AuditError(f"{where}: no configs")
+    method = g.get("calibration", "minmax")
+    from .calibration import METHODS
+
+    if method not in METHODS:
+        raise AuditError(f"{where}: calibration must be one of {', '.join(METHODS)}")
+    return Grid(tuple(configs), method, int(g.get("prune_seed", 0)))
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    path = Path(path)
+    if not path.is_file():
+        raise AuditError(f"grid file not found: {path}")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise AuditError(f"{path}: not valid TOML: {e}") from None
+    return grid_from_dict(doc, str(path))
+
+
+# ---------------------------------------------------------------- one config
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(state: dict) -> None:
+    _STATE.clear()
+    _STATE.update(state)
+    from .attacks import load_model
+
+    _STATE["model"] = load_model(state["model_path"])
+
+
+def _static_prefix(steps: str) -> tuple[str, bool] | None:
+    """Steps before the first static quantization, or None when the config has none."""
+    parsed = compose_mod.parse_steps(steps) if steps else []
+    for i, s in enumerate(parsed):
+        if s.kind == "quantize" and s.args[0] in quantize_mod.STATIC_MODES:
+            return ",".join(str(p) for p in parsed[:i]), True
+    return None
+
+
+def _calibrate(prefix: str) -> str:
+    """Calibrate the float model a static step will see (runs in a worker)."""
+    m = _STATE["model"]
+    if prefix:
+        m = compose_mod.compose(m, prefix, _STATE["calibration"], prune_seed=_STATE["prune_seed"]).model
+    pre, _ = quantize_mod.preprocess(m)
+    return str(_STATE["calibration"].ranges(pre, _STATE["method"]))
+
+
+def measure(path: str | os.PathLike, key, manifest: dict | None, heldout, threads: int = 0) -> dict:
+    """White-box marks and accuracy of one model file."""
+    from . import whitebox
+    from .accuracy import accuracy
+
+    res = whitebox.extract(path, key, manifest=manifest)
+    marks = []
+    for mk in res.marks:
+        marks.append({"id": mk.id, "n_bits": mk.n_bits, "matches": mk.matches, "ber": mk.ber,
+                      "p_value": mk.p_value, "log10_p": mk.log10_p, "margin_min": mk.margin_min,
+                      "margin_median": mk.margin_median, "verdict": mk.verdict,
+                      "weight": mk.location.weight if mk.location else None,
+                      "quant": mk.location.quant if mk.location else None})
+    out = {"verdict": res.verdict, "p_value": res.p_value, "marks": marks}
+    if heldout is not None:
+        out["accuracy"] = accuracy(path, heldout, threads=threads)
+    return out
+
+
+def _run_config(cfg: Config) -> dict:
+    t0 = time.perf_counter()
+    r = compose_mod.compose(_STATE["model"], cfg.steps, _STATE["calibration"],
+                            calibration_method=_STATE["method"], prune_seed=_STATE["prune_seed"])
+    models_dir = _STATE.get("models_dir")
+    with tempfile.TemporaryDirectory(prefix="wmaudit-grid-") as d:
+        path = Path(d) / "model.onnx"
+        onnx.save_model(r.model, str(path))
+        m = measure(path, _STATE["key"], _STATE["manifest"], _STATE["heldout"], _STATE["threads"])
+        if models_dir:
+            dst = Path(models_dir) / f"{_safe(cfg.name)}.onnx"
+            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+            onnx.save_model(r.model, str(tmp))
+            os.replace(tmp, dst)
+    return {"name": cfg.name, "steps": cfg.steps, "params": r.params, "notes": r.notes,
+            "simulated": r.simulated, **m, "_seconds": time.perf_counter() - t0}
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ---------------------------------------------------------------- progress
+class Progress:
+    """A bar on a terminal, one line per finished config otherwise (CI logs)."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total, self.done, self.stream, self.enabled = total, 0, stream or sys.stderr, enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.tty:
+            n = int(30 * self.done / max(1, self.total))
+            self.stream.write(f"\r[{'#' * n}{' ' * (30 - n)}] {self.done}/{self.total} {label[:40]:40s}")
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"robustness: {self.done}/{self.total} {label}\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------- the grid
+def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration, heldout=None,
+             manifest: dict | None = None, jobs: int | None = None, models_dir: str | os.PathLike | None = None,
+             progress: bool = True, command: str | None = None) -> dict:
+    """Run every config of ``grid`` on the model; returns the result document (envelope 'robustness')."""
+    from .results import envelope
+
+    model_path = Path(model_path)
+    t0 = time.perf_counter()
+    cores = os.cpu_count() or 1
+    workers = max(1, min(cores, len(grid.configs), jobs or cores))
+    threads = 1 if workers > 1 else 0
+    state = {"model_path": str(model_path), "key": key, "manifest": manifest, "heldout": heldout,
+             "calibration": calibration, "method": grid.calibration, "prune_seed": grid.prune_seed,
+             "threads": threads, "models_dir": str(models_dir) if models_dir else None}
+    if models_dir:
+        Path(models_dir).mkdir(parents=True, exist_ok=True)
+    _init_worker(state)
+    baseline = measure(model_path, key, manifest, heldout)
+    prefixes = sorted({p[0] for c in grid.configs if (p := _static_prefix(c.steps)) is not None})
+    bar = Progress(len(grid.configs), enabled=progress)
+    rows: dict[str, dict] = {}
+    if workers == 1:
+        for p in prefixes:
+            _calibrate(p)
+        for c in grid.configs:
+            rows[c.name] = _run_config(c)
+            bar.step(f"{c.name} ({rows[c.name]['_seconds']:.1f}s)")
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding onnxruntime threads
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(state,)) as ex:
+            list(ex.map(_calibrate, prefixes))
+            futs = {ex.submit(_run_config, c): c for c in grid.configs}
+            for f in cf.as_completed(futs):
+                c = futs[f]
+                rows[c.name] = f.result()
+                bar.step(f"{c.name} ({rows[c.name]['_seconds']:.1f}s)")
+    seconds = time.perf_counter() - t0
+    configs = []
+    base_acc = baseline.get("accuracy")
+    for c in grid.configs:  # grid order, whatever order the workers finished in
+        row = dict(rows[c.name])
+        row.pop("_seconds")
+        if base_acc is not None:
+            row["accuracy_drop"] = base_acc - row["accuracy"]
+        row["survived"] = row["verdict"] == stats.DETECTED
+        configs.append(row)
+    broken = [r["name"] for r in configs if not r["survived"]]
+    summary = {"configs": len(configs), "survived": len(configs) - len(broken), "broken": broken,
+               "calibrated_models": len(prefixes),
+               "baseline_detected": baseline["verdict"] == stats.DETECTED,
+               "all_survived": not broken and baseline["verdict"] == stats.DETECTED}
+    if progress:
+        print(f"robustness: {len(configs)} configs in {seconds:.1f}s with {workers} workers; "
+              f"calibrations: {len(prefixes)}", file=sys.stderr)
+    return envelope("robustness", model_path=model_path, key=key, command=command,
+                    grid=grid.describe(), calibration=calibration.data.describe(),
+                    heldout=heldout.describe() if heldout is not None else None,
+                    baseline=baseline, configs=configs, summary=summary,
+                    verdict="survived" if summary["all_survived"] else "broken")
+
+
+def load_manifest(model_path: Path) -> dict | None:
+    """manifest.json next to the model, when there is one."""
+    p = Path(model_path).parent / "manifest.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AuditError(f"{p}: not valid JSON: {e}") from None
