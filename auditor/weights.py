@@ -167,6 +167,7 @@ class WeightStore:
         self._consumers: dict[str, list[tuple[str, int]]] = {}  # tensor key -> (node name, input index)
         self._folded_cache: dict[str, np.ndarray] = {}
         self._recipes: dict[str, Callable[[], np.ndarray]] = {}
+        self._inferred = self._infer_types(model)
         self._scan(model.graph, {}, None)
         self.weights: list[Weight] = self._classify()
         self._by_name = {w.name: w for w in self.weights}
@@ -322,23 +323,54 @@ class WeightStore:
                 return int(o.version)
         return None
 
+    @staticmethod
+    def _infer_types(model: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, ...] | None]]:
+        """Element type and static shape of every tensor onnx shape inference can type
+        (no tensor data is read): folded constants get their shape without evaluation."""
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception:
+            return {}
+        out: dict[str, tuple[int, tuple[int, ...] | None]] = {}
+        from .graph import iter_graphs
+        for g, _ in iter_graphs(inferred.graph):
+            for vi in list(g.value_info) + list(g.output):
+                tt = vi.type.tensor_type
+                if not tt.elem_type:
+                    continue
+                shape = None
+                if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                    shape = tuple(int(d.dim_value) for d in tt.shape.dim)
+                out.setdefault(vi.name, (tt.elem_type, shape))
+        return out
+
     def _shape(self, key: str) -> tuple[int, ...]:
         c = self._consts[key]
         if c.tensor is not None:
             return tensor_shape(c.tensor)
+        known = self._inferred.get(key)
+        if known is not None and known[1] is not None:
+            return known[1]
         return tuple(int(d) for d in self._value(key).shape)
 
-    def _dtype(self, key: str) -> str:
+    def _elem_type(self, key: str) -> int | None:
         c = self._consts[key]
         if c.tensor is not None:
-            return dtype_name(c.tensor.data_type)
-        return _np_dtype_name(self._value(key))
+            return c.tensor.data_type
+        known = self._inferred.get(key)
+        if known is not None:
+            return known[0]
+        try:
+            return helper.np_dtype_to_tensor_dtype(self._value(key).dtype)
+        except Exception:
+            return None
+
+    def _dtype(self, key: str) -> str:
+        t = self._elem_type(key)
+        return dtype_name(t) if t is not None else str(self._value(key).dtype)
 
     def _is_float(self, key: str) -> bool:
-        c = self._consts[key]
-        if c.tensor is not None:
-            return c.tensor.data_type in _FLOAT_TYPES
-        return np.issubdtype(self._value(key).dtype, np.floating) or str(self._value(key).dtype) == "bfloat16"
+        return self._elem_type(key) in _FLOAT_TYPES
 
     def _const_key(self, node_name: str, index: int) -> str | None:
         """Key of the node's input `index` if it is a constant, else None."""
@@ -431,11 +463,7 @@ class WeightStore:
                 s = self._trace_integer_scale(nname, w)
                 shape = self._shape(w)
                 axis = 0 if op == "ConvInteger" else len(shape) - 1
-                if s is None:
-                    # No float scale can be found: dequantize with unit scale (still the right direction of every coefficient).
-                    fn = lambda w=w, z=z: (self._value(w).astype(np.float32) - (self._value(z).astype(np.float32) if z else 0)).astype(np.float32)  # noqa: E731
-                else:
-                    fn = lambda w=w, s=s, z=z, axis=axis: _dequantize(self._value(w), self._value(s).reshape(-1) if self._value(s).size > 1 else self._value(s).reshape(()), self._value(z).reshape(-1) if (z and self._value(z).size > 1) else (self._value(z).reshape(()) if z else None), axis)  # noqa: E731
+                fn = lambda w=w, s=s, z=z, axis=axis: self._dequantize_integer(w, s, z, axis)  # noqa: E731
                 add(w, op, fn, shape, [(op, nname, 1)], [s, z, ck(2)])
             elif op == "DynamicQuantizeLSTM" and dom == _MS:
                 for wi, si, zi, tag in ((1, 8, 9, "W"), (2, 10, 11, "R")):
@@ -549,6 +577,27 @@ class WeightStore:
         base = w_key[: -len("_quantized")] if w_key.endswith("_quantized") else w_key
         cand = f"{base}_scale"
         return cand if cand in self._consts else None
+
+    def _dequantize_integer(self, w: str, s: str | None, z: str | None, axis: int) -> np.ndarray:
+        """ConvInteger / MatMulInteger weight: (w - zero_point) * scale along `axis`.
+
+        Without a traceable float scale the unit scale is used: the weight is
+        then known up to one positive factor per channel (signs and ranks intact).
+        """
+        q = self._value(w)
+        zp = self._value(z) if z else None
+        if s is not None:
+            scale = np.asarray(self._value(s), dtype=np.float32)
+        else:
+            scale = np.ones(zp.shape if zp is not None else (), dtype=np.float32)
+        scale = scale.reshape(-1) if scale.size > 1 else scale.reshape(())
+        if zp is not None:
+            zp = zp.reshape(-1) if zp.size > 1 else zp.reshape(())
+            if scale.ndim == 0 and zp.ndim == 1:
+                scale = np.full(zp.shape, scale, dtype=np.float32)
+            elif zp.ndim == 0 and scale.ndim == 1:
+                zp = np.full(scale.shape, zp, dtype=zp.dtype)
+        return _dequantize(q, scale, zp, axis)
 
     def _input_key_at(self, node_name: str, index: int) -> str | None:
         for k, (_, j) in self._input_keys(node_name):
