@@ -1,0 +1,152 @@
+"""wmaudit query: black-box detection by querying the key images (trigger set, logo)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import results, stats
+from ..errors import AuditError
+
+HELP = "query a model with the key's trigger set / logo key images and test the answers"
+DESCRIPTION = """Query MODEL with the black-box key images of --key on --backend and judge the
+answers: trigger accuracy with an exact binomial p-value against a null rate (measured on
+--reference unmarked models, else the key's recorded one, else 1/C); logo decoded from 1, 3,
+5, 10, 20 key images per group, Pearson r and a seeded permutation p-value. Optional
+--query-attack processes every key image first (jpeg:Q, noise:S[:SEED], resize:F, crop:F,
+rotate:DEG, shift:DX,DY). Exit 0 = detected, 1 = not detected or insufficient evidence, 2 = error."""
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return v
+
+
+def _alpha(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError("alpha must be in (0, 1)")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..backends import BACKENDS
+
+    p.add_argument("model", help="ONNX file to query")
+    p.add_argument("--key", required=True, help="key.json with a blackbox section")
+    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
+    p.add_argument("--reference", action="append", default=[], metavar="UNMARKED.onnx",
+                   help="unmarked reference model for the trigger null rate (repeatable)")
+    p.add_argument("--query-attack", metavar="SPEC", help="process key images before querying, e.g. jpeg:50")
+    p.add_argument("--attack-seed", type=int, default=0, help="seed of random query attacks (noise)")
+    p.add_argument("--logo-out", metavar="DIR", help="write decoded logos as PNG (logo_k<K>.png)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--permutations", type=_positive, default=10_000,
+                   help="permutations per key-image count (the verdict uses enough for alpha)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the permutation test")
+    p.add_argument("--alpha", type=_alpha, default=stats.DEFAULT_ALPHA)
+    p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
+
+
+def query_model(model: str, key_path: str, *, backend: str = "ort-cpu", references=(), attack: str | None = None,
+                attack_seed: int = 0, batch_size: int = 64, n_perm: int = 10_000, seed: int = 0,
+                alpha: float = stats.DEFAULT_ALPHA, logo_out: str | None = None) -> dict[str, Any]:
+    """Everything ``wmaudit query`` reports, as data (no printing)."""
+    from .. import blackbox as bb
+    from ..backends import open_runner
+    from ..keys import load_key
+    from ..query_attacks import parse_attack
+
+    if not Path(model).is_file():
+        raise AuditError(f"model not found: {model}")
+    if attack:
+        parse_attack(attack)  # bad specs fail before any session starts
+    key = load_key(key_path)
+    sections = key.blackbox or {}
+    if not sections.get("triggers") and not sections.get("logo"):
+        raise AuditError(f"key {key_path} has no black-box section (blackbox.triggers or blackbox.logo)")
+    triggers = bb.load_triggers(key) if sections.get("triggers") else None
+    logo = bb.load_logo(key) if sections.get("logo") else None
+    body: dict[str, Any] = {"backend": backend, "query_attack": attack,
+                            "attack_seed": attack_seed if attack else None}
+    null_rate = None
+    if references and triggers is not None:
+        hits = []
+        for ref in references:
+            if not Path(ref).is_file():
+                raise AuditError(f"reference model not found: {ref}")
+            with open_runner(ref, backend) as r:
+                hits.append(bb.trigger_hits(r, triggers, batch_size))
+        null_rate = bb.null_rate_from_references(hits, len(triggers.labels), [Path(x).name for x in references])
+        null_rate["per_reference_hits"] = hits
+    elif references:
+        raise AuditError("--reference needs a trigger set in the key (the logo test needs no reference)")
+    marks = []
+    with open_runner(model, backend) as runner:
+        body["runner"] = runner.describe()
+        if triggers is not None:
+            t = bb.evaluate_triggers(runner, triggers, null_rate=null_rate, batch_size=batch_size,
+                                     attack=attack, attack_seed=attack_seed, alpha=alpha)
+            body["triggers"] = t
+            marks.append(("triggers", t["p_value"], t["best_possible_p"]))
+        if logo is not None:
+            lg = bb.evaluate_logo(runner, logo, n_perm=n_perm, seed=seed, batch_size=batch_size,
+                                  attack=attack, attack_seed=attack_seed, alpha=alpha)
+            maps = lg.pop("maps")
+            lg["target"] = lg["target"].round(6)
+            lg["decoded"] = {str(k): m.round(6) for k, m in maps.items()}
+            if logo_out:
+                written = bb.write_logo_pngs(maps, logo_out)
+                lg["png"] = {str(k): w["path"] for k, w in written.items()}
+            body["logo"] = lg
+            marks.append(("logo", lg["p_value"], lg["resolution_limit"]))
+    # Several marks tested at once: the best one is reported, Bonferroni-corrected.
+    m = len(marks)
+    name, p, _ = min(marks, key=lambda t: t[1])
+    best_possible = stats.bonferroni(min(b for _, _, b in marks), m)
+    d = stats.decide(stats.bonferroni(p, m), best_possible, alpha)
+    body["verdict"] = {"verdict": d.verdict, "alpha": alpha, "reason": d.reason, "marks_tested": m,
+                       "best_mark": name, "p_value": p, "p_corrected": stats.bonferroni(p, m)}
+    body["exit_code"] = stats.exit_code(d.verdict)
+    return results.envelope("query", model_path=model, key=key, **body)
+
+
+def _human(doc: dict[str, Any]) -> str:
+    lines = [f"model    {doc['model']['path']}  ({doc['backend']})"]
+    if doc.get("query_attack"):
+        lines.append(f"attack   {doc['query_attack']} (seed {doc['attack_seed']})")
+    t = doc.get("triggers")
+    if t:
+        src = t["null_rate_source"]["source"]
+        lines.append(f"triggers {t['hits']}/{t['n']} = {t['trigger_accuracy']:.3f}  null rate {t['null_rate']:.4g} "
+                     f"({src})  p = {t['p_value']:.3g}  -> {t['verdict']}")
+    lg = doc.get("logo")
+    if lg:
+        for d in lg["per_k"]:
+            lines.append(f"logo k={d['k']:>2}  r = {d['r']:+.3f}  p = {d['p_value']:.3g} "
+                         f"({d['n_perm']} permutations)")
+        lines.append(f"logo     k={lg['k']}  p = {lg['p_value']:.6g} (resolution limit {lg['resolution_limit']:.3g}, "
+                     f"{lg['permutations_run']} permutations)  -> {lg['verdict']}")
+        for k, path in (lg.get("png") or {}).items():
+            lines.append(f"png      k={k}: {path}")
+    v = doc["verdict"]
+    lines.append(f"verdict  {v['verdict'].upper()}  (best mark: {v['best_mark']}, p = {v['p_corrected']:.6g} "
+                 f"corrected for {v['marks_tested']} mark(s), alpha = {v['alpha']:g})")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    doc = query_model(args.model, args.key, backend=args.backend, references=args.reference,
+                      attack=args.query_attack, attack_seed=args.attack_seed, batch_size=args.batch_size,
+                      n_perm=args.permutations, seed=args.seed, alpha=args.alpha, logo_out=args.logo_out)
+    sys.stdout.write(results.dumps(doc) if args.json else _human(doc))
+    return int(doc["exit_code"])
