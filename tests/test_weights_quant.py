@@ -1,0 +1,178 @@
+"""Weights of onnxruntime-quantized models, dequantized back to float.
+
+Each dequantized weight must equal the ONNX reference evaluator's
+DequantizeLinear on the same stored integers / scales / zero points (read
+here straight from the file by onnxruntime's naming), and every torch
+parameter must be found in the quantized model within half a quantization
+step of its float value.
+"""
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+torch = pytest.importorskip("torch")
+from onnxruntime.quantization import (  # noqa: E402
+    CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static)
+
+from auditor.layout import torch_views  # noqa: E402
+from auditor.weights import WeightStore  # noqa: E402
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 6)    # on a 3-D input: MatMul
+        self.fc2 = torch.nn.Linear(6, 4)   # on a 2-D input: Gemm
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        y = self.fc(y.unsqueeze(1).repeat(1, 2, 1))
+        return self.fc2(y[:, 0])
+
+
+class Seq(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.LSTM(6, 8, batch_first=True, bidirectional=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+class Reader(CalibrationDataReader):
+    def __init__(self, name, shape, n=4, seed=0):
+        rng = np.random.default_rng(seed)
+        self._it = iter([{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(n)])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("quant")
+    net = Net()
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(8, 3, 8, 8))
+    net.eval()
+    seq = Seq().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(d / "net.onnx"), dynamo=False,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"])
+        torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(d / "net_dynamo.onnx"), dynamo=True, optimize=False,
+                          input_names=["x"], verbose=False)
+        torch.onnx.export(seq, (torch.randn(2, 5, 6),), str(d / "seq.onnx"), dynamo=False, input_names=["x"])
+    return {"net": net, "seq": seq, "dir": d}
+
+
+def _quantize(models, form):
+    d = models["dir"]
+    out = d / f"{form}.onnx"
+    if out.exists():
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if form.startswith("dynamic"):
+            src = d / ("seq.onnx" if "lstm" in form else "net.onnx")
+            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=form.endswith("per-channel"))
+        elif form.startswith("dynamo-qdq"):
+            # quant_pre_process trips on the new exporter's Constant(value_ints) nodes in onnxruntime
+            # 1.31; dropping the stale value_info is enough for quantize_static.
+            pre = d / "net_dynamo_pre.onnx"
+            m = onnx.load(str(d / "net_dynamo.onnx"))
+            del m.graph.value_info[:]
+            onnx.save(m, str(pre))
+            quantize_static(str(pre), str(out), Reader("x", (2, 3, 8, 8)), quant_format=QuantFormat.QDQ, per_channel=True)
+        else:
+            fmt = QuantFormat.QDQ if form.startswith("qdq") else QuantFormat.QOperator
+            quantize_static(str(d / "net.onnx"), str(out), Reader("x", (2, 3, 8, 8)), quant_format=fmt,
+                            per_channel=form.endswith("per-channel"), weight_type=QuantType.QInt8)
+    return out
+
+
+FORMS = ["dynamic", "dynamic-lstm", "dynamic-lstm-per-channel", "qdq-per-tensor", "qdq-per-channel",
+         "qoperator-per-tensor", "qoperator-per-channel", "dynamo-qdq-per-channel"]
+
+
+def _expected_axis(store, w):
+    """Axis of per-channel scales by the consumer, from the operator specs."""
+    op, node_name, _ = w.uses[0]
+    node = store.node(node_name)
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        return 0
+    if op in ("Gemm", "QGemm"):
+        trans = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans else 1
+    return 1  # MatMul family: per output column of B [K, N]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_dequantized_weights_equal_reference_dequantizelinear(models, form):
+    path = _quantize(models, form)
+    full = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    store = WeightStore.open(path)
+    quantized = [w for w in store.weights if w.quant]
+    listed = {w.stored_name for w in store.weights}
+    assert quantized, "no quantized weight found"
+    checked = 0
+    for w in quantized:
+        assert not any(n.endswith(("_scale", "_zero_point")) for n in listed), "scales listed as weights"
+        if w.stored_name != w.name + "_quantized" or w.name + "_scale" not in full:
+            continue  # biases use their own naming
+        q, s, z = full[w.stored_name], full[w.name + "_scale"], full[w.name + "_zero_point"]
+        got = store.array(w.name)
+        assert got.dtype == np.float32 and got.shape == q.shape
+        if w.quant == "DynamicQuantizeLSTM":
+            ref = np.stack([ReferenceEvaluator(helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"], axis=1)).run(
+                None, {"x": q[d], "s": s[d], "z": z[d]})[0] for d in range(q.shape[0])])
+            assert s.shape == ((2, 32) if form.endswith("per-channel") else (2,))
+        else:
+            axis = _expected_axis(store, w)
+            ref = ReferenceEvaluator(helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"], axis=axis)).run(
+                None, {"x": q, "s": s, "z": z})[0]
+            if w.quant.startswith("qdq"):
+                assert w.quant == ("qdq-per-tensor" if s.size == 1 else f"qdq-per-channel(axis={axis})")
+        assert np.array_equal(got, ref), w.name
+        checked += 1
+    assert checked >= (2 if "lstm" in form else 3)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_torch_parameters_found_within_half_a_step(models, form):
+    path = _quantize(models, form)
+    m = onnx.load(str(path))
+    full = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    dq_scale = {n.input[0]: n.input[1] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    store = WeightStore.open(path)
+    views = torch_views(store)
+    model = models["seq"] if "lstm" in form else models["net"]
+    params = {n: p.detach().numpy() for n, p in model.named_parameters() if "weight" in n and p.ndim >= 2}
+    assert params
+    expected_quant = {"dynamic": {"ConvInteger", "MatMulInteger"}, "dynamic-lstm": {"DynamicQuantizeLSTM"},
+                      "dynamic-lstm-per-channel": {"DynamicQuantizeLSTM"}, "qoperator-per-tensor": {"QLinearConv", "QLinearMatMul", "QGemm"},
+                      "qoperator-per-channel": {"QLinearConv", "QLinearMatMul", "QGemm"}}.get(form)
+    for pname, t in params.items():
+        cands = [v for v in views if v.shape == t.shape and v.weight.quant]
+        errs = [float(np.abs(v.array() - t).max()) for v in cands]
+        best = cands[int(np.argmin(errs))]
+        # the scale by onnxruntime's naming, or the one its DequantizeLinear reads (a weight that
+        # reached the quantizer as a constant activation, e.g. dynamo's Transpose of fc.weight)
+        step = float(np.max(full.get(best.weight.name + "_scale", full.get(dq_scale.get(best.weight.stored_name)))))
+        assert min(errs) <= 0.5 * step * (1 + 1e-5) + 1e-7, (pname, min(errs), step, best.transform)
+        assert min(errs) > 0  # really quantized, not the float original
+        if expected_quant:
+            assert best.weight.quant in expected_quant
+        if "lstm" in form:
+            d = 1 if pname.endswith("_reverse") else 0
+            assert best.transform == f"DynamicQuantizeLSTM:{'W' if 'ih' in pname else 'R'}:dir={d}"
