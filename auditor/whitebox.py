@@ -166,23 +166,10 @@ def candidate_views(store, mark: WhiteboxMark):
     return [v for v in _views(store) if tuple(v.shape) == shape]
 
 
-def _weight_info(store, name):
-    try:
-        w = store.get(name)
-    except Exception:
-        return "", "", None
-    return getattr(w, "stored_dtype", ""), getattr(w, "location", ""), getattr(w, "quant", None)
-
-
-def _name_of(store, view) -> list[str]:
-    names = [view.weight]
-    try:
-        w = store.get(view.weight)
-        if getattr(w, "stored_name", None):
-            names.append(w.stored_name)
-    except Exception:
-        pass
-    return names
+def _name_of(view) -> list[str]:
+    """Names under which a view's tensor is known (its graph name and stored name)."""
+    w = view.weight
+    return [n for n in (w.name, w.stored_name) if n]
 
 
 def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[list, str]:
@@ -193,10 +180,10 @@ def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[lis
     if manifest:
         entry = (manifest.get("params") or {}).get(mark.param)
         if entry:
-            hit = [v for v in views if v.weight == entry.get("onnx") and v.transform == entry.get("transform", v.transform)]
+            hit = [v for v in views if entry.get("onnx") in _name_of(v) and v.transform == entry.get("transform", v.transform)]
             if len(hit) == 1:
                 return hit, "manifest"
-    named = [v for v in views if any(names_match(mark.param, n) for n in _name_of(store, v))]
+    named = [v for v in views if any(names_match(mark.param, n) for n in _name_of(v))]
     gate, direction = _rnn_hint(mark.param)
     if len(named) > 1:
         # prefer the torch-native layout for a named tensor: identity first
@@ -208,7 +195,7 @@ def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[lis
     pool = named or views
     if gate is not None:
         hinted = [v for v in pool if f":{gate}:dir={direction}" in v.transform
-                  or (v.transform == "identity" and names_match(mark.param, v.weight))]
+                  or (v.transform == "identity" and any(names_match(mark.param, n) for n in _name_of(v)))]
         if hinted:
             pool = hinted
     return pool, "shape-search"
@@ -230,7 +217,7 @@ def batchnorm_status(store, view, mark: WhiteboxMark, reference_bn: dict | None)
     try:
         from .layout import following_batchnorm
 
-        following = following_batchnorm(store, view.weight)
+        following = following_batchnorm(store, view.weight.name)
     except (ImportError, AttributeError):
         following = None
     if following is not None:
@@ -257,7 +244,7 @@ def reference_batchnorm(reference_path: str | Path, mark: WhiteboxMark) -> dict 
     views, how = locate(ref, mark)
     if len(views) != 1:
         raise AuditError(f"reference model: cannot identify {mark.param!r} uniquely ({len(views)} candidates)")
-    bn = following_batchnorm(ref, views[0].weight)
+    bn = following_batchnorm(ref, views[0].weight.name)
     if bn is None:
         raise AuditError(f"reference model: no BatchNormalization follows {mark.param!r}")
     return {k: np.asarray(v).tolist() if not isinstance(v, float) else v for k, v in bn.items()}
@@ -297,16 +284,16 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
         if best is None or s["p_value"] < best[0]["p_value"]:
             best = (s, v, bn)
     s, v, bn = best
-    dtype, loc, quant = _weight_info(store, v.weight)
+    wt = v.weight
     bn_out = {k: val for k, val in bn.items() if k != "scale"}
     notes = []
-    if quant:
-        notes.append(f"weight stored quantized ({quant}); extracted from its dequantized float values")
+    if wt.quant:
+        notes.append(f"weight stored quantized ({wt.quant}); extracted from its dequantized float values")
     if how == "shape-search" and m > 1:
         notes.append(f"{m} distinct tensors have the key's shape; best reported, p Bonferroni-corrected")
     return MarkResult(**base, **{k: s[k] for k in s if k not in ("alpha",)},
-                      location=Location(weight=v.weight, transform=v.transform, how=how, candidates=m,
-                                        stored_dtype=dtype, location=loc, quant=quant),
+                      location=Location(weight=wt.name, transform=v.transform, how=how, candidates=m,
+                                        stored_dtype=wt.stored_dtype, location=wt.location, quant=wt.quant),
                       batchnorm=bn_out, notes=notes)
 
 
