@@ -151,7 +151,9 @@ def torch_views(store: WeightStore) -> list[TorchView]:
 def following_batchnorm(store: WeightStore, weight_name: str) -> dict | None:
     """The BatchNormalization fed by the Conv that uses this weight, or None.
 
-    Returns {"node", "scale", "bias", "mean", "var", "eps"} (arrays float32)
+    Returns {"node", "scale", "bias", "mean", "var", "eps"} (arrays float32),
+    the arrays also under the key file's anchor names gamma / beta /
+    running_mean / running_var,
     when the conv's output goes (possibly through Identity) into exactly one
     BatchNormalization whose parameters are constants. A conv weight with no
     such BN in the graph may have had it folded in.
@@ -162,12 +164,17 @@ def following_batchnorm(store: WeightStore, weight_name: str) -> dict | None:
             continue
         node = store.node(node_name)
         out = node.output[0]
-        for _ in range(4):  # through a few Identity nodes at most
+        # Quantized graphs put activation Q/DQ pairs after the conv; ConvInteger's float
+        # output only exists after its Cast, scale Mul and bias Add.
+        passthrough = {"Identity", "QuantizeLinear", "DequantizeLinear"}
+        if op == "ConvInteger":
+            passthrough |= {"Cast", "Mul", "Add"}
+        for _ in range(6):
             cons = store.consumers(store._output_key(node_name) or out)
             if len(cons) != 1:
                 break
             nxt, nxt_name, j = cons[0]
-            if nxt.op_type == "Identity":
+            if nxt.op_type in passthrough:
                 node, node_name = nxt, nxt_name
                 continue
             if nxt.op_type == "BatchNormalization" and j == 0:
@@ -175,7 +182,9 @@ def following_batchnorm(store: WeightStore, weight_name: str) -> dict | None:
                 if any(k is None for k in keys):
                     return None
                 vals = [np.asarray(store._value(k), dtype=np.float32) for k in keys]
-                return {"node": nxt_name, "scale": vals[0], "bias": vals[1], "mean": vals[2], "var": vals[3],
-                        "eps": float(_attr(nxt, "epsilon", 1e-5))}
+                eps = float(_attr(nxt, "epsilon", 1e-5))
+                # ONNX names and the key file's anchor names (gamma, beta, running_mean, running_var)
+                return {"node": nxt_name, "scale": vals[0], "bias": vals[1], "mean": vals[2], "var": vals[3], "eps": eps,
+                        "gamma": vals[0], "beta": vals[1], "running_mean": vals[2], "running_var": vals[3]}
             break
     return None

@@ -176,3 +176,20 @@ def test_torch_parameters_found_within_half_a_step(models, form):
         if "lstm" in form:
             d = 1 if pname.endswith("_reverse") else 0
             assert best.transform == f"DynamicQuantizeLSTM:{'W' if 'ih' in pname else 'R'}:dir={d}"
+
+
+@pytest.mark.parametrize("form", ["dynamic", "qdq-per-tensor", "qdq-per-channel", "qoperator-per-channel", "dynamo-qdq-per-channel"])
+def test_batchnorm_after_quantized_conv_is_still_seen(models, form):
+    """BN kept by the quantizer is found behind activation Q/DQ pairs or ConvInteger's rescaling."""
+    from auditor.layout import following_batchnorm
+
+    store = WeightStore.open(_quantize(models, form))
+    conv = [v for v in torch_views(store) if v.kind == "conv"]
+    assert len(conv) == 1
+    bn = following_batchnorm(store, conv[0].weight.name)
+    assert bn is not None
+    net = models["net"]
+    np.testing.assert_array_equal(bn["mean"], net.bn.running_mean.numpy())
+    np.testing.assert_array_equal(bn["var"], net.bn.running_var.numpy())
+    # gamma may itself be stored quantized (QDQ): equal within half a step
+    np.testing.assert_allclose(bn["gamma"], net.bn.weight.detach().numpy(), atol=0.5 * float(np.max(np.abs(bn["gamma"]))) / 127 + 1e-7)
