@@ -15,7 +15,7 @@ from auditor.datasets import fashion_mnist, fashion_mnist_normalized  # noqa: E4
 from auditor.keys import load_key  # noqa: E402
 from auditor.whitebox import extract  # noqa: E402
 
-T = 256
+T = 128
 
 
 class Net(nn.Module):
@@ -46,11 +46,11 @@ def foreign(tmp_path_factory):
     y = torch.from_numpy(y[:2048])
     net = Net()
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for step in range(120):
+    for step in range(300):
         i = torch.randint(0, 2048, (64,), generator=g)
         w = net.conv2.weight.mean(0).reshape(-1)
         reg = nn.functional.binary_cross_entropy_with_logits(w @ X_nt, bits)
-        loss = nn.functional.cross_entropy(net(x[i]), y[i]) + 0.1 * reg
+        loss = nn.functional.cross_entropy(net(x[i]), y[i]) + 3.0 * reg
         opt.zero_grad()
         loss.backward()
         opt.step()
