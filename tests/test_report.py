@@ -17,7 +17,7 @@ import pytest
 from auditor.report import html, terminal
 
 ROOT = Path(__file__).resolve().parent.parent
-MARKED = "cnn-small-mean"
+MARKED = "attacks-tinycnn-marked"
 
 POLICY = """
 format = "wmaudit-policy/1"
