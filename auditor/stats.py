@@ -94,8 +94,8 @@ def decide(p_value: float, best_possible_p: float, alpha: float = DEFAULT_ALPHA)
         return Decision(INSUFFICIENT, alpha,
                         f"even a perfect match gives p = {best_possible_p:.3g} >= {alpha:g}")
     if p_value < alpha:
-        return Decision(DETECTED, alpha, f"p = {p_value:.3g} < {alpha:g}")
-    return Decision(NOT_DETECTED, alpha, f"p = {p_value:.3g} >= {alpha:g}")
+        return Decision(DETECTED, alpha, f"p = {p_value:.6g} < {alpha:g}")
+    return Decision(NOT_DETECTED, alpha, f"p = {p_value:.6g} >= {alpha:g}")
 
 
 def exit_code(verdict: str) -> int:

@@ -146,6 +146,16 @@ def names_match(param: str, tensor_name: str) -> bool:
     return a == b or b.endswith("_" + a) or a.endswith("_" + b)
 
 
+# Consumers that read only a tensor's metadata: a weight used only by them is a
+# leftover (e.g. the float original kept for a Shape op beside its quantized copy).
+_METADATA_OPS = frozenset({"Shape", "Size"})
+
+
+def _computes(view) -> bool:
+    uses = getattr(view.weight, "uses", None) or []
+    return not uses or any(u[0] not in _METADATA_OPS for u in uses)
+
+
 def _rnn_hint(param: str) -> tuple[str | None, int | None]:
     """torch RNN parameter names tell which ONNX input (W/R) and direction."""
     m = re.search(r"weight_(ih|hh)_l\d+(_reverse)?$", param)
@@ -183,6 +193,8 @@ def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[lis
             hit = [v for v in views if entry.get("onnx") in _name_of(v) and v.transform == entry.get("transform", v.transform)]
             if len(hit) == 1:
                 return hit, "manifest"
+    live = [v for v in views if _computes(v)]
+    views = live or views
     named = [v for v in views if any(names_match(mark.param, n) for n in _name_of(v))]
     gate, direction = _rnn_hint(mark.param)
     if len(named) > 1:

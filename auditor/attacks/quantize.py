@@ -29,6 +29,7 @@ import io
 import logging
 from typing import Any
 
+import numpy as np
 import onnx
 
 from ..errors import AuditError
@@ -66,12 +67,77 @@ def _quiet():
         root.setLevel(level)
 
 
+def constants_as_tensors(model: onnx.ModelProto) -> int:
+    """Rewrite Constant nodes given by value_float(s)/value_int(s) as a `value` tensor, in place.
+
+    onnxruntime's symbolic shape inference (inside quant_pre_process) reads only
+    the `value` attribute; torch's dynamo exporter without optimisation writes
+    shape constants as value_ints. Returns how many nodes were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    kinds = {"value_float": np.float32, "value_floats": np.float32,
+             "value_int": np.int64, "value_ints": np.int64}
+    done = 0
+    for g in _graphs(model.graph):
+        for node in g.node:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            attr = [a for a in node.attribute if a.name in kinds]
+            if not attr:
+                continue
+            a = attr[0]
+            arr = np.asarray(helper.get_attribute_value(a), dtype=kinds[a.name])
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
+            done += 1
+    return done
+
+
+def fold_constant_subgraphs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Fold nodes whose inputs are all constant (onnxscript's constant folder).
+
+    Unoptimised exports (torch dynamo with optimize=False) compute e.g. a zero
+    conv bias as Expand(Cast(scalar)); onnxruntime's QOperator quantizer then
+    fails on a bias that is not an initializer. Folding touches no node with a
+    runtime input, so BatchNormalization and the marked weights stay as they are.
+    """
+    import onnx_ir as ir
+    from onnxscript.optimizer import fold_constants
+
+    before = sum(1 for _ in _graphs(model.graph) for _n in _.node)
+    irm = ir.from_proto(model)
+    fold_constants(irm)
+    ir.passes.common.RemoveUnusedNodesPass()(irm)
+    out = ir.to_proto(irm)
+    out.ir_version = min(out.ir_version, model.ir_version)
+    after = sum(1 for _ in _graphs(out.graph) for _n in _.node)
+    return out, max(0, before - after)
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _graphs(sub)
+
+
 def preprocess(model: onnx.ModelProto, keep_batchnorm: bool = True) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` ready for quantization, and what was done to it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     m = copy_model(model)
     notes = []
+    m, n_folded = fold_constant_subgraphs(m)
+    if n_folded:
+        notes.append(f"folded {n_folded} constant-only nodes (onnxscript fold_constants; BatchNorm untouched)")
+    n_const = constants_as_tensors(m)
+    if n_const:
+        notes.append(f"rewrote {n_const} Constant nodes (value_int(s)/value_float(s)) as tensors for shape inference")
     if len(m.graph.value_info):
         notes.append(f"dropped {len(m.graph.value_info)} graph.value_info entries before shape inference")
         del m.graph.value_info[:]
@@ -80,7 +146,15 @@ def preprocess(model: onnx.ModelProto, keep_batchnorm: bool = True) -> tuple[onn
         try:
             quant_pre_process(str(src), str(dst), skip_optimization=keep_batchnorm)
         except Exception as e:
-            raise AuditError(f"quant_pre_process failed: {type(e).__name__}: {e}") from None
+            # Unoptimised dynamo graphs (Shape of weights, symbolic Reshape chains) defeat
+            # onnxruntime's symbolic shape inference; its own switch falls back to ONNX's.
+            try:
+                quant_pre_process(str(src), str(dst), skip_optimization=keep_batchnorm,
+                                  skip_symbolic_shape=True)
+            except Exception as e2:
+                raise AuditError(f"quant_pre_process failed: {type(e2).__name__}: {e2}") from None
+            notes.append(f"symbolic shape inference failed ({type(e).__name__}: {e}); "
+                         f"used ONNX shape inference (skip_symbolic_shape=True)")
         out = load(dst)
     n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
     if keep_batchnorm:

@@ -40,15 +40,42 @@ def int8_roundtrip(w: np.ndarray, axis: int | None = None) -> np.ndarray:
     return (q * scale).astype(np.float32), scale
 
 
+# Layout-only ops through which exporters build W/R from the parameters
+# (torch's dynamo exporter: Slice/Concat/Unsqueeze of weight_ih_l0 / weight_hh_l0).
+_LAYOUT_OPS = frozenset({"Slice", "Concat", "Transpose", "Reshape", "Unsqueeze", "Squeeze",
+                         "Gather", "Split", "Identity", "Cast"})
+
+
+def _source_initializers(name: str, inits: set[str], producer: dict, seen: set) -> list[str]:
+    """Float initializers (ndim >= 2) a constant W/R tensor is built from."""
+    if name in seen:
+        return []
+    seen.add(name)
+    if name in inits:
+        return [name]
+    node = producer.get(name)
+    if node is None or node.op_type not in _LAYOUT_OPS:
+        return []
+    out = []
+    # data inputs only: Slice/Gather/Reshape index inputs are small int tensors
+    data = node.input if node.op_type in ("Concat",) else node.input[:1]
+    for i in data:
+        out += _source_initializers(i, inits, producer, seen)
+    return out
+
+
 def rnn_weight_names(model: onnx.ModelProto, ops=RNN_OPS) -> list[str]:
-    """Initializer names of the W (input 1) and R (input 2) of every node of type ``ops``."""
+    """Initializers behind the W (input 1) and R (input 2) of every node of type ``ops``:
+    the W/R initializers themselves, or those they are sliced/concatenated from."""
     inits = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
     names = []
     for n in model.graph.node:
         if n.op_type in ops:
             for name in list(n.input[1:3]):
-                if name in inits and name not in names:
-                    names.append(name)
+                for src in _source_initializers(name, inits, producer, set()):
+                    if src not in names:
+                        names.append(src)
     return names
 
 
