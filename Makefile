@@ -9,7 +9,7 @@ FIX := $(BUILD)/fixtures
 export WMAUDIT_DATA := $(abspath $(DATA))
 export WMAUDIT_FIXTURES := $(abspath $(FIX))
 
-.PHONY: env data fixtures demo test test-all bench report gate clean
+.PHONY: env data fixtures demo test test-all bench report gate browser clean
 
 # torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
 $(VENV)/.stamp: pyproject.toml
@@ -32,7 +32,13 @@ fixtures: env data
 demo: env data
 	$(PY) -m exporters.demo --out $(BUILD)/demo
 
-test: env fixtures
+# Debian's chromium renders the HTML report in the report tests (skipped without it).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
+	  echo "note: chromium not installed; the headless-browser report test will be skipped"; }
+
+test: env fixtures browser
 	$(PY) -m pytest -q tests
 
 test-all: env fixtures
@@ -40,6 +46,14 @@ test-all: env fixtures
 
 bench: env fixtures
 	$(PY) bench/run.py --out $(BUILD)/bench
+
+# Robustness grid on the marked SmallCNN fixture -> build/report/report.html
+report: env fixtures
+	bash scripts/make_report.sh $(PY) $(BUILD)/report
+
+# The example release policy on the marked SmallCNN -> build/gate/{gate.json,junit.xml,gate.html}
+gate: env fixtures
+	bash scripts/make_gate.sh $(PY) $(BUILD)/gate
 
 clean:
 	rm -rf $(BUILD)

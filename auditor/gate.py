@@ -123,7 +123,8 @@ def judge_any_mark(attack_id: str, marks: list[dict[str, Any]], thresholds: dict
 def judge_accuracy(attack_id: str, backend: str, acc: float, ref: float, n: int,
                    thresholds: dict[str, float]) -> Requirement:
     """Accuracy drop in percentage points against the unattacked model on the same backend."""
-    drop = 100.0 * (ref - acc)
+    # accuracies are counts over n samples: round away float noise (0.797 - 0.777 = 0.02000000000000001)
+    drop = round(100.0 * (ref - acc), 9)
     req = Requirement(id=f"{attack_id}/{backend}/accuracy", attack=attack_id, evidence="accuracy",
                       backend=backend,
                       measured={"accuracy": acc, "reference_accuracy": ref, "accuracy_drop": drop, "samples": n},

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 OUT=${2:-build/gate}
-FIXTURE=${WMAUDIT_GATE_FIXTURE:-attacks-tinycnn-marked}
+FIXTURE=${WMAUDIT_GATE_FIXTURE:-cnn-small-mean}
 POLICY=${WMAUDIT_GATE_POLICY:-examples/release-policy.toml}
 DIR=$("$PY" -c "from fixtures.build import ensure; print(ensure('$FIXTURE'))")
 mkdir -p "$OUT"
