@@ -176,7 +176,8 @@ def measure(path: str | os.PathLike, key, manifest: dict | None, heldout, thread
     for mk in res.marks:
         marks.append({"id": mk.id, "n_bits": mk.n_bits, "matches": mk.matches, "ber": mk.ber,
                       "p_value": mk.p_value, "log10_p": mk.log10_p, "margin_min": mk.margin_min,
-                      "margin_median": mk.margin_median, "verdict": mk.verdict,
+                      "margin_median": mk.margin_median, "signed_margin_min": mk.signed_margin_min,
+                      "signed_margins": mk.signed_margins, "verdict": mk.verdict,
                       "weight": mk.location.weight if mk.location else None,
                       "quant": mk.location.quant if mk.location else None})
     out = {"verdict": res.verdict, "p_value": res.p_value, "marks": marks}

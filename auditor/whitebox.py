@@ -67,6 +67,7 @@ class MarkResult:
     margin_median: float
     margin_mean: float
     signed_margin_min: float
+    signed_margins: list[float]   # (2b_i - 1) x_i.w per key bit: negative = wrong bit
     wrong_bits: int
     bits: str
     location: Location | None
@@ -120,7 +121,7 @@ def score(mark: WhiteboxMark, y: np.ndarray, alpha: float, m: int = 1) -> dict[s
         log10_p=stats.log10_binom_tail_half(T, k),
         p_corrected=p_corr, alpha=alpha, verdict=dec.verdict, reason=dec.reason,
         margin_min=float(absy.min()), margin_median=float(np.median(absy)), margin_mean=float(absy.mean()),
-        signed_margin_min=float(signed.min()), wrong_bits=T - k,
+        signed_margin_min=float(signed.min()), signed_margins=[float(v) for v in signed], wrong_bits=T - k,
         bits="".join("1" if b else "0" for b in bits))
 
 
@@ -274,7 +275,7 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
                           verdict=dec.verdict if dec.verdict == stats.INSUFFICIENT else stats.NOT_DETECTED,
                           reason=f"no tensor with torch shape {list(mark.shape)} in the model",
                           margin_min=0.0, margin_median=0.0, margin_mean=0.0, signed_margin_min=0.0,
-                          wrong_bits=T, bits="", location=None)
+                          signed_margins=[], wrong_bits=T, bits="", location=None)
     # identical tensors seen through several names (e.g. an initializer and the
     # W built from it by Slice/Concat) are one candidate, not several.
     distinct: dict[str, Any] = {}
