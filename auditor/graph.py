@@ -175,6 +175,11 @@ def _read_exact(path: Path, offset: int, nbytes: int, name: str) -> np.ndarray:
     """Read nbytes at offset into a fresh uint8 buffer (no mmap kept open)."""
     buf = np.empty(nbytes, dtype=np.uint8)
     with open(path, "rb", buffering=0) as f:
+        if nbytes >= (8 << 20) and hasattr(os, "posix_fadvise"):
+            try:  # ask the kernel to read the whole range ahead: faster on a cold cache
+                os.posix_fadvise(f.fileno(), offset, nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
         f.seek(offset)
         view = memoryview(buf)
         got = 0

@@ -509,7 +509,8 @@ class WeightStore:
                 elif c.tensor is not None and len(c.tensor.dims) == 0:
                     continue  # 0-d float constants are arithmetic, not weights
                 label, name, stored_dtype = None, key, self._dtype(key)
-                fn = (lambda key=key: self._value(key).astype(np.float32))
+                # a folded value is cached: hand out a copy; a stored tensor is read fresh each time
+                fn = (lambda key=key, cached=c.node is not None: self._value(key).astype(np.float32, copy=cached))
                 shape = self._shape(key)
             taken.add(name)
             self._recipes[name] = fn
