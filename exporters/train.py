@@ -149,7 +149,7 @@ def train_char(model: nn.Module, corpus: CharCorpus, *, steps: int = 300, seq_le
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
-        losses.append(float(task))
+        losses.append(float(task.detach()))
     tail = losses[-max(1, len(losses) // 10):]
     out = {"task_loss": sum(tail) / len(tail), "steps": steps, "train_seconds": round(time.perf_counter() - t0, 2),
            "perplexity": perplexity(model, corpus, seq_len=seq_len)}

@@ -68,6 +68,8 @@ class UchidaRegularizer:
     specs: list[MarkSpec]
     strength: float = 0.1
     _X: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _b: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _p: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         params = dict(self.model.named_parameters())
@@ -80,17 +82,15 @@ class UchidaRegularizer:
             if X.shape != (s.bits.size, n):
                 raise ValueError(f"mark {s.id}: projection is {X.shape}, expected {(s.bits.size, n)}")
             self._X[s.id] = torch.from_numpy(X.astype(np.float32))
-
-    def _projections(self) -> dict[str, torch.Tensor]:
-        params = dict(self.model.named_parameters())
-        return {s.id: self._X[s.id] @ reduce_torch(params[s.param], s.reduce) for s in self.specs}
+            self._b[s.id] = torch.from_numpy(s.bits.astype(np.float32))
+            self._p[s.id] = params[s.param]
 
     def loss(self) -> torch.Tensor:
         """strength * sum over marks of mean BCE(sigmoid(X w), b)."""
         total = torch.zeros(())
         for s in self.specs:
-            z = self._X[s.id] @ reduce_torch(dict(self.model.named_parameters())[s.param], s.reduce)
-            total = total + F.binary_cross_entropy_with_logits(z, torch.from_numpy(s.bits).float())
+            z = self._X[s.id] @ reduce_torch(self._p[s.id], s.reduce)
+            total = total + F.binary_cross_entropy_with_logits(z, self._b[s.id])
         return self.strength * total
 
     @torch.no_grad()
