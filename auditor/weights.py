@@ -14,6 +14,7 @@ that one tensor (and of its scale / zero point) and nothing else.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -145,6 +146,15 @@ def _dequantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
         feeds["z"] = np.asarray(zero_point).astype(x.dtype) if np.asarray(zero_point).dtype != x.dtype else np.asarray(zero_point)
     (y,) = ReferenceEvaluator(node).run(None, feeds)
     return np.asarray(y, dtype=np.float32)
+
+
+def _float_name(stored: str) -> str:
+    """onnxruntime's name for the float tensor a quantized one replaced
+    (`W_quantized` from the int8 quantizers, `W_Q4` from MatMulNBits)."""
+    if stored.endswith("_quantized"):
+        return stored[: -len("_quantized")]
+    m = re.match(r"^(.+)_Q\d+$", stored)
+    return m.group(1) if m else stored
 
 
 def _quant_label(scale_shape: tuple[int, ...], axis: int) -> str:
@@ -489,7 +499,7 @@ class WeightStore:
                 continue
             if key in quant:
                 label, fn, shape, uses = quant[key]
-                name = key[: -len("_quantized")] if key.endswith("_quantized") else key
+                name = _float_name(key)
                 # onnxruntime may name the DequantizeLinear output after the float tensor it replaces.
                 own_output = name in dq_outputs and self._consts[name].inputs[:1] == (key,)
                 if name != key and not own_output and (name in self._consts or name in self._producer or name in taken):

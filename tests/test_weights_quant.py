@@ -193,3 +193,41 @@ def test_batchnorm_after_quantized_conv_is_still_seen(models, form):
     np.testing.assert_array_equal(bn["var"], net.bn.running_var.numpy())
     # gamma may itself be stored quantized (QDQ): equal within half a step
     np.testing.assert_allclose(bn["gamma"], net.bn.weight.detach().numpy(), atol=0.5 * float(np.max(np.abs(bn["gamma"]))) / 127 + 1e-7)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("K", [96, 80])  # 80: the last 32-block is padded
+def test_matmulnbits_4bit_equals_onnxruntime(tmp_path, symmetric, K):
+    """MatMulNBits (4-bit, blockwise): fed the identity matrix, onnxruntime's own kernel
+    returns the dequantized weight; ours must equal it."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(K)
+    N = 40
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "fc.weight"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+                          [numpy_helper.from_array(w, "fc.weight")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    q = MatMulNBitsQuantizer(m, block_size=32, is_symmetric=symmetric)
+    q.process()
+    p = tmp_path / "nbits.onnx"
+    onnx.save(q.model.model, str(p))
+    assert [n.op_type for n in q.model.model.graph.node] == ["MatMulNBits"]
+    store = WeightStore.open(p)
+    assert len(store.weights) == 1
+    wt = store.weights[0]
+    assert wt.name == "fc.weight" and wt.quant == "MatMulNBits" and wt.shape == (K, N)
+    got = store.array("fc.weight")
+    ref = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": np.eye(K, dtype=np.float32)})[0]
+    assert np.array_equal(got, ref)
+    scales = numpy_helper.to_array(next(t for t in q.model.model.graph.initializer if t.name.endswith("_scales")))
+    # per block: within one step |scale| of the float weight (symmetric 4-bit scales may be negative)
+    step = np.repeat(np.abs(scales).reshape(N, -1), 32, axis=1)[:, :K].T
+    assert np.all(np.abs(got - w) <= step * (1 + 1e-5) + 1e-7)
+    # and it reads as torch Linear weight [N, K] through the transpose view
+    v = next(v for v in torch_views(store) if v.transform == "transpose")
+    assert v.kind == "linear" and v.shape == (N, K)
