@@ -174,3 +174,37 @@ def test_export_leaves_no_partial_files_on_failure(tiny_cnn, fashion_small, tmp_
         export.export_marked(model, tmp_path, xt[:2], [torch.zeros(3, 1, 27, 27)],
                              key=wm.make_key(model, [spec]), exporter="legacy")
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_external_data_only_when_asked(tmp_path, exporter):
+    train.seeded(0)
+    model = models.SeqRNN("gru", 16, 32, 1)
+    spec = wm.MarkSpec("rnn.weight_hh_l0", wm.random_bits(32, 1), "flatten", seed=2)
+    x, _ = data.sine_windows(data.sine_signal(), 8, 16)
+    res = export.export_marked(model, tmp_path, x[:2], [x[:5]], key=wm.make_key(model, [spec]), exporter=exporter,
+                               dynamic_axes={0: "batch", 1: "time"}, external_data=True)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.onnx" in files and any(f.startswith("model.onnx") and f != "model.onnx" for f in files)
+    assert res.manifest["exporter"]["external_data"] is True
+    m = onnx.load(str(res.onnx_path), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+    entry = res.manifest["params"]["rnn.weight_hh_l0"]
+    from auditor import layout
+    from auditor.weights import WeightStore
+    w = layout.apply_transform(WeightStore.open(res.onnx_path).array(entry["onnx"]), entry["transform"])
+    assert np.array_equal(w, model.rnn.weight_hh_l0.detach().numpy())
+
+
+@pytest.mark.slow
+def test_large_cnn_exports_with_mark_located(tmp_path):
+    train.seeded(0)
+    model = models.LargeCNN()
+    assert 32_000_000 < models.n_params(model) < 34_000_000
+    assert model.features.conv2.weight.numel() == 36_864
+    xt, _ = data.fashion("test", n=16, seed=0)
+    spec = wm.MarkSpec(TARGET, wm.random_bits(256, 1), "mean", seed=2)
+    res = export.export_marked(model, tmp_path, xt[:2], [xt[:8]], key=wm.make_key(model, [spec]),
+                               dynamic_axes={0: "batch"})
+    assert res.manifest["params"][TARGET]["batchnorm_kept"] is True
+    assert res.manifest["validation"]["max_abs_diff"] < 1e-4
