@@ -278,6 +278,18 @@ class WeightStore:
                     self._outputs[nname] = [key]
                     scope[node.output[0]] = key
                     continue
+            if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and scope.get(node.input[0]) not in self._consts:
+                static = self._static_shape(node)
+                if static is not None:
+                    # dynamo computes Slice bounds for RNN gates from Shape(zeros)[2:3]: the hidden
+                    # size is static even when the batch size is not, so the bounds are constants.
+                    key = self._unique(node.output[0], owner)
+                    t = helper.make_tensor(node.output[0], onnx.TensorProto.INT64, [len(static)], list(static))
+                    self._consts[key] = _Const(key, "folded:Shape", tensor=t, owner=owner)
+                    self._producer[key] = nname
+                    self._outputs[nname] = [key]
+                    scope[node.output[0]] = key
+                    continue
             foldable = (
                 node.op_type not in _NOT_FOLDABLE and node.domain in ("", "ai.onnx")
                 and not _has_subgraph(node)
@@ -302,6 +314,16 @@ class WeightStore:
                 for g in subs:
                     # Names the body reads from outer scope count as uses by the owner node.
                     self._scan(g, scope, nname)
+
+    def _static_shape(self, node: onnx.NodeProto) -> tuple[int, ...] | None:
+        """The value of Shape(x)[start:end] when shape inference knows those dims statically."""
+        known = self._inferred.get(node.input[0])
+        if known is None or known[1] is None:
+            return None
+        dims = known[1]
+        start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
+        sel = dims[start:] if end is None else dims[start:int(end)]
+        return None if any(d is None for d in sel) else tuple(sel)
 
     def _value(self, key: str) -> np.ndarray:
         """Stored-dtype value of a constant (folded ones computed with onnx.reference and cached)."""
@@ -349,9 +371,14 @@ class WeightStore:
                 if not tt.elem_type:
                     continue
                 shape = None
-                if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-                    shape = tuple(int(d.dim_value) for d in tt.shape.dim)
+                if tt.HasField("shape"):  # None marks a symbolic / unknown dimension
+                    shape = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
                 out.setdefault(vi.name, (tt.elem_type, shape))
+            for vi in g.input:
+                tt = vi.type.tensor_type
+                if tt.elem_type and tt.HasField("shape"):
+                    out.setdefault(vi.name, (tt.elem_type, tuple(int(d.dim_value) if d.HasField("dim_value") else None
+                                                                 for d in tt.shape.dim)))
         return out
 
     def _shape(self, key: str) -> tuple[int, ...]:
@@ -359,7 +386,7 @@ class WeightStore:
         if c.tensor is not None:
             return tensor_shape(c.tensor)
         known = self._inferred.get(key)
-        if known is not None and known[1] is not None:
+        if known is not None and known[1] is not None and None not in known[1]:
             return known[1]
         return tuple(int(d) for d in self._value(key).shape)
 

@@ -86,3 +86,23 @@ def test_wrong_gate_order_would_not_match(exported):
     w = next(w for w in store.weights if any(u[0] == "LSTM" and u[2] == 1 for u in w.uses))
     raw = store.array(w.name)[0]
     assert not np.array_equal(raw, model.rnn.weight_ih_l0.detach().numpy())
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_dynamic_batch_dynamo_export(tmp_path, kind):
+    """With a dynamic batch, dynamo takes the gate Slice bounds from Shape(zeros)[2:3]:
+    the hidden size is static, so W/R are still constant and read through the node."""
+    torch.manual_seed(5)
+    m = Seq(kind, True).eval()
+    p = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, SEQ, IN),), str(p), dynamo=True, optimize=False, verbose=False,
+                          input_names=["x"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    store = WeightStore.open(p)
+    views = {v.transform: v for v in torch_views(store) if v.transform.startswith("rnn:")}
+    for d, suffix in ((0, "_l0"), (1, "_l0_reverse")):
+        for tag, pname in (("W", "weight_ih"), ("R", "weight_hh")):
+            v = views[f"rnn:{kind}:{tag}:dir={d}"]
+            assert v.weight.location.startswith("folded:")
+            assert np.array_equal(v.array(), getattr(m.rnn, pname + suffix).detach().numpy())
