@@ -34,6 +34,9 @@ _CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
 _MATMUL_OPS = {"MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1}
 _GEMM_OPS = {"Gemm": 1, "QGemm": 3}
 _RNN_OPS = {"LSTM", "GRU", "RNN"}
+_LAYER_KIND = {**{op: "conv" for op in _CONV_OPS}, "ConvTranspose": "conv_transpose",
+               **{op: "linear" for op in _MATMUL_OPS}, **{op: "linear" for op in _GEMM_OPS},
+               **{op: "rnn" for op in _RNN_OPS}, "DynamicQuantizeLSTM": "rnn"}
 
 
 @dataclass
@@ -129,6 +132,13 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
             for d in range(shape[0]):
                 add(f"DynamicQuantizeLSTM:{tag}:dir={d}", "rnn", d, (shape[2], shape[1]))
     first = [k for t, k in kinds if t == "identity"]
+    if not first and not any(op in _LAYER_KIND for op, _, _ in w.uses):
+        # A torch-named source that reaches its layer only through constant folding
+        # (dynamo: weight_ih_l0 -> Slice/Concat -> LSTM, fc.weight -> Transpose -> MatMul)
+        # is the torch parameter itself: its identity view takes the layer's kind.
+        k = _downstream_kind(store, w)
+        if k is not None:
+            first = [k]
     add("identity", first[0] if first else "tensor", None, shape)
     for t, k in kinds:
         if t == "transpose":
@@ -138,6 +148,27 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
     # identity first, then transpose, then per-direction RNN views
     order = sorted(views.values(), key=lambda v: (v.transform != "identity", v.transform != "transpose", v.transform))
     return order
+
+
+def _downstream_kind(store: WeightStore, w: Weight) -> str | None:
+    """Kind of the layer a weight feeds through folded constants only, if exactly one kind."""
+    layer_kind = _LAYER_KIND
+    found: set[str] = set()
+    frontier, seen = [w.stored_name], set()
+    while frontier and len(seen) < 256:
+        t = frontier.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for node, name, _ in store.consumers(t):
+            if node.op_type in layer_kind:
+                found.add(layer_kind[node.op_type])
+                continue
+            outs = [store._output_key(name, i) for i in range(len(node.output))]
+            outs = [o for o in outs if o]
+            if outs and all(store.is_constant(o) for o in outs):
+                frontier.extend(outs)
+    return found.pop() if len(found) == 1 else None
 
 
 def torch_views(store: WeightStore) -> list[TorchView]:

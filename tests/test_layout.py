@@ -126,6 +126,9 @@ def test_conv_bn_kept_and_linear_3d(convbn, exporter):
     # Linear on 3-D input: MatMul with a transposed weight, found as a `transpose` linear view
     fc = [v for v in views if v.kind == "linear" and v.transform == "transpose"]
     assert len(fc) == 1 and np.array_equal(fc[0].array(), m.fc.weight.detach().numpy())
+    if exporter == "dynamo":  # fc.weight -> Transpose -> MatMul: the named source is the Linear weight
+        named = next(v for v in views if v.weight.name == "fc.weight" and v.transform == "identity")
+        assert named.kind == "linear" and np.array_equal(named.array(), m.fc.weight.detach().numpy())
 
 
 def test_conv_bn_folded_by_optimizer(convbn):

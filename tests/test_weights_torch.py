@@ -77,6 +77,9 @@ def test_rnn_parameters_found_bit_exactly(exported, kind, bi, exporter):
         names = {w.name: w for w in store.weights}
         assert "rnn.weight_ih_l0" in names and np.array_equal(store.array("rnn.weight_ih_l0"), model.rnn.weight_ih_l0.detach().numpy())
         assert any(w.location.startswith("folded:") and any(u[0] == kind for u in w.uses) for w in store.weights)
+        # the torch-named source reaches the RNN node only through folding: its identity view is an RNN weight
+        ident = next(v for v in views if v.weight.name == "rnn.weight_ih_l0" and v.transform == "identity")
+        assert ident.kind == "rnn"
 
 
 def test_wrong_gate_order_would_not_match(exported):
