@@ -168,6 +168,7 @@ class WeightStore:
     def __init__(self, model: onnx.ModelProto, base_dir: str | os.PathLike | None = None):
         self.model = model
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else None
+        self.path: Path | None = None  # set by open()
         self._consts: dict[str, _Const] = {}
         self._uses: dict[str, list[tuple[str, str, int]]] = {}
         self._nodes: dict[str, onnx.NodeProto] = {}
@@ -446,77 +447,80 @@ class WeightStore:
             aux.update(k for k in aux_keys if k)
 
         for nname, node in self._nodes.items():
-            op, dom = node.op_type, node.domain
-            ck = lambda i: self._const_key(nname, i)  # noqa: E731
-            if op == "DequantizeLinear" and dom in ("", "ai.onnx", _MS):
-                x, s, z = ck(0), ck(1), ck(2)
-                if x is None or s is None:
-                    continue
-                axis = int(_attr(node, "axis", 1))
-                block = int(_attr(node, "block_size", 0) or 0)
-                shape = self._shape(x)
-                if shape and axis < 0:
-                    axis += len(shape)
-                out = self._output_key(nname)
-                uses = [(self._nodes[n].op_type, n, j) for n, j in self._consumers.get(out, [])] if out else []
-                label = _quant_label(self._shape(s), axis)
-                if block:
-                    label = f"qdq-blocked(axis={axis},block={block})"
-                fn = (lambda x=x, s=s, z=z, axis=axis, block=block:
-                      _dequantize(self._value(x), self._value(s), self._value(z) if z else None, axis, block))
-                add(x, label, fn, shape, uses, [s, z])
-                if out:
-                    dq_outputs.add(out)
-            elif op == "QLinearConv":
-                w, s, z = ck(3), ck(4), ck(5)
-                if w is None or s is None:
-                    continue
-                fn = lambda w=w, s=s, z=z: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, 0)  # noqa: E731
-                add(w, "QLinearConv", fn, self._shape(w), [(op, nname, 3)], [s, z, ck(1), ck(2), ck(6), ck(7)])
-                b, xs = ck(8), ck(1)
-                if b is not None and xs is not None:
-                    fn_b = lambda b=b, xs=xs, s=s: (self._value(b).astype(np.float64) * (self._value(xs).astype(np.float64) * self._value(s).astype(np.float64))).astype(np.float32)  # noqa: E731
-                    add(b, "QLinearConv", fn_b, self._shape(b), [(op, nname, 8)], [])
-            elif op == "QLinearMatMul" or (op == "QGemm" and dom == _MS):
-                wi, si, zi = 3, 4, 5
-                w, s, z = ck(wi), ck(si), ck(zi)
-                if w is None or s is None:
-                    continue
-                shape = self._shape(w)
-                # Per-column scales run along N: axis 1 of B [K,N], axis 0 of B^T [N,K].
-                axis = 0 if (op == "QGemm" and int(_attr(node, "transB", 0))) else len(shape) - 1
-                fn = lambda w=w, s=s, z=z, axis=axis: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, axis)  # noqa: E731
-                extra = [ck(1), ck(2)] + ([ck(6), ck(7)] if op == "QLinearMatMul" else [ck(7), ck(8)])
-                add(w, op, fn, shape, [(op, nname, wi)], [s, z] + extra)
-                if op == "QGemm":
-                    c, xs = ck(6), ck(1)
-                    if c is not None and xs is not None:
-                        fn_c = lambda c=c, xs=xs, s=s: (self._value(c).astype(np.float64) * (self._value(xs).astype(np.float64) * self._value(s).astype(np.float64))).astype(np.float32)  # noqa: E731
-                        add(c, "QGemm", fn_c, self._shape(c), [(op, nname, 6)], [])
-            elif op in ("ConvInteger", "MatMulInteger"):
-                w, z = ck(1), ck(3)
-                if w is None:
-                    continue
-                s = self._trace_integer_scale(nname, w)
-                shape = self._shape(w)
-                axis = 0 if op == "ConvInteger" else len(shape) - 1
-                fn = lambda w=w, s=s, z=z, axis=axis: self._dequantize_integer(w, s, z, axis)  # noqa: E731
-                add(w, op, fn, shape, [(op, nname, 1)], [s, z, ck(2)])
-            elif op == "DynamicQuantizeLSTM" and dom == _MS:
-                for wi, si, zi, tag in ((1, 8, 9, "W"), (2, 10, 11, "R")):
+            try:
+                op, dom = node.op_type, node.domain
+                ck = lambda i: self._const_key(nname, i)  # noqa: E731
+                if op == "DequantizeLinear" and dom in ("", "ai.onnx", _MS):
+                    x, s, z = ck(0), ck(1), ck(2)
+                    if x is None or s is None:
+                        continue
+                    axis = int(_attr(node, "axis", 1))
+                    block = int(_attr(node, "block_size", 0) or 0)
+                    shape = self._shape(x)
+                    if shape and axis < 0:
+                        axis += len(shape)
+                    out = self._output_key(nname)
+                    uses = [(self._nodes[n].op_type, n, j) for n, j in self._consumers.get(out, [])] if out else []
+                    label = _quant_label(self._shape(s), axis)
+                    if block:
+                        label = f"qdq-blocked(axis={axis},block={block})"
+                    fn = (lambda x=x, s=s, z=z, axis=axis, block=block:
+                          _dequantize(self._value(x), self._value(s), self._value(z) if z else None, axis, block))
+                    add(x, label, fn, shape, uses, [s, z])
+                    if out:
+                        dq_outputs.add(out)
+                elif op == "QLinearConv":
+                    w, s, z = ck(3), ck(4), ck(5)
+                    if w is None or s is None:
+                        continue
+                    fn = lambda w=w, s=s, z=z: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, 0)  # noqa: E731
+                    add(w, "QLinearConv", fn, self._shape(w), [(op, nname, 3)], [s, z, ck(1), ck(2), ck(6), ck(7)])
+                    b, xs = ck(8), ck(1)
+                    if b is not None and xs is not None:
+                        fn_b = lambda b=b, xs=xs, s=s: (self._value(b).astype(np.float64) * (self._value(xs).astype(np.float64) * self._value(s).astype(np.float64))).astype(np.float32)  # noqa: E731
+                        add(b, "QLinearConv", fn_b, self._shape(b), [(op, nname, 8)], [])
+                elif op == "QLinearMatMul" or (op == "QGemm" and dom == _MS):
+                    wi, si, zi = 3, 4, 5
                     w, s, z = ck(wi), ck(si), ck(zi)
                     if w is None or s is None:
                         continue
-                    fn = lambda w=w, s=s, z=z: self._dequantize_lstm(w, s, z)  # noqa: E731
-                    add(w, "DynamicQuantizeLSTM", fn, self._shape(w), [(op, nname, wi)], [s, z])
-            elif op == "MatMulNBits" and dom == _MS:
-                b, s = ck(1), ck(2)
-                if b is None or s is None:
-                    continue
-                z = ck(3)
-                K, N = int(_attr(node, "K")), int(_attr(node, "N"))
-                fn = lambda nname=nname, b=b, s=s, z=z: self._dequantize_nbits(nname, b, s, z)  # noqa: E731
-                add(b, "MatMulNBits", fn, (K, N), [(op, nname, 1)], [s, z, ck(4)])
+                    shape = self._shape(w)
+                    # Per-column scales run along N: axis 1 of B [K,N], axis 0 of B^T [N,K].
+                    axis = 0 if (op == "QGemm" and int(_attr(node, "transB", 0))) else len(shape) - 1
+                    fn = lambda w=w, s=s, z=z, axis=axis: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, axis)  # noqa: E731
+                    extra = [ck(1), ck(2)] + ([ck(6), ck(7)] if op == "QLinearMatMul" else [ck(7), ck(8)])
+                    add(w, op, fn, shape, [(op, nname, wi)], [s, z] + extra)
+                    if op == "QGemm":
+                        c, xs = ck(6), ck(1)
+                        if c is not None and xs is not None:
+                            fn_c = lambda c=c, xs=xs, s=s: (self._value(c).astype(np.float64) * (self._value(xs).astype(np.float64) * self._value(s).astype(np.float64))).astype(np.float32)  # noqa: E731
+                            add(c, "QGemm", fn_c, self._shape(c), [(op, nname, 6)], [])
+                elif op in ("ConvInteger", "MatMulInteger"):
+                    w, z = ck(1), ck(3)
+                    if w is None:
+                        continue
+                    s = self._trace_integer_scale(nname, w)
+                    shape = self._shape(w)
+                    axis = 0 if op == "ConvInteger" else len(shape) - 1
+                    fn = lambda w=w, s=s, z=z, axis=axis: self._dequantize_integer(w, s, z, axis)  # noqa: E731
+                    add(w, op, fn, shape, [(op, nname, 1)], [s, z, ck(2)])
+                elif op == "DynamicQuantizeLSTM" and dom == _MS:
+                    for wi, si, zi, tag in ((1, 8, 9, "W"), (2, 10, 11, "R")):
+                        w, s, z = ck(wi), ck(si), ck(zi)
+                        if w is None or s is None:
+                            continue
+                        fn = lambda w=w, s=s, z=z: self._dequantize_lstm(w, s, z)  # noqa: E731
+                        add(w, "DynamicQuantizeLSTM", fn, self._shape(w), [(op, nname, wi)], [s, z])
+                elif op == "MatMulNBits" and dom == _MS:
+                    b, s = ck(1), ck(2)
+                    if b is None or s is None:
+                        continue
+                    z = ck(3)
+                    K, N = int(_attr(node, "K")), int(_attr(node, "N"))
+                    fn = lambda nname=nname, b=b, s=s, z=z: self._dequantize_nbits(nname, b, s, z)  # noqa: E731
+                    add(b, "MatMulNBits", fn, (K, N), [(op, nname, 1)], [s, z, ck(4)])
+            except AuditError:
+                continue  # a quantized form whose constants cannot be evaluated stays unlisted
 
         self._quantized_keys = set(quant)
         weights: list[Weight] = []
@@ -533,7 +537,7 @@ class WeightStore:
                     name = key
                 stored_dtype = self._dtype(key)
             else:
-                if key in dq_outputs or not self._is_float(key):
+                if key in dq_outputs:
                     continue
                 uses = [(self._nodes[n].op_type, n, j) for n, j in self._consumers.get(key, [])]
                 if c.node is not None:
@@ -545,10 +549,17 @@ class WeightStore:
                         continue
                 elif c.tensor is not None and len(c.tensor.dims) == 0:
                     continue  # 0-d float constants are arithmetic, not weights
-                label, name, stored_dtype = None, key, self._dtype(key)
+                try:
+                    if not self._is_float(key):
+                        continue
+                    label, name, stored_dtype = None, key, self._dtype(key)
+                    shape = self._shape(key)
+                except AuditError:
+                    if c.node is None:
+                        raise
+                    continue  # a constant the reference evaluator cannot compute is left out, not fatal
                 # a folded value is cached: hand out a copy; a stored tensor is read fresh each time
                 fn = (lambda key=key, cached=c.node is not None: self._value(key).astype(np.float32, copy=cached))
-                shape = self._shape(key)
             taken.add(name)
             self._recipes[name] = fn
             weights.append(Weight(name=name, stored_name=key, shape=tuple(int(d) for d in shape),
