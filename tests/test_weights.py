@@ -275,3 +275,34 @@ def test_opening_does_not_mutate_a_given_model(tmp_path):
     store = WeightStore(m)
     assert np.array_equal(store.array("W"), w)
     assert m.SerializeToString() == before
+
+
+def test_nested_subgraphs_and_unevaluable_constants(tmp_path):
+    """A weight two If levels deep is found; a constant chain the reference evaluator
+    rejects (Reshape to an impossible shape) is left out without failing the store."""
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    inner = helper.make_graph([helper.make_node("Constant", [], ["deep"], value=numpy_helper.from_array(w, "deep"))],
+                              "inner", [], [helper.make_tensor_value_info("deep", TensorProto.FLOAT, [2, 3])])
+    inner_else = helper.make_graph([helper.make_node("Constant", [], ["flat"], value_floats=[1.0] * 6),
+                                    helper.make_node("Reshape", ["flat", "shp"], ["flat2"])],
+                                   "inner_else", [], [helper.make_tensor_value_info("flat2", TensorProto.FLOAT, [2, 3])])
+    outer_then = helper.make_graph([helper.make_node("If", ["c"], ["o"], name="inner_if", then_branch=inner, else_branch=inner_else)],
+                                   "outer_then", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [2, 3])])
+    outer_else = helper.make_graph([helper.make_node("Identity", ["bad"], ["o2"])], "outer_else", [],
+                                   [helper.make_tensor_value_info("o2", TensorProto.FLOAT, None)])
+    a = np.ones((6, 4), np.float32)
+    nodes = [helper.make_node("Reshape", ["A", "bad_shape"], ["bad"], name="bad_reshape"),
+             helper.make_node("If", ["c"], ["y"], name="outer_if", then_branch=outer_then, else_branch=outer_else)]
+    inits = [numpy_helper.from_array(a, "A"), numpy_helper.from_array(np.array([5, 5], np.int64), "bad_shape"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "shp")]
+    m = _model(nodes, inits, [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    p = tmp_path / "nested.onnx"
+    onnx.save(m, p)
+    store = WeightStore.open(p)
+    by = {w.name: w for w in store.weights}
+    assert by["deep"].location == "subgraph:inner_if" and np.array_equal(store.array("deep"), w)
+    assert by["flat"].location == "subgraph:inner_if"
+    # its Reshape is a branch output (no consumer): folded and listed
+    assert by["flat2"].location == "folded:Reshape" and np.array_equal(store.array("flat2"), np.ones((2, 3), np.float32))
+    assert "A" in by and "bad" not in by  # Reshape 24 -> 25 elements cannot be evaluated: left out
