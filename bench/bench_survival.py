@@ -239,14 +239,20 @@ def curve(onnx_path: Path, key: keys.Key, mark_id: str, manifest: dict, rates: l
 
 # ---------------------------------------------------------------- printing
 def table(rows: list[dict]) -> str:
-    head = (f"{'size':5s} {'mark':11s} {'attack':13s} {'BER':>6s} {'log10 p':>8s} {'m.min':>7s} {'m.med':>7s} "
+    head = (f"{'size':5s} {'mark':12s} {'attack':13s} {'BER':>6s} {'log10 p':>8s} {'m.min':>7s} {'m.med':>7s} "
             f"{'s.min':>8s} {'verdict':21s} {'acc b/a':>11s} seed?")
     lines = [head, "-" * len(head)]
     for r in rows:
         c = {True: "yes", False: "NO", None: "n/a"}[r.get("consistent_with_seed")]
-        lines.append(f"{r['size']:5s} {r['mark']:11s} {r['attack']:13s} {r['ber']:6.3f} {r['log10_p']:8.2f} "
+        lines.append(f"{r['size']:5s} {r['mark']:12s} {r['attack']:13s} {r['ber']:6.3f} {r['log10_p']:8.2f} "
                      f"{r['margin_min']:7.4f} {r['margin_median']:7.4f} {r['signed_margin_min']:8.4f} "
                      f"{r['verdict']:21s} {r['accuracy_before']:.3f}/{r['accuracy']:.3f} {c}")
+    lines.append("")
+    lines.append("seed statements (consistent_with_seed: yes / NO / n/a = cannot be judged from this run):")
+    for r in rows:
+        if r["mark"].startswith("marked") and r["attack"] != "none":
+            c = {True: "yes", False: "NO", None: "n/a"}[r.get("consistent_with_seed")]
+            lines.append(f"  {r['size']} {r['mark']} {r['attack']}: {c} -- {r['seed']} [{r['criterion']}]")
     return "\n".join(lines)
 
 
