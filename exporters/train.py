@@ -40,6 +40,15 @@ def _param_groups(model: nn.Module, lr: float, target_lr: dict[str, float] | Non
     return [{"params": rest, "lr": lr}] + [{"params": [named[n]], "lr": v} for n, v in target_lr.items()]
 
 
+def _objective(task: torch.Tensor, reg: UchidaRegularizer | None) -> torch.Tensor:
+    return task + reg.loss() if reg is not None and reg.joint else task
+
+
+def _after_step(reg: UchidaRegularizer | None) -> None:
+    if reg is not None and not reg.joint:
+        reg.decoupled_step()
+
+
 def _reg_metrics(reg: UchidaRegularizer | None) -> dict:
     if reg is None:
         return {}
@@ -76,10 +85,11 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
         for i in range(0, len(y), batch):
             idx = perm[i:i + batch]
             task = F.cross_entropy(model(x[idx]), y[idx])
-            loss = task + reg.loss() if reg is not None else task
+            loss = _objective(task, reg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            _after_step(reg)
             last.append(float(task.detach()))
             steps += 1
             if on_step is not None:
@@ -109,10 +119,11 @@ def train_regression(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
         for i in range(0, len(y), batch):
             idx = perm[i:i + batch]
             task = F.mse_loss(model(x[idx]), y[idx])
-            loss = task + reg.loss() if reg is not None else task
+            loss = _objective(task, reg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            _after_step(reg)
             last.append(float(task.detach()))
             steps += 1
     model.eval()
@@ -144,11 +155,12 @@ def train_char(model: nn.Module, corpus: CharCorpus, *, steps: int = 300, seq_le
     model.train()
     for x, t in corpus.batches("train", seq_len, batch, steps, seed):
         task = F.cross_entropy(model(x).reshape(-1, corpus.vocab_size), t.reshape(-1))
-        loss = task + reg.loss() if reg is not None else task
+        loss = _objective(task, reg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
+        _after_step(reg)
         losses.append(float(task.detach()))
     tail = losses[-max(1, len(losses) // 10):]
     out = {"task_loss": sum(tail) / len(tail), "steps": steps, "train_seconds": round(time.perf_counter() - t0, 2),

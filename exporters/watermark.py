@@ -67,6 +67,8 @@ class UchidaRegularizer:
     model: nn.Module
     specs: list[MarkSpec]
     strength: float = 0.1
+    margin: float | None = None
+    decoupled_lr: float | None = None
     _X: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _b: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _p: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)
@@ -90,8 +92,43 @@ class UchidaRegularizer:
         total = torch.zeros(())
         for s in self.specs:
             z = self._X[s.id] @ reduce_torch(self._p[s.id], s.reduce)
-            total = total + F.binary_cross_entropy_with_logits(z, self._b[s.id])
+            if self.margin is None:
+                total = total + F.binary_cross_entropy_with_logits(z, self._b[s.id])
+            else:
+                # Bits already on the right side by `margin` stop pulling: under Adam a
+                # vanishing-but-nonzero BCE gradient still moves coefficients that get no
+                # task gradient (e.g. one-hot columns of rare characters) by ~lr per step.
+                signed = z * (2 * self._b[s.id] - 1)
+                active = (signed < self.margin).float()
+                bce = F.binary_cross_entropy_with_logits(z, self._b[s.id], reduction="none")
+                total = total + (active * bce).sum() / z.numel()
         return self.strength * total
+
+    @property
+    def joint(self) -> bool:
+        """True when E_R is added to the task loss (Uchida's formulation)."""
+        return self.decoupled_lr is None
+
+    def decoupled_step(self) -> None:
+        """w <- w - decoupled_lr * grad E_R on the marked parameters (plain SGD, after the task step).
+
+        Why: with E_R inside an Adam objective, every coefficient the mark
+        touches moves by about lr per step whatever the size of its gradient,
+        so a dense projection perturbs the whole weight (one-hot kernels of
+        rare characters get no task gradient to hold them). An SGD step on E_R
+        alone makes the smallest change that reaches the bits.
+        """
+        params = list({id(p): p for p in self._p.values()}.values())
+        grads = torch.autograd.grad(self.loss(), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(self.decoupled_lr * g)
+
+    def describe(self) -> dict:
+        """How the mark was embedded (stored in the key next to each mark)."""
+        return {"method": "uchida2017", "loss": "bce" if self.margin is None else f"bce-margin({self.margin:g})",
+                "strength": self.strength,
+                "update": "joint" if self.joint else f"decoupled-sgd(lr={self.decoupled_lr:g})"}
 
     @torch.no_grad()
     def ber(self) -> dict[str, float]:
@@ -107,7 +144,7 @@ class UchidaRegularizer:
 
     def key(self, model_info: dict | None = None, sidecar_dir=None) -> keys.Key:
         """The key file content for the current weights (BN anchors from the trained model)."""
-        return make_key(self.model, self.specs, model_info, sidecar_dir, strength=self.strength)
+        return make_key(self.model, self.specs, model_info, sidecar_dir, embedding=self.describe())
 
 
 def batchnorm_anchors(model: nn.Module, param: str) -> dict | None:
@@ -121,7 +158,7 @@ def batchnorm_anchors(model: nn.Module, param: str) -> dict | None:
 
 
 def make_key(model: nn.Module, specs: list[MarkSpec], model_info: dict | None = None,
-             sidecar_dir=None, strength: float | None = None) -> keys.Key:
+             sidecar_dir=None, strength: float | None = None, embedding: dict | None = None) -> keys.Key:
     """A Key holding ``specs`` (shapes from ``model``), with BN anchors where a BN follows the conv.
 
     Marks with an explicit matrix need ``sidecar_dir`` (the key's folder): the
@@ -132,7 +169,9 @@ def make_key(model: nn.Module, specs: list[MarkSpec], model_info: dict | None = 
     params = dict(model.named_parameters())
     marks = []
     for i, s in enumerate(specs):
-        extra = {"embedding": {"method": "uchida2017", "loss": "bce", "strength": strength}} if strength else {}
+        if embedding is None and strength:
+            embedding = {"method": "uchida2017", "loss": "bce", "strength": strength, "update": "joint"}
+        extra = {"embedding": dict(embedding)} if embedding else {}
         if s.matrix is None:
             m = keys.make_mark(s.param, tuple(params[s.param].shape), s.reduce, s.bits, seed=s.seed,
                                scale=s.scale, id=s.id, batchnorm=batchnorm_anchors(model, s.param), extra=extra)
