@@ -27,16 +27,12 @@ from onnx.reference import ReferenceEvaluator
 from .errors import AuditError
 from .graph import external_info, model_dir, open_model, tensor_array, tensor_shape
 
-__all__ = ["Weight", "WeightStore", "FOLDABLE_OPS", "dtype_name"]
+__all__ = ["Weight", "WeightStore", "dtype_name"]
 
-# Ops named in the contract as building weights from constants; any other
-# deterministic standard op whose inputs are all constant is folded too (dynamo
-# computes Slice bounds with Shape/Mul on constant tensors). Semantics always
-# come from onnx.reference, never re-implemented here.
-FOLDABLE_OPS = frozenset({
-    "Slice", "Concat", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Gather",
-    "Split", "Cast", "Identity", "DequantizeLinear", "Flatten",
-})
+# Any deterministic standard op whose inputs are all constant is folded (the
+# usual Slice/Concat/Transpose/Reshape/Gather/Split/Cast/DequantizeLinear
+# chains, and the Shape/Mul arithmetic dynamo uses for Slice bounds), its
+# semantics always from onnx.reference, never re-implemented here. These are not:
 _NOT_FOLDABLE = frozenset({
     "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
     "Bernoulli", "Dropout", "Constant", "If", "Loop", "Scan", "SequenceConstruct",
@@ -58,13 +54,6 @@ def dtype_name(data_type: int) -> str:
     if data_type == onnx.TensorProto.DOUBLE:
         return "float64"
     return onnx.TensorProto.DataType.Name(data_type).lower()
-
-
-def _np_dtype_name(a: np.ndarray) -> str:
-    try:
-        return dtype_name(helper.np_dtype_to_tensor_dtype(a.dtype))
-    except Exception:
-        return str(a.dtype)
 
 
 @dataclass
