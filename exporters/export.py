@@ -135,7 +135,9 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
                                 location=path.name + ".data")
         else:
             raise ValueError(f"exporter must be 'dynamo' or 'legacy', got {exporter!r}")
-    return {"name": exporter, "dynamo": exporter == "dynamo", "optimize": optimize,
+    # "optimize" as in docs/architecture.md (torch's flag, always False here);
+    # "passes" names what ran afterwards ("none" or onnxscript minus BN fusion).
+    return {"name": exporter, "dynamo": exporter == "dynamo", "optimize": False, "passes": optimize,
             "keep_batchnorm": True, "opset": opset, "torch": torch.__version__.split("+")[0],
             "external_data": bool(external_data)}
 
