@@ -72,6 +72,7 @@ class UchidaRegularizer:
     _X: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _b: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _p: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)
+    _jacobian_norm: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         params = dict(self.model.named_parameters())
@@ -86,6 +87,9 @@ class UchidaRegularizer:
             self._X[s.id] = torch.from_numpy(X.astype(np.float32))
             self._b[s.id] = torch.from_numpy(s.bits.astype(np.float32))
             self._p[s.id] = params[s.param]
+            # mean squared row norm of dz/dW: |X_i|^2, divided by the rows averaged by `mean`
+            rows = params[s.param].shape[0] if s.reduce == "mean" else 1
+            self._jacobian_norm[s.id] = float((X ** 2).sum() / X.shape[0] / rows)
 
     def loss(self) -> torch.Tensor:
         """strength * sum over marks of mean BCE(sigmoid(X w), b)."""
@@ -110,19 +114,25 @@ class UchidaRegularizer:
         return self.decoupled_lr is None
 
     def decoupled_step(self) -> None:
-        """w <- w - decoupled_lr * grad E_R on the marked parameters (plain SGD, after the task step).
+        """One SGD step on E_R alone, per mark, after the task optimiser's step.
 
         Why: with E_R inside an Adam objective, every coefficient the mark
         touches moves by about lr per step whatever the size of its gradient,
         so a dense projection perturbs the whole weight (one-hot kernels of
-        rare characters get no task gradient to hold them). An SGD step on E_R
-        alone makes the smallest change that reaches the bits.
+        rare characters get no task gradient to hold them). A plain gradient
+        step on E_R makes the smallest change that moves the projections.
+        The step is divided by the mean squared row norm of dz/dw, so that
+        ``decoupled_lr`` is in logit units (each projection X_i.w moves by about
+        decoupled_lr * strength * (b_i - sigmoid(z_i)) per step) whatever the
+        number of bits, the length of w or the reduction.
         """
-        params = list({id(p): p for p in self._p.values()}.values())
-        grads = torch.autograd.grad(self.loss(), params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.sub_(self.decoupled_lr * g)
+        for s in self.specs:
+            p = self._p[s.id]
+            z = self._X[s.id] @ reduce_torch(p, s.reduce)
+            loss = self.strength * F.binary_cross_entropy_with_logits(z, self._b[s.id], reduction="sum")
+            (g,) = torch.autograd.grad(loss, [p])
+            with torch.no_grad():
+                p.sub_(self.decoupled_lr * g / self._jacobian_norm[s.id])
 
     def describe(self) -> dict:
         """How the mark was embedded (stored in the key next to each mark)."""
