@@ -217,11 +217,11 @@ def test_decoupled_embedding_reaches_the_bits_and_is_recorded():
     before = model.rnn.weight_hh_l0.detach().clone()
     specs = [wm.MarkSpec("rnn.weight_ih_l0", wm.random_bits(32, 1), "flatten", seed=2),
              wm.MarkSpec("rnn.weight_hh_l0", wm.random_bits(32, 3), "flatten", seed=4)]
-    reg = wm.UchidaRegularizer(model, specs, strength=1.0, decoupled_lr=0.5)
+    reg = wm.UchidaRegularizer(model, specs, strength=1.0, decoupled_lr=2.0)
     assert not reg.joint
     m = train.train_char(model, corpus, steps=30, seq_len=40, batch=8, seed=0, reg=reg)
     assert m["ber"] == {s.id: 0.0 for s in specs}
     assert not torch.equal(before, model.rnn.weight_hh_l0)
     entry = reg.key().to_json()["whitebox"][0]
     assert entry["embedding"] == {"method": "uchida2017", "loss": "bce", "strength": 1.0,
-                                  "update": "decoupled-sgd(lr=0.5)"}
+                                  "update": "decoupled-sgd(lr=2)"}
