@@ -42,7 +42,7 @@ def test_example_policy_parses_to_documented_values():
     assert p.attacks[0].options == {"calibration_method": "minmax"}
     # per-attack override on top of the global thresholds
     assert p.thresholds_for("prune-50-then-int8")["max_accuracy_drop"] == 3.0
-    assert p.thresholds_for("prune-50")["max_accuracy_drop"] == 2.0
+    assert p.thresholds_for("prune-50")["max_accuracy_drop"] == 3.0
     assert (p.whitebox, p.blackbox, p.accuracy) == ("all-marks", "if-key-has", True)
     assert (p.accuracy_samples, p.calibration_samples) == (1000, 128)
 
