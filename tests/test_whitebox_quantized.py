@@ -108,3 +108,16 @@ def test_seq_marks_float_and_int8(build_fixture, tmp_path, name):
         assert m.ber == 0.0 and m.p_value < 1e-30, m.param
     if "lstm" in name and any(n.op_type == "DynamicQuantizeLSTM" for n in res.model.graph.node):
         assert all(m.location.quant == "DynamicQuantizeLSTM" for m in out.marks)
+
+
+def test_quantization_leaves_the_working_directory_clean(build_fixture, tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference dumps files into the working directory
+    when it gives up (it does on unoptimised dynamo graphs): they must not land there."""
+    import auditor.attacks.quantize as q
+
+    d = build_fixture("cnn-small-mean")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(q, "fold_constant_subgraphs", lambda m: (m, 0))  # force that path
+    out, notes = q.preprocess(onnx.load(str(d / "model.onnx")))
+    assert any("symbolic shape inference failed" in n for n in notes)
+    assert list(tmp_path.iterdir()) == []

@@ -126,6 +126,21 @@ def _graphs(graph: onnx.GraphProto):
                     yield from _graphs(sub)
 
 
+@contextlib.contextmanager
+def _inside(folder):
+    """Run with `folder` as working directory: onnxruntime's symbolic shape inference
+    dumps sym_shape_infer_temp.onnx (+ external data) into the working directory
+    when it gives up; that must land in our private folder, not the user's."""
+    import os
+
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def preprocess(model: onnx.ModelProto, keep_batchnorm: bool = True) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` ready for quantization, and what was done to it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -141,7 +156,7 @@ def preprocess(model: onnx.ModelProto, keep_batchnorm: bool = True) -> tuple[onn
     if len(m.graph.value_info):
         notes.append(f"dropped {len(m.graph.value_info)} graph.value_info entries before shape inference")
         del m.graph.value_info[:]
-    with workdir() as d, _quiet():
+    with workdir() as d, _quiet(), _inside(d):
         src, dst = save(m, d / "in.onnx"), d / "pre.onnx"
         try:
             quant_pre_process(str(src), str(dst), skip_optimization=keep_batchnorm)
