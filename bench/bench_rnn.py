@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plan = [(c, b, "decoupled") for b in (1, 8, 256) for c in ("kernel", "recurrent", "both")] \
             + [("both", b, "joint") for b in (1, 8, 256)]
-    char = char_experiment(plan, steps=100 if q else 400, strength=1.0, decoupled_lr=0.5, seed=a.seed,
+    char = char_experiment(plan, steps=100 if q else 400, strength=1.0, decoupled_lr=2.0, seed=a.seed,
                            max_chars=None)
     doc = {"bench": "rnn", "command": command, "seed": a.seed, "threads": a.threads, "quick": q,
            "torch": torch.__version__.split("+")[0], "seconds": round(time.perf_counter() - t0, 1),
