@@ -1,6 +1,7 @@
 """White-box survival benchmark: the seed's robustness table (4.1) on ONNX files, and survival curves.
 
     python bench/bench_survival.py --out build/bench/survival [--quick] [--seed 0] [--threads 2]
+    python bench/bench_survival.py --out DIR --rejudge OLD/survival.json   # seed comparison only, no training
 
 Writes ``survival.json`` (result envelope: numbers, the exact command, seeds,
 versions) and prints a table.
@@ -155,11 +156,13 @@ def _ratio(a: float, b: float) -> float | None:
 def judge(rows: list[dict], sizes: list[str]) -> None:
     """Fill ``seed`` / ``criterion`` / ``consistent_with_seed`` on every row (in place)."""
     idx = {(r["size"], r["mark"], r["attack"]): r for r in rows}
+    # ratios first: the size comparison of one row reads the other size's ratio
     for r in rows:
         base = idx.get((r["size"], r["mark"], "none"))
         if base is not None:
             r["margin_median_ratio_vs_none"] = _ratio(r["margin_median"], base["margin_median"])
             r["margin_min_ratio_vs_none"] = _ratio(r["margin_min"], base["margin_min"])
+    for r in rows:
         marked = r["mark"].startswith("marked")
         bits = r["n_bits"]
         if not marked:
@@ -256,13 +259,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rejudge(src: Path, out: Path) -> int:
+    """Re-run ``judge`` and ``table`` on the rows of an earlier result; the measured numbers are kept."""
+    doc = json.loads(src.read_text())
+    rows = doc["rows"]
+    for r in rows:
+        for k in ("seed", "criterion", "consistent_with_seed", "finding", "hidden_degradation", "margin_vs_float",
+                  "margin_median_ratio_vs_none", "margin_min_ratio_vs_none"):
+            r.pop(k, None)
+    judge(rows, list(doc["training"]))
+    doc["table"] = table(rows)
+    doc["rejudged"] = {"from": str(src), "measured_by": doc["command"],
+                       "command": " ".join(shlex.quote(s) for s in [sys.executable] + sys.argv)}
+    print(doc["table"])
+    out.mkdir(parents=True, exist_ok=True)
+    results.write_result(out / "survival.json", doc)
+    print(f"wrote {out / 'survival.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="small model only, fewer steps and curve points (minutes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+    ap.add_argument("--rejudge", metavar="JSON", help="recompute the seed comparison and the table of an earlier "
+                    "survival.json (numbers unchanged, no training) and write it to --out")
     a = ap.parse_args(argv)
+    if a.rejudge:
+        return rejudge(Path(a.rejudge), Path(a.out))
     t_start = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
