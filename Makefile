@@ -9,7 +9,7 @@ FIX := $(BUILD)/fixtures
 export WMAUDIT_DATA := $(abspath $(DATA))
 export WMAUDIT_FIXTURES := $(abspath $(FIX))
 
-.PHONY: env data fixtures demo test test-all bench report gate browser clean
+.PHONY: env data fixtures demo test test-all bench bench-quick report gate browser clean
 
 # torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
 $(VENV)/.stamp: pyproject.toml
@@ -46,6 +46,9 @@ test-all: env fixtures
 
 bench: env fixtures
 	$(PY) bench/run.py --out $(BUILD)/bench
+
+bench-quick: env fixtures
+	$(PY) bench/run.py --quick --out $(BUILD)/bench-quick
 
 # Robustness grid on the marked SmallCNN fixture -> build/report/report.html
 report: env fixtures
