@@ -63,6 +63,27 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return hits / len(y)
 
 
+def _epoch(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, task_loss, reg, batch: int,
+           g: torch.Generator, steps: int, on_step: Callable[[int, float], None] | None = None):
+    """One seeded pass over (x, y): task loss (+ the mark's), one optimiser step per batch.
+    Returns the per-batch task losses and the running step count."""
+    last = []
+    perm = torch.randperm(len(y), generator=g)
+    for i in range(0, len(y), batch):
+        idx = perm[i:i + batch]
+        task = task_loss(model(x[idx]), y[idx])
+        loss = _objective(task, reg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _after_step(reg)
+        last.append(float(task.detach()))
+        steps += 1
+        if on_step is not None:
+            on_step(steps, float(task))
+    return last, steps
+
+
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 1, batch: int = 64,
                      lr: float = 1e-3, seed: int = 0, reg: UchidaRegularizer | None = None,
                      test: tuple[torch.Tensor, torch.Tensor] | None = None, target_lr: dict[str, float] | None = None,
@@ -80,20 +101,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     t0, steps, last = time.perf_counter(), 0, []
     for _ in range(epochs):
         model.train()
-        last = []
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), batch):
-            idx = perm[i:i + batch]
-            task = F.cross_entropy(model(x[idx]), y[idx])
-            loss = _objective(task, reg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            _after_step(reg)
-            last.append(float(task.detach()))
-            steps += 1
-            if on_step is not None:
-                on_step(steps, float(task))
+        last, steps = _epoch(model, opt, x, y, F.cross_entropy, reg, batch, g, steps, on_step)
     out = {"task_loss": sum(last) / max(len(last), 1), "steps": steps, "epochs": epochs,
            "train_examples": int(len(y)), "train_seconds": round(time.perf_counter() - t0, 2)}
     out["train_accuracy"] = accuracy(model, x, y)
@@ -114,18 +122,7 @@ def train_regression(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     t0, steps, last = time.perf_counter(), 0, []
     model.train()
     for _ in range(epochs):
-        last = []
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), batch):
-            idx = perm[i:i + batch]
-            task = F.mse_loss(model(x[idx]), y[idx])
-            loss = _objective(task, reg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            _after_step(reg)
-            last.append(float(task.detach()))
-            steps += 1
+        last, steps = _epoch(model, opt, x, y, F.mse_loss, reg, batch, g, steps)
     model.eval()
     out = {"task_loss": sum(last) / max(len(last), 1), "steps": steps, "epochs": epochs,
            "train_seconds": round(time.perf_counter() - t0, 2)}

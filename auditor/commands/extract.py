@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import _types
 from .. import results, stats
 from ..errors import AuditError
 from ..keys import load_key
@@ -22,20 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="exporter manifest mapping torch parameters to ONNX tensors")
     p.add_argument("--reference", help="owner's reference ONNX model (BatchNorm kept) to undo BN folding")
     p.add_argument("--mark", action="append", help="only this mark id or parameter (repeatable)")
-    p.add_argument("--alpha", type=_alpha, default=stats.DEFAULT_ALPHA,
+    p.add_argument("--alpha", type=_types.alpha, default=stats.DEFAULT_ALPHA,
                    help="detection threshold on the p-value (default 1e-6)")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
     p.add_argument("-o", "--output", help="also write the result JSON to this file")
 
-
-def _alpha(s: str) -> float:
-    try:
-        a = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not 0.0 < a < 1.0:
-        raise argparse.ArgumentTypeError("alpha must be in (0, 1)")
-    return a
 
 
 def load_manifest(path: str | None) -> dict | None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import _types
 from .. import results, stats
 from ..errors import AuditError
 
@@ -17,25 +18,6 @@ answers: trigger accuracy with an exact binomial p-value against a null rate (me
 --query-attack processes every key image first (jpeg:Q, noise:S[:SEED], resize:F, crop:F,
 rotate:DEG, shift:DX,DY). Exit 0 = detected, 1 = not detected or insufficient evidence, 2 = error."""
 
-
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return v
-
-
-def _alpha(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError("alpha must be in (0, 1)")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,11 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-attack", metavar="SPEC", help="process key images before querying, e.g. jpeg:50")
     p.add_argument("--attack-seed", type=int, default=0, help="seed of random query attacks (noise)")
     p.add_argument("--logo-out", metavar="DIR", help="write decoded logos as PNG (logo_k<K>.png)")
-    p.add_argument("--batch-size", type=_positive, default=64)
-    p.add_argument("--permutations", type=_positive, default=10_000,
+    p.add_argument("--batch-size", type=_types.positive_int, default=64)
+    p.add_argument("--permutations", type=_types.positive_int, default=10_000,
                    help="permutations per key-image count (the verdict uses enough for alpha)")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation test")
-    p.add_argument("--alpha", type=_alpha, default=stats.DEFAULT_ALPHA)
+    p.add_argument("--alpha", type=_types.alpha, default=stats.DEFAULT_ALPHA)
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
 
 

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import _types
 from .. import results
 from ..errors import AuditError
 
@@ -16,27 +17,18 @@ DIR/results.json (and DIR/models/*.onnx with --save-models). Exit 0 when the mar
 survives every config, 1 otherwise, 2 on error."""
 
 
-def _positive(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="marked ONNX file")
     p.add_argument("--key", required=True, help="key file (wmaudit-key/1 JSON)")
     p.add_argument("--grid", help="grid TOML (default: built-in grid)")
     p.add_argument("--data", default="fashion-mnist", help="calibration inputs: fashion-mnist or a .npy file")
-    p.add_argument("--calibration-samples", type=_positive, default=256)
-    p.add_argument("--heldout", type=_positive, default=2000, help="Fashion-MNIST test images for accuracy")
+    p.add_argument("--calibration-samples", type=_types.positive_int, default=256)
+    p.add_argument("--heldout", type=_types.positive_int, default=2000, help="Fashion-MNIST test images for accuracy")
     p.add_argument("--no-accuracy", action="store_true", help="skip accuracy (non-Fashion-MNIST models)")
     p.add_argument("--manifest", help="exporter manifest (default: manifest.json next to MODEL, if any)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration and held-out subsets")
-    p.add_argument("--jobs", type=_positive, help="worker processes (default: all cores)")
+    p.add_argument("--jobs", type=_types.positive_int, help="worker processes (default: all cores)")
     p.add_argument("--save-models", action="store_true", help="keep the attacked models in DIR/models/")
     p.add_argument("-o", "--output", required=True, help="output folder (results.json)")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
