@@ -121,3 +121,24 @@ def test_quantization_leaves_the_working_directory_clean(build_fixture, tmp_path
     out, notes = q.preprocess(onnx.load(str(d / "model.onnx")))
     assert any("symbolic shape inference failed" in n for n in notes)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static-qdq-per-channel"])
+def test_bn_folded_by_quant_pre_process_is_detected_and_undone(build_fixture, cnn_calibration, tmp_path, mode):
+    """quant_pre_process's optimisation folds BatchNorm into the marked conv before
+    quantizing (what a deployer gets without skip_optimization): the audit says so and,
+    with the BN anchors the exporter stored in the key, recovers the mark."""
+    d = build_fixture("cnn-small-mean")
+    key = load_key(d / "key.json")
+    assert key.whitebox[0].batchnorm is not None
+    res = quantize(onnx.load(str(d / "model.onnx")), mode, cnn_calibration, keep_batchnorm=False)
+    assert not any(n.op_type == "BatchNormalization" for n in res.model.graph.node)
+    out, _ = _extract_model(res.model, key, tmp_path)
+    m = out.marks[0]
+    assert m.batchnorm["status"] == "folded"
+    assert out.verdict == "detected" and m.ber == 0.0 and m.p_value < 1e-30
+    # without the anchors the folding cannot be undone, and the audit says it cannot rule it out
+    key.whitebox[0].batchnorm = None
+    plain, _ = _extract_model(res.model, key, tmp_path)
+    assert plain.marks[0].batchnorm["status"] == "unknown"
+    assert plain.marks[0].signed_margin_min < m.signed_margin_min
