@@ -258,26 +258,49 @@ def _feed(session: ort.InferenceSession, spec: dict, seed: int = 0) -> dict:
     return out
 
 
-def _prunable(model: onnx.ModelProto) -> dict[str, int]:
-    """Main-graph float initializers that are the weight input of Conv/Gemm/MatMul/LSTM: name -> size."""
-    inits = {t.name: t for t in model.graph.initializer}
-    slots = {"Conv": [1], "ConvTranspose": [1], "Gemm": [1], "MatMul": [0, 1], "LSTM": [1, 2], "GRU": [1, 2],
-             "RNN": [1, 2]}
+def _all_graphs(g):
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _all_graphs(sub)
+
+
+def _constants(model):
+    """name -> array of every initializer and Constant-node tensor, in every graph."""
     out = {}
-    for n in model.graph.node:
-        for s in slots.get(n.op_type, []):
-            if s < len(n.input) and n.input[s] in inits and inits[n.input[s]].data_type in _FLOAT:
-                out[n.input[s]] = int(np.prod(inits[n.input[s]].dims))
+    for g in _all_graphs(model.graph):
+        for t in g.initializer:
+            out[t.name] = numpy_helper.to_array(t)
+        for n in g.node:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value":
+                        out[n.output[0]] = numpy_helper.to_array(a.t)
+                    elif a.name == "value_floats":
+                        out[n.output[0]] = np.asarray(a.floats, dtype=np.float32)
     return out
 
 
-_CONSTANT_WEIGHTS = ("prune() reads main-graph initializers only: the Conv/MatMul weights of this file live in "
-                     "Constant nodes / If subgraphs, so it raises 'no float weights to prune'")
+def _prunable(model):
+    """Independent count: float weights (rank >= 2) of Conv/Gemm/MatMul/RNN ops anywhere in the model."""
+    slots = {"Conv": [1], "ConvTranspose": [1], "Gemm": [1], "MatMul": [0, 1], "LSTM": [1, 2], "GRU": [1, 2],
+             "RNN": [1, 2]}
+    consts = _constants(model)
+    out = {}
+    for g in _all_graphs(model.graph):
+        for n in g.node:
+            for s in slots.get(n.op_type, []):
+                a = consts.get(n.input[s]) if s < len(n.input) else None
+                if a is not None and a.dtype.kind == "f" and a.ndim >= 2:
+                    out[n.input[s]] = int(a.size)
+    return out
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AuditError, reason=_CONSTANT_WEIGHTS))
-    if n in ("ppocr_cls.onnx", "silero_vad.onnx") else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_prune_half_is_exact_and_the_model_still_runs(name):
     path = _path(name)
     model = onnx.load(str(path))
@@ -286,8 +309,7 @@ def test_prune_half_is_exact_and_the_model_still_runs(name):
     assert model.SerializeToString() == before                   # input untouched
     want = _prunable(model)
     assert set(res.params["layers"]) == set(want)
-    after = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
-    orig = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after, orig = _constants(res.model), _constants(model)
     for wname, size in want.items():
         zeros = int((after[wname] == 0).sum())
         assert zeros == max(prune_count(0.5, size), int((orig[wname] == 0).sum()))

@@ -1,8 +1,9 @@
 """Weight pruning on ONNX initializers, with numpy (onnxruntime has no pruning).
 
-Which weights: the float initializers that are the weight input of Conv,
-ConvTranspose, Gemm (B), MatMul (the constant operand) and LSTM/GRU/RNN
-(W and R). Biases and BatchNorm parameters are never pruned.
+Which weights: the float tensors of rank >= 2 (initializers or Constant
+nodes, in the main graph or inside If/Loop/Scan bodies) that are the weight
+input of Conv, ConvTranspose, Gemm (B), MatMul (the constant operand) and
+LSTM/GRU/RNN (W and R). Biases and BatchNorm parameters are never pruned.
 
 Modes (rate r in [0, 1)):
 
@@ -66,26 +67,49 @@ def _axes(node: onnx.NodeProto, slot: int, ndim: int) -> tuple[int, int]:
     return 1, 2  # LSTM / GRU / RNN W and R: [D, gates*H, K]
 
 
+def stored_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor a node can read by name, in every graph (If/Loop/Scan bodies
+    included): initializers and the `value` tensors of Constant nodes. Writing into these
+    TensorProtos changes the model; shipped files keep weights in any of these places."""
+    from .quantize import _graphs
+
+    out: dict[str, onnx.TensorProto] = {}
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            out.setdefault(t.name, t)
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output:
+                for a in n.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        out.setdefault(n.output[0], a.t)
+    return out
+
+
 def prunable_weights(model: onnx.ModelProto, ops=WEIGHT_OPS) -> tuple[list[tuple[str, onnx.NodeProto, int]], list[str]]:
-    """([(initializer name, consumer node, input slot)], [quantized weight names skipped]) in graph order."""
-    inits = {i.name: i for i in model.graph.initializer}
+    """([(weight name, consumer node, input slot)], [quantized weight names skipped]) in graph order,
+    over the main graph and its subgraphs; weights may be initializers or Constant nodes."""
+    from .quantize import _graphs
+
+    tensors = stored_tensors(model)
+    nodes = [n for g in _graphs(model.graph) for n in g.node]
     found, seen, quantized = [], set(), []
-    for n in model.graph.node:
+    for n in nodes:
         if n.op_type not in ops:
             continue
         slots = {"Conv": [1], "ConvTranspose": [1], "Gemm": [1], "MatMul": [0, 1]}.get(n.op_type, [1, 2])
         for s in slots:
-            if s >= len(n.input) or n.input[s] not in inits or n.input[s] in seen:
+            if s >= len(n.input) or n.input[s] not in tensors or n.input[s] in seen:
                 continue
             seen.add(n.input[s])
-            if inits[n.input[s]].data_type in _FLOATS:
+            t = tensors[n.input[s]]
+            if t.data_type in _FLOATS and len(t.dims) >= 2:
                 found.append((n.input[s], n, s))
     # weights behind DequantizeLinear or inside quantized ops: never pruned here
-    for n in model.graph.node:
+    for n in nodes:
         if n.op_type in ("DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                          "QGemm", "DynamicQuantizeLSTM", "MatMulNBits"):
             for name in n.input:
-                if name in inits and inits[name].data_type not in _FLOATS and name not in quantized:
+                if name in tensors and tensors[name].data_type not in _FLOATS and name not in quantized:
                     quantized.append(name)
     return found, quantized
 
@@ -112,6 +136,9 @@ def prune(model: onnx.ModelProto, rate: float, *, mode: str = "magnitude", seed:
     if mode not in MODES:
         raise AuditError(f"unknown pruning mode {mode!r} (one of {', '.join(MODES)})")
     m = copy_model(model)
+    from .quantize import constants_as_tensors
+
+    constants_as_tensors(m)  # value_floats Constants become tensors the loop below can rewrite
     found, quantized = prunable_weights(m, tuple(ops))
     if names is not None:
         by = {f[0]: f for f in found}
@@ -122,7 +149,7 @@ def prune(model: onnx.ModelProto, rate: float, *, mode: str = "magnitude", seed:
     if not found:
         raise AuditError("no float weights to prune" + (" (the model is quantized: prune before quantizing)"
                                                         if quantized else ""))
-    inits = {i.name: i for i in m.graph.initializer}
+    inits = stored_tensors(m)
     arrays = {name: numpy_helper.to_array(inits[name]) for name, _, _ in found}
     layers: dict[str, dict] = {}
     if mode == "global":
@@ -153,7 +180,7 @@ def prune(model: onnx.ModelProto, rate: float, *, mode: str = "magnitude", seed:
                 arrays[name], pruned = _prune_groups(w, out_axis if mode == "l1-filter" else in_axis, rate)
             layers[name] = {"size": int(w.size), "pruned": int(pruned)}
     for name, w in arrays.items():
-        inits[name].CopyFrom(numpy_helper.from_array(w, name))
+        inits[name].CopyFrom(numpy_helper.from_array(w, inits[name].name))
     total = sum(v["size"] for v in layers.values())
     pruned = sum(v["pruned"] for v in layers.values())
     params = {"rate": rate, "mode": mode, "layers": layers, "sparsity": pruned / total if total else 0.0}
