@@ -257,12 +257,13 @@ def notes_table(doc: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ logos
 def _logo_sets(x: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every dict in the document that holds decoded logo maps ({"maps": {k: 2-D list}})."""
+    """Every dict in the document that holds decoded logo maps, as `wmaudit query` writes
+    them: {"decoded": {k: 2-D list}, "target": 2-D list, "per_k": [...], ...}."""
     if isinstance(x, dict):
-        if isinstance(x.get("maps"), dict) and x["maps"]:
+        if isinstance(x.get("decoded"), dict) and x["decoded"]:
             yield path, x
         for k in sorted(x):
-            if k != "maps":
+            if k != "decoded":
                 yield from _logo_sets(x[k], f"{path}.{k}" if path else k)
     elif isinstance(x, list):
         for i, v in enumerate(x):
@@ -290,8 +291,8 @@ def logos(doc: dict[str, Any]) -> str:
         if target is not None:
             figs.append(f'<figure><img alt="{_e("embedded logo")}" src="{plots.png_data_uri(target)}">'
                         f"<figcaption>embedded logo</figcaption></figure>")
-        for k in sorted(lg["maps"], key=lambda s: int(s) if str(s).isdigit() else 0):
-            g = _to_gray(lg["maps"][k])
+        for k in sorted(lg["decoded"], key=lambda s: int(s) if str(s).isdigit() else 0):
+            g = _to_gray(lg["decoded"][k])
             if g is None:
                 continue
             info = per_k.get(str(k), {})
