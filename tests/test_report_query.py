@@ -24,6 +24,8 @@ def test_query_logos_embedded_in_report(build_fixture, tmp_path, capsys):
     figs = re.findall(r'<img alt="decoded logo, (\d+) key images" src="data:image/png;base64,([^"]+)"', html)
     assert [int(k) for k, _ in figs] == [1, 3, 5, 10, 20]
     assert "embedded logo" in html
+    # the verdict banner reads the query's verdict object, not its Python repr
+    assert "query: watermark detected" in html and "{&#x27;alpha" not in html
     assert "http://" not in html and "https://" not in html  # self-contained
     # every embedded PNG is a picture of the decoded map in the JSON (same ordering of pixels)
     maps = doc["logo"]["decoded"]
@@ -45,3 +47,11 @@ def _dicts(x):
     elif isinstance(x, list):
         for v in x:
             yield from _dicts(v)
+
+
+def test_p_values_never_round_across_a_power_of_ten():
+    from auditor.report import fmt_p
+
+    assert fmt_p(9.99999e-07) == "9.99999e-07"   # not "1.00e-06", which reads as >= 1e-6
+    assert fmt_p(1.2345e-05) == "1.23e-05"
+    assert fmt_p(0.0, -77.06) == "8.71e-78"

@@ -69,9 +69,12 @@ def fmt_p(v: Any, log10_p: Any = None) -> str:
         return f"{10 ** (lp - e):.2f}e{e}"
     if f == 0.0:
         return "0"
-    if f >= 1e-3:
-        return f"{f:.3g}"
-    return f"{f:.2e}"
+    out = f"{f:.3g}" if f >= 1e-3 else f"{f:.2e}"
+    if math.floor(math.log10(float(out))) != math.floor(math.log10(f)):
+        # rounding carried into the next power of ten (9.99999e-07 -> 1.00e-06): against a
+        # threshold like 1e-6 that reads as the wrong side, so show the digits
+        out = f"{f:.6g}"
+    return out
 
 
 # ------------------------------------------------------------------ the attack grid

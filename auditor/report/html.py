@@ -64,6 +64,8 @@ def verdict_of(doc: dict[str, Any]) -> tuple[str, str]:
         return ("pass" if v == "survived" else "fail"), ("SURVIVED: " if v == "survived" else "BROKEN: ") + text
     inner = doc.get("result") if isinstance(doc.get("result"), dict) else doc
     v = inner.get("verdict", v)
+    if isinstance(v, dict):  # query results: {"verdict": ..., "reason": ..., "p_value": ...}
+        inner, v = v, v.get("verdict")
     if v == "detected":
         return "pass", f"{kind}: watermark detected" + (f" ({inner['reason']})" if inner.get("reason") else "")
     if v in ("not detected", "insufficient evidence"):
