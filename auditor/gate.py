@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from . import results
 from .errors import AuditError
+from .report import fmt_p
 from .keys import Key
 from .policy import BASELINE_ID, AttackSpec, Policy
 
@@ -90,7 +91,7 @@ def judge_mark(attack_id: str, mark: dict[str, Any], thresholds: dict[str, float
     if not loc:
         req.reasons.append(f"marked parameter not found: {mark.get('reason', 'no candidate tensor')}")
     if "max_p_value" in thresholds and not p < thresholds["max_p_value"]:
-        req.reasons.append(f"p = {_p(p, measured['log10_p'])} >= max_p_value {thresholds['max_p_value']:g} "
+        req.reasons.append(f"p = {fmt_p(p, measured['log10_p'])} >= max_p_value {thresholds['max_p_value']:g} "
                            f"({measured['matches']}/{measured['n_bits']} bits match)")
     if "max_ber" in thresholds and measured["ber"] > thresholds["max_ber"]:
         req.reasons.append(f"BER = {measured['ber']:.4f} > max_ber {thresholds['max_ber']:g}")
@@ -99,12 +100,6 @@ def judge_mark(attack_id: str, mark: dict[str, Any], thresholds: dict[str, float
                            f"{thresholds['min_margin']:g}")
     req.status = FAIL if req.reasons else PASS
     return req
-
-
-def _p(p: float, log10_p: float) -> str:
-    if p == 0.0 and math.isfinite(log10_p):
-        return f"10^{log10_p:.1f}"
-    return f"{p:.3g}"
 
 
 def judge_any_mark(attack_id: str, marks: list[dict[str, Any]], thresholds: dict[str, float]) -> Requirement:
@@ -349,7 +344,7 @@ def judge_blackbox(attack_id: str, model_path: Path, key: Key, backend: str, thr
                                   "null_rate": t["null_rate"], "p_value": t["p_value"], "log10_p": t["log10_p"]})
         if not t["p_value"] < alpha:
             r.status = FAIL
-            r.reasons.append(f"trigger set: {t['hits']}/{t['n']} hits, p = {_p(t['p_value'], t['log10_p'])} "
+            r.reasons.append(f"trigger set: {t['hits']}/{t['n']} hits, p = {fmt_p(t['p_value'], t['log10_p'])} "
                              f">= max_p_value {alpha:g} (null rate {t['null_rate']:.3g})")
         reqs.append(r)
     if "logo" in doc:
@@ -360,7 +355,7 @@ def judge_blackbox(attack_id: str, model_path: Path, key: Key, backend: str, thr
         if not lg["p_value"] < alpha:
             r.status = FAIL
             r.reasons.append(f"logo: r = {lg['r']:.3f} with {lg['k']} key images, permutation p = "
-                             f"{lg['p_value']:.3g} >= max_p_value {alpha:g}"
+                             f"{fmt_p(lg['p_value'])} >= max_p_value {alpha:g}"
                              + (" (below the permutation test's resolution)" if lg["resolution_limit"] >= alpha
                                 else ""))
         reqs.append(r)

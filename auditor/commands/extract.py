@@ -10,6 +10,7 @@ from . import _types
 from .. import results, stats
 from ..errors import AuditError
 from ..keys import load_key
+from ..report import fmt_p
 
 HELP = "extract white-box (Uchida) marks from an ONNX file and give a verdict"
 DESCRIPTION = """Extract every white-box mark of KEY from MODEL and give a verdict with an exact
@@ -62,12 +63,6 @@ def run(args) -> int:
     return res.exit_code
 
 
-def _fmt_p(p: float, log10p: float | None = None) -> str:
-    if p == 0.0 and log10p is not None:
-        return f"10^{log10p:.1f}"
-    return f"{p:.3g}"
-
-
 def render(doc: dict) -> str:
     """Human summary of an extract result document."""
     r = doc["result"]
@@ -83,8 +78,8 @@ def render(doc: dict) -> str:
                          f"{_cands(loc)}; "
                          f"{loc.get('location') or '?'}, {loc.get('stored_dtype') or '?'}{q}")
         lines.append(f"  bits      {m['matches']}/{m['n_bits']} match   BER {m['ber']:.4f}   "
-                     f"p {_fmt_p(m['p_value'], m['log10_p'])} (log10 {m['log10_p']:.2f})"
-                     + (f"   corrected p {m['p_corrected']:.3g}" if loc and loc['candidates'] > 1 else ""))
+                     f"p {fmt_p(m['p_value'], m['log10_p'])} (log10 {m['log10_p']:.2f})"
+                     + (f"   corrected p {fmt_p(m['p_corrected'])}" if loc and loc['candidates'] > 1 else ""))
         lines.append(f"  margin    |x.w| min {m['margin_min']:.4g}  median {m['margin_median']:.4g}   "
                      f"signed min {m['signed_margin_min']:.4g}")
         bn = m.get("batchnorm") or {}

@@ -9,6 +9,7 @@ from typing import Any
 from . import _types
 from .. import results, stats
 from ..errors import AuditError
+from ..report import fmt_p
 
 HELP = "query a model with the key's trigger set / logo key images and test the answers"
 DESCRIPTION = """Query MODEL with the black-box key images of --key on --backend and judge the
@@ -110,11 +111,11 @@ def _human(doc: dict[str, Any]) -> str:
     if t:
         src = t["null_rate_source"]["source"]
         lines.append(f"triggers {t['hits']}/{t['n']} = {t['trigger_accuracy']:.3f}  null rate {t['null_rate']:.4g} "
-                     f"({src})  p = {t['p_value']:.3g}  -> {t['verdict']}")
+                     f"({src})  p = {fmt_p(t['p_value'])}  -> {t['verdict']}")
     lg = doc.get("logo")
     if lg:
         for d in lg["per_k"]:
-            lines.append(f"logo k={d['k']:>2}  r = {d['r']:+.3f}  p = {d['p_value']:.3g} "
+            lines.append(f"logo k={d['k']:>2}  r = {d['r']:+.3f}  p = {fmt_p(d['p_value'])} "
                          f"({d['n_perm']} permutations)")
         lines.append(f"logo     k={lg['k']}  p = {lg['p_value']:.6g} (resolution limit {lg['resolution_limit']:.3g}, "
                      f"{lg['permutations_run']} permutations)  -> {lg['verdict']}")
