@@ -12,7 +12,10 @@ if [ ! -f "$fm/train-images-idx3-ubyte.gz" ]; then
     cp /usr/share/datasets/fashion-mnist/*.gz "$fm/"
   else
     tmp=$(mktemp -d)
+    # package lists may be missing on a fresh machine: refresh them once (root only) and retry
     (cd "$tmp" && apt-get download dataset-fashion-mnist >/dev/null 2>&1) \
+      || { [ "$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 \
+           && (cd "$tmp" && apt-get download dataset-fashion-mnist >/dev/null 2>&1); } \
       || { echo "error: cannot download Debian package dataset-fashion-mnist" >&2; exit 2; }
     dpkg-deb -x "$tmp"/dataset-fashion-mnist_*.deb "$tmp/x"
     cp "$tmp"/x/usr/share/datasets/fashion-mnist/*.gz "$fm/"
