@@ -96,7 +96,7 @@ class _Const:
     owner: str | None = None       # subgraph owner node, None in the main graph
 
 
-def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+def constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     """The value of a Constant node as a TensorProto (None for sparse/string values)."""
     for a in node.attribute:
         if a.name == "value":
@@ -260,7 +260,7 @@ class WeightStore:
                 if inp and inp in scope:
                     self._consumers.setdefault(scope[inp], []).append((nname, j))
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                t = _constant_node_tensor(node)
+                t = constant_node_tensor(node)
                 if t is not None:
                     key = self._unique(node.output[0], owner)
                     self._consts[key] = _Const(key, init_loc or "constant-node", tensor=t, owner=owner)

@@ -71,10 +71,10 @@ def stored_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Every constant tensor a node can read by name, in every graph (If/Loop/Scan bodies
     included): initializers and the `value` tensors of Constant nodes. Writing into these
     TensorProtos changes the model; shipped files keep weights in any of these places."""
-    from .quantize import _graphs
+    from ..graph import iter_graphs
 
     out: dict[str, onnx.TensorProto] = {}
-    for g in _graphs(model.graph):
+    for g, _ in iter_graphs(model.graph):
         for t in g.initializer:
             out.setdefault(t.name, t)
         for n in g.node:
@@ -88,10 +88,10 @@ def stored_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def prunable_weights(model: onnx.ModelProto, ops=WEIGHT_OPS) -> tuple[list[tuple[str, onnx.NodeProto, int]], list[str]]:
     """([(weight name, consumer node, input slot)], [quantized weight names skipped]) in graph order,
     over the main graph and its subgraphs; weights may be initializers or Constant nodes."""
-    from .quantize import _graphs
+    from ..graph import iter_graphs
 
     tensors = stored_tensors(model)
-    nodes = [n for g in _graphs(model.graph) for n in g.node]
+    nodes = [n for g, _ in iter_graphs(model.graph) for n in g.node]
     found, seen, quantized = [], set(), []
     for n in nodes:
         if n.op_type not in ops:

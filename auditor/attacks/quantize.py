@@ -29,7 +29,6 @@ import io
 import logging
 from typing import Any
 
-import numpy as np
 import onnx
 
 from ..errors import AuditError
@@ -74,22 +73,21 @@ def constants_as_tensors(model: onnx.ModelProto) -> int:
     the `value` attribute; torch's dynamo exporter without optimisation writes
     shape constants as value_ints. Returns how many nodes were rewritten.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    kinds = {"value_float": np.float32, "value_floats": np.float32,
-             "value_int": np.int64, "value_ints": np.int64}
+    from ..graph import iter_graphs
+    from ..weights import constant_node_tensor
+
     done = 0
-    for g in _graphs(model.graph):
+    for g, _ in iter_graphs(model.graph):
         for node in g.node:
             if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
                 continue
-            attr = [a for a in node.attribute if a.name in kinds]
-            if not attr:
+            if not any(a.name in ("value_float", "value_floats", "value_int", "value_ints") for a in node.attribute):
                 continue
-            a = attr[0]
-            arr = np.asarray(helper.get_attribute_value(a), dtype=kinds[a.name])
+            t = constant_node_tensor(node)
             del node.attribute[:]
-            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
+            node.attribute.append(helper.make_attribute("value", t))
             done += 1
     return done
 
@@ -105,25 +103,16 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     import onnx_ir as ir
     from onnxscript.optimizer import fold_constants
 
-    before = sum(1 for _ in _graphs(model.graph) for _n in _.node)
+    from ..graph import iter_graphs
+
+    before = sum(len(g.node) for g, _ in iter_graphs(model.graph))
     irm = ir.from_proto(model)
     fold_constants(irm)
     ir.passes.common.RemoveUnusedNodesPass()(irm)
     out = ir.to_proto(irm)
     out.ir_version = min(out.ir_version, model.ir_version)
-    after = sum(1 for _ in _graphs(out.graph) for _n in _.node)
+    after = sum(len(g.node) for g, _ in iter_graphs(out.graph))
     return out, max(0, before - after)
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    yield from _graphs(sub)
 
 
 @contextlib.contextmanager
