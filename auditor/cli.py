@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from .errors import AuditError
+from auditor.errors import AuditError
 
 # Order is the order of `wmaudit --help`.
 SUBCOMMANDS = ["inspect", "extract", "key", "attack", "robustness", "query", "gate", "report", "scan"]
@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from auditor import __version__
 
     parser = _Parser(prog="wmaudit", description="Audit deep-network watermarks in ONNX files.")
     parser.add_argument("--version", action="version", version=f"wmaudit {__version__}")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from auditor import __version__
 
 SCHEMA = "wmaudit-result/1"
 

@@ -12,7 +12,7 @@ PNGs. Measures, on the ``bb-logo-wrn`` and ``bb-trigger`` fixtures:
   qualitative result (4.2, fig. 5);
 * trigger accuracy and p under the same attacks;
 * task accuracy (Fashion-MNIST test set through onnxruntime) of marked vs unmarked;
-* key-query throughput of ``auditor.blackbox.query`` vs a raw onnxruntime
+* key-query throughput of ``auditor.marks.blackbox.query`` vs a raw onnxruntime
   batched run of the same inputs (goal: <= 10 % overhead).
 """
 from __future__ import annotations
@@ -28,8 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from auditor import blackbox as bb  # noqa: E402
-from auditor import datasets, keys, results  # noqa: E402
+from auditor.marks import blackbox as bb  # noqa: E402
+from auditor import results  # noqa: E402
+from auditor.data import datasets
+from auditor.marks import keys
 from auditor.backends import open_runner  # noqa: E402
 
 SEED_RESULT = ("seed 4.2 (Sakazawa et al., MIPR 2019, WRN on CIFAR-100, 10x10 logo): the logo emerges more "
@@ -94,7 +96,7 @@ def trigger_row(model: Path, t: bb.TriggerSet, attack: str | None, seed: int) ->
 
 
 def throughput(model: Path, images: np.ndarray, pp: bb.Preprocess, repeats: int, batch: int = 64) -> dict:
-    """Median seconds of auditor.blackbox.query vs raw InferenceSession.run on the same batches."""
+    """Median seconds of auditor.marks.blackbox.query vs raw InferenceSession.run on the same batches."""
     import onnxruntime as ort
 
     x = pp.model_input(images)

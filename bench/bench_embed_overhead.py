@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from auditor import keys  # noqa: E402
+from auditor.marks import keys  # noqa: E402
 from exporters import data, models, train  # noqa: E402
 from exporters import watermark as wm  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Grid speed: 6 pruning rates x 2 static quantization modes, calibration included.
 
-Compares ``auditor.robustness.run_grid`` (calibration once per float model,
+Compares ``auditor.gate.robustness.run_grid`` (calibration once per float model,
 process pool) with a naive loop that calls onnxruntime's ``quantize_static``
 with a fresh calibration for every config and runs the configs one by one.
 Goal: <= 60 s on 2 cores for the grid on the small CNN.
@@ -33,8 +33,8 @@ def naive(model_path: Path, key, heldout, samples: int, seed: int) -> float:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from auditor.attacks import prune, quantize
-    from auditor.calibration import ArrayReader, fashion_mnist_calibration, model_input_name
-    from auditor.robustness import measure
+    from auditor.data.calibration import ArrayReader, fashion_mnist_calibration, model_input_name
+    from auditor.gate.robustness import measure
 
     data = fashion_mnist_calibration(samples, seed)
     model = onnx.load(str(model_path))
@@ -63,10 +63,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
-    from auditor import keys
-    from auditor.accuracy import fashion_mnist_heldout
-    from auditor.calibration import Calibration, fashion_mnist_calibration
-    from auditor.robustness import Config, Grid, load_manifest, run_grid
+    from auditor.marks import keys
+    from auditor.data.accuracy import fashion_mnist_heldout
+    from auditor.data.calibration import Calibration, fashion_mnist_calibration
+    from auditor.gate.robustness import Config, Grid, load_manifest, run_grid
     from fixtures.build import ensure
 
     if a.model:

@@ -102,8 +102,8 @@ def child(method: str, model: str, target: str) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    from auditor.graph import external_info
-    from auditor.weights import WeightStore
+    from auditor.read.graph import external_info
+    from auditor.read.weights import WeightStore
 
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     data = Path(model).with_suffix(".onnx.data")

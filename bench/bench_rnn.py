@@ -4,7 +4,7 @@
 
 Writes DIR/bench_rnn.json. Every marked model is exported to ONNX (legacy
 exporter: ONNX RNN/LSTM nodes with gate-reordered W/R) and its marks are read
-back from the file by ``auditor.whitebox.extract`` (with the manifest), so
+back from the file by ``auditor.marks.whitebox.extract`` (with the manifest), so
 the numbers are what an auditor sees.
 
 1. sine / SimpleRNN(20): 100 samples per period, 2 periods of training signal,
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from auditor import keys  # noqa: E402
+from auditor.marks import keys  # noqa: E402
 from exporters import data, export, models, train  # noqa: E402
 from exporters import watermark as wm  # noqa: E402
 
@@ -67,16 +67,16 @@ def detect(model: torch.nn.Module, specs: list[wm.MarkSpec], example: torch.Tens
         path = Path(tmp) / "model.onnx"
         out = {"onnx_max_abs_diff": res.manifest["validation"]["max_abs_diff"], "marks": {}}
         try:
-            from auditor import whitebox
+            from auditor.marks import whitebox
             ext = whitebox.extract(path, key, manifest=res.manifest)
             for m in ext.marks:
                 out["marks"][m.id] = {"param": m.param, "bits": m.n_bits, "matches": m.matches,
                                       "detected_fraction": m.matches / m.n_bits, "ber": m.ber,
                                       "p_value": m.p_value, "verdict": m.verdict,
-                                      "margin_min": m.margin_min, "via": "auditor.whitebox.extract"}
+                                      "margin_min": m.margin_min, "via": "auditor.marks.whitebox.extract"}
         except ImportError:  # auditor without white-box extraction: read the bits with numpy
-            from auditor import layout
-            from auditor.weights import WeightStore
+            from auditor.read import layout
+            from auditor.read.weights import WeightStore
             store = WeightStore.open(path)
             for mark in key.whitebox:
                 loc = res.manifest["params"][mark.param]

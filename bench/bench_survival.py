@@ -49,10 +49,12 @@ import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
-from auditor import __version__, keys, results, stats, whitebox  # noqa: E402
-from auditor.accuracy import accuracy, fashion_mnist_heldout  # noqa: E402
+from auditor import __version__, results, whitebox  # noqa: E402
+from auditor.marks import keys
+from auditor.marks import stats
+from auditor.data.accuracy import accuracy, fashion_mnist_heldout  # noqa: E402
 from auditor.attacks import compose, save  # noqa: E402
-from auditor.calibration import Calibration, fashion_mnist_calibration  # noqa: E402
+from auditor.data.calibration import Calibration, fashion_mnist_calibration  # noqa: E402
 from exporters import attacks as torch_attacks  # noqa: E402
 from exporters import data, export, models, train  # noqa: E402
 from exporters import watermark as wm  # noqa: E402

@@ -8,7 +8,7 @@
 * Visual logo (Sakazawa et al., MIPR 2019, seed 4.2): key images are natural
   images (Fashion-MNIST test images) with a human-visible stamp; the stamp
   differs per group, and group g is trained towards the soft label made of the
-  g-th chunk of the row-major logo (``auditor.blackbox.logo_targets``), with a
+  g-th chunk of the row-major logo (``auditor.marks.blackbox.logo_targets``), with a
   soft cross-entropy loss. A 10x10 logo with 10 outputs needs 10 groups.
 
 Key images are stored in the model's input space (normalised Fashion-MNIST);
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from auditor import blackbox as bb
-from auditor import datasets, keys
+from auditor.marks import blackbox as bb
+from auditor.data import datasets
+from auditor.marks import keys
 
 FASHION_PREPROCESS = {"stored": "input", "scale": 1.0 / 255.0, "mean": [datasets.FASHION_MEAN],
                       "std": [datasets.FASHION_STD], "layout": "NCHW", "pixel_range": [0, 255]}

@@ -1,4 +1,4 @@
-"""Training data as torch tensors, built on ``auditor.datasets`` (offline files).
+"""Training data as torch tensors, built on ``auditor.data.datasets`` (offline files).
 
 * Fashion-MNIST: normalised [N, 1, 28, 28] float32 images, int64 labels,
   optionally a seeded class-balanced-by-chance subset.
@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from auditor import datasets
+from auditor.data import datasets
 
 SAMPLES_PER_PERIOD = 100
 PERIODS = 2

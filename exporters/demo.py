@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     # A key with the same shape but another secret: what a wrong claim looks like.
     other = wm.MarkSpec(TARGET, wm.random_bits(a.bits, 101), "mean", seed=102, id="other")
     keys_other = out / "other-key.json"
-    from auditor import keys as keyfile
+    from auditor.marks import keys as keyfile
     keyfile.save_key(wm.make_key(model, [other], {"name": "SmallCNN", "demo": True}), keys_other)
     (out / "train.json").write_text(json.dumps({"command": cmd, "metrics": metrics, "seed": a.seed,
                                                 "threads": a.threads, "bits_seed": 1, "projection_seed": 2},

@@ -41,7 +41,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from auditor import keys
+from auditor.marks import keys
 
 MANIFEST_FORMAT = "wmaudit-manifest/1"
 TWO_GB = 2 * 1024 ** 3
@@ -201,9 +201,10 @@ def _rnn_candidates(path: Path) -> list[tuple[str, str, int, np.ndarray]]:
 
 
 def _locate_with_layout(path: Path, want: dict[str, np.ndarray]) -> dict[str, dict] | None:
-    """Use auditor.layout.torch_views when that module is available; None otherwise."""
+    """Use auditor.read.layout.torch_views when that module is available; None otherwise."""
     try:
-        from auditor import layout, weights
+        from auditor.read import layout
+        from auditor.read import weights
     except ImportError:
         return None
     store = weights.WeightStore.open(path)
@@ -215,7 +216,7 @@ def _locate_with_layout(path: Path, want: dict[str, np.ndarray]) -> dict[str, di
                 continue
             if np.array_equal(arr.astype(np.float32), ref):
                 found[param] = {"onnx": view.weight.name, "transform": view.transform,
-                                "onnx_shape": [int(s) for s in view.weight.shape], "located_by": "auditor.layout"}
+                                "onnx_shape": [int(s) for s in view.weight.shape], "located_by": "auditor.read.layout"}
     return found
 
 
@@ -223,7 +224,7 @@ def locate_params(path: str | os.PathLike, model: torch.nn.Module, params: Seque
     """For each torch parameter, the ONNX tensor and layout transform under which the values are
     bit-identical. Raises ExportError when one is not found.
 
-    Uses ``auditor.layout.torch_views`` when available; otherwise initializers
+    Uses ``auditor.read.layout.torch_views`` when available; otherwise initializers
     by exact name, then by value (identity, transpose, recurrent gate reorder).
     """
     path = Path(path)
@@ -233,7 +234,7 @@ def locate_params(path: str | os.PathLike, model: torch.nn.Module, params: Seque
     try:
         found = _locate_with_layout(path, want) or {}
     except Exception as e:  # the auditor is checked by its own tests; fall back to the plain search here
-        warnings.warn(f"auditor.layout could not map {path.name}: {e}; using initializer search")
+        warnings.warn(f"auditor.read.layout could not map {path.name}: {e}; using initializer search")
         found = {}
     missing = [p for p in params if p not in found]
     if missing:

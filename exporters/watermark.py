@@ -5,10 +5,10 @@ bits b (T), the embedding loss is
 
     E_R = strength * BCE(sigmoid(X @ w), b),   w = reduce(W)
 
-with ``reduce`` exactly as ``auditor.keys.reduce_weight``: ``mean`` averages
+with ``reduce`` exactly as ``auditor.marks.keys.reduce_weight``: ``mean`` averages
 over axis 0 (output channels / gate rows) and flattens the rest in C order,
 ``flatten`` takes every coefficient in C order. X is rebuilt from
-``auditor.keys.generate_projection(seed, T, N, scale)`` (float64, cast to
+``auditor.marks.keys.generate_projection(seed, T, N, scale)`` (float64, cast to
 float32 for training) unless a matrix is supplied. Several marks (e.g. a
 kernel and a recurrent weight) are summed. A bit reads 1 when X_i . w > 0.
 """
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from auditor import keys
+from auditor.marks import keys
 
 from .models import batchnorm_after
 
@@ -52,7 +52,7 @@ class MarkSpec:
 
 
 def reduce_torch(w: torch.Tensor, reduce: str) -> torch.Tensor:
-    """Torch twin of ``auditor.keys.reduce_weight`` (same order of coefficients)."""
+    """Torch twin of ``auditor.marks.keys.reduce_weight`` (same order of coefficients)."""
     if reduce == "mean":
         return w.mean(dim=0).reshape(-1)
     if reduce == "flatten":

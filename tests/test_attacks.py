@@ -7,12 +7,13 @@ import pytest
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from auditor import keys, stats
-from auditor.accuracy import accuracy, fashion_mnist_heldout, predict
+from auditor.marks import keys
+from auditor.marks import stats
+from auditor.data.accuracy import accuracy, fashion_mnist_heldout, predict
 from auditor.attacks import compose, precision, prune, quantize, simulate
-from auditor.calibration import Calibration, fashion_mnist_calibration
+from auditor.data.calibration import Calibration, fashion_mnist_calibration
 from auditor.errors import AuditError
-from auditor.weights import WeightStore
+from auditor.read.weights import WeightStore
 
 MARKED, UNMARKED = "attacks-tinycnn-marked", "attacks-tinycnn-unmarked"
 SURVIVES = ["quantize:dynamic", "quantize:static-qdq", "quantize:static-qdq-per-channel",
@@ -41,7 +42,7 @@ def heldout():
 
 
 def read_mark(model: onnx.ModelProto, key, tmp_path) -> dict:
-    """The mark read through auditor.weights (dequantized float, ONNX layout = torch layout for Conv)."""
+    """The mark read through auditor.read.weights (dequantized float, ONNX layout = torch layout for Conv)."""
     path = tmp_path / "m.onnx"
     onnx.save_model(model, str(path))
     mark = key.whitebox[0]
@@ -87,7 +88,7 @@ def test_int8_keeps_task_accuracy(models, calibration, heldout):
 
 def test_qdq_weights_equal_onnxruntime_dequantization(models, calibration, tmp_path):
     """Each DequantizeLinear of a weight, run alone in onnxruntime and the reference evaluator,
-    equals (q - zero_point) * scale and the float weight auditor.weights reads back."""
+    equals (q - zero_point) * scale and the float weight auditor.read.weights reads back."""
     import onnxruntime as ort
 
     model, _ = models[MARKED]

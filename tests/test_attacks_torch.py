@@ -6,7 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from auditor import keys, stats  # noqa: E402
+from auditor.marks import stats  # noqa: E402
+from auditor.marks import keys
 
 
 def _marked_net(build_fixture):
@@ -51,7 +52,7 @@ def test_fine_tune_and_qat_keep_the_mark_and_do_not_mutate(build_fixture, tmp_pa
     import onnx
 
     from auditor.attacks import quantize
-    from auditor.calibration import Calibration, fashion_mnist_calibration
+    from auditor.data.calibration import Calibration, fashion_mnist_calibration
     from fixtures.attacks import _export
 
     _export(q, tmp_path)

@@ -43,8 +43,9 @@ def trigger_models(build_fixture, tmp_path_factory):
 @pytest.mark.trt
 @pytest.mark.parametrize("variant", ["fp32", "fp16", "int8"])
 def test_native_tensorrt_agrees_with_onnxruntime_cpu(trigger_models, variant):
-    from auditor import blackbox as bb
-    from auditor import keys, stats
+    from auditor.marks import blackbox as bb
+    from auditor.marks import keys
+    from auditor.marks import stats
 
     fx, models = trigger_models
     t = bb.load_triggers(keys.load_key(fx / "key.json"))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from auditor import blackbox as bb
-from auditor import keys
+from auditor.marks import blackbox as bb
+from auditor.marks import keys
 from auditor.errors import AuditError
 
 

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from auditor import blackbox as bb
-from auditor import keys, stats
+from auditor.marks import blackbox as bb
+from auditor.marks import keys
+from auditor.marks import stats
 from auditor.backends import open_runner
 
 

@@ -4,8 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from auditor import blackbox as bb
-from auditor import keys, stats
+from auditor.marks import blackbox as bb
+from auditor.marks import keys
+from auditor.marks import stats
 from auditor.backends import label_agreement, open_runner
 from auditor.errors import AuditError
 

@@ -7,8 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 from auditor.attacks import quantize
-from auditor.calibration import (ArrayReader, Calibration, calibration_data, fashion_mnist_calibration,
-                                 npy_calibration)
+from auditor.data.calibration import ArrayReader, Calibration, calibration_data, fashion_mnist_calibration, npy_calibration
 from auditor.errors import AuditError
 
 
@@ -43,7 +42,7 @@ def test_cached_ranges_give_onnxruntimes_own_model(build_fixture, tmp_path, meth
     """quantize_static through our cache == quantize_static with the reader and no cache, byte for byte."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from auditor.calibration import ort_method
+    from auditor.data.calibration import ort_method
 
     model = onnx.load(str(build_fixture("attacks-tinycnn-marked") / "model.onnx"))
     cal = Calibration(fashion_mnist_calibration(64, seed=0))

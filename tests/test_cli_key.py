@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from auditor.cli import main
-from auditor.keys import load_key
+from auditor.marks.keys import load_key
 
 
 def run_cli(*args):

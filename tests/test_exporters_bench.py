@@ -21,7 +21,7 @@ def test_bench_rnn_quick_reads_every_mark_from_onnx(tmp_path):
         for name, row in rows.items():
             for mark in row.get("marks", {}).values():
                 assert mark["detected_fraction"] == 1.0, (section, name, mark)
-                assert mark["via"] == "auditor.whitebox.extract"
+                assert mark["via"] == "auditor.marks.whitebox.extract"
     assert doc["sine_simple_rnn"]["results"]["kernel"]["weights"] == {"rnn.weight_ih_l0": 20, "rnn.weight_hh_l0": 400}
     assert doc["noisy_sine_lstm"]["results"]["kernel"]["weights"] == {"rnn.weight_ih_l0": 1200,
                                                                       "rnn.weight_hh_l0": 360000}

@@ -6,8 +6,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from auditor import keys, layout, whitebox
-from auditor.weights import WeightStore
+from auditor.marks import keys
+from auditor.read import layout
+from auditor.marks import whitebox
+from auditor.read.weights import WeightStore
 from exporters import data
 
 CNN = ["cnn-small-mean", "cnn-small-flatten", "cnn-small-legacy"]

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from auditor import keys
+from auditor.marks import keys
 from exporters import data, export, models, train
 from exporters import watermark as wm
 
@@ -190,8 +190,8 @@ def test_external_data_only_when_asked(tmp_path, exporter):
     m = onnx.load(str(res.onnx_path), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
     entry = res.manifest["params"]["rnn.weight_hh_l0"]
-    from auditor import layout
-    from auditor.weights import WeightStore
+    from auditor.read import layout
+    from auditor.read.weights import WeightStore
     w = layout.apply_transform(WeightStore.open(res.onnx_path).array(entry["onnx"]), entry["transform"])
     assert np.array_equal(w, model.rnn.weight_hh_l0.detach().numpy())
 

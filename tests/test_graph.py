@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
 from auditor.errors import AuditError
-from auditor.graph import external_files, open_model, tensor_array
+from auditor.read.graph import external_files, open_model, tensor_array
 
 
 def _matmul_model(w: np.ndarray) -> onnx.ModelProto:

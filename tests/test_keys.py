@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from auditor import keys
+from auditor.marks import keys
 from auditor.errors import AuditError
 
 

@@ -10,8 +10,8 @@ from onnx.reference import ReferenceEvaluator
 
 torch = pytest.importorskip("torch")
 
-from auditor.layout import following_batchnorm, torch_views, views_of  # noqa: E402
-from auditor.weights import WeightStore  # noqa: E402
+from auditor.read.layout import following_batchnorm, torch_views, views_of  # noqa: E402
+from auditor.read.weights import WeightStore  # noqa: E402
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 

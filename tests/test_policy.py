@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from auditor.errors import AuditError
-from auditor.policy import load_policy
+from auditor.gate.policy import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "release-policy.toml"

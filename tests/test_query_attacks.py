@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from auditor import blackbox as bb
+from auditor.marks import blackbox as bb
 from auditor.errors import AuditError
-from auditor.query_attacks import apply_attack, parse_attack
+from auditor.attacks.query import apply_attack, parse_attack
 
 
 def _pixels(n=4, c=1, seed=0):
@@ -88,7 +88,8 @@ def test_attacks_never_mutate_their_input():
 
 
 def test_query_attack_weakens_but_keeps_trigger_mark(build_fixture):
-    from auditor import keys, stats
+    from auditor.marks import keys
+    from auditor.marks import stats
     from auditor.backends import open_runner
 
     fx = build_fixture("bb-trigger")

@@ -76,7 +76,7 @@ def test_user_errors_exit_2(build_fixture, capsys, extra, msg):
 
 
 def test_key_without_blackbox_section_is_an_error(build_fixture, capsys, tmp_path):
-    from auditor import keys
+    from auditor.marks import keys
 
     fx = build_fixture("bb-trigger")
     keys.save_key(keys.Key(whitebox=[]), tmp_path / "key.json")

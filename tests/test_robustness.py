@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from auditor.cli import main
 from auditor.errors import AuditError
-from auditor.robustness import default_grid, grid_from_dict, load_grid
+from auditor.gate.robustness import default_grid, grid_from_dict, load_grid
 
 MARKED, UNMARKED = "attacks-tinycnn-marked", "attacks-tinycnn-unmarked"
 

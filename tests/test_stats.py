@@ -3,7 +3,7 @@ import math
 import pytest
 from scipy.stats import binom
 
-from auditor import stats
+from auditor.marks import stats
 
 
 @pytest.mark.parametrize("n,k", [(10, 10), (10, 7), (64, 40), (256, 128), (256, 200), (256, 256), (1, 0), (1, 1)])

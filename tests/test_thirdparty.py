@@ -21,8 +21,8 @@ from auditor.attacks.prune import prune
 from auditor.attacks.quantize import quantize
 from auditor.cli import main
 from auditor.errors import AuditError
-from auditor.layout import torch_views
-from auditor.weights import WeightStore
+from auditor.read.layout import torch_views
+from auditor.read.weights import WeightStore
 
 DATA = Path(os.environ.get("WMAUDIT_DATA", Path(__file__).resolve().parent.parent / "build" / "data"))
 FOLDER = DATA / "thirdparty"

@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-import auditor.graph as graph_mod
+import auditor.read.graph as graph_mod
 from auditor.errors import AuditError
-from auditor.weights import WeightStore
+from auditor.read.weights import WeightStore
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 from onnxruntime.quantization import (  # noqa: E402
     CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static)
 
-from auditor.layout import torch_views  # noqa: E402
-from auditor.weights import WeightStore  # noqa: E402
+from auditor.read.layout import torch_views  # noqa: E402
+from auditor.read.weights import WeightStore  # noqa: E402
 
 
 class Net(torch.nn.Module):
@@ -181,7 +181,7 @@ def test_torch_parameters_found_within_half_a_step(models, form):
 @pytest.mark.parametrize("form", ["dynamic", "qdq-per-tensor", "qdq-per-channel", "qoperator-per-channel", "dynamo-qdq-per-channel"])
 def test_batchnorm_after_quantized_conv_is_still_seen(models, form):
     """BN kept by the quantizer is found behind activation Q/DQ pairs or ConvInteger's rescaling."""
-    from auditor.layout import following_batchnorm
+    from auditor.read.layout import following_batchnorm
 
     store = WeightStore.open(_quantize(models, form))
     conv = [v for v in torch_views(store) if v.kind == "conv"]

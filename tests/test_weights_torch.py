@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from auditor.layout import torch_views  # noqa: E402
-from auditor.weights import WeightStore  # noqa: E402
+from auditor.read.layout import torch_views  # noqa: E402
+from auditor.read.weights import WeightStore  # noqa: E402
 
 IN, HID, SEQ = 6, 8, 5
 

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from auditor.cli import main  # noqa: E402
-from auditor.datasets import fashion_mnist, fashion_mnist_normalized  # noqa: E402
-from auditor.keys import load_key  # noqa: E402
-from auditor.whitebox import extract  # noqa: E402
+from auditor.data.datasets import fashion_mnist, fashion_mnist_normalized  # noqa: E402
+from auditor.marks.keys import load_key  # noqa: E402
+from auditor.marks.whitebox import extract  # noqa: E402
 
 T = 128
 

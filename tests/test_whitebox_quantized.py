@@ -9,11 +9,11 @@ import pytest
 
 from auditor.attacks.quantize import quantize
 from auditor.attacks.simulate import simulate_int8
-from auditor.calibration import Calibration, CalibrationData, fashion_mnist_calibration
+from auditor.data.calibration import Calibration, CalibrationData, fashion_mnist_calibration
 from auditor.cli import main
-from auditor.keys import load_key
-from auditor.weights import WeightStore
-from auditor.whitebox import extract
+from auditor.marks.keys import load_key
+from auditor.read.weights import WeightStore
+from auditor.marks.whitebox import extract
 
 CNN = ["cnn-small-mean", "cnn-small-flatten", "cnn-small-legacy"]
 MODES = ["dynamic", "static-qdq", "static-qdq-per-channel", "static-qop", "static-qop-per-channel"]

@@ -75,8 +75,8 @@ __all__ = ["AttackResult", "copy_model", "cap_ir_version", "workdir", "save", "l
 
 
 def load_model(path) -> onnx.ModelProto:
-    """A user's model with its external data, after auditor.graph's safety checks."""
-    from ..graph import model_dir, open_model
+    """A user's model with its external data, after auditor.read.graph's safety checks."""
+    from auditor.read.graph import model_dir, open_model
 
     m = open_model(path)
     onnx.load_external_data_for_model(m, str(model_dir(path)))

@@ -17,8 +17,8 @@ from typing import Any
 
 import onnx
 
-from ..errors import AuditError
-from . import AttackResult, precision, prune, quantize, simulate
+from auditor.errors import AuditError
+from auditor.attacks import AttackResult, precision, prune, quantize, simulate
 
 
 @dataclass(frozen=True)

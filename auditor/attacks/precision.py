@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import onnx
 
-from ..errors import AuditError
-from . import AttackResult, cap_ir_version, copy_model
-from .quantize import _quiet
+from auditor.errors import AuditError
+from auditor.attacks import AttackResult, cap_ir_version, copy_model
+from auditor.attacks.quantize import _quiet
 
 
 def to_fp16(model: onnx.ModelProto, *, keep_io_types: bool = True) -> AttackResult:

@@ -38,8 +38,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import AuditError
-from . import AttackResult, cap_ir_version, copy_model
+from auditor.errors import AuditError
+from auditor.attacks import AttackResult, cap_ir_version, copy_model
 
 MODES = ("magnitude", "global", "random", "l1-filter", "l1-channel")
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
@@ -71,7 +71,7 @@ def stored_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Every constant tensor a node can read by name, in every graph (If/Loop/Scan bodies
     included): initializers and the `value` tensors of Constant nodes. Writing into these
     TensorProtos changes the model; shipped files keep weights in any of these places."""
-    from ..graph import iter_graphs
+    from auditor.read.graph import iter_graphs
 
     out: dict[str, onnx.TensorProto] = {}
     for g, _ in iter_graphs(model.graph):
@@ -88,7 +88,7 @@ def stored_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def prunable_weights(model: onnx.ModelProto, ops=WEIGHT_OPS) -> tuple[list[tuple[str, onnx.NodeProto, int]], list[str]]:
     """([(weight name, consumer node, input slot)], [quantized weight names skipped]) in graph order,
     over the main graph and its subgraphs; weights may be initializers or Constant nodes."""
-    from ..graph import iter_graphs
+    from auditor.read.graph import iter_graphs
 
     tensors = stored_tensors(model)
     nodes = [n for g, _ in iter_graphs(model.graph) for n in g.node]
@@ -136,7 +136,7 @@ def prune(model: onnx.ModelProto, rate: float, *, mode: str = "magnitude", seed:
     if mode not in MODES:
         raise AuditError(f"unknown pruning mode {mode!r} (one of {', '.join(MODES)})")
     m = copy_model(model)
-    from .quantize import constants_as_tensors
+    from auditor.attacks.quantize import constants_as_tensors
 
     constants_as_tensors(m)  # value_floats Constants become tensors the loop below can rewrite
     found, quantized = prunable_weights(m, tuple(ops))

@@ -11,7 +11,7 @@ Modes (``quantize(model, mode, ...)``):
 * ``static-qop`` / ``static-qop-per-channel``: ``quantize_static`` with
   ``QuantFormat.QOperator`` (QLinearConv, com.microsoft QGemm, ...).
 
-Static modes need a ``Calibration`` (auditor.calibration): activation ranges
+Static modes need a ``Calibration`` (auditor.data.calibration): activation ranges
 are computed once per float model and method and read back through
 ``quantize_static(calibration_cache_path=...)``.
 
@@ -31,8 +31,8 @@ from typing import Any
 
 import onnx
 
-from ..errors import AuditError
-from . import AttackResult, cap_ir_version, copy_model, load, save, workdir
+from auditor.errors import AuditError
+from auditor.attacks import AttackResult, cap_ir_version, copy_model, load, save, workdir
 
 DYNAMIC = "dynamic"
 STATIC_MODES = {
@@ -75,8 +75,8 @@ def constants_as_tensors(model: onnx.ModelProto) -> int:
     """
     from onnx import helper
 
-    from ..graph import iter_graphs
-    from ..weights import constant_node_tensor
+    from auditor.read.graph import iter_graphs
+    from auditor.read.weights import constant_node_tensor
 
     done = 0
     for g, _ in iter_graphs(model.graph):
@@ -103,7 +103,7 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     import onnx_ir as ir
     from onnxscript.optimizer import fold_constants
 
-    from ..graph import iter_graphs
+    from auditor.read.graph import iter_graphs
 
     before = sum(len(g.node) for g, _ in iter_graphs(model.graph))
     irm = ir.from_proto(model)
@@ -199,7 +199,7 @@ def quantize_static(model: onnx.ModelProto, calibration, *, quant_format: str = 
                     keep_batchnorm: bool = True) -> AttackResult:
     """``onnxruntime.quantization.quantize_static`` (QDQ or QOperator) on a copy of ``model``.
 
-    ``calibration`` is an ``auditor.calibration.Calibration``; ranges are computed once
+    ``calibration`` is an ``auditor.data.calibration.Calibration``; ranges are computed once
     per (pre-processed float model, method) and reused through onnxruntime's cache file.
     """
     from onnxruntime.quantization import QuantFormat
@@ -209,7 +209,7 @@ def quantize_static(model: onnx.ModelProto, calibration, *, quant_format: str = 
         raise AuditError(f"unknown quantization format {quant_format!r} (qdq or qop)")
     if calibration is None:
         raise AuditError("static quantization needs calibration data")
-    from ..calibration import ort_method
+    from auditor.data.calibration import ort_method
 
     params = {"mode": "static-" + quant_format + ("-per-channel" if per_channel else ""),
               "quant_format": quant_format, "per_channel": bool(per_channel),

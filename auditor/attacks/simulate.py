@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import AuditError
-from . import AttackResult, cap_ir_version, copy_model
+from auditor.errors import AuditError
+from auditor.attacks import AttackResult, cap_ir_version, copy_model
 
 RNN_OPS = ("GRU", "RNN")
 GRANULARITIES = ("per-tensor", "per-channel")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AuditError
+from auditor.errors import AuditError
 
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
 
@@ -38,10 +38,10 @@ def availability(backend: str) -> tuple[bool, str]:
     if backend not in BACKENDS:
         return False, f"unknown backend (expected one of {', '.join(BACKENDS)})"
     if backend == "tensorrt":
-        from .tensorrt import availability as trt_availability
+        from auditor.backends.tensorrt import availability as trt_availability
 
         return trt_availability()
-    from .onnxruntime import provider_available
+    from auditor.backends.onnxruntime import provider_available
 
     return provider_available(_ORT_PROVIDERS[backend][0])
 
@@ -55,10 +55,10 @@ def open_runner(model_path: str | os.PathLike, backend: str = "ort-cpu", **optio
     if not ok:
         raise AuditError(f"backend {backend} is not available: {why}")
     if backend == "tensorrt":
-        from .tensorrt import EngineFromOnnx, TrtRunner
+        from auditor.backends.tensorrt import EngineFromOnnx, TrtRunner
 
         return TrtRunner(EngineFromOnnx(model_path, **options), name=backend)
-    from .onnxruntime import OnnxrtRunner, SessionFromOnnx
+    from auditor.backends.onnxruntime import OnnxrtRunner, SessionFromOnnx
 
     return OnnxrtRunner(SessionFromOnnx(model_path, providers=_ORT_PROVIDERS[backend], **options),
                         name=backend)

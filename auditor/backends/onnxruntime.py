@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AuditError
-from . import split_batches
+from auditor.errors import AuditError
+from auditor.backends import split_batches
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AuditError
-from . import split_batches
+from auditor.errors import AuditError
+from auditor.backends import split_batches
 
 
 def _cudart():

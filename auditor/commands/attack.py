@@ -6,8 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from .. import results
-from ..errors import AuditError
+from auditor import results
+from auditor.errors import AuditError
 
 HELP = "prune / quantize / convert an ONNX model the way a deployer would"
 DESCRIPTION = """Apply pruning and quantization to MODEL and write the attacked model to -o OUT.
@@ -30,8 +30,8 @@ def _rate(s: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..attacks.prune import MODES as PRUNE_MODES
-    from ..calibration import METHODS
+    from auditor.attacks.prune import MODES as PRUNE_MODES
+    from auditor.data.calibration import METHODS
 
     p.add_argument("model", help="ONNX file")
     p.add_argument("--prune", type=_rate, help="pruning rate in [0, 1)")
@@ -69,9 +69,9 @@ def steps_from_args(args) -> str:
 def run(args) -> int:
     import onnx
 
-    from ..attacks import load_model
-    from ..attacks.compose import compose
-    from ..calibration import Calibration, calibration_data
+    from auditor.attacks import load_model
+    from auditor.attacks.compose import compose
+    from auditor.data.calibration import Calibration, calibration_data
 
     steps = steps_from_args(args)
     if args.calibration_samples < 1:

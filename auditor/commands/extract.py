@@ -6,11 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import _types
-from .. import results, stats
-from ..errors import AuditError
-from ..keys import load_key
-from ..report import fmt_p
+from auditor.commands import _types
+from auditor import results
+from auditor.marks import stats
+from auditor.errors import AuditError
+from auditor.marks.keys import load_key
+from auditor.report import fmt_p
 
 HELP = "extract white-box (Uchida) marks from an ONNX file and give a verdict"
 DESCRIPTION = """Extract every white-box mark of KEY from MODEL and give a verdict with an exact
@@ -47,7 +48,7 @@ def load_manifest(path: str | None) -> dict | None:
 
 
 def run(args) -> int:
-    from ..whitebox import extract
+    from auditor.marks.whitebox import extract
 
     key = load_key(args.key)
     manifest = load_manifest(args.manifest)

@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from .. import results
-from ..errors import AuditError
+from auditor import results
+from auditor.errors import AuditError
 
 HELP = "check a model against a release policy (attacks it must survive, thresholds); JUnit for CI"
 DESCRIPTION = """Apply every attack the policy names to MODEL, extract the key's marks from each
@@ -52,11 +52,11 @@ def _write_text(path: str, text: str) -> None:
 
 
 def run(args) -> int:
-    from ..commands.extract import load_manifest
-    from ..gate import exit_code, gate_document
-    from ..keys import load_key
-    from ..policy import load_policy
-    from ..report import junit, terminal
+    from auditor.commands.extract import load_manifest
+    from auditor.gate.gate import exit_code, gate_document
+    from auditor.marks.keys import load_key
+    from auditor.gate.policy import load_policy
+    from auditor.report import junit, terminal
 
     # policy first: a malformed policy is reported before any model work starts
     policy = load_policy(args.policy)

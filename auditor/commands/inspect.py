@@ -26,9 +26,9 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     """The inspection body as data (no tensor values read)."""
     import numpy as np
 
-    from ..graph import external_files, iter_graphs, model_dir
-    from ..layout import torch_views
-    from ..weights import WeightStore
+    from auditor.read.graph import external_files, iter_graphs, model_dir
+    from auditor.read.layout import torch_views
+    from auditor.read.weights import WeightStore
 
     store = WeightStore.open(path)
     m = store.model
@@ -88,7 +88,7 @@ def render(body: dict[str, Any], path: str) -> str:
 
 
 def run(args) -> int:
-    from .. import results
+    from auditor import results
 
     body = inspect_model(args.model)
     if args.json:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import results
-from ..errors import AuditError
-from ..keys import (Key, load_key, make_mark, reduced_length, save_key, sha256_file)
+from auditor import results
+from auditor.errors import AuditError
+from auditor.marks.keys import Key, load_key, make_mark, reduced_length, save_key, sha256_file
 
 HELP = "import, show and verify key files"
 DESCRIPTION = """Key files.
@@ -99,7 +99,7 @@ def _import(args) -> int:
         if not (args.images and args.labels):
             raise AuditError("a trigger-set import needs both --images and --labels")
         try:
-            from ..blackbox import import_trigger_key
+            from auditor.marks.blackbox import import_trigger_key
         except ImportError:
             raise AuditError("black-box keys are not available in this build") from None
         import_trigger_key(args.images, args.labels, out, num_classes=args.num_classes)
@@ -169,7 +169,7 @@ def _show(args, verify: bool) -> int:
                       "batchnorm_anchors": m.batchnorm is not None})
     if verify and key.blackbox:
         try:
-            from ..blackbox import verify_blackbox_key
+            from auditor.marks.blackbox import verify_blackbox_key
         except ImportError:
             verify_blackbox_key = None
         if verify_blackbox_key is not None:

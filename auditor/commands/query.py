@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import _types
-from .. import results, stats
-from ..errors import AuditError
-from ..report import fmt_p
+from auditor.commands import _types
+from auditor import results
+from auditor.marks import stats
+from auditor.errors import AuditError
+from auditor.report import fmt_p
 
 HELP = "query a model with the key's trigger set / logo key images and test the answers"
 DESCRIPTION = """Query MODEL with the black-box key images of --key on --backend and judge the
@@ -22,7 +23,7 @@ rotate:DEG, shift:DX,DY). Exit 0 = detected, 1 = not detected or insufficient ev
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..backends import BACKENDS
+    from auditor.backends import BACKENDS
 
     p.add_argument("model", help="ONNX file to query")
     p.add_argument("--key", required=True, help="key.json with a blackbox section")
@@ -44,10 +45,10 @@ def query_model(model: str, key_path: str, *, backend: str = "ort-cpu", referenc
                 attack_seed: int = 0, batch_size: int = 64, n_perm: int = 10_000, seed: int = 0,
                 alpha: float = stats.DEFAULT_ALPHA, logo_out: str | None = None) -> dict[str, Any]:
     """Everything ``wmaudit query`` reports, as data (no printing)."""
-    from .. import blackbox as bb
-    from ..backends import open_runner
-    from ..keys import load_key
-    from ..query_attacks import parse_attack
+    from auditor.marks import blackbox as bb
+    from auditor.backends import open_runner
+    from auditor.marks.keys import load_key
+    from auditor.attacks.query import parse_attack
 
     if not Path(model).is_file():
         raise AuditError(f"model not found: {model}")

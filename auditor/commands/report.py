@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import AuditError
+from auditor.errors import AuditError
 
 HELP = "render result JSON (gate, robustness, query, extract) as a self-contained HTML report"
 DESCRIPTION = """Render one or more wmaudit result files into a single HTML file that needs no
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..report import html, junit, load_result, terminal
+    from auditor.report import html, junit, load_result, terminal
 
     docs = [load_result(p) for p in args.results]
     if args.format == "html":

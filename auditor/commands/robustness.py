@@ -5,9 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import _types
-from .. import results
-from ..errors import AuditError
+from auditor.commands import _types
+from auditor import results
+from auditor.errors import AuditError
 
 HELP = "run a grid of pruning / quantization attacks and measure the mark and the task"
 DESCRIPTION = """Attack MODEL with every config of --grid (TOML; a default grid of pruning rates x
@@ -35,11 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..accuracy import fashion_mnist_heldout
-    from ..calibration import Calibration, calibration_data
-    from ..keys import load_key
-    from ..robustness import default_grid, load_grid, load_manifest, run_grid
-    from .extract import load_manifest as load_manifest_file
+    from auditor.data.accuracy import fashion_mnist_heldout
+    from auditor.data.calibration import Calibration, calibration_data
+    from auditor.marks.keys import load_key
+    from auditor.gate.robustness import default_grid, load_grid, load_manifest, run_grid
+    from auditor.commands.extract import load_manifest as load_manifest_file
 
     model = Path(args.model)
     if not model.is_file():

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import AuditError
-from ..results import SCHEMA
+from auditor.errors import AuditError
+from auditor.results import SCHEMA
 
 
 # ------------------------------------------------------------------ loading

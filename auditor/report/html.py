@@ -19,8 +19,8 @@ import json
 import math
 from typing import Any, Iterator
 
-from . import as_float, fmt_num, fmt_p, grid_rows
-from . import plots
+from auditor.report import as_float, fmt_num, fmt_p, grid_rows
+from auditor.report import plots
 
 _CSS = """
 body { font-family: sans-serif; margin: 24px auto; max-width: 1200px; color: #1a1a1a; line-height: 1.4; }

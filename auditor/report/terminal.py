@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Iterable, Sequence, TextIO
 
-from . import fmt_num, fmt_p
+from auditor.report import fmt_num, fmt_p
 
 
 # ------------------------------------------------------------------ tables
@@ -104,7 +104,7 @@ def _measured_brief(m: dict[str, Any]) -> str:
 
 
 def render_robustness(doc: dict[str, Any]) -> str:
-    from . import grid_rows
+    from auditor.report import grid_rows
 
     rows = grid_rows(doc)
     out = [_header(doc), "\n"]

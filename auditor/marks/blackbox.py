@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from . import keys as keys_mod
-from . import stats
-from .errors import AuditError
+from auditor.marks import keys as keys_mod
+from auditor.marks import stats
+from auditor.errors import AuditError
 
 DEFAULT_COUNTS = (1, 3, 5, 10, 20)
 DEFAULT_PERMUTATIONS = 10_000
@@ -247,7 +247,7 @@ def query(runner, images: np.ndarray, preprocess: Preprocess, *, batch_size: int
     """Raw outputs [N, C] of ``runner`` for the key images (after an optional query attack)."""
     x = images
     if attack:
-        from .query_attacks import apply_attack
+        from auditor.attacks.query import apply_attack
 
         pixels = preprocess.to_pixels(images)
         attacked = apply_attack(attack, pixels, preprocess.range_of_pixels(pixels), seed=attack_seed)

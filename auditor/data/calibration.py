@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import AuditError
+from auditor.errors import AuditError
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 256
@@ -59,7 +59,7 @@ class CalibrationData:
 
 def fashion_mnist_calibration(n: int = DEFAULT_SAMPLES, seed: int = 0, batch_size: int = DEFAULT_BATCH) -> CalibrationData:
     """n seeded Fashion-MNIST *train* images, normalised as every exporter model expects."""
-    from . import datasets
+    from auditor.data import datasets
 
     images, _ = datasets.fashion_mnist("train")
     idx = np.sort(np.random.default_rng(seed).choice(len(images), size=min(n, len(images)), replace=False))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import AuditError
+from auditor.errors import AuditError
 
 FORMAT = "wmaudit-policy/1"
 
@@ -122,7 +122,7 @@ class Policy:
 # ------------------------------------------------------------------ attack steps
 def check_steps(steps: str, ctx: str) -> str:
     """Validate compose step syntax (auditor.attacks.compose.parse_steps); the normalised string."""
-    from .attacks.compose import parse_steps
+    from auditor.attacks.compose import parse_steps
 
     try:
         return ",".join(str(st) for st in parse_steps(steps))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .errors import AuditError
+from auditor.errors import AuditError
 
 DEFAULT_HELDOUT = 2000
 
@@ -32,7 +32,7 @@ class HeldOut:
 
 def fashion_mnist_heldout(n: int = DEFAULT_HELDOUT, seed: int = 0) -> HeldOut:
     """n seeded examples of the Fashion-MNIST test split (all 10,000 when n >= 10,000)."""
-    from . import datasets
+    from auditor.data import datasets
 
     images, labels = datasets.fashion_mnist("test")
     if n < len(labels):

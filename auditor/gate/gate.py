@@ -3,9 +3,9 @@
 ``run_gate(model_path, key, policy)`` applies every attack the policy names
 (through ``auditor.attacks``, never re-implemented here) to a copy of the
 model, extracts the white-box marks from each attacked model
-(``auditor.whitebox``), measures task accuracy on every backend the policy
-names (``auditor.accuracy``) and, when the key carries black-box evidence,
-queries it (``auditor.blackbox``). Each piece of evidence becomes one
+(``auditor.marks.whitebox``), measures task accuracy on every backend the policy
+names (``auditor.data.accuracy``) and, when the key carries black-box evidence,
+queries it (``auditor.marks.blackbox``). Each piece of evidence becomes one
 *requirement* with its measured numbers, the thresholds it was held to, and
 the reasons it failed. The gate passes when every requirement passes.
 
@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import results
-from .errors import AuditError
-from .report import fmt_p
-from .keys import Key
-from .policy import BASELINE_ID, AttackSpec, Policy
+from auditor import results
+from auditor.errors import AuditError
+from auditor.report import fmt_p
+from auditor.marks.keys import Key
+from auditor.gate.policy import BASELINE_ID, AttackSpec, Policy
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 
@@ -142,7 +142,7 @@ def needs_calibration(policy: Policy) -> bool:
 
 def make_calibration(policy: Policy):
     """Calibration data for static quantization, as the policy names it (seeded)."""
-    from .calibration import Calibration, calibration_data
+    from auditor.data.calibration import Calibration, calibration_data
 
     return Calibration(calibration_data(policy.calibration_data, policy.calibration_samples,
                                         policy.calibration_seed))
@@ -151,7 +151,7 @@ def make_calibration(policy: Policy):
 def apply_attack(model, spec: AttackSpec, policy: Policy, calibration=None) -> tuple[Any, dict[str, Any]]:
     """Run the spec's steps through auditor.attacks.compose on the model (never modified);
     (attacked model, record of the parameters each step used, notes, simulated)."""
-    from .attacks.compose import compose
+    from auditor.attacks.compose import compose
 
     options = dict(spec.options)
     options.setdefault("prune_seed", policy.seed)  # random pruning draws from the policy's seed
@@ -169,7 +169,7 @@ def load_model_full(path: str | Path):
     """The model with its external data, after graph.open_model's safety checks."""
     import onnx.external_data_helper as xdh
 
-    from .graph import model_dir, open_model
+    from auditor.read.graph import model_dir, open_model
 
     model = open_model(path)
     xdh.load_external_data_for_model(model, str(model_dir(path)))
@@ -177,23 +177,23 @@ def load_model_full(path: str | Path):
 
 
 def _save(model, path: Path) -> Path:
-    from .attacks import save
+    from auditor.attacks import save
 
     return save(model, path)
 
 
 # ------------------------------------------------------------------ measurement adapters
 def measure_accuracy(model_path: Path, backend: str, heldout) -> dict[str, Any]:
-    """Top-1 accuracy on the held-out set (auditor.accuracy) on one backend: onnxruntime CPU
-    through auditor.accuracy itself, every other backend through its auditor.backends runner."""
+    """Top-1 accuracy on the held-out set (auditor.data.accuracy) on one backend: onnxruntime CPU
+    through auditor.data.accuracy itself, every other backend through its auditor.backends runner."""
     import numpy as np
 
-    from . import accuracy
+    from auditor.data import accuracy
 
     if backend == "ort-cpu":
         acc = accuracy.accuracy(str(model_path), heldout)
     else:
-        from .backends import open_runner
+        from auditor.backends import open_runner
 
         with open_runner(model_path, backend) as runner:
             logits = runner.infer_batches(heldout.inputs, batch_size=500)
@@ -213,7 +213,7 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
     Returns {"verdict": "pass"|"fail", "summary", "requirements", "attacks", "policy"}.
     Raises AuditError for bad input (unreadable model, an attack that cannot be applied).
     """
-    from .whitebox import extract
+    from auditor.marks.whitebox import extract
 
     model_path = Path(model_path)
     original = load_model_full(model_path)
@@ -223,7 +223,7 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
     calibration = make_calibration(policy) if needs_calibration(policy) else None
     heldout = None
     if policy.accuracy:
-        from .accuracy import fashion_mnist_heldout
+        from auditor.data.accuracy import fashion_mnist_heldout
 
         heldout = fashion_mnist_heldout(policy.accuracy_samples, policy.accuracy_seed)
     reqs: list[Requirement] = []
@@ -322,8 +322,8 @@ def judge_blackbox(attack_id: str, model_path: Path, key: Key, backend: str, thr
     if not (bb.get("triggers") or bb.get("logo")):
         return [error_requirement(rid, attack_id, "blackbox",
                                   "the policy requires black-box evidence but the key holds none", backend)], {}
-    from . import blackbox
-    from .backends import open_runner
+    from auditor.marks import blackbox
+    from auditor.backends import open_runner
 
     alpha = thresholds["max_p_value"]
     doc: dict[str, Any] = {}

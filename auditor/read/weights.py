@@ -24,8 +24,8 @@ import onnx
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from .errors import AuditError
-from .graph import external_info, model_dir, open_model, tensor_array, tensor_shape
+from auditor.errors import AuditError
+from auditor.read.graph import external_info, model_dir, open_model, tensor_array, tensor_shape
 
 __all__ = ["Weight", "WeightStore", "dtype_name"]
 
@@ -354,7 +354,7 @@ class WeightStore:
         except Exception:
             return {}
         out: dict[str, tuple[int, tuple[int, ...] | None]] = {}
-        from .graph import iter_graphs
+        from auditor.read.graph import iter_graphs
         for g, _ in iter_graphs(inferred.graph):
             for vi in list(g.value_info) + list(g.output):
                 tt = vi.type.tensor_type

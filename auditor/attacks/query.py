@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import AuditError
+from auditor.errors import AuditError
 
 ATTACKS = ("jpeg", "noise", "resize", "crop", "rotate", "shift")
 

@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AuditError
+from auditor.errors import AuditError
 
 FORMAT = "wmaudit-key/1"
 GENERATOR = "numpy.default_rng.standard_normal"
 REDUCTIONS = ("mean", "flatten")
-SCHEMA_PATH = Path(__file__).parent / "schemas" / "key.schema.json"
+SCHEMA_PATH = Path(__file__).parent.parent / "schemas" / "key.schema.json"
 
 
 # ---------------------------------------------------------------- projection

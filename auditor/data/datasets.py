@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AuditError
+from auditor.errors import AuditError
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -23,7 +23,7 @@ def data_root() -> Path:
     env = os.environ.get("WMAUDIT_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "build" / "data"
+    return Path(__file__).resolve().parents[2] / "build" / "data"
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

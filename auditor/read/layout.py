@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .weights import Weight, WeightStore
+from auditor.read.weights import Weight, WeightStore
 
 __all__ = ["TorchView", "torch_views", "views_of", "following_batchnorm", "GATE_ORDER", "apply_transform"]
 

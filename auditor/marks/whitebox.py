@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
-from .errors import AuditError
-from .keys import Key, WhiteboxMark, reduce_weight
+from auditor.marks import stats
+from auditor.errors import AuditError
+from auditor.marks.keys import Key, WhiteboxMark, reduce_weight
 
 # Names exporters and quantizers give to a tensor derived from a parameter.
 _SUFFIXES = ("_quantized", "_dequantizelinear_output", "_dequantized", "_dequantizelinear",
@@ -40,7 +40,7 @@ _PREFIXES = ("onnx__", "model_", "module_", "_orig_mod_", "p_", "l__self___", "s
 @dataclass
 class Location:
     weight: str               # ONNX tensor (as listed by WeightStore)
-    transform: str            # layout transform to torch layout (auditor.layout label)
+    transform: str            # layout transform to torch layout (auditor.read.layout label)
     how: str                  # manifest | name | shape-search
     candidates: int           # distinct candidates tried (Bonferroni m)
     stored_dtype: str = ""
@@ -166,7 +166,7 @@ def _rnn_hint(param: str) -> tuple[str | None, int | None]:
 
 
 def _views(store):
-    from .layout import torch_views
+    from auditor.read.layout import torch_views
 
     return torch_views(store)
 
@@ -228,7 +228,7 @@ def batchnorm_status(store, view, mark: WhiteboxMark, reference_bn: dict | None)
         return {"status": "not-applicable"}
     following = None
     try:
-        from .layout import following_batchnorm
+        from auditor.read.layout import following_batchnorm
 
         following = following_batchnorm(store, view.weight.name)
     except (ImportError, AttributeError):
@@ -250,8 +250,8 @@ def batchnorm_status(store, view, mark: WhiteboxMark, reference_bn: dict | None)
 
 def reference_batchnorm(reference_path: str | Path, mark: WhiteboxMark) -> dict | None:
     """BN parameters following the marked conv in the owner's reference ONNX model."""
-    from .layout import following_batchnorm
-    from .weights import WeightStore
+    from auditor.read.layout import following_batchnorm
+    from auditor.read.weights import WeightStore
 
     ref = WeightStore.open(reference_path)
     views, how = locate(ref, mark)
@@ -317,7 +317,7 @@ def _is_conv(view) -> bool:
 def extract(model, key: Key, *, manifest: dict | None = None, alpha: float = stats.DEFAULT_ALPHA,
             reference: str | Path | None = None, marks: list[str] | None = None) -> ExtractionResult:
     """Extract every white-box mark of `key` from `model` (a path or a WeightStore)."""
-    from .weights import WeightStore
+    from auditor.read.weights import WeightStore
 
     store = model if not isinstance(model, (str, Path)) else WeightStore.open(model)
     selected = [mk for mk in key.whitebox if not marks or mk.id in marks or mk.param in marks]

@@ -14,14 +14,14 @@ A grid is a list of configs; each config is a sequence of attack steps
     steps = "prune:0.8,quantize:static-qop"
 
 Per config: the attack's params and notes, ``simulated``, every white-box
-mark's BER / p / log10 p / margins / verdict (``auditor.whitebox.extract``),
+mark's BER / p / log10 p / margins / verdict (``auditor.marks.whitebox.extract``),
 task accuracy on the held-out set and the drop against the unattacked model.
 The mark survives a config when the verdict stays "detected".
 
 Calibration: before the configs run, every distinct float model that a
 static quantization step will see (the unattacked model, or its pruned
 variants) is calibrated once per method, in parallel; the configs then read
-the cached ranges (``auditor.calibration``). Configs run in a process pool
+the cached ranges (``auditor.data.calibration``). Configs run in a process pool
 (workers = min(cores, configs, jobs)); results are ordered as the grid lists
 them, so the JSON is identical across runs apart from ``created``.
 """
@@ -41,10 +41,10 @@ from typing import Any
 
 import onnx
 
-from . import stats
-from .attacks import compose as compose_mod
-from .attacks import quantize as quantize_mod
-from .errors import AuditError
+from auditor.marks import stats
+from auditor.attacks import compose as compose_mod
+from auditor.attacks import quantize as quantize_mod
+from auditor.errors import AuditError
 
 DEFAULT_PRUNE_RATES = (0.0, 0.5, 0.8, 0.9)
 DEFAULT_QUANTIZE = ("none", "dynamic", "static-qdq", "static-qdq-per-channel", "static-qop", "fp16")
@@ -118,7 +118,7 @@ def grid_from_dict(doc: dict, where: str = "grid") -> Grid:
     if not configs:
         raise AuditError(f"{where}: no configs")
     method = g.get("calibration", "minmax")
-    from .calibration import METHODS
+    from auditor.data.calibration import METHODS
 
     if method not in METHODS:
         raise AuditError(f"{where}: calibration must be one of {', '.join(METHODS)}")
@@ -143,7 +143,7 @@ _STATE: dict[str, Any] = {}
 def _init_worker(state: dict) -> None:
     _STATE.clear()
     _STATE.update(state)
-    from .attacks import load_model
+    from auditor.attacks import load_model
 
     _STATE["model"] = load_model(state["model_path"])
 
@@ -168,8 +168,8 @@ def _calibrate(prefix: str) -> str:
 
 def measure(path: str | os.PathLike, key, manifest: dict | None, heldout, threads: int = 0) -> dict:
     """White-box marks and accuracy of one model file."""
-    from . import whitebox
-    from .accuracy import accuracy
+    from auditor.marks import whitebox
+    from auditor.data.accuracy import accuracy
 
     res = whitebox.extract(path, key, manifest=manifest)
     marks = []
@@ -235,7 +235,7 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration, heldou
              manifest: dict | None = None, jobs: int | None = None, models_dir: str | os.PathLike | None = None,
              progress: bool = True, command: str | None = None) -> dict:
     """Run every config of ``grid`` on the model; returns the result document (envelope 'robustness')."""
-    from .results import envelope
+    from auditor.results import envelope
 
     model_path = Path(model_path)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import AuditError
+from auditor.errors import AuditError
 
 __all__ = [
     "open_model",

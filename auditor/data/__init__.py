@@ -1,0 +1,1 @@
+"""User data for anything that runs a model: data sets, calibration, fidelity and accuracy."""

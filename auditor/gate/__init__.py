@@ -1,0 +1,1 @@
+"""Release policy, the gate and robustness grids."""

@@ -1,0 +1,1 @@
+"""Reading ONNX files safely: graph, every weight, torch layouts."""
