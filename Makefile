@@ -9,15 +9,26 @@ FIX := $(BUILD)/fixtures
 export WMAUDIT_DATA := $(abspath $(DATA))
 export WMAUDIT_FIXTURES := $(abspath $(FIX))
 
-.PHONY: env data fixtures demo test test-all bench bench-quick report gate browser clean
+.PHONY: env lock data fixtures demo test test-all bench bench-quick report gate browser clean
 
 # torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
-$(VENV)/.stamp: pyproject.toml
+# Everything else comes from requirements.lock (exact versions, sha256 hashes; `make lock`).
+$(VENV)/.stamp: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --require-hashes --no-deps -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	@$(PY) -c "import torch,sys; v=torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was replaced: '+v)"
+	$(VENV)/bin/pip check
 	touch $@
+
+# Refresh the lock on purpose (new upstream releases are taken only here). The CPU build of
+# torch is found through TORCH_FIND_LINKS (this machine keeps it in /opt/wheels).
+TORCH_FIND_LINKS ?= /opt/wheels
+lock: $(VENV)/.stamp
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra ray --generate-hashes \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_FIND_LINKS) \
+	  --constraint constraints.txt --custom-compile-command "make lock" --annotation-style line -o requirements.lock
 
 env: $(VENV)/.stamp
 

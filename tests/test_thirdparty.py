@@ -231,9 +231,10 @@ def test_foreign_mark_on_an_unmarked_file(name, tmp_path, capsys):
     assert rc == 0 and _ber(d) == 0.0
     assert d["result"]["marks"][0]["location"]["weight"] == param
     # after onnxruntime's dynamic int8 quantization the same parameter is still found
-    if QUANT[name] != "quantized":
-        return  # see test_dynamic_int8_dequantizes_within_one_step
-    q = quantize(onnx.load(str(path)), "dynamic")
+    try:
+        q = quantize(onnx.load(str(path)), "dynamic")
+    except AuditError:
+        return  # onnxruntime could not quantize this file: see test_dynamic_int8_dequantizes_within_one_step
     qpath = tmp_path / "int8.onnx"
     onnx.save(q.model, str(qpath))
     rc, d = _extract(qpath, key, capsys)
@@ -322,35 +323,29 @@ def test_prune_half_is_exact_and_the_model_still_runs(name):
     assert all(np.isfinite(np.asarray(o, dtype=np.float64)).all() for o in outs)
 
 
-# What onnxruntime 1.31's quantize_dynamic does with each file: quantizes it; leaves
-# it float (weights inside If branches are not visited); or fails in its own shape
-# inference on the unrolled LSTM cell's Gemms (reported as one AuditError line).
-QUANT = {"ppocr_cls.onnx": "quantized", "silero_vad.onnx": "unchanged", "silero_vad_16k_op15.onnx": "quantized",
-         "magika_v3_3.onnx": "quantized", "captcha_crnn.onnx": "error"}
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_dynamic_int8_dequantizes_within_one_step(name, tmp_path):
-    """Every weight onnxruntime quantized reads back within one int8 step of the float weight."""
+    """Whatever onnxruntime's quantize_dynamic does with a file, our behaviour is defined:
+    a failure inside onnxruntime is one AuditError line; a model it left float keeps every
+    weight's values; every weight it quantized reads back within one int8 step of the float.
+    (Which of the three happens depends on the onnxruntime release: 1.31 failed on
+    captcha_crnn's unrolled LSTM Gemms, 1.32 quantizes it.)"""
     path = _path(name)
     float_store = WeightStore.open(path)
-    if QUANT[name] == "error":
-        with pytest.raises(AuditError, match="^quantize_dynamic failed: ") as e:
-            quantize(onnx.load(str(path)), "dynamic")
-        assert "\n" not in str(e.value)
+    try:
+        q = quantize(onnx.load(str(path)), "dynamic")
+    except AuditError as e:
+        assert str(e).startswith("quantize_dynamic failed: ") and "\n" not in str(e)
         return
-    q = quantize(onnx.load(str(path)), "dynamic")
     qpath = tmp_path / "int8.onnx"
     onnx.save(q.model, str(qpath))
     qs = WeightStore.open(qpath)
     quantized = [w for w in qs.weights if w.quant]
-    if QUANT[name] == "unchanged":
-        assert quantized == []
+    if not quantized:
         # pre-processing may fold or rename constants, but every weight keeps its float values
         originals = {(w.shape, float_store.array(w.name).tobytes()) for w in float_store.weights}
         assert all((w.shape, qs.array(w.name).tobytes()) in originals for w in qs.weights)
         return
-    assert quantized, "onnxruntime quantized nothing"
     labels = {w.quant for w in quantized}
     assert labels <= {"ConvInteger", "MatMulInteger", "DynamicQuantizeLSTM", "qdq-per-tensor"}
     for w in quantized:
@@ -364,3 +359,17 @@ def test_dynamic_int8_dequantizes_within_one_step(name, tmp_path):
     sess = ort.InferenceSession(str(qpath), providers=["CPUExecutionProvider"])
     outs = sess.run(None, _feed(sess, FILES[name]))
     assert all(np.isfinite(np.asarray(o, dtype=np.float64)).all() for o in outs)
+
+
+def test_dynamic_int8_upstream_failure_is_one_line(monkeypatch):
+    """If onnxruntime's quantize_dynamic raises (as 1.31 did on captcha_crnn), the attack
+    reports it as one AuditError line naming the tool, whatever the upstream message."""
+    import onnxruntime.quantization as oq
+
+    def broken(*a, **k):
+        raise RuntimeError("[ShapeInferenceError] first line\nsecond line")
+
+    monkeypatch.setattr(oq, "quantize_dynamic", broken)
+    with pytest.raises(AuditError) as e:
+        quantize(onnx.load(str(_path("ppocr_cls.onnx"))), "dynamic")
+    assert str(e.value) == "quantize_dynamic failed: RuntimeError: [ShapeInferenceError] first line second line"
