@@ -70,6 +70,22 @@ def log10_binom_tail(n: int, k: int, p0: float) -> float:
     return (m + math.log(sum(math.exp(t - m) for t in terms))) / math.log(10.0)
 
 
+def two_sided_binom_half(n: int, k: int) -> float:
+    """Two-sided P-value of k successes in n fair coins: 2 min(P[X <= k], P[X >= k]), capped at 1.
+    Exact integers up to n = 4000, scipy's binomial distribution above (used for assumption checks)."""
+    n, k = int(n), int(k)
+    if n <= 0:
+        return 1.0
+    lo = min(k, n - k)
+    if n <= 4000:
+        tail = binom_tail_half(n, n - lo)  # P[X >= n - lo] = P[X <= lo]
+    else:
+        from scipy.stats import binom
+
+        tail = float(binom.cdf(lo, n, 0.5))
+    return min(1.0, 2.0 * tail)
+
+
 def bonferroni(p: float, m: int) -> float:
     """Family-wise correction when the best of m candidates is reported."""
     return min(1.0, p * max(1, m))
