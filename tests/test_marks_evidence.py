@@ -70,3 +70,136 @@ def test_one_hot_all_zero_key_is_no_longer_detected_on_an_unmarked_file(tmp_path
     out = capsys.readouterr().out
     assert rc == 1 and "VERDICT: DETECTED" not in out and "EVIDENCE: UNCOMMITTED" in out
     assert "empirical null" in out
+
+
+# ---------------------------------------------------------------- committed keys
+from auditor.marks import evidence, keys  # noqa: E402
+
+
+def test_commit_seed_and_bits_follow_the_documented_derivation():
+    import hashlib
+
+    h = hashlib.sha256(b"wmaudit-commit/1\0ACME Vision\0tinycnn/conv2/1").digest()
+    assert evidence.commit_seed("ACME Vision", "tinycnn/conv2/1") == int.from_bytes(h[:8], "big")
+    hb = hashlib.sha256(b"wmaudit-bits/1\0ACME Vision\0tinycnn/conv2/1").digest()
+    bits = np.random.default_rng(int.from_bytes(hb[:8], "big")).integers(0, 2, 256)
+    assert np.array_equal(evidence.derive_bits("ACME Vision", "tinycnn/conv2/1", 256), bits)
+    assert evidence.commit_seed("ACME Vision", "tinycnn/conv2/2") != evidence.commit_seed("ACME Vision", "tinycnn/conv2/1")
+
+
+def test_key_new_verify_show_and_tampering(tmp_path, capsys):
+    k = tmp_path / "key.json"
+    args = ["key", "new", "--owner", "ACME Vision", "--nonce", "n1", "--date", "2026-01-15", "--param", "conv2.weight",
+            "--shape", "16,8,3,3", "--reduce", "flatten", "--bits-count", "64", "-o", str(k)]
+    assert main(args) == 0
+    assert main(["key", "new", "--owner", "ACME Vision", "--nonce", "n2", "--date", "2026-01-15", "--param", "fc.weight",
+                 "--shape", "10,784", "--reduce", "mean", "--id", "fc", "--append", "-o", str(k)]) == 0
+    # same owner and nonce twice in one key: refused
+    assert main(args[:-2] + ["--id", "again", "--append", "-o", str(k)]) == 2
+    capsys.readouterr()
+    assert main(["key", "verify", str(k), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [m["evidence"] for m in doc["whitebox"]] == ["committed", "committed"]
+    key = keys.load_key(k)
+    st = key.whitebox[0].extra["statement"]
+    assert key.whitebox[0].projection["seed"] == evidence.commit_seed("ACME Vision", "n1")
+    assert st["commitment"] == evidence.statement_commitment(st) and st["date"] == "2026-01-15"
+    # old keys (no statement) still load and verify, as uncommitted
+    assert main(["key", "verify", str(Path(_fixture_dir("attacks-tinycnn-marked")) / "key.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["whitebox"][0]["evidence"] == "uncommitted"
+    # a statement whose bits were changed afterwards: verify refuses, extract calls it uncommitted
+    m = key.whitebox[0]
+    m.bits = 1 - m.bits
+    keys.save_key(key, tmp_path / "tampered.json")
+    assert main(["key", "verify", str(tmp_path / "tampered.json")]) == 2
+    assert "bits are not derived" in capsys.readouterr().err
+    c = evidence.classify_mark(keys.load_key(tmp_path / "tampered.json").whitebox[0])
+    assert c["kind"] == "uncommitted" and "bits are not derived" in c["sentence"]
+    # bad date: one line, exit 2
+    assert main(args[:7] + ["15/01/2026"] + args[8:-1] + [str(tmp_path / "x.json")]) == 2
+
+
+def _fixture_dir(name):
+    from fixtures.build import ensure
+
+    return ensure(name)
+
+
+def test_committed_fixture_detected_as_committed_evidence(build_fixture, capsys):
+    d = build_fixture("evidence-tinycnn-committed")
+    rc = main(["extract", str(d / "model.onnx"), "--key", str(d / "key.json"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    m = doc["result"]["marks"][0]
+    assert rc == 0 and m["matches"] == 256 and m["null"]["kind"] == "fair-coin"
+    assert m["p_value"] == pytest.approx(2.0 ** -256) and m["evidence"]["kind"] == "committed"
+    assert doc["evidence"]["kind"] == "committed" and doc["result"]["evidence"]["kind"] == "committed"
+    assert m["evidence"]["date"] == "2026-01-15"
+    # the same committed key on the unmarked twin: not detected
+    u = build_fixture("attacks-tinycnn-unmarked")
+    rc = main(["extract", str(u / "model.onnx"), "--key", str(d / "key.json"), "--json"])
+    m = json.loads(capsys.readouterr().out)["result"]["marks"][0]
+    assert rc == 1 and 100 <= m["matches"] <= 156 and m["evidence"]["kind"] == "committed"
+
+
+# ---------------------------------------------------------------- forged keys
+def _unmarked_w(build_fixture):
+    from auditor.read.weights import WeightStore
+
+    u = build_fixture("attacks-tinycnn-unmarked")
+    w = WeightStore.open(u / "model.onnx").array("conv2.weight").astype(np.float64)
+    return u, keys.reduce_weight(w, "flatten")
+
+
+def test_forged_key_is_detected_by_the_fair_coin_but_reported_uncommitted(build_fixture, tmp_path, capsys):
+    """The ambiguity attack: Gaussian rows, each flipped so that sign(x_i . w) = b_i, on a model
+    that never carried a mark. The checks on X cannot tell (rows stay dense and sign-symmetric);
+    only the commitment can."""
+    u, w = _unmarked_w(build_fixture)
+    rng = np.random.default_rng(2026)
+    T = 256
+    b = rng.integers(0, 2, T).astype(np.uint8)
+    X = rng.standard_normal((T, w.size))
+    X *= (np.sign(X @ w) * (2.0 * b - 1.0))[:, None]
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "b.npy", b)
+    k = tmp_path / "forged.json"
+    assert main(["key", "import", "--matrix", str(tmp_path / "X.npy"), "--bits", str(tmp_path / "b.npy"),
+                 "--param", "conv2.weight", "--shape", "16,8,3,3", "--reduce", "flatten", "-o", str(k)]) == 0
+    capsys.readouterr()
+    rc = main(["extract", str(u / "model.onnx"), "--key", str(k), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    m = doc["result"]["marks"][0]
+    assert rc == 0 and m["matches"] == 256 and m["null"]["kind"] == "fair-coin"
+    assert m["null"]["checks"]["rows"]["passed"] and m["null"]["checks"]["independence"]["passed"]
+    assert m["evidence"]["kind"] == "uncommitted" and doc["evidence"]["kind"] == "uncommitted"
+    main(["extract", str(u / "model.onnx"), "--key", str(k)])
+    assert "EVIDENCE: UNCOMMITTED" in capsys.readouterr().out
+
+
+def test_a_committed_key_cannot_be_fitted_after_the_fact(build_fixture, tmp_path):
+    """With X and bits fixed by the statement's hash, fitting either one breaks the derivation,
+    and trying statements only buys what chance gives: the best of 200 nonces is far from 1e-6."""
+    from fixtures.evidence import committed_mark
+
+    u, w = _unmarked_w(build_fixture)
+    honest = committed_mark()
+    assert evidence.classify_mark(honest)["kind"] == "committed"
+    # 1. keep the statement and X, fit the bits: sign(X w)
+    fitted = keys.make_mark(honest.param, honest.shape, honest.reduce, (honest.matrix() @ w > 0).astype(np.uint8),
+                            seed=honest.projection["seed"], id=honest.id, extra=dict(honest.extra))
+    c = evidence.classify_mark(fitted)
+    assert c["kind"] == "uncommitted" and c["reasons"] == ["the bits are not derived from the statement's owner and nonce"]
+    # 2. keep the statement and bits, fit X (rows flipped to the bits): a raw matrix
+    X = honest.matrix() * (np.sign(honest.matrix() @ w) * (2.0 * honest.bits - 1.0))[:, None]
+    np.save(tmp_path / "X.npy", X)
+    forged = keys.make_mark(honest.param, honest.shape, honest.reduce, honest.bits, matrix_path="X.npy",
+                            matrix_sha256=keys.sha256_file(tmp_path / "X.npy"), extra=dict(honest.extra))
+    c = evidence.classify_mark(forged)
+    assert c["kind"] == "uncommitted" and "the projection is not the documented generator" in c["reasons"]
+    # 3. grind statements: 200 nonces, each a fresh committed key, on the unmarked weight
+    best = 0
+    for i in range(200):
+        mk = evidence.committed_mark("Mallory", f"try-{i}", "2026-01-15", param="conv2.weight", shape=(16, 8, 3, 3),
+                                     reduce="flatten", n_bits=256)
+        best = max(best, int(((mk.matrix() @ w > 0).astype(np.uint8) == mk.bits).sum()))
+    assert 140 <= best <= 160 and stats.binom_tail_half(256, best) > 1e-4

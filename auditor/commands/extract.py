@@ -115,7 +115,8 @@ def render_null(m: dict) -> list[str]:
         c = ch.get(name)
         if c and not c.get("by_construction"):
             detail = c.get("detail") or f"{c.get('ones')} ones of {c.get('n_bits')} (p = {c.get('p_value', 1):.3g})"
-            out.append(f"            {name}: {'passed' if c['passed'] else 'FAILED'} — {detail}")
+            state = "passed" if c["passed"] else ("not needed" if c.get("needed") is False else "FAILED")
+            out.append(f"            {name}: {state} — {detail}")
     emp = nl.get("empirical")
     if emp:
         if emp.get("n"):
