@@ -203,3 +203,38 @@ def test_a_committed_key_cannot_be_fitted_after_the_fact(build_fixture, tmp_path
                                      reduce="flatten", n_bits=256)
         best = max(best, int(((mk.matrix() @ w > 0).astype(np.uint8) == mk.bits).sum()))
     assert 140 <= best <= 160 and stats.binom_tail_half(256, best) > 1e-4
+
+
+# ---------------------------------------------------------------- false positives
+def test_no_committed_key_is_detected_on_third_party_files():
+    """50 random committed keys x every third-party file (the full 1,000 keys:
+    bench/bench_false_positives.py). Seeded: the counts are exact."""
+    paths = evidence.default_null_corpus()
+    if len(paths) < 5:
+        pytest.skip(f"{THIRDPARTY} is missing: run `bash scripts/fetch_thirdparty.sh {THIRDPARTY}`")
+    r = evidence.committed_false_positives(paths, 50)
+    assert r["pairs"] == 250 and r["detections"] == 0
+    assert [f["pairs"] for f in r["files"]] == [50] * 5
+    # calibration: the fair coin is conservative on real weights (discrete binomial tail)
+    assert r["p_le_0.05"] == 7 and r["p_le_0.01"] == 1
+    assert r["min_p"] == pytest.approx(0.0024094567844961633, rel=1e-9)
+
+
+def test_structured_keys_fail_the_checks_and_generator_keys_pass():
+    T, N = 256, 1280
+    gen = keys.make_mark("w", (4, N), "mean", np.zeros(T, np.uint8), seed=3)
+    c = evidence.null_checks(gen)
+    assert c["fair_coin"] and c["checks"]["rows"]["by_construction"] and not c["checks"]["bits"]["passed"]
+    rs = np.random.RandomState(0)
+    diff = np.zeros((T, N))
+    diff[np.arange(T), rs.randint(0, N, T)] = 1.0
+    diff[np.arange(T), rs.randint(0, N, T)] -= 1.0
+    balanced = np.random.default_rng(0).integers(0, 2, T).astype(np.uint8)
+    mk = keys.WhiteboxMark(id="w", param="w", shape=(4, N), reduce="mean", bits=balanced,
+                           projection={"kind": "npy", "path": "X.npy"}, _X=diff)
+    c = evidence.null_checks(mk)
+    assert not c["fair_coin"] and c["checks"]["rows"]["sparse_rows"] == T and c["checks"]["bits"]["passed"]
+    # a dense imported Gaussian X with balanced bits passes every check
+    mk._X = np.random.default_rng(1).standard_normal((T, N))
+    c = evidence.null_checks(mk)
+    assert c["fair_coin"] and c["checks"]["independence"]["duplicate_rows"] == 0

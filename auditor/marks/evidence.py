@@ -329,3 +329,67 @@ def empirical_null(mark: WhiteboxMark, matches: int, stores, exclude: set[str]) 
                reason=(f"only {n} unrelated vectors of {mark.n_coeffs} values (< {MIN_NULL}): no empirical p"
                        if n < MIN_NULL else ""))
     return out
+
+
+# ---------------------------------------------------------------- false-positive check
+def committed_false_positives(paths, n_keys: int, *, first_key: int = 0, n_bits: int = 256,
+                              max_coeffs: int = 16384, alpha: float = stats.DEFAULT_ALPHA,
+                              owner: str = "wmaudit false-positive check") -> dict[str, Any]:
+    """Random committed keys against files that carry none of them: how often is a mark "detected"?
+
+    Key i is the statement (``owner``, nonce ``key-<i>``, date 2026-01-01); on each file it
+    targets one weight of rank >= 2 (one torch view per weight, reduced length <= ``max_coeffs``)
+    and a reduction, both chosen by ``default_rng(commit_seed)``; X and bits are the key's
+    derived ones. Each file's weights are read once; each key's projection is one matrix
+    product. Scored with ``auditor.marks.whitebox.score`` (fair coin, m = 1: the statement
+    names the weight). Returns counts of detections and of p <= 0.01 / 0.05 (a calibration
+    check: under a valid null at most about 1 % / 5 % of pairs)."""
+    from auditor.marks.whitebox import score
+    from auditor.read.layout import torch_views
+    from auditor.read.weights import WeightStore
+
+    files = []
+    pairs = det = le01 = le05 = 0
+    min_p = 1.0
+    for path in paths:
+        store = WeightStore.open(path)
+        views, names = [], set()
+        for v in torch_views(store):
+            if v.weight.name in names or len(v.shape) < 2:
+                continue
+            names.add(v.weight.name)
+            views.append(v)
+        cache: dict[tuple[str, str], np.ndarray] = {}
+        f_det = f_pairs = 0
+        f_min = 1.0
+        for i in range(first_key, first_key + n_keys):
+            nonce = f"key-{i}"
+            rng = np.random.default_rng(commit_seed(owner, nonce))
+            reduce = ("mean", "flatten")[int(rng.integers(0, 2))]
+            ok = [v for v in views if reduced_length(v.shape, reduce) <= max_coeffs
+                  and (reduce == "flatten" or len(v.shape) >= 2)]
+            if not ok:
+                continue
+            v = ok[int(rng.integers(0, len(ok)))]
+            ck = (v.weight.name, reduce)
+            if ck not in cache:
+                from auditor.marks.keys import reduce_weight
+
+                cache[ck] = reduce_weight(v.array(), reduce)
+            mk = committed_mark(owner, nonce, "2026-01-01", param=v.weight.name, shape=v.shape, reduce=reduce,
+                                n_bits=n_bits)
+            s = score(mk, mk.matrix() @ cache[ck], alpha, 1)
+            p = s["p_value"]
+            f_pairs += 1
+            f_det += s["verdict"] == stats.DETECTED
+            f_min = min(f_min, p)
+            le01 += p <= 0.01
+            le05 += p <= 0.05
+        files.append({"file": Path(path).name, "pairs": f_pairs, "detections": f_det, "min_p": f_min,
+                      "weights": len(views)})
+        pairs += f_pairs
+        det += f_det
+        min_p = min(min_p, f_min)
+    return {"keys": n_keys, "first_key": first_key, "n_bits": n_bits, "max_coeffs": max_coeffs, "alpha": alpha,
+            "owner": owner, "pairs": pairs, "detections": det, "min_p": min_p,
+            "p_le_0.01": le01, "p_le_0.05": le05, "files": files}
