@@ -39,3 +39,42 @@ def test_decide_thresholds():
 def test_bonferroni():
     assert stats.bonferroni(1e-10, 5) == pytest.approx(5e-10)
     assert stats.bonferroni(0.5, 5) == 1.0
+
+
+def test_rank_sum_tail_is_the_exact_permutation_distribution():
+    """Brute force over every subset for small n (ties included); the bound above the exact value."""
+    import itertools
+    import math
+
+    import numpy as np
+    from scipy.stats import rankdata
+
+    from auditor.marks import stats as st
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(4, 11))
+        v = np.round(rng.random(n) * 4) / 4
+        on = np.zeros(n, bool)
+        on[rng.choice(n, int(rng.integers(1, n)), replace=False)] = True
+        r = rankdata(v)
+        obs, k = r[on].sum(), int(on.sum())
+        exact = sum(r[list(c)].sum() >= obs - 1e-9 for c in itertools.combinations(range(n), k)) / math.comb(n, k)
+        got = st.rank_sum_tail(v, on)
+        assert got["method"] == "exact" and got["p_value"] == pytest.approx(exact, rel=1e-12)
+    top = st.rank_sum_tail(np.arange(100.0), np.arange(100) >= 50)
+    assert top["p_value"] == pytest.approx(1 / math.comb(100, 50)) == top["best_possible_p"]
+    big = np.random.default_rng(1).random(2000)
+    on = np.zeros(2000, bool)
+    on[:1000] = True
+    big[:1000] += 0.3
+    b = st.rank_sum_tail(big, on)
+    assert b["method"] == "bound" and 0 < b["p_value"] < 1e-30
+
+
+def test_two_sided_binom_half():
+    from auditor.marks import stats as st
+
+    assert st.two_sided_binom_half(256, 0) == pytest.approx(2 * 2.0 ** -256)
+    assert st.two_sided_binom_half(10, 5) == 1.0
+    assert st.two_sided_binom_half(10000, 5000) == 1.0 and st.two_sided_binom_half(10000, 4700) < 1e-8
