@@ -238,3 +238,26 @@ def test_structured_keys_fail_the_checks_and_generator_keys_pass():
     mk._X = np.random.default_rng(1).standard_normal((T, N))
     c = evidence.null_checks(mk)
     assert c["fair_coin"] and c["checks"]["independence"]["duplicate_rows"] == 0
+
+
+# ---------------------------------------------------------------- every output says which evidence
+def test_robustness_query_and_report_say_which_evidence(build_fixture, tmp_path, capsys):
+    d = build_fixture("evidence-tinycnn-committed")
+    (tmp_path / "grid.toml").write_text('[[config]]\nname = "fp16"\nsteps = "fp16"\n')
+    rc = main(["robustness", str(d / "model.onnx"), "--key", str(d / "key.json"), "--grid",
+               str(tmp_path / "grid.toml"), "--heldout", "200", "--calibration-samples", "16", "--jobs", "1",
+               "-o", str(tmp_path / "rob")])
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "rob" / "results.json").read_text())
+    assert rc == 0 and doc["evidence"]["kind"] == "committed" and "evidence: committed" in out
+    mk = doc["configs"][0]["marks"][0]
+    assert mk["matches"] == 256 and mk["evidence"]["kind"] == "committed" and mk["null"]["kind"] == "fair-coin"
+    assert main(["report", str(tmp_path / "rob" / "results.json"), "-o", str(tmp_path / "r.html")]) == 0
+    assert "committed: committed evidence" in (tmp_path / "r.html").read_text()
+    fx = build_fixture("bb-trigger")
+    capsys.readouterr()
+    assert main(["query", str(fx / "marked.onnx"), "--key", str(fx / "key.json")]) == 0
+    assert "evidence UNCOMMITTED: uncommitted evidence" in capsys.readouterr().out
+    assert main(["query", str(fx / "marked.onnx"), "--key", str(fx / "key.json"), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)["evidence"]
+    assert ev["kind"] == "uncommitted" and ev["marks"] == {}
