@@ -261,3 +261,18 @@ def test_robustness_query_and_report_say_which_evidence(build_fixture, tmp_path,
     assert main(["query", str(fx / "marked.onnx"), "--key", str(fx / "key.json"), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)["evidence"]
     assert ev["kind"] == "uncommitted" and ev["marks"] == {}
+
+
+def test_null_corpus_option(tmp_path, capsys):
+    """--null-corpus replaces the default corpus; too few vectors: refused with the reason; bad path: exit 2."""
+    model = _need(MAGIKA)
+    key = _direct_key(tmp_path)
+    capsys.readouterr()
+    rc = main(["extract", str(model), "--key", str(key), "--null-corpus", str(model), "--json"])
+    m = json.loads(capsys.readouterr().out)["result"]["marks"][0]
+    # magika alone: its other weights give too few windows of 1,280 mean-reduced values
+    emp = m["null"]["empirical"]
+    assert rc == 1 and emp["refused"] and emp["n"] < 99 and m["verdict"] == stats.INSUFFICIENT
+    assert m["reason"].startswith("empirical null") and "refused" in m["reason"]
+    assert main(["extract", str(model), "--key", str(key), "--null-corpus", str(tmp_path / "nope")]) == 2
+    assert "null corpus path not found" in capsys.readouterr().err

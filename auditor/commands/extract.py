@@ -55,6 +55,10 @@ def run(args) -> int:
 
     key = load_key(args.key)
     manifest = load_manifest(args.manifest)
+    if args.null_corpus:
+        from auditor.marks.evidence import expand_corpus
+
+        expand_corpus(args.null_corpus)  # a missing path is an error even when no key needs the null
     res = extract(args.model, key, manifest=manifest, alpha=args.alpha,
                   reference=args.reference, marks=args.mark, null_corpus=args.null_corpus)
     doc = results.envelope("extract", model_path=args.model, key=key, result=res.to_json())
