@@ -37,9 +37,9 @@ verdict is refused (insufficient evidence) with the reason.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -49,7 +49,7 @@ import numpy as np
 
 from auditor.errors import AuditError
 from auditor.marks import stats
-from auditor.marks.keys import GENERATOR, WhiteboxMark, generate_projection, make_mark, reduced_length
+from auditor.marks.keys import GENERATOR, WhiteboxMark, make_mark, reduced_length
 
 SCHEME = "wmaudit-commit/1"
 BITS_SCHEME = "wmaudit-bits/1"
@@ -267,48 +267,68 @@ def _windows(vec: np.ndarray, n: int) -> list[np.ndarray]:
     return [vec[s:s + n] for s in starts]
 
 
-def null_vectors(stores, mark: WhiteboxMark, exclude: set[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Unrelated weight vectors of the key's length N (reduced as the key says), as an N x n matrix.
-
-    Every weight of rank >= 2 of every store (one torch view per weight), minus the
-    tensors in ``exclude`` (sha256 of their float32 torch-layout bytes: the
-    candidates the key was scored on); identical tensors are used once."""
+def _tensor_windows(store, n: int, reduce: str) -> list[tuple[str, list[np.ndarray]]]:
+    """(sha256 of the float32 torch-layout tensor, its windows) for every weight of rank >= 2."""
     from auditor.marks.keys import reduce_weight
     from auditor.read.layout import torch_views
 
+    out = []
+    names = set()
+    for v in torch_views(store):
+        if v.weight.name in names or len(v.shape) < 2:
+            continue
+        names.add(v.weight.name)
+        if reduced_length(v.shape, reduce) < n:
+            continue
+        a = np.ascontiguousarray(v.array(), dtype=np.float32)
+        h = hashlib.sha256(a.tobytes()).hexdigest()
+        if not np.isfinite(a).all() or float(a.std()) == 0.0:
+            out.append((h, []))
+            continue
+        out.append((h, [w for w in _windows(reduce_weight(a, reduce), n) if float(w.std()) > 0]))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _file_windows(path: str, mtime_ns: int, size: int, n: int, reduce: str):
+    """Windows of a corpus file, read once per process (robustness grids re-extract many times)."""
+    from auditor.read.weights import WeightStore
+
+    return _tensor_windows(WeightStore.open(path), n, reduce)
+
+
+def null_vectors(sources, mark: WhiteboxMark, exclude: set[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Unrelated weight vectors of the key's length N (reduced as the key says), as an N x n matrix.
+
+    ``sources``: (label, WeightStore or path) pairs. Every weight of rank >= 2 (one
+    torch view per weight), minus the tensors in ``exclude`` (sha256 of their float32
+    torch-layout bytes: the candidates the key was scored on); identical tensors are
+    used once."""
     N = mark.n_coeffs
     seen = set(exclude)
     cols: list[np.ndarray] = []
-    sources = []
-    for label, store in stores:
+    out = []
+    for label, src in sources:
+        if isinstance(src, (str, Path)):
+            st = os.stat(src)
+            tensors = _file_windows(str(Path(src).resolve()), st.st_mtime_ns, st.st_size, N, mark.reduce)
+        else:
+            tensors = _tensor_windows(src, N, mark.reduce)
         used = 0
-        names = set()
-        for v in torch_views(store):
-            if v.weight.name in names or len(v.shape) < 2:
-                continue
-            names.add(v.weight.name)
-            size_red = reduced_length(v.shape, mark.reduce)
-            if size_red < N:
-                continue
-            a = np.ascontiguousarray(v.array(), dtype=np.float32)
-            h = hashlib.sha256(a.tobytes()).hexdigest()
+        for h, wins in tensors:
             if h in seen:
                 continue
             seen.add(h)
-            if not np.isfinite(a).all() or float(a.std()) == 0.0:
-                continue
-            for w in _windows(reduce_weight(a, mark.reduce), N):
-                if float(w.std()) > 0:
-                    cols.append(w)
-                    used += 1
-        sources.append({"source": label, "vectors": used})
+            cols.extend(wins)
+            used += len(wins)
+        out.append({"source": label, "vectors": used})
     M = np.stack(cols, axis=1) if cols else np.zeros((N, 0))
-    return M, sources
+    return M, out
 
 
 def empirical_null(mark: WhiteboxMark, matches: int, stores, exclude: set[str]) -> dict[str, Any]:
     """p = (1 + #{null matches >= observed}) / (1 + n) over unrelated weight vectors
-    (``stores``: (label, WeightStore) pairs; ``exclude``: hashes of the scored candidates)."""
+    (``stores``: (label, WeightStore or path) pairs; ``exclude``: hashes of the scored candidates)."""
     M, sources = null_vectors(stores, mark, exclude)
     n = M.shape[1]
     out: dict[str, Any] = {"n": int(n), "sources": sources, "min_n": MIN_NULL,

@@ -322,10 +322,8 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
 
 def _empirical(mark, s, store, exclude, null, alpha, m, null_corpus) -> dict[str, Any]:
     """Re-judge a score under the empirical null (the key failed the fair-coin checks)."""
-    from auditor.read.weights import WeightStore
-
     corpus = evidence.default_null_corpus() if null_corpus is None else evidence.expand_corpus(null_corpus)
-    stores = [("suspect file (other layers)", store)] + [(p.name, WeightStore.open(p)) for p in corpus]
+    stores = [("suspect file (other layers)", store)] + [(p.name, p) for p in corpus]
     emp = evidence.empirical_null(mark, s["matches"], stores, exclude)
     null.update(kind="empirical", empirical=emp, best_possible_p=stats.bonferroni(emp["resolution"], m))
     s = dict(s)
