@@ -276,3 +276,34 @@ def test_null_corpus_option(tmp_path, capsys):
     assert m["reason"].startswith("empirical null") and "refused" in m["reason"]
     assert main(["extract", str(model), "--key", str(key), "--null-corpus", str(tmp_path / "nope")]) == 2
     assert "null corpus path not found" in capsys.readouterr().err
+
+
+GATE_POLICY = """
+format = "wmaudit-policy/1"
+name = "committed evidence"
+backends = ["ort-cpu"]
+seed = 0
+[thresholds]
+max_p_value = 1e-6
+max_ber = 0.05
+min_margin = 0.0
+max_accuracy_drop = 5.0
+[accuracy]
+samples = 200
+seed = 0
+[[attacks]]
+id = "prune-30"
+steps = "prune:0.3"
+"""
+
+
+def test_gate_says_which_evidence(build_fixture, tmp_path, capsys):
+    d = build_fixture("evidence-tinycnn-committed")
+    (tmp_path / "policy.toml").write_text(GATE_POLICY)
+    rc = main(["gate", str(d / "model.onnx"), "--key", str(d / "key.json"), "--policy", str(tmp_path / "policy.toml"),
+               "--junit", str(tmp_path / "g.xml"), "-o", str(tmp_path / "g.json")])
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "g.json").read_text())
+    assert rc == 0 and doc["evidence"]["kind"] == "committed"
+    assert "evidence:   committed (committed evidence" in out
+    assert '<property name="evidence" value="committed"' in (tmp_path / "g.xml").read_text()
