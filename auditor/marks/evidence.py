@@ -83,8 +83,14 @@ def derive_bits(owner: str, nonce: str, n_bits: int) -> np.ndarray:
 def make_statement(owner: str, nonce: str, date: str, *, param: str, shape, reduce: str, n_bits: int) -> dict[str, Any]:
     if not owner or not nonce:
         raise AuditError("a committed key needs a non-empty --owner and --nonce")
-    if not _DATE.match(date or ""):
-        raise AuditError(f"--date must be YYYY-MM-DD, got {date!r}")
+    import datetime
+
+    try:
+        ok = bool(_DATE.match(date or "")) and datetime.date.fromisoformat(date) is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise AuditError(f"--date must be a calendar date YYYY-MM-DD, got {date!r}")
     return {"scheme": SCHEME, "owner": owner, "nonce": nonce, "date": date,
             "mark": {"param": param, "shape": [int(s) for s in shape], "reduce": reduce, "n_bits": int(n_bits)}}
 
