@@ -50,8 +50,18 @@ def envelope(kind: str, *, model_path: str | os.PathLike | None = None, key=None
         doc["model"] = {"path": str(model_path), "sha256": file_sha256(model_path)}
     if key is not None:
         doc["key_commitment"] = key.commitment
+        doc["evidence"] = key_evidence(key)
     doc.update(body)
     return doc
+
+
+def key_evidence(key) -> dict[str, Any]:
+    """committed | uncommitted, with the sentence every output carries (auditor.marks.evidence)."""
+    if not hasattr(key, "whitebox"):
+        return {"kind": "uncommitted", "sentence": "uncommitted evidence: not a wmaudit key", "marks": {}}
+    from auditor.marks.evidence import key_evidence as _ke
+
+    return _ke(key)
 
 
 def _clean(x: Any) -> Any:

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mark", action="append", help="only this mark id or parameter (repeatable)")
     p.add_argument("--alpha", type=_types.alpha, default=stats.DEFAULT_ALPHA,
                    help="detection threshold on the p-value (default 1e-6)")
+    p.add_argument("--null-corpus", action="append", metavar="PATH",
+                   help="ONNX file or folder of unrelated models for the empirical null of keys that fail "
+                        "the fair-coin checks (repeatable; default: $WMAUDIT_DATA/thirdparty)")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
     p.add_argument("-o", "--output", help="also write the result JSON to this file")
 
@@ -52,8 +55,12 @@ def run(args) -> int:
 
     key = load_key(args.key)
     manifest = load_manifest(args.manifest)
+    if args.null_corpus:
+        from auditor.marks.evidence import expand_corpus
+
+        expand_corpus(args.null_corpus)  # a missing path is an error even when no key needs the null
     res = extract(args.model, key, manifest=manifest, alpha=args.alpha,
-                  reference=args.reference, marks=args.mark)
+                  reference=args.reference, marks=args.mark, null_corpus=args.null_corpus)
     doc = results.envelope("extract", model_path=args.model, key=key, result=res.to_json())
     if args.output:
         results.write_result(args.output, doc)
@@ -88,10 +95,43 @@ def render(doc: dict) -> str:
             lines.append(f"  batchnorm {bn['status']}: {bn.get('detail', '')}")
         for n in m.get("notes", []):
             lines.append(f"  note      {n}")
+        lines.extend(render_null(m))
+        ev = m.get("evidence") or {}
+        if ev:
+            lines.append(f"  evidence  {ev['sentence']}")
         lines.append(f"  verdict   {m['verdict']} ({m['reason']})")
     lines.append("")
     lines.append(f"VERDICT: {r['verdict'].upper()} ({r['reason']})")
+    ev = r.get("evidence") or doc.get("evidence") or {}
+    if ev:
+        lines.append(f"EVIDENCE: {ev['kind'].upper()} ({ev['sentence']})")
     return "\n".join(lines)
+
+
+def render_null(m: dict) -> list[str]:
+    """The null a mark's p-value was computed under, and the checks that chose it."""
+    nl = m.get("null") or {}
+    if not nl:
+        return []
+    out = [f"  null      {nl['reason']}"]
+    ch = nl.get("checks", {})
+    for name in ("rows", "bits", "independence"):
+        c = ch.get(name)
+        if c and not c.get("by_construction"):
+            detail = c.get("detail") or f"{c.get('ones')} ones of {c.get('n_bits')} (p = {c.get('p_value', 1):.3g})"
+            state = "passed" if c["passed"] else ("not needed" if c.get("needed") is False else "FAILED")
+            out.append(f"            {name}: {state} — {detail}")
+    emp = nl.get("empirical")
+    if emp:
+        if emp.get("n"):
+            out.append(f"            empirical null: {emp['exceed']} of {emp['n']} unrelated vectors match "
+                       f">= the observed count (null mean {emp.get('null_matches_mean', 0):.1f}, max "
+                       f"{emp.get('null_matches_max', 0)}); p = (1 + {emp['exceed']})/(1 + {emp['n']}) = "
+                       f"{emp['p_value']:.3g}, resolution {emp['resolution']:.3g}")
+        if emp.get("refused"):
+            out.append(f"            refused: {emp['reason']}")
+        out.append(f"            fair-coin p {fmt_p(nl['fair_coin_p'])} would not be valid for this key")
+    return out
 
 
 def _cands(loc: dict) -> str:

@@ -22,6 +22,10 @@ DESCRIPTION = """Key files.
       --transposed), bits are 0/1, the shape is the torch layout of the parameter.
   wmaudit key import --seed 7 --bits bits.npy --param ... --shape ... --reduce ... -o key.json
       X rebuilt from numpy.random.default_rng(seed).standard_normal((T, N)).
+  wmaudit key new --owner ACME --nonce 2026-q1-conv2 --date 2026-01-15 \\
+                  --param conv2.weight --shape 32,32,3,3 --reduce mean --bits-count 256 -o key.json
+      committed key: X and bits derived from the owner statement (owner, nonce, date,
+      mark); the statement's commitment is what the owner records or timestamps.
   wmaudit key import --images keys.npy --labels labels.npy -o key.json
       black-box trigger set (images N x C x H x W .npy or a folder of PNGs).
   wmaudit key show KEY.json      summary (no secret material printed)
@@ -46,6 +50,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     imp.add_argument("--num-classes", type=int, help="number of model outputs (for the 1/C null rate)")
     imp.add_argument("--append", action="store_true", help="add the mark to an existing key file -o")
     imp.add_argument("-o", "--output", required=True, help="key file to write")
+    new = sub.add_parser("new", help="a committed white-box key derived from an owner statement")
+    new.add_argument("--owner", required=True, help="owner id, as the owner states it")
+    new.add_argument("--nonce", required=True, help="a string never used before for this owner (one per mark)")
+    new.add_argument("--date", required=True, help="date of the statement, YYYY-MM-DD")
+    new.add_argument("--param", required=True, help="torch parameter name, e.g. conv2.weight")
+    new.add_argument("--shape", required=True, help="torch shape of the parameter, e.g. 32,32,3,3")
+    new.add_argument("--reduce", required=True, choices=["mean", "flatten"])
+    new.add_argument("--bits-count", type=int, default=256, help="number of bits T (default 256)")
+    new.add_argument("--id", help="mark id (default: the parameter name)")
+    new.add_argument("--append", action="store_true", help="add the mark to an existing key file -o")
+    new.add_argument("-o", "--output", required=True, help="key file to write")
     show = sub.add_parser("show", help="summarise a key file")
     show.add_argument("key")
     show.add_argument("--json", action="store_true")
@@ -57,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.key_command == "import":
         return _import(args)
+    if args.key_command == "new":
+        return _new(args)
     if args.key_command == "show":
         return _show(args, verify=False)
     if args.key_command == "verify":
@@ -158,15 +175,46 @@ def _import(args) -> int:
     return 0
 
 
+def _new(args) -> int:
+    from auditor.marks.evidence import commit_seed, committed_mark
+
+    out = Path(args.output)
+    shape = parse_shape(args.shape)
+    if args.reduce == "mean" and len(shape) < 2:
+        raise AuditError("--reduce mean needs a parameter with at least 2 axes")
+    key = load_key(out) if args.append else Key(whitebox=[], model={})
+    mark = committed_mark(args.owner, args.nonce, args.date, param=args.param, shape=shape, reduce=args.reduce,
+                          n_bits=args.bits_count, id=args.id or args.param)
+    if any(m.id == mark.id for m in key.whitebox):
+        raise AuditError(f"the key already has a mark {mark.id!r} (use --id)")
+    if any(m.projection.get("seed") == commit_seed(args.owner, args.nonce) for m in key.whitebox):
+        raise AuditError("the key already has a mark from this owner and nonce: use a new --nonce per mark")
+    key.whitebox.append(mark)
+    save_key(key, out)
+    st = mark.extra["statement"]
+    print(f"wrote {out} ({mark.n_bits} bits on {args.param} {list(shape)}, reduce={args.reduce})\n"
+          f"statement {st['commitment']} (owner {args.owner!r}, nonce {args.nonce!r}, {args.date}): "
+          f"record or timestamp this commitment")
+    return 0
+
+
 def _show(args, verify: bool) -> int:
+    from auditor.marks.evidence import classify_mark, statement_problems
+
     key = load_key(args.key)
     marks = []
     for m in key.whitebox:
         if verify:
             m.matrix()  # checks sidecar presence, sha256 and shape
+            if "statement" in m.extra:
+                problems = statement_problems(m)
+                if problems:
+                    raise AuditError(f"mark {m.id!r}: {problems[0]}")
+        ev = classify_mark(m)
         marks.append({"id": m.id, "param": m.param, "shape": list(m.shape), "reduce": m.reduce,
                       "n_bits": m.n_bits, "projection": m.projection.get("kind"),
-                      "batchnorm_anchors": m.batchnorm is not None})
+                      "batchnorm_anchors": m.batchnorm is not None, "evidence": ev["kind"],
+                      "statement": ev.get("statement"), "date": ev.get("date")})
     if verify and key.blackbox:
         try:
             from auditor.marks.blackbox import verify_blackbox_key
@@ -182,9 +230,10 @@ def _show(args, verify: bool) -> int:
         print(f"key {args.key}\ncommitment {key.commitment}")
         for m in marks:
             print(f"  white-box {m['id']}: {m['param']} {m['shape']} reduce={m['reduce']} {m['n_bits']} bits, "
-                  f"X by {m['projection']}{', BN anchors' if m['batchnorm_anchors'] else ''}")
+                  f"X by {m['projection']}{', BN anchors' if m['batchnorm_anchors'] else ''}; {m['evidence']}"
+                  + (f" (statement {m['statement'][:19]}…, {m['date']})" if m["statement"] else ""))
         for k in doc["blackbox"]:
             print(f"  black-box {k}")
         if verify:
-            print("verified: schema, commitment and sidecars are consistent")
+            print("verified: schema, commitment, sidecars and statement derivations are consistent")
     return 0

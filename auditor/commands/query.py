@@ -118,11 +118,15 @@ def _human(doc: dict[str, Any]) -> str:
         for d in lg["per_k"]:
             lines.append(f"logo k={d['k']:>2}  r = {d['r']:+.3f}  p = {fmt_p(d['p_value'])} "
                          f"({d['n_perm']} permutations)")
-        lines.append(f"logo     k={lg['k']}  p = {lg['p_value']:.6g} (resolution limit {lg['resolution_limit']:.3g}, "
-                     f"{lg['permutations_run']} permutations)  -> {lg['verdict']}")
+        lines.append(f"logo     k={lg['k']}  p = {fmt_p(lg['p_value'])} by the {lg.get('p_method', 'permutation test')} "
+                     f"({lg.get('margin_log10', 0):.1f} decades below alpha; smallest possible p "
+                     f"{lg['resolution_limit']:.3g})  -> {lg['verdict']}")
         for k, path in (lg.get("png") or {}).items():
             lines.append(f"png      k={k}: {path}")
     v = doc["verdict"]
+    ev = doc.get("evidence")
+    if ev:
+        lines.append(f"evidence {ev['kind'].upper()}: {ev['sentence']}")
     lines.append(f"verdict  {v['verdict'].upper()}  (best mark: {v['best_mark']}, p = {v['p_corrected']:.6g} "
                  f"corrected for {v['marks_tested']} mark(s), alpha = {v['alpha']:g})")
     return "\n".join(lines) + "\n"

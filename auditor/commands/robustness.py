@@ -77,4 +77,7 @@ def render(doc: dict) -> str:
     s = doc["summary"]
     lines.append(f"survived {s['survived']}/{s['configs']}" + (f"; broken by: {', '.join(s['broken'])}"
                                                               if s["broken"] else ""))
+    ev = doc.get("evidence")
+    if ev:
+        lines.append(f"evidence: {ev['kind']} ({ev['sentence']})")
     return "\n".join(lines)

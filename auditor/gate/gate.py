@@ -351,12 +351,13 @@ def judge_blackbox(attack_id: str, model_path: Path, key: Key, backend: str, thr
         lg = doc["logo"]
         r = Requirement(id=f"{attack_id}/{backend}/logo", attack=attack_id, evidence="logo", backend=backend,
                         thresholds={"max_p_value": alpha},
-                        measured={"k": lg["k"], "r": lg["r"], "p_value": lg["p_value"], "n_perm": lg["n_perm"]})
+                        measured={"k": lg["k"], "r": lg["r"], "p_value": lg["p_value"], "n_perm": lg["n_perm"],
+                                  "p_method": lg.get("p_method", "")})
         if not lg["p_value"] < alpha:
             r.status = FAIL
-            r.reasons.append(f"logo: r = {lg['r']:.3f} with {lg['k']} key images, permutation p = "
+            r.reasons.append(f"logo: r = {lg['r']:.3f} with {lg['k']} key images, {lg.get('p_method', 'permutation')} p = "
                              f"{fmt_p(lg['p_value'])} >= max_p_value {alpha:g}"
-                             + (" (below the permutation test's resolution)" if lg["resolution_limit"] >= alpha
+                             + (" (the test cannot reach max_p_value)" if lg["resolution_limit"] >= alpha
                                 else ""))
         reqs.append(r)
     return reqs, doc

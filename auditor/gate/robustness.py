@@ -179,7 +179,9 @@ def measure(path: str | os.PathLike, key, manifest: dict | None, heldout, thread
                       "margin_median": mk.margin_median, "signed_margin_min": mk.signed_margin_min,
                       "signed_margins": mk.signed_margins, "verdict": mk.verdict,
                       "weight": mk.location.weight if mk.location else None,
-                      "quant": mk.location.quant if mk.location else None})
+                      "quant": mk.location.quant if mk.location else None,
+                      "evidence": {"kind": mk.evidence.get("kind")},
+                      "null": {"kind": mk.null.get("kind"), "reason": mk.null.get("reason")}})
     out = {"verdict": res.verdict, "p_value": res.p_value, "marks": marks}
     if heldout is not None:
         out["accuracy"] = accuracy(path, heldout, threads=threads)

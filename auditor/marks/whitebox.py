@@ -19,6 +19,7 @@ divides the scale back out before extraction.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from auditor.marks import stats
+from auditor.marks import evidence, stats
 from auditor.errors import AuditError
 from auditor.marks.keys import Key, WhiteboxMark, reduce_weight
 
@@ -73,6 +74,8 @@ class MarkResult:
     location: Location | None
     batchnorm: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)  # committed | uncommitted (auditor.marks.evidence)
+    null: dict[str, Any] = field(default_factory=dict)      # the null the p-value is computed under
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,6 +89,7 @@ class ExtractionResult:
     p_value: float            # min over marks, Bonferroni over marks
     alpha: float
     reason: str
+    evidence: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -93,7 +97,7 @@ class ExtractionResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "p_value": self.p_value, "alpha": self.alpha,
-                "reason": self.reason, "marks": [m.to_json() for m in self.marks]}
+                "reason": self.reason, "evidence": self.evidence, "marks": [m.to_json() for m in self.marks]}
 
 
 # ---------------------------------------------------------------- core maths
@@ -265,7 +269,7 @@ def reference_batchnorm(reference_path: str | Path, mark: WhiteboxMark) -> dict 
 
 # ---------------------------------------------------------------- extraction
 def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAULT_ALPHA,
-                 reference_bn=None) -> MarkResult:
+                 reference_bn=None, null_corpus=None) -> MarkResult:
     views, how = locate(store, mark, manifest)
     base = dict(id=mark.id, param=mark.param, shape=list(mark.shape), reduce=mark.reduce, alpha=alpha)
     if not views:
@@ -275,7 +279,8 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
                           verdict=dec.verdict if dec.verdict == stats.INSUFFICIENT else stats.NOT_DETECTED,
                           reason=f"no tensor with torch shape {list(mark.shape)} in the model",
                           margin_min=0.0, margin_median=0.0, margin_mean=0.0, signed_margin_min=0.0,
-                          signed_margins=[], wrong_bits=T, bits="", location=None)
+                          signed_margins=[], wrong_bits=T, bits="", location=None,
+                          evidence=evidence.classify_mark(mark))
     # identical tensors seen through several names (e.g. an initializer and the
     # W built from it by Slice/Concat) are one candidate, not several.
     distinct: dict[str, Any] = {}
@@ -297,6 +302,11 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
         if best is None or s["p_value"] < best[0]["p_value"]:
             best = (s, v, bn)
     s, v, bn = best
+    null = evidence.null_checks(mark)
+    null.update(kind="fair-coin", fair_coin_p=s["p_value"], best_possible_p=stats.bonferroni(
+        stats.min_achievable_p_half(mark.n_bits), m))
+    if not null["fair_coin"]:
+        s = _empirical(mark, s, store, set(distinct), null, alpha, m, null_corpus)
     wt = v.weight
     bn_out = {k: val for k, val in bn.items() if k != "scale"}
     notes = []
@@ -307,7 +317,25 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
     return MarkResult(**base, **{k: s[k] for k in s if k not in ("alpha",)},
                       location=Location(weight=wt.name, transform=v.transform, how=how, candidates=m,
                                         stored_dtype=wt.stored_dtype, location=wt.location, quant=wt.quant),
-                      batchnorm=bn_out, notes=notes)
+                      batchnorm=bn_out, notes=notes, evidence=evidence.classify_mark(mark), null=null)
+
+
+def _empirical(mark, s, store, exclude, null, alpha, m, null_corpus) -> dict[str, Any]:
+    """Re-judge a score under the empirical null (the key failed the fair-coin checks)."""
+    corpus = evidence.default_null_corpus() if null_corpus is None else evidence.expand_corpus(null_corpus)
+    stores = [("suspect file (other layers)", store)] + [(p.name, p) for p in corpus]
+    emp = evidence.empirical_null(mark, s["matches"], stores, exclude)
+    null.update(kind="empirical", empirical=emp, best_possible_p=stats.bonferroni(emp["resolution"], m))
+    s = dict(s)
+    p = emp["p_value"]
+    p_corr = stats.bonferroni(p, m)
+    if emp["refused"]:
+        dec = stats.Decision(stats.INSUFFICIENT, alpha, "refused: " + emp["reason"])
+    else:
+        dec = stats.decide(p_corr, null["best_possible_p"], alpha)
+    s.update(p_value=p, log10_p=math.log10(p), p_corrected=p_corr, verdict=dec.verdict,
+             reason=f"empirical null, n = {emp['n']}: {dec.reason}")
+    return s
 
 
 def _is_conv(view) -> bool:
@@ -315,8 +343,14 @@ def _is_conv(view) -> bool:
 
 
 def extract(model, key: Key, *, manifest: dict | None = None, alpha: float = stats.DEFAULT_ALPHA,
-            reference: str | Path | None = None, marks: list[str] | None = None) -> ExtractionResult:
-    """Extract every white-box mark of `key` from `model` (a path or a WeightStore)."""
+            reference: str | Path | None = None, marks: list[str] | None = None,
+            null_corpus=None) -> ExtractionResult:
+    """Extract every white-box mark of `key` from `model` (a path or a WeightStore).
+
+    Keys that fail the fair-coin checks (``auditor.marks.evidence.null_checks``)
+    are judged under an empirical null built from the other layers of `model`
+    and the files of ``null_corpus`` (default: the third-party files under
+    $WMAUDIT_DATA/thirdparty)."""
     from auditor.read.weights import WeightStore
 
     store = model if not isinstance(model, (str, Path)) else WeightStore.open(model)
@@ -326,12 +360,14 @@ def extract(model, key: Key, *, manifest: dict | None = None, alpha: float = sta
     results = []
     for mk in selected:
         ref_bn = reference_batchnorm(reference, mk) if reference is not None and len(mk.shape) == 4 else None
-        results.append(extract_mark(store, mk, manifest=manifest, alpha=alpha, reference_bn=ref_bn))
+        results.append(extract_mark(store, mk, manifest=manifest, alpha=alpha, reference_bn=ref_bn,
+                                    null_corpus=null_corpus))
     M = len(results)
     p = stats.bonferroni(min(r.p_corrected for r in results), M)
-    best_possible = stats.bonferroni(min(stats.bonferroni(stats.min_achievable_p_half(r.n_bits),
-                                                          r.location.candidates if r.location else 1)
-                                         for r in results), M)
+    best_possible = stats.bonferroni(min(r.null.get("best_possible_p", stats.bonferroni(
+        stats.min_achievable_p_half(r.n_bits), r.location.candidates if r.location else 1))
+        for r in results), M)
     dec = stats.decide(p, best_possible, alpha)
     reason = dec.reason + (f" (best of {M} marks, Bonferroni-corrected)" if M > 1 else "")
-    return ExtractionResult(marks=results, verdict=dec.verdict, p_value=p, alpha=alpha, reason=reason)
+    return ExtractionResult(marks=results, verdict=dec.verdict, p_value=p, alpha=alpha, reason=reason,
+                            evidence=evidence.key_evidence(key))

@@ -88,6 +88,8 @@ def provenance(doc: dict[str, Any]) -> str:
     tool = doc.get("tool") or {}
     rows = [("kind", doc.get("kind")), ("model path", model.get("path")), ("model sha256", model.get("sha256")),
             ("key commitment", doc.get("key_commitment")),
+            ("evidence", (f"{doc['evidence'].get('kind')}: {doc['evidence'].get('sentence', '')}"
+                          if isinstance(doc.get("evidence"), dict) else None)),
             ("tool", f"{tool.get('name', 'wmaudit')} {tool.get('version', '')}"),
             ("command", doc.get("command")), ("created", doc.get("created")), ("schema", doc.get("schema"))]
     pol = doc.get("policy")

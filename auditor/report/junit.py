@@ -35,7 +35,8 @@ def render(doc: dict[str, Any]) -> str:
     errors = sum(r["status"] == "error" for r in reqs)
     model = doc.get("model", {})
     props = [("model.path", model.get("path", "")), ("model.sha256", model.get("sha256", "")),
-             ("key_commitment", doc.get("key_commitment", "")), ("policy.path", pol.get("path", "")),
+             ("key_commitment", doc.get("key_commitment", "")),
+             ("evidence", (doc.get("evidence") or {}).get("kind", "")), ("policy.path", pol.get("path", "")),
              ("policy.sha256", pol.get("sha256", "")),
              ("tool", f"{doc.get('tool', {}).get('name', 'wmaudit')} {doc.get('tool', {}).get('version', '')}"),
              ("command", doc.get("command", "")), ("verdict", doc.get("verdict", ""))]

@@ -63,6 +63,9 @@ def _header(doc: dict[str, Any]) -> str:
              f"sha256:     {m.get('sha256', '-')}"]
     if doc.get("key_commitment"):
         lines.append(f"key:        {doc['key_commitment']}")
+    ev = doc.get("evidence")
+    if isinstance(ev, dict) and ev.get("kind"):
+        lines.append(f"evidence:   {ev['kind']} ({ev.get('sentence', '')})")
     tool = doc.get("tool") or {}
     lines.append(f"tool:       {tool.get('name', 'wmaudit')} {tool.get('version', '')}".rstrip())
     lines.append(f"command:    {doc.get('command', '-')}")
