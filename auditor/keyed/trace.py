@@ -82,6 +82,8 @@ def leaked_embeddings(store, emb: km.Embeddings, w_shape, pos_shape, w_plain_dl,
             a = store.array(wt.name).astype(np.float64)
             p_cands.append((wt.name, a.reshape(-1, d)[emb.pos_offset: emb.pos_offset + n]))
     if not p_cands:
+        p_cands = _qlinear_add_tables(store.model, pos_size, d, emb.pos_offset, n)
+    if not p_cands:
         raise AuditError(f"the leaked file has no position table of {pos_size} values (last axis {d})")
     # The position table is the candidate that assigns best onto the plain rows.
     p_name, p_rows = min(p_cands, key=lambda c: _assign(c[1], pos_plain)[1])
@@ -92,6 +94,29 @@ def leaked_embeddings(store, emb: km.Embeddings, w_shape, pos_shape, w_plain_dl,
             return float(np.linalg.norm(w_plain_dl @ r - c[1]))
         w_name, w_dl = min(w_cands, key=residual)
     return (w_name, w_dl), (p_name, p_rows)
+
+
+def _qlinear_add_tables(model, size: int, d: int, offset: int, n: int) -> list:
+    """Position tables held as uint8/int8 operands of com.microsoft QLinearAdd (static QOperator int8),
+    dequantized as (q - zero_point) * scale; WeightStore lists only weights of weight-bearing ops."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "QLinearAdd":
+            continue
+        for i in (0, 3):
+            if len(node.input) <= i + 2 or node.input[i] not in inits:
+                continue
+            q = numpy_helper.to_array(inits[node.input[i]])
+            if q.size != size or not q.shape or q.shape[-1] != d:
+                continue
+            scale = numpy_helper.to_array(inits[node.input[i + 1]]).astype(np.float64)
+            zp = numpy_helper.to_array(inits[node.input[i + 2]]).astype(np.float64) if node.input[i + 2] in inits else 0.0
+            a = (q.astype(np.float64) - zp) * scale
+            out.append((node.input[i], a.reshape(-1, d)[offset: offset + n]))
+    return out
 
 
 def _procrustes(w: np.ndarray, w_keyed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
