@@ -106,3 +106,15 @@ def test_explicit_values_key_equals_generated():
     p = _key(seed=11, variant="permutation")
     e = keys.from_arrays(p.perm, p.matrix, channels=1, height=28, width=28, block=4, variant="permutation")
     assert np.array_equal(e.matrix, p.matrix)
+
+
+def test_keyed_package_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, auditor.cli, auditor.commands.keyed\n"
+            "from auditor.keyed import keys, cipher, model, inputs, verify, trace\n"
+            "auditor.cli.build_parser()\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
