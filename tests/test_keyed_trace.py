@@ -47,6 +47,9 @@ def test_every_int8_mode_keeps_parity_and_accuracy(vit, cal):
         assert abs(r["keyed_minus_plain"]) <= 0.03, r
         assert r["parity"]["top1_agreement"] >= 0.9, r
         assert r["keyed_agreement_with_float"] >= 0.9, r
+        t = r["paired_test"]
+        assert (t["keyed_only_right"] - t["plain_only_right"]) / 300 == pytest.approx(r["keyed_minus_plain"])
+        assert 0.0 < t["p_value"] <= 1.0
 
 
 @pytest.mark.parametrize("client,step", [("client-a", "quantize:dynamic"), ("client-b", "quantize:static-qdq"),

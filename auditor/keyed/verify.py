@@ -9,7 +9,8 @@ to the keyed float model the way a deployer would (onnxruntime int8 in every
 mode, fp16, magnitude pruning; static modes calibrate the plain model on plain
 and the keyed model on encrypted calibration images): accuracy of both, their
 difference (does the orthogonal mixing make int8 better or worse?), and the
-parity of the two attacked models.
+parity of the two attacked models; an exact McNemar test on the paired
+predictions says whether the accuracy difference is more than chance.
 """
 from __future__ import annotations
 
@@ -86,10 +87,22 @@ def under_attacks(plain, keyed, key: KeyedKey, x: np.ndarray, y: np.ndarray, cal
         acc_p, acc_k = _acc(lp, y), _acc(lk, y)
         rows.append({"attack": step, "samples": int(len(y)),
                      "plain_accuracy": acc_p, "keyed_accuracy": acc_k, "keyed_minus_plain": acc_k - acc_p,
+                     "paired_test": mcnemar(lp.argmax(1) == y, lk.argmax(1) == y),
                      "plain_agreement_with_float": float(np.mean(lp.argmax(1) == lp0.argmax(1))),
                      "keyed_agreement_with_float": float(np.mean(lk.argmax(1) == lk0.argmax(1))),
                      "parity": _compare(lp, lk, km.PARITY_ATOL), "simulated": bool(ak.simulated)})
     return rows
+
+
+def mcnemar(right_plain: np.ndarray, right_keyed: np.ndarray) -> dict[str, Any]:
+    """Exact two-sided McNemar test on the same inputs: H0 = plain and keyed attacked models are
+    equally accurate (each discordant input favours either with probability 1/2)."""
+    from auditor.marks import stats
+
+    b = int(np.sum(right_plain & ~right_keyed))
+    c = int(np.sum(right_keyed & ~right_plain))
+    p = 1.0 if b == c else min(1.0, 2 * stats.binom_tail_half(b + c, max(b, c)))
+    return {"test": "exact McNemar (two-sided)", "plain_only_right": b, "keyed_only_right": c, "p_value": p}
 
 
 def _proto(m):
