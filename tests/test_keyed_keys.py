@@ -118,3 +118,19 @@ def test_keyed_package_never_imports_torch():
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_fixed_points_tail_exact():
+    import itertools
+    import math
+
+    from auditor.marks import stats
+
+    n = 6
+    counts = [0] * (n + 1)
+    for p in itertools.permutations(range(n)):
+        counts[sum(i == v for i, v in enumerate(p))] += 1
+    for m in range(n + 2):
+        want = sum(counts[m:]) / math.factorial(n) if m <= n else 0.0
+        assert stats.fixed_points_tail(n, m) == pytest.approx(want, rel=1e-12)
+    assert stats.log10_fixed_points_tail(49, 49) == pytest.approx(-math.log10(math.factorial(49)))
