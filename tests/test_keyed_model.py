@@ -84,7 +84,10 @@ def test_cli_encrypt_model_images_verify(vit, tmp_path, capsys):
     assert doc["parity"]["holds"] and doc["output"]["sha256"].startswith("sha256:")
     assert doc["key_commitment"] == keys.load(key).commitment
     enc = tmp_path / "enc.npz"
-    assert main(["keyed", "encrypt-images", "fashion-mnist:test", "--key", str(key), "-o", str(enc)]) == 0
+    from auditor.data.datasets import data_root
+
+    idx = data_root() / "fashion-mnist" / "t10k-images-idx3-ubyte.gz"  # IDX images, labels from the sibling file
+    assert main(["keyed", "encrypt-images", str(idx), "--key", str(key), "-o", str(enc)]) == 0
     with np.load(enc) as z:
         x, y = z["input"], z["y"]
     assert x.shape == (10000, 1, 28, 28) and len(y) == 10000
