@@ -154,7 +154,7 @@ def _parity_inputs(args, key, name: str):
 def _encrypt_model(args) -> int:
     import onnx
 
-    from auditor.attacks import load_model, save
+    from auditor.attacks import load_model
     from auditor.keyed import keys
     from auditor.keyed import model as km
 
