@@ -110,3 +110,28 @@ def test_cli_encrypt_model_images_verify(vit, tmp_path, capsys):
                  str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err
     assert "block size 4" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+
+
+def test_names_and_token_order_do_not_matter(vit, test_data):
+    """Renamed initializers (as quantizers and the legacy exporter do) and a column-major
+    patchify (token order measured, not assumed) are keyed with exact parity."""
+    key = keys.load(vit / "keys" / "client-c.json")
+    m = onnx.load(str(vit / "plain-linear.onnx"))
+    rename = {"pos_embed": "t0", "patch_embed.weight": "t1"}
+    for t in m.graph.initializer:
+        t.name = rename.get(t.name, t.name)
+    for n in m.graph.node:
+        n.input[:] = [rename.get(i, i) for i in n.input]
+    for n in m.graph.node:
+        if n.op_type == "Transpose" and [a.ints for a in n.attribute if a.name == "perm"][0] == [0, 2, 4, 3, 5, 1]:
+            del n.attribute[:]
+            n.attribute.append(onnx.helper.make_attribute("perm", [0, 4, 2, 3, 5, 1]))  # tokens column-major
+            break
+    else:
+        raise AssertionError("patchify Transpose not found")
+    emb = km.locate(m, key)
+    assert (emb.weight, emb.pos) == ("t1", "t0")
+    assert np.array_equal(emb.token_block, np.arange(49).reshape(7, 7).T.reshape(-1))
+    keyed = km.transform(m, key, emb)
+    par = km.parity(m, keyed, key, test_data.inputs[:200])
+    assert par["max_abs_diff"] <= 1e-4 and par["top1_agreement"] == 1.0
