@@ -184,7 +184,10 @@ def load(path: str | os.PathLike) -> KeyedKey:
         raise AuditError(f"key file {path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise AuditError(f"key file {path} is not a JSON object")
-    key = parse(doc)
+    try:
+        key = parse(doc)
+    except AuditError as e:
+        raise AuditError(f"{path.name}: {e}") from None
     key.path = path
     return key
 
