@@ -184,6 +184,35 @@ def stratified_rank_sum_tail(values, on, strata) -> dict:
     best = 10.0 ** log10_best
     return {"p_value": max(p, best), "best_possible_p": best, "strata": used,
             "detail": f"exact stratified rank-sum test over {used} strata (values exchangeable within each)"}
+def derangements(n: int) -> int:
+    """Number of permutations of n items without a fixed point (D(0) = 1, D(1) = 0)."""
+    a, b = 1, 0
+    if n == 0:
+        return 1
+    for i in range(2, n + 1):
+        a, b = b, (i - 1) * (a + b)
+    return b
+
+
+def fixed_points_tail(n: int, m: int) -> float:
+    """Exact P[X >= m] for X the number of positions where a uniformly random permutation
+    of n items agrees with a fixed one (= its fixed points): sum_k C(n, k) D(n - k) / n!."""
+    if m <= 0:
+        return 1.0
+    if m > n:
+        return 0.0
+    num = sum(math.comb(n, k) * derangements(n - k) for k in range(m, n + 1))
+    return _ratio_to_float(num, math.factorial(n))
+
+
+def log10_fixed_points_tail(n: int, m: int) -> float:
+    """log10 of ``fixed_points_tail``, exact to float precision where p underflows."""
+    if m <= 0:
+        return 0.0
+    if m > n:
+        return float("-inf")
+    num = sum(math.comb(n, k) * derangements(n - k) for k in range(m, n + 1))
+    return _log10_int(num) - _log10_int(math.factorial(n))
 
 
 def bonferroni(p: float, m: int) -> float:
