@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout", type=_types.positive_int, default=2000, help="Fashion-MNIST test images for accuracy")
     p.add_argument("--no-accuracy", action="store_true", help="skip accuracy (non-Fashion-MNIST models)")
     p.add_argument("--manifest", help="exporter manifest (default: manifest.json next to MODEL, if any)")
+    p.add_argument("--reference", help="owner's model with BatchNorm kept, to undo BN folding (default: "
+                                       "the key's anchors, else MODEL itself where a BN follows the conv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration and held-out subsets")
     p.add_argument("--jobs", type=_types.positive_int, help="worker processes (default: all cores)")
     p.add_argument("--save-models", action="store_true", help="keep the attacked models in DIR/models/")
@@ -52,8 +54,10 @@ def run(args) -> int:
         raise AuditError(f"-o {out} exists and is not a folder")
     heldout = None if args.no_accuracy else fashion_mnist_heldout(args.heldout, args.seed)
     calibration = Calibration(calibration_data(args.data, args.calibration_samples, args.seed))
+    if args.reference is not None and not Path(args.reference).is_file():
+        raise AuditError(f"reference model not found: {args.reference}")
     doc = run_grid(model, key, grid, calibration, heldout=heldout, manifest=manifest, jobs=args.jobs,
-                   models_dir=out / "models" if args.save_models else None)
+                   models_dir=out / "models" if args.save_models else None, reference=args.reference)
     results.write_result(out / "results.json", doc)
     if args.json:
         sys.stdout.write(results.dumps(doc))
