@@ -110,3 +110,16 @@ def test_bn_kept_and_default_exports_read_the_same_normalized_margin(build_fixtu
     assert undone.margin_min == pytest.approx(kept.margin_min, rel=1e-4)
     assert undone.normalized_margin_min == pytest.approx(kept.normalized_margin_min, rel=1e-4)
     assert abs(folded.margin_min - kept.margin_min) > 0.1 * kept.margin_min
+
+
+@pytest.mark.parametrize("steps", ("quantize:dynamic", "quantize:static-qop"))
+def test_quantized_embedding_table_read_through_its_gather(build_fixture, steps):
+    """onnxruntime gathers rows of an integer table and dequantizes them after the Gather
+    (DequantizeLinear, or QLinearAdd's input scale in QOperator): the table is still read."""
+    d = str(build_fixture("arch-bert"))
+    emb = next(m for m in _audit(d, "default.onnx", steps).marks if m.param == "embeddings.word.weight")
+    assert emb.location.quant == "quantized-Gather" and emb.location.how == "name"
+    assert emb.matches == 128 and emb.location.transform == "identity"
+    # the query projection's MatMul lost its metadata in quantization: found by shape, Bonferroni paid
+    q = next(m for m in _audit(d, "default.onnx", steps).marks if m.param != "embeddings.word.weight")
+    assert q.location.how == "shape-search" and q.p_corrected == pytest.approx(q.p_value * q.location.candidates)
