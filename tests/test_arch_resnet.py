@@ -155,9 +155,15 @@ def policy(resnet, tmp_path_factory):
     return p
 
 
-def test_gate_on_default_export_passes_with_reference_fails_without(resnet, policy):
+@pytest.fixture(scope="module")
+def gate_with_reference(resnet, policy):
+    return gate_document(resnet / "default.onnx", load_key(resnet / "key.json"), load_policy(policy),
+                         policy_path=policy, reference=resnet / "kept.onnx")
+
+
+def test_gate_on_default_export_passes_with_reference_fails_without(resnet, policy, gate_with_reference):
     key, pol = load_key(resnet / "key.json"), load_policy(policy)
-    ok = gate_document(resnet / "default.onnx", key, pol, policy_path=policy, reference=resnet / "kept.onnx")
+    ok = gate_with_reference
     assert ok["verdict"] == "pass" and ok["summary"]["requirements"] == 4
     assert all(r["measured"]["batchnorm"] == "folded" for r in ok["requirements"])
     assert ok["reference"]["path"].endswith("kept.onnx")
@@ -182,3 +188,13 @@ def test_gate_keep_batchnorm_false_undone_with_the_unattacked_model(resnet, poli
     assert status["original"] == "kept" and status["int8-folding-bn"] == "folded"
     folded = next(r for r in doc["requirements"] if r["attack"] == "int8-folding-bn")
     assert folded["measured"]["ber"] == 0.0
+
+
+def test_gate_report_shows_the_reference(resnet, gate_with_reference):
+    from auditor.report import html, terminal
+
+    doc = gate_with_reference
+    text = terminal.render_gate(doc)
+    assert f"reference:  {resnet / 'kept.onnx'}" in text and "BN folded" in text and "norm.margin=" in text
+    page = html.provenance(doc)
+    assert "reference (BN folding undone)" in page and doc["reference"]["sha256"] in page

@@ -93,6 +93,9 @@ def provenance(doc: dict[str, Any]) -> str:
     pol = doc.get("policy")
     if isinstance(pol, dict):
         rows += [("policy", f"{pol.get('name', '')} ({pol.get('path', '')})"), ("policy sha256", pol.get("sha256"))]
+    ref = doc.get("reference")
+    if isinstance(ref, dict):  # the owner's BN-kept model used to undo BatchNorm folding
+        rows += [("reference (BN folding undone)", ref.get("path")), ("reference sha256", ref.get("sha256"))]
     return _table(["field", "value"], [[("", _e(k)), ("mono", _e(v))] for k, v in rows if v not in (None, "")])
 
 
