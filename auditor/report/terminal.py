@@ -98,12 +98,12 @@ def _measured_brief(m: dict[str, Any]) -> str:
         parts.append(f"BER={fmt_num(m['ber'], 4)}")
     if "p_value" in m:
         parts.append(f"p={fmt_p(m['p_value'])}")
+    if m.get("batchnorm") in ("folded", "probably-folded"):
+        parts.append(f"BN {m['batchnorm']}")
     if "signed_margin_min" in m:
         parts.append(f"margin={fmt_num(m['signed_margin_min'], 4)}")
     if "normalized_margin_min" in m:
         parts.append(f"norm.margin={fmt_num(m['normalized_margin_min'], 4)}")
-    if m.get("batchnorm") in ("folded", "probably-folded"):
-        parts.append(f"BN {m['batchnorm']}")
     if "accuracy_drop" in m:
         parts.append(f"drop={fmt_num(m['accuracy_drop'], 2)}pt")
     if "accuracy" in m and "accuracy_drop" not in m:
