@@ -198,3 +198,27 @@ def test_gate_report_shows_the_reference(resnet, gate_with_reference):
     assert f"reference:  {resnet / 'kept.onnx'}" in text and "BN folded" in text
     page = html.provenance(doc)
     assert "reference (BN folding undone)" in page and doc["reference"]["sha256"] in page
+
+
+def test_cli_robustness_and_gate_take_the_reference(resnet, tmp_path):
+    (tmp_path / "grid.toml").write_text('[grid]\nquantize = ["dynamic", "fp16"]\n')
+    r = _cli("robustness", str(resnet / "default.onnx"), "--key", str(resnet / "key.json"), "--grid",
+             str(tmp_path / "grid.toml"), "--data", str(resnet / "calib.npy"), "--no-accuracy", "--jobs", "1",
+             "--reference", str(resnet / "kept.onnx"), "-o", str(tmp_path / "grid"))
+    assert r.returncode == 0, r.stderr
+    assert "survived 2/2" in r.stdout and "(BN folded)" in r.stdout and "reference " in r.stdout
+    doc = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert [row["marks"][0]["matches"] for row in doc["configs"]] == [128, 128]
+    r = _cli("robustness", str(resnet / "default.onnx"), "--key", str(resnet / "key.json"), "--grid",
+             str(tmp_path / "grid.toml"), "--data", str(resnet / "calib.npy"), "--no-accuracy", "--jobs", "1",
+             "-o", str(tmp_path / "grid2"))
+    assert r.returncode == 1 and "survived 0/2" in r.stdout and "--reference" in r.stdout
+    (tmp_path / "p.toml").write_text('format = "wmaudit-policy/1"\nname = "fp16"\nbackends = ["ort-cpu"]\n'
+                                     '[evidence]\naccuracy = false\n[[attacks]]\nid = "fp16"\nsteps = "fp16"\n')
+    r = _cli("gate", str(resnet / "default.onnx"), "--key", str(resnet / "key.json"), "--policy",
+             str(tmp_path / "p.toml"), "--reference", str(resnet / "kept.onnx"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["summary"] == {"requirements": 2, "passed": 2, "failed": 0, "errors": 0}
+    r = _cli("gate", str(resnet / "default.onnx"), "--key", str(resnet / "key.json"), "--policy",
+             str(tmp_path / "p.toml"), "--reference", str(tmp_path / "missing.onnx"))
+    assert r.returncode == 2 and "reference model not found" in r.stderr

@@ -68,17 +68,23 @@ def run(args) -> int:
 
 def render(doc: dict) -> str:
     """A table: config, BER, log10 p, min margin, accuracy, verdict."""
-    lines = [f"{'config':44s} {'BER':>6s} {'log10 p':>8s} {'m_min':>7s} {'acc':>6s}  verdict"]
+    lines = [f"{'config':44s} {'BER':>6s} {'log10 p':>8s} {'m_min':>7s} {'nm_min':>7s} {'acc':>6s}  verdict"]
 
     def row(name, r):
         mk = r["marks"][0]
         acc = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
-        return (f"{name[:44]:44s} {mk['ber']:6.3f} {mk['log10_p']:8.1f} {mk['margin_min']:7.3f} {acc:>6s}  "
-                f"{r['verdict']}")
+        bn = f" (BN {mk['batchnorm']})" if mk.get("batchnorm") in ("folded", "probably-folded") else ""
+        return (f"{name[:44]:44s} {mk['ber']:6.3f} {mk['log10_p']:8.1f} {mk['margin_min']:7.3f} "
+                f"{mk.get('normalized_margin_min', 0.0):7.4f} {acc:>6s}  {r['verdict']}{bn}")
 
     lines.append(row("(unattacked)", doc["baseline"]))
     lines += [row(r["name"], r) for r in doc["configs"]]
     s = doc["summary"]
+    if doc.get("reference"):
+        lines.append(f"reference {doc['reference']['path']}: BatchNorm folding undone with the owner's model")
+    hints = {n for r in [doc["baseline"]] + doc["configs"] for mk in r["marks"] for n in mk.get("notes", [])
+             if "--reference" in n}
+    lines += [f"note: {h}" for h in sorted(hints)[:1]]
     lines.append(f"survived {s['survived']}/{s['configs']}" + (f"; broken by: {', '.join(s['broken'])}"
                                                               if s["broken"] else ""))
     return "\n".join(lines)
