@@ -19,3 +19,18 @@ def test_batchnorm_provenance_reads_the_graph(build_fixture):
                                                                "batchnorm_nodes": 0}
     # a model without BatchNorm: nothing to keep or fold
     assert batchnorm_provenance(arch.ViTS(), build_fixture("arch-vit") / "kept.onnx")["keep_batchnorm"] is None
+
+
+def test_exporter_cli_refuses_more_bits_than_coefficients(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    # SmallCNN's features.conv2.weight [32, 32, 3, 3] under mean: 288 values
+    r = subprocess.run([sys.executable, "-m", "exporters", "embed", "--model", "small-cnn", "--bits", "300",
+                        "--reduce", "mean", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "has 288 coefficients for 300 bits" in lines[0]
+    assert not (tmp_path / "out" / "model.onnx").exists() and not (tmp_path / "out" / "key.json").exists()
