@@ -123,3 +123,10 @@ def test_quantized_embedding_table_read_through_its_gather(build_fixture, steps)
     # the query projection's MatMul lost its metadata in quantization: found by shape, Bonferroni paid
     q = next(m for m in _audit(d, "default.onnx", steps).marks if m.param != "embeddings.word.weight")
     assert q.location.how == "shape-search" and q.p_corrected == pytest.approx(q.p_value * q.location.candidates)
+
+
+def test_name_scope_location_is_stated(build_fixture):
+    d = str(build_fixture("arch-vit"))
+    m = next(m for m in _audit(d, "default.onnx", "").marks if m.param == "blocks.0.attn.qkv.weight")
+    assert m.location.candidates == 1 and m.p_corrected == m.p_value
+    assert any("torch name scope is 'blocks.0.attn.qkv'" in n for n in m.notes)

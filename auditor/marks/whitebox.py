@@ -457,6 +457,9 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
         notes.append(bn["detail"])
     if wt.quant:
         notes.append(f"weight stored quantized ({wt.quant}); extracted from its dequantized float values")
+    if how == "name-scope":
+        notes.append(f"{wt.name} was renamed by the exporter; located through the node reading it, whose "
+                     f"torch name scope is {mark.param.rpartition('.')[0]!r}")
     if how == "shape-search" and m > 1:
         notes.append(f"{m} distinct tensors have the key's shape; best reported, p Bonferroni-corrected")
     return MarkResult(**base, **{k: s[k] for k in s if k not in ("alpha",)},
