@@ -94,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     command = "python -m exporters " + " ".join(shlex.quote(s) for s in argv)
     if a.command == "embed":
-        return embed(a, command)
+        from auditor.errors import AuditError
+
+        try:
+            return embed(a, command)
+        except AuditError as e:  # a key that cannot hold the mark: one line, exit 2
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 2
 
 

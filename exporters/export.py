@@ -138,8 +138,19 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
     # "optimize" as in docs/architecture.md (torch's flag, always False here);
     # "passes" names what ran afterwards ("none" or onnxscript minus BN fusion).
     return {"name": exporter, "dynamo": exporter == "dynamo", "optimize": False, "passes": optimize,
-            "keep_batchnorm": True, "opset": opset, "torch": torch.__version__.split("+")[0],
+            **batchnorm_provenance(model, path), "opset": opset, "torch": torch.__version__.split("+")[0],
             "external_data": bool(external_data)}
+
+
+def batchnorm_provenance(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """What the written graph has, not what the exporter was asked for: the model's BatchNorm
+    modules, the graph's BatchNormalization nodes, and keep_batchnorm = True only when every
+    module is still a node (None when the model has no BatchNorm, False when any was folded)."""
+    modules = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    g = onnx.load(str(path), load_external_data=False).graph
+    nodes = sum(n.op_type == "BatchNormalization" for n in g.node)
+    return {"keep_batchnorm": None if modules == 0 else nodes >= modules,
+            "batchnorm_modules": int(modules), "batchnorm_nodes": int(nodes)}
 
 
 # ------------------------------------------------------------------ validation

@@ -80,6 +80,7 @@ class UchidaRegularizer:
             if s.param not in params:
                 raise KeyError(f"model has no parameter {s.param!r}")
             n = keys.reduced_length(tuple(params[s.param].shape), s.reduce)
+            keys.check_capacity(s.param, tuple(params[s.param].shape), s.reduce, s.bits.size)  # AuditError
             X = s.matrix if s.matrix is not None else keys.generate_projection(s.seed, s.bits.size, n, s.scale)
             X = np.asarray(X, dtype=np.float64)
             if X.shape != (s.bits.size, n):

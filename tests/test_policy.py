@@ -35,7 +35,8 @@ def test_example_policy_parses_to_documented_values():
     p = load_policy(EXAMPLE)
     assert p.name == "release"
     assert p.backends == ("ort-cpu",)
-    assert p.thresholds == {"max_p_value": 1e-6, "max_ber": 0.05, "min_margin": 0.0, "max_accuracy_drop": 2.0}
+    assert p.thresholds == {"max_p_value": 1e-6, "max_ber": 0.05, "min_margin": 0.0, "min_normalized_margin": 0.0,
+                            "max_accuracy_drop": 2.0}
     assert [a.id for a in p.attacks] == ["int8-static-per-channel", "prune-50", "prune-50-then-int8"]
     assert [a.steps for a in p.attacks] == ["quantize:static-qdq-per-channel", "prune:0.5",
                                             "prune:0.5,quantize:static-qdq-per-channel"]

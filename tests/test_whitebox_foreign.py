@@ -122,9 +122,10 @@ def test_bn_folded_recovered_with_anchors(foreign, tmp_path):
     d, wt, bn = foreign
     _import(d, tmp_path / "key.json")
     key = load_key(tmp_path / "key.json")
-    # without anchors: folding cannot be ruled out and is reported
+    # without anchors: the graph shows the folding, reported with what to give
     plain = extract(d / "folded.onnx", key).marks[0]
-    assert plain.batchnorm["status"] == "unknown"
+    assert plain.batchnorm["status"] == "probably-folded" and plain.batchnorm["evidence"]
+    assert "--reference" in plain.batchnorm["detail"] and "--anchors-from" in plain.batchnorm["detail"]
     key.whitebox[0].batchnorm = bn
     res = extract(d / "folded.onnx", key)
     m = res.marks[0]

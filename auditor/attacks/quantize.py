@@ -233,7 +233,7 @@ def quantize_static(model: onnx.ModelProto, calibration, *, quant_format: str = 
             raise AuditError(f"quantize_static failed: {type(e).__name__}: {e}") from None
         out = load(dst)
     notes.append(f"activation ranges: {method} calibration on {calibration.data.source} "
-                 f"({calibration.data.inputs.shape[0]} samples, seed {calibration.data.seed}), cached")
+                 f"({calibration.data.samples} samples, seed {calibration.data.seed}), cached")
     return AttackResult(cap_ir_version(out), params, notes)
 
 

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--null-corpus", action="append", metavar="PATH",
                    help="ONNX file or folder of unrelated models for the empirical null of keys that fail "
                         "the fair-coin checks (repeatable; default: $WMAUDIT_DATA/thirdparty)")
+    p.add_argument("--reveal-bits", action="store_true",
+                   help="also put the extracted bit string and every per-bit signed margin in the result "
+                        "(they give the key's bits away; off by default)")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
     p.add_argument("-o", "--output", help="also write the result JSON to this file")
 
@@ -61,7 +64,8 @@ def run(args) -> int:
         expand_corpus(args.null_corpus)  # a missing path is an error even when no key needs the null
     res = extract(args.model, key, manifest=manifest, alpha=args.alpha,
                   reference=args.reference, marks=args.mark, null_corpus=args.null_corpus)
-    doc = results.envelope("extract", model_path=args.model, key=key, result=res.to_json())
+    doc = results.envelope("extract", model_path=args.model, key=key,
+                           result=res.to_json(reveal_bits=args.reveal_bits))
     if args.output:
         results.write_result(args.output, doc)
     if args.json:
@@ -89,7 +93,8 @@ def render(doc: dict) -> str:
                      f"p {fmt_p(m['p_value'], m['log10_p'])} (log10 {m['log10_p']:.2f})"
                      + (f"   corrected p {fmt_p(m['p_corrected'])}" if loc and loc['candidates'] > 1 else ""))
         lines.append(f"  margin    |x.w| min {m['margin_min']:.4g}  median {m['margin_median']:.4g}   "
-                     f"signed min {m['signed_margin_min']:.4g}")
+                     f"signed min {m['signed_margin_min']:.4g}   normalised min "
+                     f"{m.get('normalized_margin_min', 0.0):.4g} median {m.get('normalized_margin_median', 0.0):.4g}")
         bn = m.get("batchnorm") or {}
         if bn.get("status") not in (None, "not-applicable"):
             lines.append(f"  batchnorm {bn['status']}: {bn.get('detail', '')}")
@@ -101,6 +106,9 @@ def render(doc: dict) -> str:
             lines.append(f"  evidence  {ev['sentence']}")
         lines.append(f"  verdict   {m['verdict']} ({m['reason']})")
     lines.append("")
+    if r.get("bits_revealed"):
+        lines.append("note: --reveal-bits: the result holds the extracted bits and per-bit margins "
+                     "(they give the key away; do not publish it)")
     lines.append(f"VERDICT: {r['verdict'].upper()} ({r['reason']})")
     ev = r.get("evidence") or doc.get("evidence") or {}
     if ev:

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", required=True, help="release policy (TOML, see examples/release-policy.toml)")
     p.add_argument("--manifest", help="exporter manifest (default: manifest.json next to the model, "
                                       "when it describes this file)")
+    p.add_argument("--reference", metavar="REF.onnx",
+                   help="owner's model with BatchNorm kept, to undo BN folding (default: the key's anchors, "
+                        "else the model itself where a BN follows the marked conv)")
     p.add_argument("--junit", metavar="OUT.xml", help="write JUnit XML (one testcase per requirement)")
     p.add_argument("-o", "--output", metavar="OUT.json", help="write the result JSON to this file")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
@@ -64,10 +67,12 @@ def run(args) -> int:
     if not Path(args.model).is_file():
         raise AuditError(f"model not found: {args.model}")
     manifest = load_manifest(args.manifest) if args.manifest else default_manifest(args.model)
+    if args.reference is not None and not Path(args.reference).is_file():
+        raise AuditError(f"reference model not found: {args.reference}")
     n = 1 + len(policy.attacks)
     with terminal.Progress(n, "gate") as progress:
         doc = gate_document(args.model, key, policy, policy_path=args.policy, manifest=manifest,
-                            progress=progress)
+                            progress=progress, reference=args.reference)
     if args.output:
         results.write_result(args.output, doc)
     if args.junit:

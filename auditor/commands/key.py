@@ -11,7 +11,7 @@ import numpy as np
 
 from auditor import results
 from auditor.errors import AuditError
-from auditor.marks.keys import Key, load_key, make_mark, reduced_length, save_key, sha256_file
+from auditor.marks.keys import Key, check_capacity, load_key, make_mark, reduced_length, save_key, sha256_file
 
 HELP = "import, show and verify key files"
 DESCRIPTION = """Key files.
@@ -26,6 +26,9 @@ DESCRIPTION = """Key files.
                   --param conv2.weight --shape 32,32,3,3 --reduce mean --bits-count 256 -o key.json
       committed key: X and bits derived from the owner statement (owner, nonce, date,
       mark); the statement's commitment is what the owner records or timestamps.
+  wmaudit key import ... --anchors-from REF.onnx -o key.json
+      also store the BatchNorm that follows the marked conv in REF.onnx (the owner's
+      model, BN kept) as anchors: BN folding is then undone without --reference.
   wmaudit key import --images keys.npy --labels labels.npy -o key.json
       black-box trigger set (images N x C x H x W .npy or a folder of PNGs).
   wmaudit key show KEY.json      summary (no secret material printed)
@@ -48,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     imp.add_argument("--images", help="trigger images: .npy N x C x H x W, or a folder of PNGs")
     imp.add_argument("--labels", help="trigger labels: .npy or a text file, one integer per line")
     imp.add_argument("--num-classes", type=int, help="number of model outputs (for the 1/C null rate)")
+    imp.add_argument("--anchors-from", metavar="REF.onnx",
+                     help="store the BatchNorm anchors of the owner's model (exported with BatchNorm kept) in "
+                          "the key, so that a BN-folded deployment needs no reference later")
     imp.add_argument("--append", action="store_true", help="add the mark to an existing key file -o")
     imp.add_argument("-o", "--output", required=True, help="key file to write")
     new = sub.add_parser("new", help="a committed white-box key derived from an owner statement")
@@ -132,6 +138,10 @@ def _import(args) -> int:
         raise AuditError("--reduce mean needs a parameter with at least 2 axes")
     bits = load_bits(args.bits)
     T, N = bits.size, reduced_length(shape, args.reduce)
+    check_capacity(args.param, shape, args.reduce, T)
+    if args.anchors_from is not None and len(shape) != 4:
+        raise AuditError(f"--anchors-from: BatchNorm anchors apply to a conv weight (4 axes), {args.param} "
+                         f"has shape {list(shape)}")
     key = load_key(out) if args.append else Key(whitebox=[], model={})
     mark_id = args.id or args.param
     if any(m.id == mark_id for m in key.whitebox):
@@ -163,6 +173,10 @@ def _import(args) -> int:
                          matrix_sha256=sha256_file(sidecar_tmp), id=mark_id)
     mark.extra["imported"] = {"matrix": Path(args.matrix).name if args.matrix else None,
                               "bits": Path(args.bits).name}
+    if args.anchors_from is not None:
+        mark.batchnorm = anchors_from(args.anchors_from, mark)
+        mark.extra["imported"]["anchors_from"] = {"model": Path(args.anchors_from).name,
+                                                  "sha256": sha256_file(Path(args.anchors_from))}
     key.whitebox.append(mark)
     try:
         if sidecar_tmp is not None:
@@ -196,6 +210,18 @@ def _new(args) -> int:
           f"statement {st['commitment']} (owner {args.owner!r}, nonce {args.nonce!r}, {args.date}): "
           f"record or timestamp this commitment")
     return 0
+
+
+def anchors_from(path: str, mark) -> dict:
+    """gamma, beta, running_mean, running_var, eps of the BatchNorm after the marked conv in `path`."""
+    from auditor.marks.whitebox import reference_batchnorm
+
+    if not Path(path).is_file():
+        raise AuditError(f"--anchors-from: model not found: {path}")
+    bn = reference_batchnorm(path, mark)
+    return {"gamma": [float(v) for v in bn["gamma"]], "beta": [float(v) for v in bn["beta"]],
+            "running_mean": [float(v) for v in bn["running_mean"]],
+            "running_var": [float(v) for v in bn["running_var"]], "eps": float(bn["eps"])}
 
 
 def _show(args, verify: bool) -> int:

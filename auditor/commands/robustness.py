@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout", type=_types.positive_int, default=2000, help="Fashion-MNIST test images for accuracy")
     p.add_argument("--no-accuracy", action="store_true", help="skip accuracy (non-Fashion-MNIST models)")
     p.add_argument("--manifest", help="exporter manifest (default: manifest.json next to MODEL, if any)")
+    p.add_argument("--reference", help="owner's model with BatchNorm kept, to undo BN folding (default: "
+                                       "the key's anchors, else MODEL itself where a BN follows the conv)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration and held-out subsets")
     p.add_argument("--jobs", type=_types.positive_int, help="worker processes (default: all cores)")
     p.add_argument("--save-models", action="store_true", help="keep the attacked models in DIR/models/")
@@ -52,8 +54,10 @@ def run(args) -> int:
         raise AuditError(f"-o {out} exists and is not a folder")
     heldout = None if args.no_accuracy else fashion_mnist_heldout(args.heldout, args.seed)
     calibration = Calibration(calibration_data(args.data, args.calibration_samples, args.seed))
+    if args.reference is not None and not Path(args.reference).is_file():
+        raise AuditError(f"reference model not found: {args.reference}")
     doc = run_grid(model, key, grid, calibration, heldout=heldout, manifest=manifest, jobs=args.jobs,
-                   models_dir=out / "models" if args.save_models else None)
+                   models_dir=out / "models" if args.save_models else None, reference=args.reference)
     results.write_result(out / "results.json", doc)
     if args.json:
         sys.stdout.write(results.dumps(doc))
@@ -64,17 +68,23 @@ def run(args) -> int:
 
 def render(doc: dict) -> str:
     """A table: config, BER, log10 p, min margin, accuracy, verdict."""
-    lines = [f"{'config':44s} {'BER':>6s} {'log10 p':>8s} {'m_min':>7s} {'acc':>6s}  verdict"]
+    lines = [f"{'config':44s} {'BER':>6s} {'log10 p':>8s} {'m_min':>7s} {'nm_min':>7s} {'acc':>6s}  verdict"]
 
     def row(name, r):
         mk = r["marks"][0]
         acc = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
-        return (f"{name[:44]:44s} {mk['ber']:6.3f} {mk['log10_p']:8.1f} {mk['margin_min']:7.3f} {acc:>6s}  "
-                f"{r['verdict']}")
+        bn = f" (BN {mk['batchnorm']})" if mk.get("batchnorm") in ("folded", "probably-folded") else ""
+        return (f"{name[:44]:44s} {mk['ber']:6.3f} {mk['log10_p']:8.1f} {mk['margin_min']:7.3f} "
+                f"{mk.get('normalized_margin_min', 0.0):7.4f} {acc:>6s}  {r['verdict']}{bn}")
 
     lines.append(row("(unattacked)", doc["baseline"]))
     lines += [row(r["name"], r) for r in doc["configs"]]
     s = doc["summary"]
+    if doc.get("reference"):
+        lines.append(f"reference {doc['reference']['path']}: BatchNorm folding undone with the owner's model")
+    hints = {n for r in [doc["baseline"]] + doc["configs"] for mk in r["marks"] for n in mk.get("notes", [])
+             if "--reference" in n}
+    lines += [f"note: {h}" for h in sorted(hints)[:1]]
     lines.append(f"survived {s['survived']}/{s['configs']}" + (f"; broken by: {', '.join(s['broken'])}"
                                                               if s["broken"] else ""))
     ev = doc.get("evidence")

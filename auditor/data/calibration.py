@@ -38,22 +38,32 @@ DEFAULT_BATCH = 32
 
 @dataclass(frozen=True)
 class CalibrationData:
-    """Model inputs used for calibration (float32, first axis = examples)."""
+    """Model inputs used for calibration (first axis = examples): one array, or for a model
+    with several inputs a dict from ONNX input name to array (same number of examples)."""
 
-    inputs: np.ndarray
+    inputs: np.ndarray | dict
     source: str
     seed: int
     batch_size: int = DEFAULT_BATCH
 
     @property
     def digest(self) -> str:
-        a = np.ascontiguousarray(self.inputs)
-        h = hashlib.sha256(str((a.dtype.str, a.shape, self.batch_size)).encode())
-        h.update(a.tobytes())
+        arrays = self.inputs if isinstance(self.inputs, dict) else {"": self.inputs}
+        h = hashlib.sha256(str(self.batch_size).encode())
+        for name in sorted(arrays):
+            a = np.ascontiguousarray(arrays[name])
+            h.update(str((name, a.dtype.str, a.shape)).encode() if name else
+                     str((a.dtype.str, a.shape, self.batch_size)).encode())
+            h.update(a.tobytes())
         return h.hexdigest()
 
+    @property
+    def samples(self) -> int:
+        first = next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs
+        return int(first.shape[0])
+
     def describe(self) -> dict:
-        return {"source": self.source, "samples": int(self.inputs.shape[0]), "seed": int(self.seed),
+        return {"source": self.source, "samples": self.samples, "seed": int(self.seed),
                 "batch_size": int(self.batch_size), "sha256": self.digest}
 
 
@@ -106,25 +116,27 @@ class ArrayReader:
         self.input_name = input_name
         self.inputs = inputs
         self.batch_size = int(batch_size)
-        self._start, self._end = 0, len(inputs)
+        self._start, self._end = 0, (len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs))
         self._pos = 0
 
     def get_next(self) -> dict | None:
         if self._pos >= self._end:
             return None
-        batch = self.inputs[self._pos: min(self._pos + self.batch_size, self._end)]
+        sl = slice(self._pos, min(self._pos + self.batch_size, self._end))
         self._pos += self.batch_size
-        return {self.input_name: batch}
+        if isinstance(self.inputs, dict):  # several model inputs, batched together
+            return {name: a[sl] for name, a in self.inputs.items()}
+        return {self.input_name: self.inputs[sl]}
 
     def rewind(self) -> None:
         self._pos = self._start
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self._start, self._end = int(start_index), min(int(end_index), len(self.inputs))
+        self._start, self._end = int(start_index), min(int(end_index), len(self))
         self._pos = self._start
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return len(next(iter(self.inputs.values()))) if isinstance(self.inputs, dict) else len(self.inputs)
 
     def __iter__(self):
         while (b := self.get_next()) is not None:
@@ -215,8 +227,16 @@ class Calibration:
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
         cal = _ort_calibration()
-        name = model_input_name(model)
-        if self.data.inputs.ndim < 1:
+        if isinstance(self.data.inputs, dict):
+            inits = {i.name for i in model.graph.initializer}
+            wanted = sorted(i.name for i in model.graph.input if i.name not in inits)
+            if sorted(self.data.inputs) != wanted:
+                raise AuditError(f"calibration inputs {sorted(self.data.inputs)} do not match the model's "
+                                 f"inputs {wanted}")
+            name = None
+        else:
+            name = model_input_name(model)
+        if name is not None and self.data.inputs.ndim < 1:
             raise AuditError("calibration inputs have no example axis")
         with tempfile.TemporaryDirectory(prefix="wmaudit-calib-run-") as d:
             mpath = Path(d) / "model.onnx"

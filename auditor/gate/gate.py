@@ -72,7 +72,10 @@ def judge_mark(attack_id: str, mark: dict[str, Any], thresholds: dict[str, float
 
     p is the mark's p-value corrected for the candidate tensors tried
     (``p_corrected``); the margin held to ``min_margin`` is the *signed* minimum
-    margin min_i (2 b_i - 1) x_i . w, negative as soon as one bit is wrong.
+    margin min_i (2 b_i - 1) x_i . w, negative as soon as one bit is wrong;
+    ``min_normalized_margin`` holds min_i (2 b_i - 1) x_i . w / (|x_i| |w|), the
+    same margin without the weight's units (one threshold for BN-folded and
+    BN-kept exports).
     """
     mid = str(mark.get("id") or mark.get("param"))
     p = float(mark.get("p_corrected", mark.get("p_value", 1.0)))
@@ -81,13 +84,20 @@ def judge_mark(attack_id: str, mark: dict[str, Any], thresholds: dict[str, float
                 "margin_min": float(mark.get("margin_min", 0.0)),
                 "margin_median": float(mark.get("margin_median", 0.0)),
                 "signed_margin_min": float(mark.get("signed_margin_min", 0.0)),
+                "normalized_margin_min": float(mark.get("normalized_margin_min", 0.0)),
+                "normalized_margin_median": float(mark.get("normalized_margin_median", 0.0)),
                 "verdict": mark.get("verdict", "")}
     loc = mark.get("location") or {}
     if loc:
         measured["weight"] = loc.get("weight")
+        measured["located_by"] = loc.get("how")
+    bn = mark.get("batchnorm") or {}
+    if bn.get("status") not in (None, "not-applicable"):
+        measured["batchnorm"] = bn["status"]
     req = Requirement(id=f"{attack_id}/whitebox/{mid}", attack=attack_id, evidence="whitebox", mark=mid,
                       measured=measured, thresholds={k: v for k, v in thresholds.items()
-                                                     if k in ("max_p_value", "max_ber", "min_margin")})
+                                                     if k in ("max_p_value", "max_ber", "min_margin",
+                                                              "min_normalized_margin")})
     if not loc:
         req.reasons.append(f"marked parameter not found: {mark.get('reason', 'no candidate tensor')}")
     if "max_p_value" in thresholds and not p < thresholds["max_p_value"]:
@@ -98,6 +108,12 @@ def judge_mark(attack_id: str, mark: dict[str, Any], thresholds: dict[str, float
     if "min_margin" in thresholds and measured["signed_margin_min"] < thresholds["min_margin"]:
         req.reasons.append(f"signed margin min = {measured['signed_margin_min']:.4g} < min_margin "
                            f"{thresholds['min_margin']:g}")
+    if "min_normalized_margin" in thresholds and \
+            measured["normalized_margin_min"] < thresholds["min_normalized_margin"]:
+        req.reasons.append(f"normalised margin min = {measured['normalized_margin_min']:.4g} < min_normalized_margin "
+                           f"{thresholds['min_normalized_margin']:g}")
+    if req.reasons and bn.get("status") in ("probably-folded", "unknown") and loc:
+        req.reasons.append(bn.get("detail", ""))
     req.status = FAIL if req.reasons else PASS
     return req
 
@@ -207,16 +223,21 @@ def _error_text(e: BaseException) -> str:
 
 # ------------------------------------------------------------------ the gate
 def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict | None = None,
-             progress=None) -> dict[str, Any]:
+             progress=None, reference: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the policy on the model; the body of a ``gate`` result document.
+
+    BatchNorm folding (the model's own, or ``keep_batchnorm = false`` / quant_pre_process
+    in an attacked copy) is undone with the owner's ``reference`` (BN kept), else the
+    key's anchors, else the unattacked model where a BN still follows the marked conv.
 
     Returns {"verdict": "pass"|"fail", "summary", "requirements", "attacks", "policy"}.
     Raises AuditError for bad input (unreadable model, an attack that cannot be applied).
     """
-    from auditor.marks.whitebox import extract
+    from auditor.marks.whitebox import extract, resolve_anchors
 
     model_path = Path(model_path)
     original = load_model_full(model_path)
+    anchors = resolve_anchors(key, reference, unattacked=model_path) if policy.whitebox != "none" else {}
     want_blackbox = policy.blackbox == "required" or (policy.blackbox == "if-key-has" and bool(key.blackbox))
 
     specs: list[AttackSpec] = [AttackSpec(BASELINE_ID, "", {}, {})] + list(policy.attacks)
@@ -251,7 +272,8 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
 
             # white-box evidence: read off the weights, the same on every backend
             if policy.whitebox != "none":
-                ex = extract(path, key, manifest=manifest, alpha=thresholds.get("max_p_value", 1e-6)).to_json()
+                ex = extract(path, key, manifest=manifest, alpha=thresholds.get("max_p_value", 1e-6),
+                             anchors=anchors).to_json()
                 cell["whitebox"] = ex
                 if policy.whitebox == "all-marks":
                     reqs.extend(judge_mark(spec.id, m, thresholds) for m in ex["marks"])
@@ -364,9 +386,12 @@ def judge_blackbox(attack_id: str, model_path: Path, key: Key, backend: str, thr
 
 
 def gate_document(model_path: str | Path, key: Key, policy: Policy, *, policy_path: str | Path,
-                  manifest: dict | None = None, progress=None, command: str | None = None) -> dict[str, Any]:
+                  manifest: dict | None = None, progress=None, command: str | None = None,
+                  reference: str | Path | None = None) -> dict[str, Any]:
     """The full ``gate`` result envelope (deterministic apart from ``created``)."""
-    body = run_gate(model_path, key, policy, manifest=manifest, progress=progress)
+    body = run_gate(model_path, key, policy, manifest=manifest, progress=progress, reference=reference)
+    if reference is not None:
+        body["reference"] = {"path": str(reference), "sha256": results.file_sha256(reference)}
     pol = policy.to_json()
     pol["path"] = str(policy_path)
     pol["sha256"] = results.file_sha256(policy_path)

@@ -8,7 +8,7 @@ A policy is a TOML file (read with tomllib) naming
   ``calibration_method``);
 * the backends the attacked models must run on (``backends``);
 * the thresholds every piece of evidence must meet (``[thresholds]``:
-  ``max_p_value``, ``min_margin``, ``max_ber``, ``max_accuracy_drop`` in
+  ``max_p_value``, ``min_margin``, ``min_normalized_margin`` (scale-free), ``max_ber``, ``max_accuracy_drop`` in
   percentage points), optionally tightened or relaxed per attack;
 * the evidence required (``[evidence]``: white-box marks, trigger set /
   logo, task accuracy);
@@ -42,6 +42,7 @@ BLACKBOX_MODES = ("if-key-has", "required", "none")
 _THRESHOLDS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "max_p_value": ("a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
     "min_margin": ("a finite number", lambda v: math.isfinite(v)),
+    "min_normalized_margin": ("a number in [-1, 1]", lambda v: -1.0 <= v <= 1.0),
     "max_ber": ("a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
     "max_accuracy_drop": ("a number of percentage points in [0, 100]", lambda v: 0.0 <= v <= 100.0),
 }

@@ -166,20 +166,29 @@ def _calibrate(prefix: str) -> str:
     return str(_STATE["calibration"].ranges(pre, _STATE["method"]))
 
 
-def measure(path: str | os.PathLike, key, manifest: dict | None, heldout, threads: int = 0) -> dict:
-    """White-box marks and accuracy of one model file."""
+def measure(path: str | os.PathLike, key, manifest: dict | None, heldout, threads: int = 0,
+            anchors: dict | None = None) -> dict:
+    """White-box marks and accuracy of one model file (``anchors``: BN anchors per mark id,
+    ``auditor.marks.whitebox.resolve_anchors``)."""
     from auditor.marks import whitebox
     from auditor.data.accuracy import accuracy
 
-    res = whitebox.extract(path, key, manifest=manifest)
+    res = whitebox.extract(path, key, manifest=manifest, anchors=anchors)
     marks = []
     for mk in res.marks:
+        # per-bit values (bits, signed margins) stay out: they give the key away
         marks.append({"id": mk.id, "n_bits": mk.n_bits, "matches": mk.matches, "ber": mk.ber,
-                      "p_value": mk.p_value, "log10_p": mk.log10_p, "margin_min": mk.margin_min,
+                      "p_value": mk.p_value, "p_corrected": mk.p_corrected, "log10_p": mk.log10_p,
+                      "margin_min": mk.margin_min,
                       "margin_median": mk.margin_median, "signed_margin_min": mk.signed_margin_min,
-                      "signed_margins": mk.signed_margins, "verdict": mk.verdict,
+                      "normalized_margin_min": mk.normalized_margin_min,
+                      "normalized_margin_median": mk.normalized_margin_median,
+                      "margin_histogram": mk.margin_histogram, "verdict": mk.verdict,
                       "weight": mk.location.weight if mk.location else None,
+                      "located_by": mk.location.how if mk.location else None,
                       "quant": mk.location.quant if mk.location else None,
+                      "batchnorm": mk.batchnorm.get("status") if mk.batchnorm else None,
+                      "notes": list(mk.notes),
                       "evidence": {"kind": mk.evidence.get("kind")},
                       "null": {"kind": mk.null.get("kind"), "reason": mk.null.get("reason")}})
     out = {"verdict": res.verdict, "p_value": res.p_value, "marks": marks}
@@ -196,7 +205,8 @@ def _run_config(cfg: Config) -> dict:
     with tempfile.TemporaryDirectory(prefix="wmaudit-grid-") as d:
         path = Path(d) / "model.onnx"
         onnx.save_model(r.model, str(path))
-        m = measure(path, _STATE["key"], _STATE["manifest"], _STATE["heldout"], _STATE["threads"])
+        m = measure(path, _STATE["key"], _STATE["manifest"], _STATE["heldout"], _STATE["threads"],
+                    _STATE.get("anchors"))
         if models_dir:
             dst = Path(models_dir) / f"{_safe(cfg.name)}.onnx"
             tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
@@ -235,8 +245,13 @@ class Progress:
 # ---------------------------------------------------------------- the grid
 def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration, heldout=None,
              manifest: dict | None = None, jobs: int | None = None, models_dir: str | os.PathLike | None = None,
-             progress: bool = True, command: str | None = None) -> dict:
-    """Run every config of ``grid`` on the model; returns the result document (envelope 'robustness')."""
+             progress: bool = True, command: str | None = None, reference: str | os.PathLike | None = None) -> dict:
+    """Run every config of ``grid`` on the model; returns the result document (envelope 'robustness').
+
+    BatchNorm folding is undone in every attacked copy with the owner's ``reference``
+    (BN kept), else the key's anchors, else the unattacked model where a BN still
+    follows the marked conv (``auditor.marks.whitebox.resolve_anchors``)."""
+    from auditor.marks.whitebox import resolve_anchors
     from auditor.results import envelope
 
     model_path = Path(model_path)
@@ -246,11 +261,12 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration, heldou
     threads = 1 if workers > 1 else 0
     state = {"model_path": str(model_path), "key": key, "manifest": manifest, "heldout": heldout,
              "calibration": calibration, "method": grid.calibration, "prune_seed": grid.prune_seed,
-             "threads": threads, "models_dir": str(models_dir) if models_dir else None}
+             "threads": threads, "models_dir": str(models_dir) if models_dir else None,
+             "anchors": resolve_anchors(key, reference, unattacked=model_path)}
     if models_dir:
         Path(models_dir).mkdir(parents=True, exist_ok=True)
     _init_worker(state)
-    baseline = measure(model_path, key, manifest, heldout)
+    baseline = measure(model_path, key, manifest, heldout, anchors=state["anchors"])
     prefixes = sorted({p[0] for c in grid.configs if (p := _static_prefix(c.steps)) is not None})
     bar = Progress(len(grid.configs), enabled=progress)
     rows: dict[str, dict] = {}
@@ -289,9 +305,16 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration, heldou
               f"calibrations: {len(prefixes)}", file=sys.stderr)
     return envelope("robustness", model_path=model_path, key=key, command=command,
                     grid=grid.describe(), calibration=calibration.data.describe(),
+                    reference=({"path": str(reference), "sha256": _sha(reference)} if reference else None),
                     heldout=heldout.describe() if heldout is not None else None,
                     baseline=baseline, configs=configs, summary=summary,
                     verdict="survived" if summary["all_survived"] else "broken")
+
+
+def _sha(path) -> str:
+    from auditor.results import file_sha256
+
+    return file_sha256(path)
 
 
 def load_manifest(model_path: Path) -> dict | None:

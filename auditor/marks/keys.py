@@ -67,6 +67,21 @@ def reduced_length(shape: tuple[int, ...] | list[int], reduce: str) -> int:
     return int(np.prod(shape))
 
 
+def check_capacity(param: str, shape, reduce: str, n_bits: int) -> None:
+    """Refuse a mark whose reduced weight has fewer coefficients than bits.
+
+    Why: T projections of an N-vector with N < T are linearly dependent, so at
+    most N bits can be set independently and the extracted bits are not T
+    independent fair coins under the null (a depthwise conv [C, 1, 3, 3] with
+    ``mean`` has 9 coefficients: 128 bits cannot be embedded, and the p-value
+    would be meaningless)."""
+    n = reduced_length(shape, reduce)
+    if n < int(n_bits):
+        raise AuditError(f"{param} {list(int(s) for s in shape)} with reduce={reduce} has {n} coefficients for "
+                         f"{int(n_bits)} bits: more bits than coefficients cannot be independent "
+                         f"(use reduce=flatten, a larger weight or at most {n} bits)")
+
+
 # ---------------------------------------------------------------- data model
 @dataclass
 class WhiteboxMark:
@@ -256,6 +271,7 @@ def make_mark(param: str, shape, reduce: str, bits, *, seed: int | None = None,
         raise AuditError("bits must be a non-empty array of 0/1")
     if (seed is None) == (matrix_path is None):
         raise AuditError("give exactly one of a generator seed or a projection matrix")
+    check_capacity(param, shape, reduce, bits.size)
     if seed is not None:
         proj = {"kind": "generator", "generator": GENERATOR, "seed": int(seed), "scale": float(scale)}
     else:

@@ -5,7 +5,11 @@ Locating the parameter (the key names a torch parameter and its torch shape):
   1. the exporter's manifest, when given (ONNX tensor + layout transform);
   2. a name match: the ONNX tensor's name equals the torch name after
      normalisation (separators, exporter/quantizer prefixes and suffixes);
-  3. otherwise every torch-layout view of every weight with the key's shape
+  3. the dynamo exporter's node metadata: a renamed weight (``val_143``, a
+     transposed Linear weight read by MatMul) is found through the node that
+     reads it, whose ``pkg.torch.onnx.name_scopes`` names the torch module
+     owning the parameter (``located_by: name-scope``);
+  4. otherwise every torch-layout view of every weight with the key's shape
      is tried, the best is reported, and its p-value is Bonferroni-corrected
      for the number of distinct candidates tried (a forensic search must pay
      for looking in many places).
@@ -14,10 +18,26 @@ BatchNorm folding: if the key says a BatchNormalization followed the marked
 conv at embedding time (anchors stored in the key, or a reference model),
 and the graph no longer has one after that conv, the weight was folded:
 W' = W * gamma / sqrt(var + eps) per output channel. The audit says so and
-divides the scale back out before extraction.
+divides the scale back out before extraction. Where no anchors exist but the
+graph shows signs of folding (the exporter's metadata records a BatchNorm
+fusion on the conv, the conv's scope names a BatchNorm module, the conv has a
+bias although the key names a conv followed by BN), the result says so and
+what to give (``--reference`` or a key with anchors).
+
+Key secrecy: the extracted bit string and the per-bit signed margins
+together give away the key's bits, so results carry counts, BER, p and
+margin statistics (min / median, a histogram of the signed margins with
+bins fixed at extraction time) and the per-bit values only when asked
+(``to_json(reveal_bits=True)``, ``--reveal-bits`` on the command line).
+
+Margins: ``margin_*`` are |x_i . w| in weight units (they change with BN
+folding and with the weight's scale); ``normalized_margin_*`` are
+(2 b_i - 1) x_i . w / (||x_i|| ||w||), a cosine in [-1, 1] that one policy
+threshold can serve for a BN-folded and a BN-kept export alike.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import math
 import re
@@ -42,7 +62,7 @@ _PREFIXES = ("onnx__", "model_", "module_", "_orig_mod_", "p_", "l__self___", "s
 class Location:
     weight: str               # ONNX tensor (as listed by WeightStore)
     transform: str            # layout transform to torch layout (auditor.read.layout label)
-    how: str                  # manifest | name | shape-search
+    how: str                  # manifest | name | name-scope | shape-search
     candidates: int           # distinct candidates tried (Bonferroni m)
     stored_dtype: str = ""
     location: str = ""        # where the tensor lives (initializer, external:..., ...)
@@ -68,17 +88,23 @@ class MarkResult:
     margin_median: float
     margin_mean: float
     signed_margin_min: float
-    signed_margins: list[float]   # (2b_i - 1) x_i.w per key bit: negative = wrong bit
+    signed_margins: list[float]   # (2b_i - 1) x_i.w per key bit: negative = wrong bit (secret)
     wrong_bits: int
-    bits: str
+    bits: str                     # the extracted bit string (secret: equals the key where detected)
     location: Location | None
+    normalized_margin_min: float = 0.0     # min_i (2b_i - 1) x_i.w / (|x_i| |w|)
+    normalized_margin_median: float = 0.0
+    margin_histogram: dict[str, Any] = field(default_factory=dict)  # signed margins: edges, counts
     batchnorm: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     evidence: dict[str, Any] = field(default_factory=dict)  # committed | uncommitted (auditor.marks.evidence)
     null: dict[str, Any] = field(default_factory=dict)      # the null the p-value is computed under
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, reveal_bits: bool = False) -> dict[str, Any]:
+        """The result without per-bit values unless ``reveal_bits`` (they give the key away)."""
         d = asdict(self)
+        if not reveal_bits:
+            del d["bits"], d["signed_margins"]
         return d
 
 
@@ -95,9 +121,10 @@ class ExtractionResult:
     def exit_code(self) -> int:
         return stats.exit_code(self.verdict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, reveal_bits: bool = False) -> dict[str, Any]:
         return {"verdict": self.verdict, "p_value": self.p_value, "alpha": self.alpha,
-                "reason": self.reason, "evidence": self.evidence, "marks": [m.to_json() for m in self.marks]}
+                "reason": self.reason, "evidence": self.evidence, "bits_revealed": bool(reveal_bits),
+                "marks": [m.to_json(reveal_bits) for m in self.marks]}
 
 
 # ---------------------------------------------------------------- core maths
@@ -109,8 +136,26 @@ def project(mark: WhiteboxMark, w_torch: np.ndarray) -> np.ndarray:
     return mark.matrix() @ w
 
 
-def score(mark: WhiteboxMark, y: np.ndarray, alpha: float, m: int = 1) -> dict[str, Any]:
-    """Bits, BER, exact p and margins from the projections y."""
+HISTOGRAM_BINS = 20
+
+
+def margin_histogram(signed: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """Counts of the signed margins in equal-width bins spanning them and 0 (order-free: no bit revealed)."""
+    v = np.asarray(signed, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"edges": [], "counts": []}
+    lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def score(mark: WhiteboxMark, y: np.ndarray, alpha: float, m: int = 1,
+          w: np.ndarray | None = None) -> dict[str, Any]:
+    """Bits, BER, exact p and margins from the projections y (w: the reduced weight, for
+    the normalised margins)."""
     bits = (y > 0).astype(np.uint8)
     T = int(mark.n_bits)
     k = int((bits == mark.bits).sum())
@@ -120,7 +165,14 @@ def score(mark: WhiteboxMark, y: np.ndarray, alpha: float, m: int = 1) -> dict[s
     best = stats.bonferroni(stats.min_achievable_p_half(T), m)
     dec = stats.decide(p_corr, best, alpha)
     absy = np.abs(y)
+    if w is not None:
+        norms = np.linalg.norm(mark.matrix(), axis=1) * float(np.linalg.norm(w))
+        normalized = np.divide(signed, norms, out=np.zeros_like(signed), where=norms > 0)
+    else:
+        normalized = np.zeros_like(signed)
     return dict(
+        normalized_margin_min=float(normalized.min()), normalized_margin_median=float(np.median(normalized)),
+        margin_histogram=margin_histogram(signed),
         n_bits=T, matches=k, ber=(T - k) / T, p_value=p,
         log10_p=stats.log10_binom_tail_half(T, k),
         p_corrected=p_corr, alpha=alpha, verdict=dec.verdict, reason=dec.reason,
@@ -187,6 +239,34 @@ def _name_of(view) -> list[str]:
     return [n for n in (w.name, w.stored_name) if n]
 
 
+def node_metadata(store, node_name: str) -> dict[str, str]:
+    """The exporter's metadata_props of a node (dynamo: name scopes, namespace, rewrite rules)."""
+    try:
+        node = store.node(node_name)
+    except (KeyError, AttributeError):
+        return {}
+    return {p.key: p.value for p in getattr(node, "metadata_props", [])}
+
+
+def _name_scopes(meta: dict[str, str]) -> list[str]:
+    raw = meta.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return []
+    try:
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return []
+    return [str(x) for x in scopes] if isinstance(scopes, (list, tuple)) else []
+
+
+def _scope_reads(store, view, module: str) -> bool:
+    """Does a node reading this view's weight carry `module` among its torch name scopes?"""
+    for _, node_name, _ in getattr(view.weight, "uses", None) or []:
+        if module in _name_scopes(node_metadata(store, node_name)):
+            return True
+    return False
+
+
 def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[list, str]:
     """Candidate views for a mark and how they were chosen."""
     views = candidate_views(store, mark)
@@ -209,6 +289,14 @@ def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[lis
             named = ident
     if len(named) == 1:
         return named, "name"
+    if not named and gate is None:
+        module = mark.param.rpartition(".")[0]
+        scoped = [v for v in views if module and v.kind in ("linear", "conv", "tensor") and _scope_reads(store, v, module)]
+        if scoped:
+            # a layer reads the weight in its torch layout: MatMul / Gemm(transB=0) -> transpose view
+            kinds = [v for v in scoped if v.kind != "tensor"] or scoped
+            if len(kinds) == 1:
+                return kinds, "name-scope"
     pool = named or views
     if gate is not None:
         hinted = [v for v in pool if f":{gate}:dir={direction}" in v.transform
@@ -223,6 +311,34 @@ def _bn_scale(bn: dict[str, Any]) -> np.ndarray:
     gamma = np.asarray(bn["gamma"], dtype=np.float64)
     var = np.asarray(bn["running_var"], dtype=np.float64)
     return gamma / np.sqrt(var + float(bn["eps"]))
+
+
+FOLDED_HINT = ("give --reference REF.onnx (the owner's model with BatchNorm kept) or a key with anchors "
+               "(wmaudit key import --anchors-from REF.onnx)")
+
+
+def folding_evidence(store, view, mark: WhiteboxMark) -> list[str]:
+    """What the graph shows of a BatchNorm folded into the conv reading this view's weight."""
+    found: list[str] = []
+    for op, node_name, _ in getattr(view.weight, "uses", None) or []:
+        if op not in ("Conv", "ConvInteger", "QLinearConv"):
+            continue
+        meta = node_metadata(store, node_name)
+        rules = meta.get("pkg.onnxscript.rewriter.rule_name", "")
+        if "BatchNorm" in rules:
+            found.append(f"the exporter's metadata records {', '.join(r.strip() for r in rules.split(',') if 'BatchNorm' in r)} "
+                         f"on node {node_name}")
+        bn_scopes = [sc for sc in _name_scopes(meta) if re.search(r"(^|\.)(bn|batchnorm|norm)\w*$", sc.lower())]
+        if not rules and bn_scopes:
+            found.append(f"the conv's torch scope is the BatchNorm module {bn_scopes[-1]!r}")
+        node = store.node(node_name)
+        bias = node.input[2] if op == "Conv" and len(node.input) > 2 and node.input[2] else ""
+        torch_bias = mark.param.rpartition(".")[0] + ".bias"
+        if bias and not names_match(torch_bias, bias):
+            found.append(f"the conv has a bias {bias!r} that is not its torch bias {torch_bias!r} "
+                         f"(folding adds one)")
+        break
+    return found
 
 
 def batchnorm_status(store, view, mark: WhiteboxMark, reference_bn: dict | None) -> dict[str, Any]:
@@ -240,31 +356,67 @@ def batchnorm_status(store, view, mark: WhiteboxMark, reference_bn: dict | None)
     if following is not None:
         return {"status": "kept", "detail": "a BatchNormalization still follows the marked conv"}
     if anchors is None:
+        signs = folding_evidence(store, view, mark)
+        if signs:
+            return {"status": "probably-folded", "evidence": signs,
+                    "detail": "no BatchNormalization follows this conv and the conv was probably folded ("
+                              + "; ".join(signs) + "): " + FOLDED_HINT}
         return {"status": "unknown",
                 "detail": "no BatchNormalization follows this conv; the key holds no BN anchors, "
-                          "so folding cannot be ruled out"}
+                          "so folding cannot be ruled out (if the model had one: " + FOLDED_HINT + ")"}
     scale = _bn_scale(anchors)
     if scale.size != mark.shape[0]:
         raise AuditError(f"mark {mark.id!r}: BN anchors have {scale.size} channels, weight has {mark.shape[0]}")
-    src = "reference model" if reference_bn is not None else "anchors stored in the key"
-    return {"status": "folded", "scale": scale,
+    src = (reference_bn or {}).get("source") or ("reference model" if reference_bn is not None
+                                                 else "anchors stored in the key")
+    return {"status": "folded", "scale": scale, "anchors_from": src,
             "detail": f"no BatchNormalization follows the marked conv although one did at embedding time: "
                       f"the weight was folded (W' = W * gamma/sqrt(var+eps)); undone with the {src}"}
 
 
-def reference_batchnorm(reference_path: str | Path, mark: WhiteboxMark) -> dict | None:
-    """BN parameters following the marked conv in the owner's reference ONNX model."""
+def reference_batchnorm(reference_path: str | Path, mark: WhiteboxMark, *, required: bool = True,
+                        source: str = "reference model") -> dict | None:
+    """BN parameters following the marked conv in the owner's reference ONNX model.
+
+    With ``required=False`` (the unattacked model a gate or grid holds), None
+    when the model does not identify the conv or no BN follows it."""
     from auditor.read.layout import following_batchnorm
     from auditor.read.weights import WeightStore
 
-    ref = WeightStore.open(reference_path)
+    ref = reference_path if not isinstance(reference_path, (str, Path)) else WeightStore.open(reference_path)
     views, how = locate(ref, mark)
     if len(views) != 1:
+        if not required:
+            return None
         raise AuditError(f"reference model: cannot identify {mark.param!r} uniquely ({len(views)} candidates)")
     bn = following_batchnorm(ref, views[0].weight.name)
     if bn is None:
-        raise AuditError(f"reference model: no BatchNormalization follows {mark.param!r}")
-    return {k: np.asarray(v).tolist() if not isinstance(v, float) else v for k, v in bn.items()}
+        if not required:
+            return None
+        raise AuditError(f"reference model: no BatchNormalization follows {mark.param!r} "
+                         f"(give the owner's model exported with BatchNorm kept)")
+    out = {k: np.asarray(v).tolist() if not isinstance(v, float) else v for k, v in bn.items()}
+    out["source"] = source
+    return out
+
+
+def resolve_anchors(key: Key, reference: str | Path | None = None,
+                    unattacked: str | Path | None = None) -> dict[str, dict]:
+    """BN anchors per mark id for undoing folding in attacked copies: from the owner's
+    ``reference`` (required to identify the conv and its BN), else, for marks whose key
+    holds no anchors, from the ``unattacked`` model when a BN still follows the conv there
+    (a grid or gate folds BN in the attacked copies, e.g. quant_pre_process)."""
+    out: dict[str, dict] = {}
+    for mk in key.whitebox:
+        if len(mk.shape) != 4:
+            continue
+        if reference is not None:
+            out[mk.id] = reference_batchnorm(reference, mk)
+        elif unattacked is not None and mk.batchnorm is None:
+            bn = reference_batchnorm(unattacked, mk, required=False, source="unattacked model")
+            if bn is not None:
+                out[mk.id] = bn
+    return out
 
 
 # ---------------------------------------------------------------- extraction
@@ -298,7 +450,8 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
         bn = batchnorm_status(store, v, mark, reference_bn)
         if bn.get("status") == "folded":
             w = w / bn["scale"].reshape((-1,) + (1,) * (w.ndim - 1))
-        s = score(mark, project(mark, w), alpha, m)
+        wr = reduce_weight(w, mark.reduce)
+        s = score(mark, project(mark, w), alpha, m, wr)
         if best is None or s["p_value"] < best[0]["p_value"]:
             best = (s, v, bn)
     s, v, bn = best
@@ -310,8 +463,13 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
     wt = v.weight
     bn_out = {k: val for k, val in bn.items() if k != "scale"}
     notes = []
+    if bn.get("status") in ("probably-folded", "unknown") and s["verdict"] != stats.DETECTED:
+        notes.append(bn["detail"])
     if wt.quant:
         notes.append(f"weight stored quantized ({wt.quant}); extracted from its dequantized float values")
+    if how == "name-scope":
+        notes.append(f"{wt.name} was renamed by the exporter; located through the node reading it, whose "
+                     f"torch name scope is {mark.param.rpartition('.')[0]!r}")
     if how == "shape-search" and m > 1:
         notes.append(f"{m} distinct tensors have the key's shape; best reported, p Bonferroni-corrected")
     return MarkResult(**base, **{k: s[k] for k in s if k not in ("alpha",)},
@@ -344,9 +502,11 @@ def _is_conv(view) -> bool:
 
 def extract(model, key: Key, *, manifest: dict | None = None, alpha: float = stats.DEFAULT_ALPHA,
             reference: str | Path | None = None, marks: list[str] | None = None,
-            null_corpus=None) -> ExtractionResult:
+            anchors: dict[str, dict] | None = None, null_corpus=None) -> ExtractionResult:
     """Extract every white-box mark of `key` from `model` (a path or a WeightStore).
 
+    ``reference``: the owner's model with BatchNorm kept; ``anchors``: BN anchors per
+    mark id already resolved (``resolve_anchors``), used where no reference is given.
     Keys that fail the fair-coin checks (``auditor.marks.evidence.null_checks``)
     are judged under an empirical null built from the other layers of `model`
     and the files of ``null_corpus`` (default: the third-party files under
@@ -359,7 +519,10 @@ def extract(model, key: Key, *, manifest: dict | None = None, alpha: float = sta
         raise AuditError("the key holds no white-box mark" + (f" named {', '.join(marks)}" if marks else ""))
     results = []
     for mk in selected:
-        ref_bn = reference_batchnorm(reference, mk) if reference is not None and len(mk.shape) == 4 else None
+        if reference is not None and len(mk.shape) == 4:
+            ref_bn = reference_batchnorm(reference, mk)
+        else:
+            ref_bn = (anchors or {}).get(mk.id)
         results.append(extract_mark(store, mk, manifest=manifest, alpha=alpha, reference_bn=ref_bn,
                                     null_corpus=null_corpus))
     M = len(results)

@@ -43,6 +43,10 @@ _NOT_FOLDABLE = frozenset({
 })
 
 
+# Consumers of a gathered integer embedding table: input index -> (scale, zero point) inputs.
+_GATHERED_SCALE = {"DequantizeLinear": {0: (1, 2)}, "QLinearAdd": {0: (1, 2), 3: (4, 5)},
+                   "QLinearMul": {0: (1, 2), 3: (4, 5)}}
+
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 _MS = "com.microsoft"
 
@@ -493,6 +497,25 @@ class WeightStore:
                     axis = 0 if op == "ConvInteger" else len(shape) - 1
                     fn = lambda w=w, s=s, z=z, axis=axis: self._dequantize_integer(w, s, z, axis)  # noqa: E731
                     add(w, op, fn, shape, [(op, nname, 1)], [s, z, ck(2)])
+                elif op == "Gather" and dom in ("", "ai.onnx"):
+                    # onnxruntime quantizes an embedding table read by Gather: the integer table is
+                    # gathered and the rows' per-tensor scale / zero point sit on the consumer
+                    # (DequantizeLinear in QDQ and dynamic mode, QLinearAdd / QLinearMul in QOperator).
+                    w = ck(0)
+                    out = self._output_key(nname)
+                    if w is None or out is None or self._is_float(w):
+                        continue
+                    sz = None
+                    for cname, j in self._consumers.get(out, []):
+                        slots = _GATHERED_SCALE.get(self._nodes[cname].op_type, {}).get(j)
+                        if slots is not None:
+                            sz = (self._const_key(cname, slots[0]), self._const_key(cname, slots[1]))
+                            break
+                    if sz is None or sz[0] is None or self._value(sz[0]).size != 1:
+                        continue
+                    s, z = sz
+                    fn = lambda w=w, s=s, z=z: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, 0)  # noqa: E731
+                    add(w, "quantized-Gather", fn, self._shape(w), [(op, nname, 0)], [s, z])
                 elif op == "DynamicQuantizeLSTM" and dom == _MS:
                     for wi, si, zi, tag in ((1, 8, 9, "W"), (2, 10, 11, "R")):
                         w, s, z = ck(wi), ck(si), ck(zi)

@@ -184,5 +184,5 @@ def grid_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 log10_p=as_float(m.get("log10_p")),
                 margin_min=as_float(m.get("margin_min")), margin_median=as_float(m.get("margin_median")),
                 signed_margin_min=as_float(m.get("signed_margin_min")), verdict=m.get("verdict", ""),
-                signed_margins=m.get("signed_margins")))
+                signed_margins=m.get("signed_margins"), margin_histogram=m.get("margin_histogram")))
     return rows

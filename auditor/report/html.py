@@ -95,6 +95,9 @@ def provenance(doc: dict[str, Any]) -> str:
     pol = doc.get("policy")
     if isinstance(pol, dict):
         rows += [("policy", f"{pol.get('name', '')} ({pol.get('path', '')})"), ("policy sha256", pol.get("sha256"))]
+    ref = doc.get("reference")
+    if isinstance(ref, dict):  # the owner's BN-kept model used to undo BatchNorm folding
+        rows += [("reference (BN folding undone)", ref.get("path")), ("reference sha256", ref.get("sha256"))]
     return _table(["field", "value"], [[("", _e(k)), ("mono", _e(v))] for k, v in rows if v not in (None, "")])
 
 
@@ -196,10 +199,18 @@ def _bars(doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def margin_histograms(doc: dict[str, Any]) -> str:
-    """Histograms of the signed per-bit margins (2 b_i - 1) x_i . w where the result carries them;
-    otherwise min / median margin per attacked model."""
+    """Histograms of the signed per-bit margins (2 b_i - 1) x_i . w: from the bins computed at
+    extraction time (results never carry per-bit values unless revealed), or from the per-bit
+    values of a result made with --reveal-bits; otherwise min / median margin per attacked model."""
     rows = [r for r in grid_rows(doc) if r.get("mark")]
+    binned = [r for r in rows if isinstance(r.get("margin_histogram"), dict) and r["margin_histogram"].get("counts")]
     with_bits = [r for r in rows if isinstance(r.get("signed_margins"), list) and r["signed_margins"]]
+    if binned:
+        charts = [plots.histogram_bins(r["margin_histogram"]["edges"], r["margin_histogram"]["counts"],
+                                       title=f"{r['attack']} / {r['mark']}",
+                                       x_label="signed margin (below 0: bit wrong)")
+                  for r in binned]
+        return '<div class="charts">' + "\n".join(charts) + "</div>"
     if with_bits:
         charts = [plots.histogram([float(v) for v in r["signed_margins"]],
                                   title=f"{r['attack']} / {r['mark']}", x_label="signed margin (below 0: bit wrong)")

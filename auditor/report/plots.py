@@ -157,9 +157,7 @@ def histogram(values: Sequence[float], *, title: str, x_label: str, bins: int = 
     """Counts of values in `bins` equal-width bins; a red line at 0 (where a bit flips)."""
     vals = [float(v) for v in values if math.isfinite(float(v))]
     if not vals:
-        return _frame(width, height, title, x_label, "count",
-                      [f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle" font-size="12" '
-                       f'{_FONT}>no data</text>'], "no data")
+        return histogram_bins([], [], title=title, x_label=x_label, width=width, height=height)
     lo, hi = min(vals + ([0.0] if mark_zero else [])), max(vals + ([0.0] if mark_zero else []))
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
@@ -167,19 +165,32 @@ def histogram(values: Sequence[float], *, title: str, x_label: str, bins: int = 
     counts = [0] * bins
     for v in vals:
         counts[min(bins - 1, int((v - lo) / w))] += 1
+    return histogram_bins([lo + i * w for i in range(bins + 1)], counts, title=title, x_label=x_label,
+                          width=width, height=height, mark_zero=mark_zero)
+
+
+def histogram_bins(edges: Sequence[float], counts: Sequence[int], *, title: str, x_label: str, width: int = 400,
+                   height: int = 240, mark_zero: bool = True) -> str:
+    """A histogram from bins already counted (len(edges) == len(counts) + 1)."""
+    edges, counts = [float(e) for e in edges], [int(c) for c in counts]
+    if not counts or len(edges) != len(counts) + 1 or sum(counts) == 0:
+        return _frame(width, height, title, x_label, "count",
+                      [f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" text-anchor="middle" font-size="12" '
+                       f'{_FONT}>no data</text>'], "no data")
+    lo, hi = edges[0], edges[-1]
     ax = _Axes(width, height, lo, hi, 0, max(counts))
     body = ax.draw()
     for i, c in enumerate(counts):
         if c == 0:
             continue
-        xa, xb = ax.x(lo + i * w), ax.x(lo + (i + 1) * w)
+        xa, xb = ax.x(edges[i]), ax.x(edges[i + 1])
         body.append(f'<rect x="{_f(xa)}" y="{_f(ax.y(c))}" width="{_f(max(0.5, xb - xa - 1))}" '
                     f'height="{_f(ax.y(0) - ax.y(c))}" fill="{PALETTE[0]}">'
-                    f"<title>[{lo + i * w:.4g}, {lo + (i + 1) * w:.4g}): {c}</title></rect>")
+                    f"<title>[{edges[i]:.4g}, {edges[i + 1]:.4g}): {c}</title></rect>")
     if mark_zero and lo <= 0 <= hi:
         xx = _f(ax.x(0.0))
         body.append(f'<line x1="{xx}" y1="{ax.y0}" x2="{xx}" y2="{ax.y1}" stroke="#D55E00" stroke-width="1.5"/>')
-    desc = f"{len(vals)} values from {min(vals):.4g} to {max(vals):.4g}"
+    desc = f"{sum(counts)} values in {len(counts)} bins from {lo:.4g} to {hi:.4g}"
     return _frame(width, height, title, x_label, "count", body, desc)
 
 

@@ -76,7 +76,11 @@ def render_gate(doc: dict[str, Any]) -> str:
     reqs = doc.get("requirements", [])
     s = doc.get("summary", {})
     pol = doc.get("policy", {})
-    out = [_header(doc), f"policy:     {pol.get('name', '-')} ({pol.get('path', '-')})\n\n"]
+    out = [_header(doc), f"policy:     {pol.get('name', '-')} ({pol.get('path', '-')})\n"]
+    ref = doc.get("reference") or {}
+    if ref:
+        out.append(f"reference:  {ref.get('path')} (BatchNorm folding undone with the owner's model)\n")
+    out.append("\n")
     rows = []
     for r in reqs:
         rows.append([r["status"].upper(), r["id"], _measured_brief(r.get("measured", {})),
@@ -97,8 +101,12 @@ def _measured_brief(m: dict[str, Any]) -> str:
         parts.append(f"BER={fmt_num(m['ber'], 4)}")
     if "p_value" in m:
         parts.append(f"p={fmt_p(m['p_value'])}")
+    if m.get("batchnorm") in ("folded", "probably-folded"):
+        parts.append(f"BN {m['batchnorm']}")
     if "signed_margin_min" in m:
         parts.append(f"margin={fmt_num(m['signed_margin_min'], 4)}")
+    if "normalized_margin_min" in m:
+        parts.append(f"norm.margin={fmt_num(m['normalized_margin_min'], 4)}")
     if "accuracy_drop" in m:
         parts.append(f"drop={fmt_num(m['accuracy_drop'], 2)}pt")
     if "accuracy" in m and "accuracy_drop" not in m:
