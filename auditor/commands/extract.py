@@ -123,7 +123,7 @@ def render_null(m: dict) -> list[str]:
         return []
     out = [f"  null      {nl['reason']}"]
     ch = nl.get("checks", {})
-    for name in ("rows", "bits", "independence"):
+    for name in ("rows", "bit_balance", "independence"):
         c = ch.get(name)
         if c and not c.get("by_construction"):
             detail = c.get("detail") or f"{c.get('ones')} ones of {c.get('n_bits')} (p = {c.get('p_value', 1):.3g})"

@@ -202,12 +202,12 @@ def null_checks(mark: WhiteboxMark) -> dict[str, Any]:
         indep = _independence(X)
         bits["needed"] = True
         ok = rows["passed"] and indep["passed"] and bits["passed"]
-        failed = [n for n, c in (("rows", rows), ("independence", indep), ("bits", bits)) if not c["passed"]]
+        failed = [n for n, c in (("rows", rows), ("independence", indep), ("bit_balance", bits)) if not c["passed"]]
         reason = ("fair coin: imported X passed the checks (dense, sign-symmetric, independent rows, "
                   "balanced bits)" if ok else
                   "fair coin not justified (" + ", ".join(failed) + " check failed): empirical null")
     return {"fair_coin": ok, "reason": reason, "level": CHECK_LEVEL,
-            "checks": {"rows": rows, "bits": bits, "independence": indep}}
+            "checks": {"rows": rows, "bit_balance": bits, "independence": indep}}
 
 
 def _row_checks(X: np.ndarray) -> dict[str, Any]:
@@ -392,7 +392,8 @@ def committed_false_positives(paths, n_keys: int, *, first_key: int = 0, n_bits:
             nonce = f"key-{i}"
             rng = np.random.default_rng(commit_seed(owner, nonce))
             reduce = ("mean", "flatten")[int(rng.integers(0, 2))]
-            ok = [v for v in views if reduced_length(v.shape, reduce) <= max_coeffs
+            # a key never has more bits than coefficients (keys.make_mark refuses it)
+            ok = [v for v in views if n_bits <= reduced_length(v.shape, reduce) <= max_coeffs
                   and (reduce == "flatten" or len(v.shape) >= 2)]
             if not ok:
                 continue
