@@ -155,3 +155,24 @@ def test_bad_inputs_exit_2(fx, tmp_path, capsys):
     np.save(tmp_path / "small.npy", np.zeros((4, 1, 28, 28), np.float32))
     assert main(["phash", "match", m, "--hash", hv, "--data", str(tmp_path / "small.npy")]) == 2
     assert "do not fit" in _err(capsys)
+
+
+def test_phash_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, auditor.commands.phash, auditor.phash.hashing, auditor.phash.survive, "
+            "auditor.phash.fingerprint, auditor.phash.inputs; "
+            "sys.exit(1 if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_help_lists_actions(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["phash", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(a in out for a in ("build", "match", "survive", "fingerprint"))
+    with pytest.raises(SystemExit) as e:
+        main(["phash"])
+    assert e.value.code == 2
