@@ -64,14 +64,16 @@ def test_cli_survive_writes_result(fx, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def derived(fx, tmp_path_factory):
-    """int8 / fp16 / pruned copies of the owner's model, made by auditor.attacks."""
+    """int8 (QDQ; QOperator, where the layer becomes `<layer>_quantized`) / fp16 / pruned copies
+    of the owner's model, made by auditor.attacks."""
     from auditor.data.calibration import Calibration, CalibrationData
 
     d = tmp_path_factory.mktemp("derived")
     model = load_model(fx / "model.onnx")
     cal = Calibration(CalibrationData(np.load(fx / "noise_train.npy"), "noise_train", 0))
     out = {}
-    for name, steps in (("int8", "quantize:static-qdq-per-channel"), ("fp16", "fp16"), ("pruned", "prune:0.3")):
+    for name, steps in (("int8", "quantize:static-qdq-per-channel"), ("int8-qop", "quantize:static-qop-per-channel"),
+                        ("fp16", "fp16"), ("pruned", "prune:0.3")):
         out[name] = save(compose(model, steps, cal).model, d / f"{name}.onnx")
     out["finetuned"] = fx / "finetuned" / "model.onnx"
     return out

@@ -63,6 +63,8 @@ def expose(model: onnx.ModelProto, layer: str | None) -> tuple[onnx.ModelProto, 
     if layer in outputs:
         return m, layer
     produced = produced_tensors(m)
+    if layer not in produced and f"{layer}_quantized" in produced:
+        return _expose_quantized(m, layer)
     if layer not in produced:
         hint = ", ".join(produced[-5:])
         raise AuditError(f"no tensor named {layer!r} in the model (last tensors: {hint})")
@@ -76,6 +78,28 @@ def expose(model: onnx.ModelProto, layer: str | None) -> tuple[onnx.ModelProto, 
     m.graph.node.append(onnx.helper.make_node("Identity", [layer], [out], name=f"{layer}.phash/Identity"))
     m.graph.output.append(onnx.helper.make_tensor_value_info(out, et or onnx.TensorProto.FLOAT, None))
     return m, out
+
+
+# QOperator consumers whose quantized operand at input i has its scale and zero point at i+1, i+2.
+_QLINEAR_OPS = {"DequantizeLinear", "QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearMul",
+                "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
+                "QLinearLeakyRelu", "QLinearSoftmax"}
+
+
+def _expose_quantized(m: onnx.ModelProto, layer: str) -> tuple[onnx.ModelProto, str]:
+    """onnxruntime's QOperator format renames a float tensor X to X_quantized (uint8/int8):
+    expose DequantizeLinear(X_quantized, scale, zero point) with the parameters its consumer uses."""
+    q = f"{layer}_quantized"
+    for n in m.graph.node:
+        if n.op_type in _QLINEAR_OPS and n.op_type != "QLinearConcat":
+            for i, name in enumerate(n.input):
+                if name == q and len(n.input) > i + 2 and n.input[i + 1]:
+                    out = f"{layer}.phash"
+                    m.graph.node.append(onnx.helper.make_node(
+                        "DequantizeLinear", [q, n.input[i + 1], n.input[i + 2]], [out], name=f"{layer}.phash/Dequantize"))
+                    m.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+                    return m, out
+    raise AuditError(f"tensor {layer!r} is quantized ({q}) and no consumer names its scale and zero point")
 
 
 def run(model: onnx.ModelProto, x: np.ndarray, output: str, batch_size: int = 64) -> np.ndarray:
