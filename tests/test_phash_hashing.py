@@ -176,3 +176,23 @@ def test_help_lists_actions(capsys):
     with pytest.raises(SystemExit) as e:
         main(["phash"])
     assert e.value.code == 2
+
+
+def test_inputs_npz_and_refusals(fx, tmp_path, capsys):
+    from auditor.errors import AuditError
+    from auditor.phash.inputs import read_images
+
+    x = np.load(fx / "signal_test.npy")[:3]
+    np.savez(tmp_path / "one.npz", images=x)
+    np.testing.assert_array_equal(read_images(tmp_path / "one.npz", ["batch", 1, 32, 32]), x)
+    np.savez(tmp_path / "two.npz", a=x, b=x)
+    with pytest.raises(AuditError, match="one array"):
+        read_images(tmp_path / "two.npz", ["batch", 1, 32, 32])
+    (tmp_path / "x.txt").write_text("1 2 3")
+    with pytest.raises(AuditError, match="expected a .npy"):
+        read_images(tmp_path / "x.txt", None)
+    # an encoder outside the hash file's folder is refused (the hash must not point out of its folder)
+    out = tmp_path / "sub" / "h.json"
+    assert main(["phash", "build", str(fx / "model.onnx"), "--signal", str(fx / "signal_train.npy"),
+                 "--layer", _layer(fx), "--encoder", str(fx / "vae_encoder.onnx"), "-o", str(out)]) == 2
+    assert "must lie in the hash file's folder" in _err(capsys) and not out.exists()

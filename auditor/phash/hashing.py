@@ -149,6 +149,14 @@ def build(model_path: str | os.PathLike, signal: np.ndarray, *, noise: np.ndarra
     if not 0.0 < q <= 1.0:
         raise AuditError(f"quantile q must be in (0, 1], got {q}")
     sources = sources or {}
+    kind, k = parse_reduce(reduce) if encoder_path is None else ("encoder", None)
+    if encoder_path is not None and reduce != "none":
+        raise AuditError("give either --reduce pca:K or --encoder, not both")
+    if encoder_path is not None:
+        folder = Path(out_folder or ".").resolve()
+        enc = Path(encoder_path).resolve()
+        if folder != enc.parent and folder not in enc.parents:
+            raise AuditError(f"the encoder {encoder_path} must lie in the hash file's folder {folder}")
     model = load_model(model_path)
     input_name, input_shape = F.input_info(model)
     if heldout is None:
@@ -166,9 +174,6 @@ def build(model_path: str | os.PathLike, signal: np.ndarray, *, noise: np.ndarra
     f_cent = F.features(model, cent_x, layer)
     f_held = F.features(model, held_x, layer)
     f_noise = F.features(model, noise, layer) if noise is not None else None
-    kind, k = parse_reduce(reduce) if encoder_path is None else ("encoder", None)
-    if encoder_path is not None and reduce != "none":
-        raise AuditError("give either --reduce pca:K or --encoder, not both")
     enc_model = None
     if kind == "none":
         red: dict[str, Any] = {"kind": "none"}
@@ -178,10 +183,6 @@ def build(model_path: str | os.PathLike, signal: np.ndarray, *, noise: np.ndarra
         red = {"kind": "pca", "k": k, "mean": mean.tolist(), "components": comps.tolist(),
                "fitted_on": "centroid Signal images" + (" and Noise images" if f_noise is not None else "")}
     else:
-        folder = Path(out_folder or ".").resolve()
-        enc = Path(encoder_path).resolve()
-        if folder != enc.parent and folder not in enc.parents:
-            raise AuditError(f"the encoder {encoder_path} must lie in the hash file's folder {folder}")
         enc_model = load_model(enc)
         e_in, e_out = encoder_io(enc_model)
         red = {"kind": "encoder", "path": enc.relative_to(folder).as_posix(), "sha256": file_sha256(enc),
