@@ -3,8 +3,8 @@
 Data (offline, from installed wheels): natural photographs of scikit-image
 (``skimage.data``) and scikit-learn (``load_sample_images``), in grayscale.
 *Signal* = seeded edits of one photograph (``astronaut``); *Noise* = edits of
-other photographs and *similar images*: other portraits (the LFW face crops
-shipped in scikit-image). Edits (Pillow): random crop (80-100 % of each side),
+other photographs and *similar images*: other portraits (the 100 LFW face
+crops shipped in scikit-image; 60 for training, 40 held out). Edits (Pillow): random crop (80-100 % of each side),
 rotation (+-25 deg), scale (0.8-1.25), shift (+-10 %), JPEG (quality 30-95).
 Photographs are split: Noise training uses some, the held-out Noise test uses
 photographs never seen in training; faces are split the same way.
@@ -48,7 +48,7 @@ SIGNAL_PHOTO = "astronaut"
 NOISE_TRAIN_PHOTOS = ("camera", "coffee", "chelsea", "rocket", "coins", "moon", "page", "brick", "grass",
                       "hubble_deep_field", "immunohistochemistry", "china")
 NOISE_HELDOUT_PHOTOS = ("clock", "cell", "text", "gravel", "retina", "flower", "colorwheel")
-N_FACES_TRAIN = 100  # of the 200 LFW crops: the first 100 for training, the last 100 held out
+N_FACES_TRAIN = 60  # of the 100 LFW face crops: the first 60 for training, the last 40 held out
 
 
 # ------------------------------------------------------------------ photographs and edits
@@ -84,10 +84,11 @@ def _shrink(a: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def faces() -> np.ndarray:
-    """The 200 LFW face crops of scikit-image (25 x 25, uint8): portraits similar to the Signal's."""
+    """The 100 LFW face crops of scikit-image (25 x 25, uint8): portraits similar to the Signal's.
+    (``lfw_subset`` holds 100 faces followed by 100 non-face patches; only the faces are used.)"""
     import skimage.data as skd
 
-    return _u8(skd.lfw_subset())
+    return _u8(skd.lfw_subset()[:100])
 
 
 def _u8(a: np.ndarray) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Perceptual hashes through ONNX (auditor/phash) on the `phash` fixture (exporters/phash.py).
 
 Numbers measured on the fixture (32 x 32, seed 0; torch 2.13 / onnxruntime 1.32):
-VAE hash of the plain fine-tuned CNN: TPR 191/200 on unseen Signal edits at the
-chosen R (95th percentile of 100 held-out edits), FPR 49/300 on the Noise test
-sets (25/100 on similar images); with the separating objective: TPR 0.97, FPR 0/300.
+VAE hash of the plain fine-tuned CNN: TPR 188/200 on unseen Signal edits at the
+chosen R (95th percentile of 100 held-out edits), FPR 25/300 on the Noise test
+sets (8/100 on similar images, 11/100 on unseen photographs); with the separating
+objective: TPR 192/200, FPR 1/300. PCA (2-D): TPR 193/200, FPR 1/300.
 """
 import json
 import shutil
@@ -59,19 +60,21 @@ def test_build_reproduces_the_torch_hash(fx, tmp_path):
 
 def test_tpr_fpr_at_chosen_radius(fx):
     model_path = fx / "model.onnx"
-    for folder, tpr_want, fpr_max in ((fx, 191 / 200, 0.20), (fx / "separated", 0.97, 0.0)):
+    for folder, tpr_want, fpr_max in ((fx, 188 / 200, 0.15), (fx / "separated", 192 / 200, 0.01)):
         h = hashfile.load_hash(folder / "hash_vae.json")
         pos = hashing.match(folder / "model.onnx", h, np.load(fx / "signal_test.npy"))
         neg = hashing.match(folder / "model.onnx", h, _noise_test(fx))
         assert pos["match_rate"] == pytest.approx(tpr_want, abs=0.02)
         assert neg["match_rate"] <= fpr_max
-    # the authors' open problem, measured: plain VAE clusters overlap (FPR 49/300, similar images 25/100)
+    # the authors' open problem, measured: plain VAE clusters overlap (FPR 25/300: 8/100 similar
+    # images, 11/100 unseen photographs); the separating objective brings it to 1/300
     h = hashfile.load_hash(fx / "hash_vae.json")
     sim = hashing.match(model_path, h, np.load(fx / "similar_test.npy"))
-    assert 0.15 <= sim["match_rate"] <= 0.35
-    # PCA hash (2 components) of the same CNN: TPR 0.945, no Noise within R
+    unseen = hashing.match(model_path, h, np.load(fx / "noise_test_unseen.npy"))
+    assert 0.03 <= sim["match_rate"] <= 0.15 and 0.05 <= unseen["match_rate"] <= 0.2
+    # PCA hash (2 components) of the same CNN: TPR 0.965, 1 Noise image of 300 within R
     hp = hashfile.load_hash(fx / "hash_pca.json")
-    assert hashing.match(model_path, hp, np.load(fx / "signal_test.npy"))["match_rate"] == pytest.approx(0.945, abs=0.02)
+    assert hashing.match(model_path, hp, np.load(fx / "signal_test.npy"))["match_rate"] == pytest.approx(0.965, abs=0.02)
     assert hashing.match(model_path, hp, _noise_test(fx))["matched"] <= 3
 
 
@@ -96,7 +99,7 @@ def test_cli_match_exit_codes_and_json(fx, capsys):
     assert main(["phash", "match", m, "--hash", hv, "--data", str(fx / "signal_test.npy"), "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["schema"] == "wmaudit-result/1" and doc["kind"] == "phash-match"
-    assert doc["matched"] == 191 and doc["n"] == 200 and doc["match_rate"] == pytest.approx(0.955)
+    assert doc["matched"] == 188 and doc["n"] == 200 and doc["match_rate"] == pytest.approx(0.94)
     assert all((im["distance_r"] <= 1) == im["match"] for im in doc["images"])
 
 

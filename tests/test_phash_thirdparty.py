@@ -3,10 +3,10 @@
 
 The fixture's 32 x 32 images are resized to 3 x 48 x 192. Measured at the last
 pooling tensor ``pool2d_10.tmp_0`` (no reduction; R = q95 of a seeded half of 100
-Signal edits): TPR 180/200 on unseen Signal edits, FPR 27/100 on edits of unseen
-photographs and 8/100 on similar images. A layer that was never fine-tuned on
-Signal vs Noise separates far worse than the fine-tuned CNN of the fixture
-(FPR 0.00-0.11 at the same rule), which is why the source document fine-tunes.
+Signal edits): TPR 0.90 on unseen Signal edits, FPR 27/100 on edits of unseen
+photographs and 51/100 on similar images (other portraits). A layer that was never
+fine-tuned on Signal vs Noise separates far worse than the fine-tuned CNN of the
+fixture (FPR 0.00-0.11 at the same rule), which is why the source document fine-tunes.
 """
 import os
 from pathlib import Path
@@ -39,4 +39,4 @@ def test_hash_on_a_foreign_graph(build_fixture):
     fpr_unseen = hashing.match(MODEL, h, _resized(fx / "noise_test_unseen.npy"))["match_rate"]
     fpr_similar = hashing.match(MODEL, h, _resized(fx / "similar_test.npy"))["match_rate"]
     assert tpr == pytest.approx(0.90, abs=0.03)
-    assert fpr_unseen == pytest.approx(0.27, abs=0.05) and fpr_similar == pytest.approx(0.08, abs=0.04)
+    assert fpr_unseen == pytest.approx(0.27, abs=0.05) and fpr_similar == pytest.approx(0.51, abs=0.06)
