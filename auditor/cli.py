@@ -13,7 +13,8 @@ import sys
 from auditor.errors import AuditError
 
 # Order is the order of `wmaudit --help`.
-SUBCOMMANDS = ["inspect", "extract", "key", "attack", "robustness", "query", "gate", "report", "scan", "keyed"]
+SUBCOMMANDS = ["inspect", "extract", "key", "attack", "robustness", "query", "gate", "report", "scan",
+               "provenance", "obfuscate", "sweep", "keyed", "phash"]
 
 
 class _Parser(argparse.ArgumentParser):
