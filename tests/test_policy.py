@@ -104,7 +104,7 @@ def test_duplicate_attack_ids(tmp_path):
 
 def test_accuracy_evidence_needs_a_threshold(tmp_path):
     text = GOOD.replace("max_accuracy_drop = 2.0", "") + "[evidence]\naccuracy = true\n"
-    with pytest.raises(AuditError, match="'thresholds.max_accuracy_drop' is not set"):
+    with pytest.raises(AuditError, match="none of 'thresholds.max_accuracy_drop', 'thresholds.min_top1_agreement', 'thresholds.min_sqnr_db' is set"):
         load_policy(_write(tmp_path, text))
 
 
