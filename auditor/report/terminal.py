@@ -73,7 +73,14 @@ def render_gate(doc: dict[str, Any]) -> str:
     reqs = doc.get("requirements", [])
     s = doc.get("summary", {})
     pol = doc.get("policy", {})
-    out = [_header(doc), f"policy:     {pol.get('name', '-')} ({pol.get('path', '-')})\n\n"]
+    out = [_header(doc), f"policy:     {pol.get('name', '-')} ({pol.get('path', '-')})\n"]
+    ev = (doc.get("data") or {}).get("evaluation") or {}
+    if ev:
+        out.append(f"data:       {ev.get('source')} ({ev.get('samples')} examples"
+                   + (", labelled" if ev.get("labels") else ", no labels: fidelity only") + ")\n")
+    if ev.get("synthetic"):
+        out.append(f"note:       {ev.get('caveat')}\n")
+    out.append("\n")
     rows = []
     for r in reqs:
         rows.append([r["status"].upper(), r["id"], _measured_brief(r.get("measured", {})),
