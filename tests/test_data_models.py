@@ -157,3 +157,20 @@ def test_bad_data_writes_nothing(digits, tmp_path, capsys, command):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "shape [5, 1, 28, 28] does not fit input 'x' [batch, 1, 8, 8]" in err[0]
     assert not out.exists() and not (tmp_path / "j.xml").exists()
+
+
+def test_synthetic_is_flagged_everywhere(build_fixture, tmp_path, capsys):
+    from auditor.report import html, terminal
+
+    d = build_fixture("data-text-2input")
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[grid]\nquantize = ["static-qdq"]\n')
+    assert main(["robustness", str(d / "model.onnx"), "--key", str(d / "key.json"), "--grid", str(grid),
+                 "--data", "synthetic", "--samples", "64", "--calibration-samples", "32", "--jobs", "1",
+                 "-o", str(tmp_path / "out")]) == 0
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    for part in (doc["evaluation"], doc["calibration"]):
+        assert part["synthetic"] is True and part["source"] == "synthetic" and "do not reflect" in part["caveat"]
+    assert any("[synthetic" in n for n in doc["configs"][0]["notes"])
+    assert "note: synthetic inputs" in terminal.render(doc) and "Synthetic data:" in html.render([doc])
+    assert "note: synthetic inputs" in capsys.readouterr().out

@@ -338,8 +338,11 @@ def document_section(doc: dict[str, Any], index: int) -> str:
     cls, text = verdict_of(doc)
     parts = [f'<section id="result-{index}">',
              f"<h2>{index + 1}. {_e(doc.get('kind', 'result'))}: {_e((doc.get('model') or {}).get('path', ''))}</h2>",
-             f'<div class="verdict {cls}">{_e(text)}</div>',
-             "<h3>Provenance</h3>", provenance(doc)]
+             f'<div class="verdict {cls}">{_e(text)}</div>']
+    ev = doc.get("evaluation") or (doc.get("data") or {}).get("evaluation") or {}
+    if isinstance(ev, dict) and ev.get("synthetic"):
+        parts.append(f'<p class="note"><b>Synthetic data:</b> {_e(ev.get("caveat"))}</p>')
+    parts += ["<h3>Provenance</h3>", provenance(doc)]
     if doc.get("kind") == "gate":
         parts += ["<h3>Requirements</h3>", requirements_table(doc)]
     charts = survival_charts(doc)
