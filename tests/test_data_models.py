@@ -174,3 +174,10 @@ def test_synthetic_is_flagged_everywhere(build_fixture, tmp_path, capsys):
     assert any("[synthetic" in n for n in doc["configs"][0]["notes"])
     assert "note: synthetic inputs" in terminal.render(doc) and "Synthetic data:" in html.render([doc])
     assert "note: synthetic inputs" in capsys.readouterr().out
+
+
+def test_query_checks_key_images_against_the_model(digits, build_fixture, capsys):
+    bb = build_fixture("bb-trigger")
+    assert main(["query", str(digits / "model.onnx"), "--key", str(bb / "key.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "key trigger images: shape [1, 1, 28, 28] does not fit input 'x' [batch, 1, 8, 8]" in err[0]
