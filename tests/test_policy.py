@@ -146,3 +146,11 @@ def test_data_table_and_fidelity_thresholds(tmp_path):
                 'preprocess = "size=32x32,layout=nchw"': 'preprocess = "size=32x32,layout=chw"'}[bad]
         with pytest.raises(AuditError, match=re.escape(msg)):
             load_policy(_write(tmp_path, text.replace(bad, repl)))
+
+
+def test_policy_record_lists_data_settings_only_where_they_apply(tmp_path):
+    no_task = GOOD.replace("max_accuracy_drop = 2.0", "")
+    doc = load_policy(_write(tmp_path, no_task)).to_json()
+    assert not {"accuracy", "calibration", "data"} & set(doc)  # pruning only, no task measured
+    doc = load_policy(_write(tmp_path, GOOD.replace('"prune:0.5"', '"quantize:static-qdq"'))).to_json()
+    assert doc["accuracy"] == {"samples": 1000, "seed": 0} and doc["calibration"] == {"samples": 128, "seed": 0}

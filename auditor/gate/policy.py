@@ -116,7 +116,9 @@ class Policy:
         return t
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The policy as applied; data, accuracy and calibration settings only where they apply
+        (accuracy when the task is measured, calibration when an attack quantizes statically)."""
+        d: dict[str, Any] = {
             "format": FORMAT,
             "name": self.name,
             "description": self.description,
@@ -124,12 +126,18 @@ class Policy:
             "seed": self.seed,
             "thresholds": dict(sorted(self.thresholds.items())),
             "evidence": {"whitebox": self.whitebox, "blackbox": self.blackbox, "accuracy": self.accuracy},
-            "data": {"source": self.data_source, "labels": self.data_labels, "preprocess": self.data_preprocess},
-            "accuracy": {"samples": self.accuracy_samples, "seed": self.accuracy_seed},
-            "calibration": {"data": self.calibration_data, "samples": self.calibration_samples,
-                            "seed": self.calibration_seed},
             "attacks": [a.to_json() for a in self.attacks],
         }
+        static = any("quantize:static" in a.steps for a in self.attacks)
+        if self.accuracy or static:
+            d["data"] = {k: v for k, v in (("source", self.data_source), ("labels", self.data_labels),
+                                           ("preprocess", self.data_preprocess)) if v is not None}
+        if self.accuracy:
+            d["accuracy"] = {"samples": self.accuracy_samples, "seed": self.accuracy_seed}
+        if static:
+            d["calibration"] = {"samples": self.calibration_samples, "seed": self.calibration_seed,
+                                **({"data": self.calibration_data} if self.calibration_data else {})}
+        return d
 
 
 # ------------------------------------------------------------------ attack steps
