@@ -260,7 +260,7 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
     reqs: list[Requirement] = []
     cells: list[dict[str, Any]] = []
     reference_acc: dict[str, dict[str, Any] | str] = {}
-    reference_out: dict[str, dict[str, Any]] = {}
+    baseline_out: dict[str, dict[str, Any]] = {}
 
     with tempfile.TemporaryDirectory(prefix="wmaudit-gate-") as tmp:
         for i, spec in enumerate(specs):
@@ -309,7 +309,7 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
                         continue
                     if spec.id == BASELINE_ID:
                         reference_acc[backend] = acc
-                        reference_out[backend] = outs
+                        baseline_out[backend] = outs
                         cell["accuracy"][backend] = acc
                         continue
                     ref = reference_acc.get(backend)
@@ -319,7 +319,7 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
                                                       backend))
                         cell["accuracy"][backend] = acc
                         continue
-                    fid = compare(reference_out[backend], outs)
+                    fid = compare(baseline_out[backend], outs)
                     acc["fidelity"] = fid
                     if "accuracy" in acc and "max_accuracy_drop" in thresholds:
                         r = judge_accuracy(spec.id, backend, float(acc["accuracy"]), float(ref["accuracy"]),

@@ -178,9 +178,9 @@ def corrected_log10_p(mk) -> float:
 
 
 def measure(path: str | os.PathLike, key, manifest: dict | None, evaluation, threads: int = 0,
-            reference_outputs: dict | None = None) -> dict:
+            baseline_outputs: dict | None = None) -> dict:
     """White-box marks of one model file and, with evaluation data, what the task lost:
-    accuracy (labelled data) and fidelity against ``reference_outputs`` (the unattacked model)."""
+    accuracy (labelled data) and fidelity against ``baseline_outputs`` (the unattacked model)."""
     from auditor.marks import whitebox
 
     res = whitebox.extract(path, key, manifest=manifest)
@@ -202,10 +202,10 @@ def measure(path: str | os.PathLike, key, manifest: dict | None, evaluation, thr
             from auditor.data.accuracy import accuracy_of
 
             out["accuracy"] = accuracy_of(next(iter(outs.values())), evaluation.labels)
-        if reference_outputs is not None:
+        if baseline_outputs is not None:
             from auditor.data.fidelity import compare
 
-            out["fidelity"] = compare(reference_outputs, outs)
+            out["fidelity"] = compare(baseline_outputs, outs)
         else:
             out["_outputs"] = outs
     return out
@@ -226,7 +226,7 @@ def _run_config(cfg: Config) -> dict:
         path = Path(d) / "model.onnx"
         onnx.save_model(r.model, str(path))
         m = measure(path, _STATE["key"], _STATE["manifest"], _STATE["evaluation"], _STATE["threads"],
-                    _STATE.get("reference_outputs"))
+                    _STATE.get("baseline_outputs"))
         if models_dir:
             dst = Path(models_dir) / f"{_safe(cfg.name)}.onnx"
             tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
@@ -281,7 +281,7 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
         Path(models_dir).mkdir(parents=True, exist_ok=True)
     _init_worker(state)
     baseline = measure(model_path, key, manifest, evaluation)
-    state["reference_outputs"] = _STATE["reference_outputs"] = baseline.pop("_outputs", None)
+    state["baseline_outputs"] = _STATE["baseline_outputs"] = baseline.pop("_outputs", None)
     prefixes = sorted({p[0] for c in grid.configs if (p := _static_prefix(c.steps)) is not None})
     if prefixes and calibration is None:
         raise AuditError("the grid has static quantization configs but no calibration data was given")
