@@ -472,11 +472,11 @@ def load_data(spec: str | None, model, *, purpose: str = "evaluation", samples: 
                 arch = {k: z[k] for k in z.files}
         except Exception as e:
             raise AuditError(f"cannot read {path} as .npz: {' '.join(str(e).split())}") from None
+        names = [s.name for s in specs]
         for k in LABEL_KEYS:
-            if k in arch:
+            if k in arch and k not in names:  # a model input may itself be called y
                 y = arch.pop(k)
                 break
-        names = [s.name for s in specs]
         if len(specs) == 1 and names[0] not in arch and len(arch) == 1:
             arch = {names[0]: next(iter(arch.values()))}
         missing = [n for n in names if n not in arch]
