@@ -513,10 +513,6 @@ def load_data(spec: str | None, model, *, purpose: str = "evaluation", samples: 
     return bind(arrays, y, specs, source=source, preprocess=pre_desc, **kw)
 
 
-def spec_from_args(args) -> str | None:
-    return getattr(args, "data", None)
-
-
 def preprocess_from_args(args) -> Preprocess:
     """--preprocess SPEC, then the single flags (--image-size, --layout, --scale, --mean, --std)."""
     pre = parse_preprocess(getattr(args, "preprocess", None))
@@ -540,7 +536,7 @@ def preprocess_from_args(args) -> Preprocess:
     return replace(pre, **kw) if kw else pre
 
 
-def add_data_arguments(p, *, samples_default: int | None = None) -> None:
+def add_data_arguments(p) -> None:
     """The data flags every command that runs a model takes."""
     g = p.add_argument_group("data (see README: data formats)")
     g.add_argument("--data", metavar="SPEC",
