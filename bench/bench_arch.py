@@ -34,12 +34,11 @@ QUICK = ("", "quantize:dynamic", "fp16")
 def calibration(d: Path):
     import numpy as np
 
-    from auditor.data.calibration import Calibration, CalibrationData, npy_calibration
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import load_data
 
-    if (d / "calib.npz").is_file():
-        with np.load(d / "calib.npz") as z:
-            return Calibration(CalibrationData({k: z[k] for k in z.files}, "npz:calib.npz", 0, 32))
-    return Calibration(npy_calibration(d / "calib.npy", 64, 0))
+    data = d / "calib.npz" if (d / "calib.npz").is_file() else d / "calib.npy"
+    return Calibration(load_data(str(data), d / "default.onnx", purpose="calibration", samples=64, seed=0))
 
 
 def audit(d: Path, model: str, steps: str, cal):

@@ -33,10 +33,11 @@ def naive(model_path: Path, key, heldout, samples: int, seed: int) -> float:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from auditor.attacks import prune, quantize
-    from auditor.data.calibration import ArrayReader, fashion_mnist_calibration, model_input_name
+    from auditor.data.calibration import DatasetReader
+    from auditor.data.inputs import fashion_mnist
     from auditor.gate.robustness import measure
 
-    data = fashion_mnist_calibration(samples, seed)
+    data = fashion_mnist("calibration", samples, seed)
     model = onnx.load(str(model_path))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
@@ -46,7 +47,7 @@ def naive(model_path: Path, key, heldout, samples: int, seed: int) -> float:
                 pre, _ = quantize.preprocess(m)
                 onnx.save_model(pre, f"{d}/f.onnx")
                 quantize_static(f"{d}/f.onnx", f"{d}/q.onnx",
-                                ArrayReader(model_input_name(pre), data.inputs, data.batch_size),
+                                DatasetReader(data),
                                 quant_format=QuantFormat.QDQ, per_channel=mode.endswith("per-channel"),
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
                 measure(f"{d}/q.onnx", key, None, heldout)
@@ -64,8 +65,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from auditor.marks import keys
-    from auditor.data.accuracy import fashion_mnist_heldout
-    from auditor.data.calibration import Calibration, fashion_mnist_calibration
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import fashion_mnist
     from auditor.gate.robustness import Config, Grid, load_manifest, run_grid
     from fixtures.build import ensure
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         model_path, key_path = d / "model.onnx", d / "key.json"
     key = keys.load_key(key_path)
     samples, n_heldout = (64, 500) if a.quick else (256, 2000)
-    heldout = fashion_mnist_heldout(n_heldout, a.seed)
+    heldout = fashion_mnist("evaluation", n_heldout, a.seed)
     configs = []
     for mode in MODES:
         for r in RATES:
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
             configs.append(Config(steps, steps))
     grid = Grid(tuple(configs))
     t0 = time.perf_counter()
-    doc = run_grid(model_path, key, grid, Calibration(fashion_mnist_calibration(samples, a.seed)), heldout,
+    doc = run_grid(model_path, key, grid, Calibration(fashion_mnist("calibration", samples, a.seed)), heldout,
                    load_manifest(model_path), jobs=a.jobs, progress=False)
     t_grid = time.perf_counter() - t0
     t_naive = naive(model_path, key, heldout, samples, a.seed)

@@ -133,14 +133,15 @@ def fingerprint_table(P, owner_folder: Path, base, sets, cfg, seed, tmp: Path) -
 
     from auditor.attacks import load_model, save
     from auditor.attacks.compose import compose
-    from auditor.data.calibration import Calibration, CalibrationData
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import from_arrays
     from auditor.phash import fingerprint as fp
 
     ref = owner_folder / "model.onnx"
     layer = json.loads((owner_folder / "manifest.json").read_text())["layer"]
     probes = np.concatenate([sets.signal_test[:16], sets.noise_test_unseen[:24], sets.similar_test[:24]])
-    cal = Calibration(CalibrationData(sets.noise_train, "noise_train", 0))
     model = load_model(ref)
+    cal = Calibration(from_arrays(model, sets.noise_train, source="noise_train", seed=0))
     derived = {}
     for name, steps in (("int8-dynamic", "quantize:dynamic"), ("int8-qdq-per-channel", "quantize:static-qdq-per-channel"),
                         ("fp16", "fp16"), ("prune-0.3", "prune:0.3"), ("prune-0.5", "prune:0.5")):

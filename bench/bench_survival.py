@@ -52,9 +52,10 @@ import torch  # noqa: E402
 from auditor import __version__, results, whitebox  # noqa: E402
 from auditor.marks import keys
 from auditor.marks import stats
-from auditor.data.accuracy import accuracy, fashion_mnist_heldout  # noqa: E402
+from auditor.data.accuracy import accuracy  # noqa: E402
+from auditor.data.inputs import fashion_mnist  # noqa: E402
 from auditor.attacks import compose, save  # noqa: E402
-from auditor.data.calibration import Calibration, fashion_mnist_calibration  # noqa: E402
+from auditor.data.calibration import Calibration  # noqa: E402
 from exporters import attacks as torch_attacks  # noqa: E402
 from exporters import data, export, models, train  # noqa: E402
 from exporters import watermark as wm  # noqa: E402
@@ -296,8 +297,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfgs = configs(a.quick, a.seed, a.threads)
     n_heldout = 1000 if a.quick else 2000
-    heldout = fashion_mnist_heldout(n=n_heldout, seed=a.seed)
-    calib_data = fashion_mnist_calibration(n=128, seed=a.seed)
+    heldout = fashion_mnist("evaluation", n_heldout, seed=a.seed)
+    calib_data = fashion_mnist("calibration", 128, seed=a.seed)
     # 0.98 and 0.99 go beyond the asked 0-95 %: the 256-bit mean mark has not broken at 95 %.
     rates = [0.0, 0.5, 0.8, 0.9, 0.95, 0.99] if a.quick else [round(0.1 * i, 1) for i in range(10)] + [0.95, 0.98, 0.99]
     rows: list[dict] = []

@@ -18,7 +18,8 @@ import pytest
 
 from auditor.attacks import load_model, save
 from auditor.attacks.compose import compose
-from auditor.data.calibration import Calibration, CalibrationData, npy_calibration
+from auditor.data.calibration import Calibration
+from auditor.data.inputs import load_data
 from auditor.marks.keys import load_key
 from auditor.marks.whitebox import extract
 
@@ -30,11 +31,8 @@ SLOW = ("quantize:static-qdq", "quantize:static-qop")
 @functools.lru_cache(maxsize=None)
 def _calibration(folder: str) -> Calibration:
     d = Path(folder)
-    if (d / "calib.npz").is_file():
-        with np.load(d / "calib.npz") as z:
-            arrays = {k: np.ascontiguousarray(z[k]) for k in z.files}
-        return Calibration(CalibrationData(arrays, "npz:calib.npz", 0, 32))
-    return Calibration(npy_calibration(d / "calib.npy", 64, 0))
+    data = d / "calib.npz" if (d / "calib.npz").is_file() else d / "calib.npy"
+    return Calibration(load_data(str(data), d / "default.onnx", purpose="calibration", samples=64, seed=0))
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from auditor.data.calibration import Calibration, npy_calibration
+from auditor.data.calibration import Calibration
+from auditor.data.inputs import load_data
 from auditor.gate.gate import gate_document
 from auditor.gate.policy import load_policy
 from auditor.gate.robustness import Config, Grid, run_grid
@@ -93,7 +94,8 @@ def test_key_import_anchors_from_makes_the_reference_unnecessary(resnet, tmp_pat
 def grid_docs(resnet):
     key = load_key(resnet / "key.json")
     grid = Grid(tuple(Config(a, a) for a in ATTACKS))
-    cal = Calibration(npy_calibration(resnet / "calib.npy", 64, 0))
+    cal = Calibration(load_data(str(resnet / "calib.npy"), resnet / "default.onnx", purpose="calibration",
+                                samples=64, seed=0))
     with_ref = run_grid(resnet / "default.onnx", key, grid, cal, jobs=1, progress=False,
                         reference=resnet / "kept.onnx")
     without = run_grid(resnet / "default.onnx", key, Grid((Config("quantize:static-qdq", "quantize:static-qdq"),)),

@@ -9,9 +9,10 @@ from onnx.reference import ReferenceEvaluator
 
 from auditor.marks import keys
 from auditor.marks import stats
-from auditor.data.accuracy import accuracy, fashion_mnist_heldout, predict
+from auditor.data.accuracy import accuracy, predict
 from auditor.attacks import compose, precision, prune, quantize, simulate
-from auditor.data.calibration import Calibration, fashion_mnist_calibration
+from auditor.data.calibration import Calibration
+from auditor.data.inputs import fashion_mnist
 from auditor.errors import AuditError
 from auditor.read.weights import WeightStore
 
@@ -33,12 +34,12 @@ def models(build_fixture):
 
 @pytest.fixture(scope="module")
 def calibration():
-    return Calibration(fashion_mnist_calibration(128, seed=0))
+    return Calibration(fashion_mnist("calibration", 128, seed=0))
 
 
 @pytest.fixture(scope="module")
 def heldout():
-    return fashion_mnist_heldout(1000, seed=0)
+    return fashion_mnist("evaluation", 1000, seed=0)
 
 
 def read_mark(model: onnx.ModelProto, key, tmp_path) -> dict:
@@ -139,7 +140,7 @@ def test_pruning_sparsity_is_exact_per_layer(models, mode, rate, heldout):
     for name in ("conv1.bias", "conv2.bias", "fc.bias"):
         np.testing.assert_array_equal(inits[name], numpy_helper.to_array(
             next(i for i in model.graph.initializer if i.name == name)))
-    logits = predict(r.model, heldout.inputs[:64])
+    logits = predict(r.model, fashion_mnist("evaluation", 64, seed=0))
     assert logits.shape == (64, 10) and np.isfinite(logits).all()
 
 

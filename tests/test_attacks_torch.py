@@ -52,12 +52,13 @@ def test_fine_tune_and_qat_keep_the_mark_and_do_not_mutate(build_fixture, tmp_pa
     import onnx
 
     from auditor.attacks import quantize
-    from auditor.data.calibration import Calibration, fashion_mnist_calibration
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import fashion_mnist
     from fixtures.attacks import _export
 
     _export(q, tmp_path)
     r = quantize.quantize(onnx.load(str(tmp_path / "model.onnx")), "static-qdq-per-channel",
-                          Calibration(fashion_mnist_calibration(32)))
+                          Calibration(fashion_mnist("calibration", 32)))
     from onnx import numpy_helper
 
     inits = {i.name: numpy_helper.to_array(i) for i in r.model.graph.initializer}

@@ -14,7 +14,8 @@ import pytest
 
 from auditor.attacks.compose import compose
 from auditor.cli import main
-from auditor.data.calibration import Calibration, CalibrationData
+from auditor.data.calibration import Calibration
+from auditor.data.inputs import from_arrays
 from auditor.keyed import cipher, keys, trace, verify
 from auditor.keyed import model as km
 from auditor.keyed.inputs import read_data
@@ -59,7 +60,7 @@ def test_trace_names_the_issued_key_on_attacked_leaks(vit, cal, tmp_path, capsys
     key = keys.load(vit / "keys" / f"{client}.json")
     plain = onnx.load(str(vit / "plain.onnx"))
     keyed = km.transform(plain, key)
-    c = Calibration(CalibrationData(cipher.encrypt(cal, key), "encrypted", 0))
+    c = Calibration(from_arrays(keyed, cipher.encrypt(cal, key), source="encrypted", seed=0))
     leaked = tmp_path / "leaked.onnx"
     onnx.save_model(compose(keyed, step, c).model, str(leaked))
     rc = main(["keyed", "trace", str(leaked), "--plain", str(vit / "plain.onnx"), "--keys", str(vit / "keys"),

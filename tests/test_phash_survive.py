@@ -66,11 +66,12 @@ def test_cli_survive_writes_result(fx, tmp_path, capsys):
 def derived(fx, tmp_path_factory):
     """int8 (QDQ; QOperator, where the layer becomes `<layer>_quantized`) / fp16 / pruned copies
     of the owner's model, made by auditor.attacks."""
-    from auditor.data.calibration import Calibration, CalibrationData
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import from_arrays
 
     d = tmp_path_factory.mktemp("derived")
     model = load_model(fx / "model.onnx")
-    cal = Calibration(CalibrationData(np.load(fx / "noise_train.npy"), "noise_train", 0))
+    cal = Calibration(from_arrays(model, np.load(fx / "noise_train.npy"), source="noise_train", seed=0))
     out = {}
     for name, steps in (("int8", "quantize:static-qdq-per-channel"), ("int8-qop", "quantize:static-qop-per-channel"),
                         ("fp16", "fp16"), ("pruned", "prune:0.3")):

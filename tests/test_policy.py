@@ -1,5 +1,6 @@
 """Release policy parsing: the example parses to the documented values; every kind of
 malformed policy is refused with one line naming the problem, and the CLI exits 2."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,9 @@ def test_example_policy_parses_to_documented_values():
     assert p.name == "release"
     assert p.backends == ("ort-cpu",)
     assert p.thresholds == {"max_p_value": 1e-6, "max_ber": 0.05, "min_margin": 0.0, "min_normalized_margin": 0.0,
-                            "max_accuracy_drop": 2.0}
+                            "max_accuracy_drop": 2.0, "min_top1_agreement": 0.95, "min_sqnr_db": 5.0}
+    assert p.thresholds_for("prune-50")["min_top1_agreement"] == 0.85
+    assert (p.data_source, p.data_labels, p.calibration_data) == (None, None, None)
     assert [a.id for a in p.attacks] == ["int8-static-per-channel", "prune-50", "prune-50-then-int8"]
     assert [a.steps for a in p.attacks] == ["quantize:static-qdq-per-channel", "prune:0.5",
                                             "prune:0.5,quantize:static-qdq-per-channel"]
@@ -105,7 +108,7 @@ def test_duplicate_attack_ids(tmp_path):
 
 def test_accuracy_evidence_needs_a_threshold(tmp_path):
     text = GOOD.replace("max_accuracy_drop = 2.0", "") + "[evidence]\naccuracy = true\n"
-    with pytest.raises(AuditError, match="'thresholds.max_accuracy_drop' is not set"):
+    with pytest.raises(AuditError, match="none of 'thresholds.max_accuracy_drop', 'thresholds.min_top1_agreement', 'thresholds.min_sqnr_db' is set"):
         load_policy(_write(tmp_path, text))
 
 
@@ -126,3 +129,28 @@ def test_cli_malformed_policy_exit_2_one_line(tmp_path):
     assert len(lines) == 1, r.stderr
     assert "unknown attack step 'shrink:0.5'" in lines[0] and lines[0].startswith("wmaudit gate: error: policy ")
     assert not (tmp_path / "j.xml").exists()  # no partial output
+
+
+def test_data_table_and_fidelity_thresholds(tmp_path):
+    text = GOOD.replace("max_accuracy_drop = 2.0", "min_top1_agreement = 0.9\nmin_sqnr_db = 12.5") + (
+        '[data]\nsource = "held/x.npz"\nlabels = "held/y.npy"\npreprocess = "size=32x32,layout=nchw"\n')
+    p = load_policy(_write(tmp_path, text))
+    assert p.accuracy and p.thresholds["min_sqnr_db"] == 12.5 and p.thresholds["min_top1_agreement"] == 0.9
+    assert p.data_source == str(tmp_path / "held" / "x.npz") and p.data_labels == str(tmp_path / "held" / "y.npy")
+    assert load_policy(_write(tmp_path, text.replace("held/x.npz", "synthetic"))).data_source == "synthetic"
+    for bad, msg in (("min_top1_agreement = 0.9", "'thresholds.min_top1_agreement' must be a number in [0, 1]"),
+                     ('source = "held/x.npz"', "unknown field 'data.sorce'"),
+                     ('preprocess = "size=32x32,layout=nchw"', "--preprocess: bad value 'layout=chw'")):
+        repl = {"min_top1_agreement = 0.9": "min_top1_agreement = 1.5",
+                'source = "held/x.npz"': 'sorce = "held/x.npz"',
+                'preprocess = "size=32x32,layout=nchw"': 'preprocess = "size=32x32,layout=chw"'}[bad]
+        with pytest.raises(AuditError, match=re.escape(msg)):
+            load_policy(_write(tmp_path, text.replace(bad, repl)))
+
+
+def test_policy_record_lists_data_settings_only_where_they_apply(tmp_path):
+    no_task = GOOD.replace("max_accuracy_drop = 2.0", "")
+    doc = load_policy(_write(tmp_path, no_task)).to_json()
+    assert not {"accuracy", "calibration", "data"} & set(doc)  # pruning only, no task measured
+    doc = load_policy(_write(tmp_path, GOOD.replace('"prune:0.5"', '"quantize:static-qdq"'))).to_json()
+    assert doc["accuracy"] == {"samples": 1000, "seed": 0} and doc["calibration"] == {"samples": 128, "seed": 0}

@@ -29,7 +29,7 @@ def _run_grid(build_fixture, tmp_path, name, out, jobs=2):
     d = build_fixture(name)
     (tmp_path / "grid.toml").write_text(GRID)
     code = main(["robustness", str(d / "model.onnx"), "--key", str(d / "key.json"), "--grid",
-                 str(tmp_path / "grid.toml"), "--heldout", "500", "--calibration-samples", "64",
+                 str(tmp_path / "grid.toml"), "--samples", "500", "--calibration-samples", "64",
                  "--jobs", str(jobs), "-o", str(out), "--save-models"])
     return code, json.loads((out / "results.json").read_text())
 

@@ -9,7 +9,8 @@ import pytest
 
 from auditor.attacks.quantize import quantize
 from auditor.attacks.simulate import simulate_int8
-from auditor.data.calibration import Calibration, CalibrationData, fashion_mnist_calibration
+from auditor.data.calibration import Calibration
+from auditor.data.inputs import bind, fashion_mnist, model_inputs
 from auditor.cli import main
 from auditor.marks.keys import load_key
 from auditor.read.weights import WeightStore
@@ -21,7 +22,7 @@ MODES = ["dynamic", "static-qdq", "static-qdq-per-channel", "static-qop", "stati
 
 @pytest.fixture(scope="module")
 def cnn_calibration():
-    return Calibration(fashion_mnist_calibration(n=64, seed=0))
+    return Calibration(fashion_mnist("calibration", 64, seed=0))
 
 
 def _extract_model(model: onnx.ModelProto, key, tmp_path):
@@ -83,7 +84,7 @@ def _seq_calibration(d):
     m = onnx.load(str(d / "model.onnx"))
     dims = [x.dim_value or 4 for x in m.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(0).standard_normal([32] + dims[1:]).astype(np.float32)
-    return Calibration(CalibrationData(inputs=x, source="standard normal", seed=0))
+    return Calibration(bind({m.graph.input[0].name: x}, None, model_inputs(m), source="standard normal"))
 
 
 @pytest.mark.parametrize("name", SEQ)

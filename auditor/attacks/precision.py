@@ -25,11 +25,35 @@ def to_fp16(model: onnx.ModelProto, *, keep_io_types: bool = True) -> AttackResu
     except ImportError:
         raise AuditError("fp16 conversion needs onnxconverter-common (pip install onnxconverter-common)") from None
     m = copy_model(model)
-    with _quiet():
+    with _quiet() as caught:
         out = float16.convert_float_to_float16(m, keep_io_types=keep_io_types)
     n16 = sum(i.data_type == onnx.TensorProto.FLOAT16 for i in out.graph.initializer)
-    return AttackResult(cap_ir_version(out), {"mode": "fp16", "keep_io_types": bool(keep_io_types)},
-                        [f"onnxconverter_common.float16: {n16} initializers stored as float16"])
+    notes = [f"onnxconverter_common.float16: {n16} initializers stored as float16"]
+    fixed = _retarget_casts(out)
+    if fixed:
+        notes.append(f"{fixed} Cast node(s) to float retargeted to float16 (onnxconverter_common typed their "
+                     f"outputs float16 but left Cast(to=float), which onnxruntime refuses)")
+    clamped = sum("will be truncated" in str(w.message) for w in caught)
+    if clamped:
+        # one library warning per tensor end; summarised here instead of printed (WMAUDIT_DEBUG shows them)
+        notes.append(f"{clamped} tensor extremes outside the float16 range (|x| < 1e-7 or > 1e4) were clamped "
+                     f"by onnxconverter_common")
+    return AttackResult(cap_ir_version(out), {"mode": "fp16", "keep_io_types": bool(keep_io_types)}, notes)
+
+
+def _retarget_casts(model: onnx.ModelProto) -> int:
+    """Cast(to=FLOAT) whose output the converter declared FLOAT16 (e.g. an int attention mask cast to
+    float): make the Cast produce float16, as the rest of the converted graph expects. In place."""
+    f16 = {v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "Cast" or not node.output or node.output[0] not in f16:
+            continue
+        for a in node.attribute:
+            if a.name == "to" and a.i == onnx.TensorProto.FLOAT:
+                a.i = onnx.TensorProto.FLOAT16
+                done += 1
+    return done
 
 
 def _matmul_with_constant_weight(model: onnx.ModelProto) -> int:

@@ -55,13 +55,23 @@ def _qtype(name: str):
 
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime's quantizer logs warnings ('consider pre-processing') to the root logger."""
+    """Keep library chatter out of our stdout/stderr: onnxruntime's quantizer logs warnings
+    ('consider pre-processing') to the root logger and prints; onnxconverter_common warns once
+    per clamped tensor. Yields the list of Python warnings caught, for callers that summarise
+    them in their notes. With WMAUDIT_DEBUG set, everything goes through as the library wrote it."""
+    import os
+    import warnings
+
+    if os.environ.get("WMAUDIT_DEBUG"):
+        yield []
+        return
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
     finally:
         root.setLevel(level)
 
@@ -233,7 +243,8 @@ def quantize_static(model: onnx.ModelProto, calibration, *, quant_format: str = 
             raise AuditError(f"quantize_static failed: {type(e).__name__}: {e}") from None
         out = load(dst)
     notes.append(f"activation ranges: {method} calibration on {calibration.data.source} "
-                 f"({calibration.data.samples} samples, seed {calibration.data.seed}), cached")
+                 f"({calibration.data.n} samples, seed {calibration.data.seed}), cached"
+                 + (" [synthetic: ranges do not reflect deployment data]" if calibration.data.synthetic else ""))
     return AttackResult(cap_ir_version(out), params, notes)
 
 

@@ -12,7 +12,8 @@ from auditor.errors import AuditError
 HELP = "prune / quantize / convert an ONNX model the way a deployer would"
 DESCRIPTION = """Apply pruning and quantization to MODEL and write the attacked model to -o OUT.
 Steps run in --order (default: prune, then quantize). Quantization uses onnxruntime's
-own tools; static modes calibrate on Fashion-MNIST (train split) or --data inputs.npy.
+own tools; static modes calibrate on --data (.npy, .npz, image folder, IDX, synthetic;
+Fashion-MNIST's train split by default for [N,1,28,28] models).
 Prints the parameters used; exit 0 on success, 2 on bad input."""
 
 QUANT_CHOICES = ("dynamic", "static-qdq", "static-qdq-per-channel", "static-qop",
@@ -39,8 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-seed", type=int, default=0, help="seed of random pruning")
     p.add_argument("--quantize", choices=QUANT_CHOICES)
     p.add_argument("--calibration", choices=METHODS, default="minmax", help="static calibration method")
-    p.add_argument("--data", default="fashion-mnist", help="calibration inputs: fashion-mnist or a .npy file")
-    p.add_argument("--calibration-samples", type=int, default=256)
+    from auditor.data.inputs import add_data_arguments
+
+    add_data_arguments(p)
+    p.add_argument("--calibration-samples", "--samples", dest="calibration_samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
     p.add_argument("--reduce-range", action="store_true", help="7-bit weights (onnxruntime reduce_range)")
     p.add_argument("--weight-type", choices=("int8", "uint8"), default="int8")
@@ -71,7 +74,8 @@ def run(args) -> int:
 
     from auditor.attacks import load_model
     from auditor.attacks.compose import compose
-    from auditor.data.calibration import Calibration, calibration_data
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import load_data, preprocess_from_args
 
     steps = steps_from_args(args)
     if args.calibration_samples < 1:
@@ -79,7 +83,9 @@ def run(args) -> int:
     model = load_model(args.model)
     calibration = None
     if "static" in steps:
-        calibration = Calibration(calibration_data(args.data, args.calibration_samples, args.seed))
+        calibration = Calibration(load_data(args.data, model, purpose="calibration",
+                                            samples=args.calibration_samples, seed=args.seed,
+                                            labels=args.labels, preprocess=preprocess_from_args(args)))
     r = compose(model, steps, calibration, calibration_method=args.calibration, prune_seed=args.prune_seed,
                 reduce_range=args.reduce_range, weight_type=args.weight_type,
                 keep_batchnorm=not args.fold_batchnorm)
@@ -94,11 +100,14 @@ def run(args) -> int:
             tmp.unlink()
     doc = results.envelope("attack", model_path=args.model, output={"path": str(out),
                            "sha256": results.file_sha256(out)}, steps=steps, params=r.params,
-                           notes=r.notes, simulated=r.simulated)
+                           notes=r.notes, simulated=r.simulated,
+                           **({"calibration": calibration.data.describe()} if calibration is not None else {}))
     if args.json:
         sys.stdout.write(results.dumps(doc))
     else:
         print(f"{args.model} -> {out}: {steps}" + ("  [simulated]" if r.simulated else ""))
         for n in r.notes:
             print(f"  {n}")
+        if calibration is not None and calibration.data.synthetic:
+            print(f"  note: {calibration.data.describe()['caveat']}")
     return 0

@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", metavar="REF.onnx",
                    help="owner's model with BatchNorm kept, to undo BN folding (default: the key's anchors, "
                         "else the model itself where a BN follows the marked conv)")
+    from auditor.data.inputs import add_data_arguments
+
+    add_data_arguments(p)
+    p.add_argument("--samples", type=int, help="examples for accuracy / fidelity (overrides accuracy.samples)")
+    p.add_argument("--seed", type=int, help="seed of the data subsets (overrides accuracy.seed and calibration.seed)")
     p.add_argument("--junit", metavar="OUT.xml", help="write JUnit XML (one testcase per requirement)")
     p.add_argument("-o", "--output", metavar="OUT.json", help="write the result JSON to this file")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
@@ -54,6 +59,41 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, out)
 
 
+def with_data_args(policy, args):
+    """The policy with the command line's data options in place of its [data] table."""
+    import dataclasses
+
+    kw = {}
+    if args.data:
+        kw["data_source"] = args.data
+        kw["calibration_data"] = None
+    if args.labels:
+        kw["data_labels"] = args.labels
+    if args.preprocess:
+        kw["data_preprocess"] = args.preprocess
+    if args.samples is not None:
+        if args.samples < 1:
+            raise AuditError("--samples must be >= 1")
+        kw["accuracy_samples"] = args.samples
+    if args.seed is not None:
+        kw["accuracy_seed"] = kw["calibration_seed"] = args.seed
+    return dataclasses.replace(policy, **kw) if kw else policy
+
+
+def preprocess_for(policy, args):
+    import dataclasses
+
+    from auditor.data.inputs import parse_preprocess, preprocess_from_args
+
+    pre = preprocess_from_args(args)
+    if not args.preprocess and policy.data_preprocess:
+        base = parse_preprocess(policy.data_preprocess)
+        changed = {f.name: getattr(pre, f.name) for f in dataclasses.fields(pre)
+                   if getattr(pre, f.name) != f.default}
+        pre = dataclasses.replace(base, **changed)
+    return pre
+
+
 def run(args) -> int:
     from auditor.commands.extract import load_manifest
     from auditor.gate.gate import exit_code, gate_document
@@ -62,7 +102,7 @@ def run(args) -> int:
     from auditor.report import junit, terminal
 
     # policy first: a malformed policy is reported before any model work starts
-    policy = load_policy(args.policy)
+    policy = with_data_args(load_policy(args.policy), args)
     key = load_key(args.key)
     if not Path(args.model).is_file():
         raise AuditError(f"model not found: {args.model}")
@@ -72,7 +112,8 @@ def run(args) -> int:
     n = 1 + len(policy.attacks)
     with terminal.Progress(n, "gate") as progress:
         doc = gate_document(args.model, key, policy, policy_path=args.policy, manifest=manifest,
-                            progress=progress, reference=args.reference)
+                            progress=progress, reference=args.reference,
+                            preprocess=preprocess_for(policy, args))
     if args.output:
         results.write_result(args.output, doc)
     if args.junit:

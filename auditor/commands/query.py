@@ -60,6 +60,7 @@ def query_model(model: str, key_path: str, *, backend: str = "ort-cpu", referenc
         raise AuditError(f"key {key_path} has no black-box section (blackbox.triggers or blackbox.logo)")
     triggers = bb.load_triggers(key) if sections.get("triggers") else None
     logo = bb.load_logo(key) if sections.get("logo") else None
+    check_key_images(model, [("trigger", triggers), ("logo", logo)])
     body: dict[str, Any] = {"backend": backend, "query_attack": attack,
                             "attack_seed": attack_seed if attack else None}
     null_rate = None
@@ -102,6 +103,21 @@ def query_model(model: str, key_path: str, *, backend: str = "ort-cpu", referenc
                        "best_mark": name, "p_value": p, "p_corrected": stats.bonferroni(p, m)}
     body["exit_code"] = stats.exit_code(d.verdict)
     return results.envelope("query", model_path=model, key=key, **body)
+
+
+def check_key_images(model: str, sets) -> None:
+    """The key's images, preprocessed as the key says, against the model's declared input
+    (auditor.data.inputs): a mismatch is one line naming both shapes, before any session starts."""
+    from auditor.data.inputs import check_array, model_inputs
+    from auditor.read.graph import open_model
+
+    specs = model_inputs(open_model(model))
+    if len(specs) != 1:
+        raise AuditError(f"black-box queries feed one image input; the model has {len(specs)} inputs "
+                         f"({', '.join(s.name for s in specs)})")
+    for what, s in sets:
+        if s is not None:
+            check_array(specs[0], s.preprocess.model_input(s.images[:1]), f"key {what} images")
 
 
 def _human(doc: dict[str, Any]) -> str:

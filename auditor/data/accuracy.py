@@ -1,45 +1,22 @@
-"""Task accuracy of an ONNX classifier on a held-out set, through onnxruntime.
+"""Running a model over a ``Dataset`` (auditor.data.inputs) and its top-1 accuracy.
 
-The default held-out set is a seeded subset of the Fashion-MNIST *test*
-split (calibration uses the train split, so the two never overlap).
-Fidelity of an attacked model = its accuracy minus the unattacked model's.
+``outputs(model, data)`` feeds the data set's batches (every input of a
+multi-input model; a fixed batch dimension honoured) through onnxruntime CPU,
+or through an ``auditor.backends`` runner for any other backend, and returns
+every output, examples first, as float32 where the model returns floats.
+``accuracy(model, data)`` is the top-1 accuracy of the first output against the
+data set's labels. Label-free measures live in ``auditor.data.fidelity``.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from auditor.errors import AuditError
 
-DEFAULT_HELDOUT = 2000
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """Inputs (float32, examples first) and integer labels."""
-
-    inputs: np.ndarray
-    labels: np.ndarray
-    source: str
-    seed: int
-
-    def describe(self) -> dict:
-        return {"source": self.source, "samples": int(len(self.labels)), "seed": int(self.seed)}
-
-
-def fashion_mnist_heldout(n: int = DEFAULT_HELDOUT, seed: int = 0) -> HeldOut:
-    """n seeded examples of the Fashion-MNIST test split (all 10,000 when n >= 10,000)."""
-    from auditor.data import datasets
-
-    images, labels = datasets.fashion_mnist("test")
-    if n < len(labels):
-        idx = np.sort(np.random.default_rng(seed).choice(len(labels), size=n, replace=False))
-        images, labels = images[idx], labels[idx]
-    return HeldOut(np.ascontiguousarray(datasets.fashion_mnist_normalized(images), dtype=np.float32),
-                   labels.astype(np.int64), "fashion-mnist:test", seed)
+EVAL_BATCH = 256
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0):
@@ -58,20 +35,55 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0):
         raise AuditError(f"onnxruntime cannot load the model: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def predict(model, inputs: np.ndarray, batch: int = 500, threads: int = 0) -> np.ndarray:
-    """Logits of the model's first output for every row of inputs."""
-    sess = session(model, threads)
-    feeds = [i for i in sess.get_inputs()]
-    if len(feeds) != 1:
-        raise AuditError(f"accuracy needs a model with one input; this one has {len(feeds)}")
-    name = feeds[0].name
-    outs = [sess.run(None, {name: inputs[i: i + batch]})[0] for i in range(0, len(inputs), batch)]
-    return np.concatenate(outs)
+def _as_float(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32) if a.dtype == np.float16 else a
 
 
-def accuracy(model, heldout: HeldOut, batch: int = 500, threads: int = 0) -> float:
-    """Top-1 accuracy of the model on the held-out set."""
-    logits = predict(model, heldout.inputs, batch, threads)
-    if logits.ndim != 2 or logits.shape[0] != len(heldout.labels):
-        raise AuditError(f"expected logits [N, classes], got shape {list(logits.shape)}")
-    return float(np.mean(logits.argmax(axis=1) == heldout.labels))
+def outputs(model, data, threads: int = 0, backend: str = "ort-cpu") -> dict[str, np.ndarray]:
+    """{output name: array} over every example of ``data``, in order."""
+    parts: dict[str, list[np.ndarray]] = {}
+    if backend == "ort-cpu":
+        sess = session(model, threads)
+        names = [o.name for o in sess.get_outputs()]
+        for feed in data.batches():
+            try:
+                res = sess.run(None, feed)
+            except Exception as e:
+                msg = " ".join(str(e).split()) or type(e).__name__
+                raise AuditError(f"onnxruntime cannot run the model on {data.source}: {msg[:300]}") from None
+            for n, r in zip(names, res):
+                parts.setdefault(n, []).append(_as_float(np.asarray(r)))
+    else:
+        from auditor.backends import open_runner
+
+        if isinstance(model, onnx.ModelProto):
+            raise AuditError(f"backend {backend} runs model files")
+        with open_runner(model, backend) as runner:
+            for feed in data.batches():
+                for n, r in runner.infer(feed).items():
+                    parts.setdefault(n, []).append(_as_float(np.asarray(r)))
+    return {n: np.concatenate(p) for n, p in parts.items()}
+
+
+def top1(logits: np.ndarray) -> np.ndarray:
+    return np.asarray(logits).argmax(axis=-1)
+
+
+def accuracy_of(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of [N, classes] logits against N labels."""
+    if logits.ndim != 2 or logits.shape[0] != len(labels):
+        raise AuditError(f"accuracy needs logits [N, classes] for {len(labels)} labels, got shape "
+                         f"{list(logits.shape)}")
+    return float(np.mean(top1(logits) == labels))
+
+
+def predict(model, data, threads: int = 0) -> np.ndarray:
+    """The first output of the model for every example of ``data``."""
+    return next(iter(outputs(model, data, threads).values()))
+
+
+def accuracy(model, data, threads: int = 0, backend: str = "ort-cpu") -> float:
+    """Top-1 accuracy of the model's first output on a labelled data set."""
+    if data.labels is None:
+        raise AuditError(f"accuracy needs labels; {data.source} has none (give --labels)")
+    return accuracy_of(next(iter(outputs(model, data, threads, backend).values())), data.labels)

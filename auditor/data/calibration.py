@@ -1,9 +1,10 @@
 """Calibration data for static quantization, and calibration computed once.
 
-``CalibrationData`` is a seeded subset of real inputs: Fashion-MNIST (the
-*train* split, so calibration never sees the test images that accuracy is
-measured on) or a user ``.npy`` array of model inputs. ``ArrayReader`` serves
-it to onnxruntime as a ``CalibrationDataReader``.
+The data is an ``auditor.data.inputs.Dataset`` (the one data layer: user
+.npy / .npz / images / IDX, Fashion-MNIST's *train* split so calibration never
+sees the test images accuracy is measured on, or synthetic noise), bound to
+the model's inputs; ``DatasetReader`` serves it to onnxruntime as a
+``CalibrationDataReader`` (multi-input feeds, the model's fixed batch size).
 
 ``Calibration`` computes activation ranges with onnxruntime's own calibrators
 (``create_calibrator`` -> ``collect_data`` -> ``compute_data``) and stores
@@ -20,87 +21,18 @@ would for a real deployer.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
+from auditor.data.inputs import Dataset
 from auditor.errors import AuditError
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 256
-DEFAULT_BATCH = 32
-
-
-@dataclass(frozen=True)
-class CalibrationData:
-    """Model inputs used for calibration (first axis = examples): one array, or for a model
-    with several inputs a dict from ONNX input name to array (same number of examples)."""
-
-    inputs: np.ndarray | dict
-    source: str
-    seed: int
-    batch_size: int = DEFAULT_BATCH
-
-    @property
-    def digest(self) -> str:
-        arrays = self.inputs if isinstance(self.inputs, dict) else {"": self.inputs}
-        h = hashlib.sha256(str(self.batch_size).encode())
-        for name in sorted(arrays):
-            a = np.ascontiguousarray(arrays[name])
-            h.update(str((name, a.dtype.str, a.shape)).encode() if name else
-                     str((a.dtype.str, a.shape, self.batch_size)).encode())
-            h.update(a.tobytes())
-        return h.hexdigest()
-
-    @property
-    def samples(self) -> int:
-        first = next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs
-        return int(first.shape[0])
-
-    def describe(self) -> dict:
-        return {"source": self.source, "samples": self.samples, "seed": int(self.seed),
-                "batch_size": int(self.batch_size), "sha256": self.digest}
-
-
-def fashion_mnist_calibration(n: int = DEFAULT_SAMPLES, seed: int = 0, batch_size: int = DEFAULT_BATCH) -> CalibrationData:
-    """n seeded Fashion-MNIST *train* images, normalised as every exporter model expects."""
-    from auditor.data import datasets
-
-    images, _ = datasets.fashion_mnist("train")
-    idx = np.sort(np.random.default_rng(seed).choice(len(images), size=min(n, len(images)), replace=False))
-    x = datasets.fashion_mnist_normalized(images[idx])
-    return CalibrationData(np.ascontiguousarray(x, dtype=np.float32), "fashion-mnist:train", seed, batch_size)
-
-
-def npy_calibration(path: str | os.PathLike, n: int = DEFAULT_SAMPLES, seed: int = 0,
-                    batch_size: int = DEFAULT_BATCH) -> CalibrationData:
-    """A seeded subset of n rows of a user .npy array of model inputs."""
-    path = Path(path)
-    if not path.is_file():
-        raise AuditError(f"calibration inputs not found: {path}")
-    try:
-        a = np.load(path, allow_pickle=False)
-    except Exception as e:  # numpy raises several types for corrupt files
-        raise AuditError(f"cannot read {path} as .npy: {e}") from None
-    if a.ndim < 1 or a.shape[0] == 0 or not np.issubdtype(a.dtype, np.number):
-        raise AuditError(f"{path}: expected a numeric array with examples on the first axis")
-    if a.shape[0] > n:
-        a = a[np.sort(np.random.default_rng(seed).choice(a.shape[0], size=n, replace=False))]
-    return CalibrationData(np.ascontiguousarray(a, dtype=np.float32), f"npy:{path.name}", seed, batch_size)
-
-
-def calibration_data(spec: str, n: int = DEFAULT_SAMPLES, seed: int = 0) -> CalibrationData:
-    """``fashion-mnist`` or the path of a .npy array of inputs."""
-    if spec == "fashion-mnist":
-        return fashion_mnist_calibration(n, seed)
-    if spec.endswith(".npy"):
-        return npy_calibration(spec, n, seed)
-    raise AuditError(f"unknown calibration data {spec!r} (fashion-mnist or a .npy file of inputs)")
 
 
 def _ort_calibration():
@@ -109,34 +41,31 @@ def _ort_calibration():
     return calibrate
 
 
-class ArrayReader:
-    """onnxruntime ``CalibrationDataReader`` over an array, in fixed batches, rewindable."""
+class DatasetReader:
+    """onnxruntime ``CalibrationDataReader`` over a ``Dataset``: {input name: batch} feeds in
+    the data set's batches (a fixed batch dimension is honoured), rewindable."""
 
-    def __init__(self, input_name: str, inputs: np.ndarray, batch_size: int = DEFAULT_BATCH):
-        self.input_name = input_name
-        self.inputs = inputs
-        self.batch_size = int(batch_size)
-        self._start, self._end = 0, (len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs))
+    def __init__(self, data):
+        self.data = data
+        self._batches = list(data.batches())
+        self._start, self._end = 0, len(self._batches)
         self._pos = 0
 
     def get_next(self) -> dict | None:
         if self._pos >= self._end:
             return None
-        sl = slice(self._pos, min(self._pos + self.batch_size, self._end))
-        self._pos += self.batch_size
-        if isinstance(self.inputs, dict):  # several model inputs, batched together
-            return {name: a[sl] for name, a in self.inputs.items()}
-        return {self.input_name: self.inputs[sl]}
+        self._pos += 1
+        return self._batches[self._pos - 1]
 
     def rewind(self) -> None:
         self._pos = self._start
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self._start, self._end = int(start_index), min(int(end_index), len(self))
+        self._start, self._end = int(start_index), min(int(end_index), len(self._batches))
         self._pos = self._start
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values()))) if isinstance(self.inputs, dict) else len(self.inputs)
+        return len(self._batches)
 
     def __iter__(self):
         while (b := self.get_next()) is not None:
@@ -147,20 +76,12 @@ class ArrayReader:
 # importing this module does not import onnxruntime.quantization.
 def _register_reader() -> None:
     try:
-        _ort_calibration().CalibrationDataReader.register(ArrayReader)
+        _ort_calibration().CalibrationDataReader.register(DatasetReader)
     except Exception:  # pragma: no cover - onnxruntime without quantization tools
         pass
 
 
 _register_reader()
-
-
-def model_input_name(model: onnx.ModelProto) -> str:
-    inits = {i.name for i in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits]
-    if len(names) != 1:
-        raise AuditError(f"calibration supports models with one input; this one has {len(names)}: {names}")
-    return names[0]
 
 
 def model_digest(model: onnx.ModelProto) -> str:
@@ -185,7 +106,7 @@ class Calibration:
     ``computed`` / ``reused`` count cache misses and hits in this process.
     """
 
-    data: CalibrationData
+    data: Dataset  # auditor.data.inputs.Dataset
     folder: Path | None = None
     computed: int = 0
     reused: int = 0
@@ -227,17 +148,6 @@ class Calibration:
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
         cal = _ort_calibration()
-        if isinstance(self.data.inputs, dict):
-            inits = {i.name for i in model.graph.initializer}
-            wanted = sorted(i.name for i in model.graph.input if i.name not in inits)
-            if sorted(self.data.inputs) != wanted:
-                raise AuditError(f"calibration inputs {sorted(self.data.inputs)} do not match the model's "
-                                 f"inputs {wanted}")
-            name = None
-        else:
-            name = model_input_name(model)
-        if name is not None and self.data.inputs.ndim < 1:
-            raise AuditError("calibration inputs have no example axis")
         with tempfile.TemporaryDirectory(prefix="wmaudit-calib-run-") as d:
             mpath = Path(d) / "model.onnx"
             onnx.save_model(model, str(mpath))
@@ -246,7 +156,7 @@ class Calibration:
             calibrator = cal.create_calibrator(mpath, ops, augmented_model_path=str(Path(d) / "augmented.onnx"),
                                                calibrate_method=ort_method(method))
             try:
-                calibrator.collect_data(ArrayReader(name, self.data.inputs, self.data.batch_size))
+                calibrator.collect_data(DatasetReader(self.data))
             except Exception as e:
                 raise AuditError(f"calibration failed on {self.data.source}: {type(e).__name__}: {e}") from None
             tensors = calibrator.compute_data()

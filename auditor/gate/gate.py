@@ -147,6 +147,30 @@ def judge_accuracy(attack_id: str, backend: str, acc: float, ref: float, n: int,
     return req
 
 
+def judge_fidelity(attack_id: str, backend: str, fid: dict[str, Any], n: int,
+                   thresholds: dict[str, float]) -> Requirement:
+    """Label-free fidelity against the unattacked model on the same backend and inputs
+    (auditor.data.fidelity): worst top-1 agreement and worst SQNR over the outputs."""
+    keys = ("top1_agreement", "cosine", "sqnr_db")
+    req = Requirement(id=f"{attack_id}/{backend}/fidelity", attack=attack_id, evidence="fidelity", backend=backend,
+                      measured={**{k: fid[k] for k in keys if k in fid}, "samples": n},
+                      thresholds={k: thresholds[k] for k in ("min_top1_agreement", "min_sqnr_db") if k in thresholds})
+    if fid.get("error"):
+        req.reasons.append(fid["error"])
+    t = thresholds.get("min_top1_agreement")
+    if t is not None:
+        if "top1_agreement" not in fid:
+            req.reasons.append("no classifier output (floating point, last axis >= 2) to measure top-1 agreement on")
+        elif fid["top1_agreement"] < t:
+            req.reasons.append(f"top-1 agreement with the unattacked model {fid['top1_agreement']:.4f} < "
+                               f"min_top1_agreement {t:g}")
+    t = thresholds.get("min_sqnr_db")
+    if t is not None and isinstance(fid.get("sqnr_db"), (int, float)) and fid["sqnr_db"] < t:
+        req.reasons.append(f"SQNR {fid['sqnr_db']:.2f} dB < min_sqnr_db {t:g}")
+    req.status = FAIL if req.reasons else PASS
+    return req
+
+
 def error_requirement(rid: str, attack_id: str, evidence: str, why: str, backend: str | None = None) -> Requirement:
     return Requirement(id=rid, attack=attack_id, evidence=evidence, backend=backend, status=ERROR, reasons=[why])
 
@@ -156,12 +180,28 @@ def needs_calibration(policy: Policy) -> bool:
     return any("quantize:static" in a.steps for a in policy.attacks)
 
 
-def make_calibration(policy: Policy):
-    """Calibration data for static quantization, as the policy names it (seeded)."""
-    from auditor.data.calibration import Calibration, calibration_data
+def make_calibration(policy: Policy, model, preprocess=None):
+    """Calibration data for static quantization (auditor.data.inputs), as the policy names it (seeded)."""
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import load_data
 
-    return Calibration(calibration_data(policy.calibration_data, policy.calibration_samples,
-                                        policy.calibration_seed))
+    return Calibration(load_data(policy.calibration_data or policy.data_source, model, purpose="calibration",
+                                 samples=policy.calibration_samples, seed=policy.calibration_seed,
+                                 preprocess=preprocess))
+
+
+def make_evaluation(policy: Policy, model, preprocess=None):
+    """The data accuracy / fidelity are measured on, checked against the policy's thresholds."""
+    from auditor.data.inputs import load_data
+
+    data = load_data(policy.data_source, model, purpose="evaluation", samples=policy.accuracy_samples,
+                     seed=policy.accuracy_seed, labels=policy.data_labels, preprocess=preprocess)
+    wants_labels = "max_accuracy_drop" in policy.thresholds or any("max_accuracy_drop" in a.thresholds
+                                                                   for a in policy.attacks)
+    if wants_labels and data.labels is None:
+        raise AuditError(f"the policy sets max_accuracy_drop but {data.source} has no labels: give --labels, "
+                         f"or gate on min_top1_agreement / min_sqnr_db (no labels needed)")
+    return data
 
 
 def apply_attack(model, spec: AttackSpec, policy: Policy, calibration=None) -> tuple[Any, dict[str, Any]]:
@@ -199,22 +239,16 @@ def _save(model, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------ measurement adapters
-def measure_accuracy(model_path: Path, backend: str, heldout) -> dict[str, Any]:
-    """Top-1 accuracy on the held-out set (auditor.data.accuracy) on one backend: onnxruntime CPU
-    through auditor.data.accuracy itself, every other backend through its auditor.backends runner."""
-    import numpy as np
-
+def measure_task(model_path: Path, backend: str, evaluation) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every output of the model on the evaluation data on one backend (auditor.data.accuracy.outputs),
+    and its accuracy when the data has labels."""
     from auditor.data import accuracy
 
-    if backend == "ort-cpu":
-        acc = accuracy.accuracy(str(model_path), heldout)
-    else:
-        from auditor.backends import open_runner
-
-        with open_runner(model_path, backend) as runner:
-            logits = runner.infer_batches(heldout.inputs, batch_size=500)
-        acc = float(np.mean(np.asarray(logits).argmax(axis=1) == heldout.labels))
-    return {"accuracy": acc, "samples": int(len(heldout.labels)), "heldout": heldout.describe()}
+    outs = accuracy.outputs(str(model_path), evaluation, backend=backend)
+    doc: dict[str, Any] = {"samples": evaluation.n}
+    if evaluation.labels is not None:
+        doc["accuracy"] = accuracy.accuracy_of(next(iter(outs.values())), evaluation.labels)
+    return outs, doc
 
 
 def _error_text(e: BaseException) -> str:
@@ -223,7 +257,7 @@ def _error_text(e: BaseException) -> str:
 
 # ------------------------------------------------------------------ the gate
 def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict | None = None,
-             progress=None, reference: str | Path | None = None) -> dict[str, Any]:
+             progress=None, reference: str | Path | None = None, preprocess=None) -> dict[str, Any]:
     """Evaluate the policy on the model; the body of a ``gate`` result document.
 
     BatchNorm folding (the model's own, or ``keep_batchnorm = false`` / quant_pre_process
@@ -241,15 +275,13 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
     want_blackbox = policy.blackbox == "required" or (policy.blackbox == "if-key-has" and bool(key.blackbox))
 
     specs: list[AttackSpec] = [AttackSpec(BASELINE_ID, "", {}, {})] + list(policy.attacks)
-    calibration = make_calibration(policy) if needs_calibration(policy) else None
-    heldout = None
-    if policy.accuracy:
-        from auditor.data.accuracy import fashion_mnist_heldout
-
-        heldout = fashion_mnist_heldout(policy.accuracy_samples, policy.accuracy_seed)
+    # data first: bad data is reported before any attack runs
+    evaluation = make_evaluation(policy, original, preprocess) if policy.accuracy else None
+    calibration = make_calibration(policy, original, preprocess) if needs_calibration(policy) else None
     reqs: list[Requirement] = []
     cells: list[dict[str, Any]] = []
     reference_acc: dict[str, dict[str, Any] | str] = {}
+    baseline_out: dict[str, dict[str, Any]] = {}
 
     with tempfile.TemporaryDirectory(prefix="wmaudit-gate-") as tmp:
         for i, spec in enumerate(specs):
@@ -280,12 +312,14 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
                 else:
                     reqs.append(judge_any_mark(spec.id, ex["marks"], thresholds))
 
-            # task accuracy: per backend, against the unattacked model on that backend
+            # task accuracy and fidelity: per backend, against the unattacked model on that backend
             if policy.accuracy:
+                from auditor.data.fidelity import compare
+
                 cell["accuracy"] = {}
                 for backend in policy.backends:
                     try:
-                        acc = measure_accuracy(path, backend, heldout)
+                        outs, acc = measure_task(path, backend, evaluation)
                     except AuditError as e:
                         acc_err = _error_text(e)
                         cell["accuracy"][backend] = {"error": acc_err}
@@ -297,19 +331,26 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
                         continue
                     if spec.id == BASELINE_ID:
                         reference_acc[backend] = acc
+                        baseline_out[backend] = outs
                         cell["accuracy"][backend] = acc
                         continue
                     ref = reference_acc.get(backend)
                     if not isinstance(ref, dict):
                         reqs.append(error_requirement(f"{spec.id}/{backend}/accuracy", spec.id, "accuracy",
-                                                      f"no reference accuracy of the unattacked model: {ref}",
+                                                      f"no reference outputs of the unattacked model: {ref}",
                                                       backend))
                         cell["accuracy"][backend] = acc
                         continue
-                    r = judge_accuracy(spec.id, backend, float(acc["accuracy"]), float(ref["accuracy"]),
-                                       int(acc.get("samples", policy.accuracy_samples)), thresholds)
-                    cell["accuracy"][backend] = dict(acc, accuracy_drop=r.measured["accuracy_drop"])
-                    reqs.append(r)
+                    fid = compare(baseline_out[backend], outs)
+                    acc["fidelity"] = fid
+                    if "accuracy" in acc and "max_accuracy_drop" in thresholds:
+                        r = judge_accuracy(spec.id, backend, float(acc["accuracy"]), float(ref["accuracy"]),
+                                           int(acc["samples"]), thresholds)
+                        acc["accuracy_drop"] = r.measured["accuracy_drop"]
+                        reqs.append(r)
+                    if "min_top1_agreement" in thresholds or "min_sqnr_db" in thresholds:
+                        reqs.append(judge_fidelity(spec.id, backend, fid, int(acc["samples"]), thresholds))
+                    cell["accuracy"][backend] = acc
 
             if want_blackbox:
                 cell["blackbox"] = {}
@@ -330,7 +371,12 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
     summary = {"requirements": len(reqs), "passed": sum(r.status == PASS for r in reqs),
                "failed": sum(r.status == FAIL for r in reqs), "errors": sum(r.status == ERROR for r in reqs)}
     verdict = PASS if summary["passed"] == len(reqs) and reqs else FAIL
-    return {"verdict": verdict, "summary": summary,
+    data: dict[str, Any] = {}
+    if calibration is not None and (calibration.computed or calibration.reused):
+        data["calibration"] = calibration.data.describe()  # only when a static mode calibrated
+    if evaluation is not None:
+        data["evaluation"] = evaluation.describe()
+    return {"verdict": verdict, "summary": summary, "data": data,
             "failing": [r.id for r in reqs if r.status != PASS],
             "requirements": [r.to_json() for r in reqs], "attacks": cells}
 
@@ -387,9 +433,10 @@ def judge_blackbox(attack_id: str, model_path: Path, key: Key, backend: str, thr
 
 def gate_document(model_path: str | Path, key: Key, policy: Policy, *, policy_path: str | Path,
                   manifest: dict | None = None, progress=None, command: str | None = None,
-                  reference: str | Path | None = None) -> dict[str, Any]:
+                  reference: str | Path | None = None, preprocess=None) -> dict[str, Any]:
     """The full ``gate`` result envelope (deterministic apart from ``created``)."""
-    body = run_gate(model_path, key, policy, manifest=manifest, progress=progress, reference=reference)
+    body = run_gate(model_path, key, policy, manifest=manifest, progress=progress, reference=reference,
+                    preprocess=preprocess)
     if reference is not None:
         body["reference"] = {"path": str(reference), "sha256": results.file_sha256(reference)}
     pol = policy.to_json()

@@ -8,12 +8,17 @@ A policy is a TOML file (read with tomllib) naming
   ``calibration_method``);
 * the backends the attacked models must run on (``backends``);
 * the thresholds every piece of evidence must meet (``[thresholds]``:
-  ``max_p_value``, ``min_margin``, ``min_normalized_margin`` (scale-free), ``max_ber``, ``max_accuracy_drop`` in
-  percentage points), optionally tightened or relaxed per attack;
+  ``max_p_value``, ``min_margin``, ``min_normalized_margin`` (scale-free), ``max_ber``,
+  ``max_accuracy_drop`` in percentage points (needs labels), ``min_top1_agreement`` and
+  ``min_sqnr_db`` (fidelity against the unattacked model, no labels
+  needed)), optionally tightened or relaxed per attack;
 * the evidence required (``[evidence]``: white-box marks, trigger set /
-  logo, task accuracy);
-* how task accuracy is measured (``[accuracy]``: samples, seed) and which
-  data calibrates static quantization (``[calibration]``: data, samples, seed).
+  logo, task accuracy / fidelity);
+* the data the model runs on (``[data]``: source, labels, preprocess, as
+  ``--data`` / ``--labels`` / ``--preprocess`` take them; paths relative to the
+  policy file; the command line overrides them), how many examples measure
+  the task (``[accuracy]``: samples, seed) and calibrate static quantization
+  (``[calibration]``: samples, seed, and optionally its own data).
 
 ``load_policy(path)`` validates everything before any model is touched: an
 unknown field, a wrong type, a missing field, an unknown attack step, backend
@@ -45,7 +50,11 @@ _THRESHOLDS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "min_normalized_margin": ("a number in [-1, 1]", lambda v: -1.0 <= v <= 1.0),
     "max_ber": ("a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
     "max_accuracy_drop": ("a number of percentage points in [0, 100]", lambda v: 0.0 <= v <= 100.0),
+    "min_top1_agreement": ("a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "min_sqnr_db": ("a finite number of dB", lambda v: math.isfinite(v)),
 }
+# Thresholds that need the model run on data (auditor.data): accuracy needs labels, fidelity does not.
+TASK_THRESHOLDS = ("max_accuracy_drop", "min_top1_agreement", "min_sqnr_db")
 DEFAULT_THRESHOLDS = {"max_p_value": 1e-6}
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -89,7 +98,10 @@ class Policy:
     accuracy: bool = True
     accuracy_samples: int = 1000
     accuracy_seed: int = 0
-    calibration_data: str = "fashion-mnist"
+    calibration_data: str | None = None
+    data_source: str | None = None
+    data_labels: str | None = None
+    data_preprocess: str | None = None
     calibration_samples: int = 128
     calibration_seed: int = 0
     seed: int = 0
@@ -105,7 +117,9 @@ class Policy:
         return t
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The policy as applied; data, accuracy and calibration settings only where they apply
+        (accuracy when the task is measured, calibration when an attack quantizes statically)."""
+        d: dict[str, Any] = {
             "format": FORMAT,
             "name": self.name,
             "description": self.description,
@@ -113,11 +127,18 @@ class Policy:
             "seed": self.seed,
             "thresholds": dict(sorted(self.thresholds.items())),
             "evidence": {"whitebox": self.whitebox, "blackbox": self.blackbox, "accuracy": self.accuracy},
-            "accuracy": {"samples": self.accuracy_samples, "seed": self.accuracy_seed},
-            "calibration": {"data": self.calibration_data, "samples": self.calibration_samples,
-                            "seed": self.calibration_seed},
             "attacks": [a.to_json() for a in self.attacks],
         }
+        static = any("quantize:static" in a.steps for a in self.attacks)
+        if self.accuracy or static:
+            d["data"] = {k: v for k, v in (("source", self.data_source), ("labels", self.data_labels),
+                                           ("preprocess", self.data_preprocess)) if v is not None}
+        if self.accuracy:
+            d["accuracy"] = {"samples": self.accuracy_samples, "seed": self.accuracy_seed}
+        if static:
+            d["calibration"] = {"samples": self.calibration_samples, "seed": self.calibration_seed,
+                                **({"data": self.calibration_data} if self.calibration_data else {})}
+        return d
 
 
 # ------------------------------------------------------------------ attack steps
@@ -195,7 +216,7 @@ def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], ctx: str,
 def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     """Validate a parsed TOML document and return the Policy; AuditError names the first problem."""
     top = {"format", "name", "description", "backends", "seed", "thresholds", "evidence", "accuracy",
-           "calibration", "attacks"}
+           "calibration", "attacks", "data"}
     _check_keys(doc, top, {"format", "name", "backends", "attacks"}, "")
     fmt = _get(doc, "format", (str,), "")
     if fmt != FORMAT:
@@ -224,9 +245,26 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     _check_keys(ev, {"whitebox", "blackbox", "accuracy"}, set(), "evidence")
     whitebox = _choice(ev, "whitebox", WHITEBOX_MODES, "evidence", "all-marks")
     blackbox = _choice(ev, "blackbox", BLACKBOX_MODES, "evidence", "if-key-has")
-    accuracy = _get(ev, "accuracy", (bool,), "evidence", "max_accuracy_drop" in thresholds)
-    if accuracy and "max_accuracy_drop" not in thresholds:
-        raise AuditError("'evidence.accuracy' is true but 'thresholds.max_accuracy_drop' is not set")
+    accuracy = _get(ev, "accuracy", (bool,), "evidence", any(t in thresholds for t in TASK_THRESHOLDS))
+    if accuracy and not any(t in thresholds for t in TASK_THRESHOLDS):
+        raise AuditError("'evidence.accuracy' is true but none of 'thresholds.max_accuracy_drop', "
+                         "'thresholds.min_top1_agreement', 'thresholds.min_sqnr_db' is set")
+
+    def _rel(v: str | None) -> str | None:
+        # paths are relative to the policy file, as a reader expects; built-in names stay as they are
+        if v is None or v in ("fashion-mnist", "synthetic") or path is None or Path(v).is_absolute():
+            return v
+        return str(Path(path).parent / v)
+
+    dat = _get(doc, "data", (dict,), "", {})
+    _check_keys(dat, {"source", "labels", "preprocess"}, set(), "data")
+    data_source = _rel(_get(dat, "source", (str,), "data"))
+    data_labels = _rel(_get(dat, "labels", (str,), "data"))
+    data_preprocess = _get(dat, "preprocess", (str,), "data")
+    if data_preprocess:
+        from auditor.data.inputs import parse_preprocess
+
+        parse_preprocess(data_preprocess)
     if whitebox == "none" and blackbox == "none":
         raise AuditError("'evidence' requires neither white-box nor black-box evidence: nothing to gate on")
 
@@ -239,11 +277,7 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
 
     cal = _get(doc, "calibration", (dict,), "", {})
     _check_keys(cal, {"data", "samples", "seed"}, set(), "calibration")
-    cal_data = _get(cal, "data", (str,), "calibration", "fashion-mnist")
-    if cal_data != "fashion-mnist" and not cal_data.endswith(".npy"):
-        raise AuditError(f"'calibration.data' must be \"fashion-mnist\" or a .npy file, got {cal_data!r}")
-    if cal_data.endswith(".npy") and path is not None and not Path(cal_data).is_absolute():
-        cal_data = str(Path(path).parent / cal_data)  # relative to the policy file, as a reader expects
+    cal_data = _rel(_get(cal, "data", (str,), "calibration"))
     cal_samples = _get(cal, "samples", (int,), "calibration", 128)
     if cal_samples <= 0:
         raise AuditError(f"'calibration.samples' must be a positive integer, got {cal_samples}")
@@ -281,6 +315,7 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     return Policy(name=name, backends=tuple(backends), thresholds=thresholds, attacks=tuple(attacks),
                   whitebox=whitebox, blackbox=blackbox, accuracy=accuracy, accuracy_samples=samples,
                   accuracy_seed=acc_seed, calibration_data=cal_data, calibration_samples=cal_samples,
+                  data_source=data_source, data_labels=data_labels, data_preprocess=data_preprocess,
                   calibration_seed=cal_seed, seed=seed, description=description, path=path)
 
 

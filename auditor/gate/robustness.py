@@ -14,8 +14,11 @@ A grid is a list of configs; each config is a sequence of attack steps
     steps = "prune:0.8,quantize:static-qop"
 
 Per config: the attack's params and notes, ``simulated``, every white-box
-mark's BER / p / log10 p / margins / verdict (``auditor.marks.whitebox.extract``),
-task accuracy on the held-out set and the drop against the unattacked model.
+mark's BER / p (raw and corrected for the candidate tensors tried, as
+``extract`` reports it) / margins / verdict (``auditor.marks.whitebox.extract``),
+and, with evaluation data (``auditor.data.inputs``), fidelity against the
+unattacked model on the same inputs (``auditor.data.fidelity``: top-1
+agreement, cosine, SQNR) plus accuracy and its drop when the data has labels.
 The mark survives a config when the verdict stays "detected".
 
 Calibration: before the configs run, every distinct float model that a
@@ -166,19 +169,29 @@ def _calibrate(prefix: str) -> str:
     return str(_STATE["calibration"].ranges(pre, _STATE["method"]))
 
 
-def measure(path: str | os.PathLike, key, manifest: dict | None, heldout, threads: int = 0,
-            anchors: dict | None = None) -> dict:
-    """White-box marks and accuracy of one model file (``anchors``: BN anchors per mark id,
-    ``auditor.marks.whitebox.resolve_anchors``)."""
+def corrected_log10_p(mk) -> float:
+    """log10 of the p-value corrected for the candidate tensors tried (what extract reports)."""
+    import math
+
+    m = mk.location.candidates if mk.location else 1
+    return min(0.0, mk.log10_p + math.log10(max(1, m)))
+
+
+def measure(path: str | os.PathLike, key, manifest: dict | None, evaluation, threads: int = 0,
+            baseline_outputs: dict | None = None, anchors: dict | None = None) -> dict:
+    """White-box marks of one model file and, with evaluation data, what the task lost:
+    accuracy (labelled data) and fidelity against ``baseline_outputs`` (the unattacked model).
+    ``anchors``: BN anchors per mark id (``auditor.marks.whitebox.resolve_anchors``)."""
     from auditor.marks import whitebox
-    from auditor.data.accuracy import accuracy
 
     res = whitebox.extract(path, key, manifest=manifest, anchors=anchors)
     marks = []
     for mk in res.marks:
         # per-bit values (bits, signed margins) stay out: they give the key away
         marks.append({"id": mk.id, "n_bits": mk.n_bits, "matches": mk.matches, "ber": mk.ber,
-                      "p_value": mk.p_value, "p_corrected": mk.p_corrected, "log10_p": mk.log10_p,
+                      "p_value": mk.p_value, "log10_p": mk.log10_p, "p_corrected": mk.p_corrected,
+                      "log10_p_corrected": corrected_log10_p(mk),
+                      "candidates": mk.location.candidates if mk.location else 0,
                       "margin_min": mk.margin_min,
                       "margin_median": mk.margin_median, "signed_margin_min": mk.signed_margin_min,
                       "normalized_margin_min": mk.normalized_margin_min,
@@ -192,9 +205,25 @@ def measure(path: str | os.PathLike, key, manifest: dict | None, heldout, thread
                       "evidence": {"kind": mk.evidence.get("kind")},
                       "null": {"kind": mk.null.get("kind"), "reason": mk.null.get("reason")}})
     out = {"verdict": res.verdict, "p_value": res.p_value, "marks": marks}
-    if heldout is not None:
-        out["accuracy"] = accuracy(path, heldout, threads=threads)
+    if evaluation is not None:
+        outs = evaluate_outputs(path, evaluation, threads)
+        if evaluation.labels is not None:
+            from auditor.data.accuracy import accuracy_of
+
+            out["accuracy"] = accuracy_of(next(iter(outs.values())), evaluation.labels)
+        if baseline_outputs is not None:
+            from auditor.data.fidelity import compare
+
+            out["fidelity"] = compare(baseline_outputs, outs)
+        else:
+            out["_outputs"] = outs
     return out
+
+
+def evaluate_outputs(path, evaluation, threads: int = 0) -> dict:
+    from auditor.data.accuracy import outputs
+
+    return outputs(path, evaluation, threads)
 
 
 def _run_config(cfg: Config) -> dict:
@@ -205,8 +234,8 @@ def _run_config(cfg: Config) -> dict:
     with tempfile.TemporaryDirectory(prefix="wmaudit-grid-") as d:
         path = Path(d) / "model.onnx"
         onnx.save_model(r.model, str(path))
-        m = measure(path, _STATE["key"], _STATE["manifest"], _STATE["heldout"], _STATE["threads"],
-                    _STATE.get("anchors"))
+        m = measure(path, _STATE["key"], _STATE["manifest"], _STATE["evaluation"], _STATE["threads"],
+                    _STATE.get("baseline_outputs"), _STATE.get("anchors"))
         if models_dir:
             dst = Path(models_dir) / f"{_safe(cfg.name)}.onnx"
             tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
@@ -243,7 +272,7 @@ class Progress:
 
 
 # ---------------------------------------------------------------- the grid
-def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration, heldout=None,
+def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, evaluation=None,
              manifest: dict | None = None, jobs: int | None = None, models_dir: str | os.PathLike | None = None,
              progress: bool = True, command: str | None = None, reference: str | os.PathLike | None = None) -> dict:
     """Run every config of ``grid`` on the model; returns the result document (envelope 'robustness').
@@ -259,15 +288,18 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration, heldou
     cores = os.cpu_count() or 1
     workers = max(1, min(cores, len(grid.configs), jobs or cores))
     threads = 1 if workers > 1 else 0
-    state = {"model_path": str(model_path), "key": key, "manifest": manifest, "heldout": heldout,
+    state = {"model_path": str(model_path), "key": key, "manifest": manifest, "evaluation": evaluation,
              "calibration": calibration, "method": grid.calibration, "prune_seed": grid.prune_seed,
              "threads": threads, "models_dir": str(models_dir) if models_dir else None,
              "anchors": resolve_anchors(key, reference, unattacked=model_path)}
     if models_dir:
         Path(models_dir).mkdir(parents=True, exist_ok=True)
     _init_worker(state)
-    baseline = measure(model_path, key, manifest, heldout, anchors=state["anchors"])
+    baseline = measure(model_path, key, manifest, evaluation, anchors=state["anchors"])
+    state["baseline_outputs"] = _STATE["baseline_outputs"] = baseline.pop("_outputs", None)
     prefixes = sorted({p[0] for c in grid.configs if (p := _static_prefix(c.steps)) is not None})
+    if prefixes and calibration is None:
+        raise AuditError("the grid has static quantization configs but no calibration data was given")
     bar = Progress(len(grid.configs), enabled=progress)
     rows: dict[str, dict] = {}
     if workers == 1:
@@ -303,10 +335,15 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration, heldou
     if progress:
         print(f"robustness: {len(configs)} configs in {seconds:.1f}s with {workers} workers; "
               f"calibrations: {len(prefixes)}", file=sys.stderr)
+    data: dict = {}
+    if prefixes:  # recorded only when a static mode actually calibrated
+        data["calibration"] = calibration.data.describe()
+    if evaluation is not None:
+        data["evaluation"] = dict(evaluation.describe(), measures=(["accuracy"] if evaluation.labels is not None
+                                                                   else []) + ["fidelity"])
     return envelope("robustness", model_path=model_path, key=key, command=command,
-                    grid=grid.describe(), calibration=calibration.data.describe(),
+                    grid=grid.describe(), **data,
                     reference=({"path": str(reference), "sha256": _sha(reference)} if reference else None),
-                    heldout=heldout.describe() if heldout is not None else None,
                     baseline=baseline, configs=configs, summary=summary,
                     verdict="survived" if summary["all_survived"] else "broken")
 

@@ -71,12 +71,14 @@ def under_attacks(plain, keyed, key: KeyedKey, x: np.ndarray, y: np.ndarray, cal
                   attacks=ATTACKS, calibration_seed: int = 0) -> list[dict[str, Any]]:
     """Each attack on both float models: accuracies, their difference, parity of the attacked pair."""
     from auditor.attacks.compose import compose
-    from auditor.data.calibration import Calibration, CalibrationData
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import from_arrays
 
     plain_m, keyed_m = _proto(plain), _proto(keyed)
-    cal_plain = Calibration(CalibrationData(calibration_inputs, "plain calibration inputs", calibration_seed))
-    cal_keyed = Calibration(CalibrationData(cipher.encrypt(calibration_inputs, key),
-                                            "encrypted calibration inputs", calibration_seed))
+    cal_plain = Calibration(from_arrays(plain_m, calibration_inputs, source="plain calibration inputs",
+                                        seed=calibration_seed))
+    cal_keyed = Calibration(from_arrays(keyed_m, cipher.encrypt(calibration_inputs, key),
+                                        source="encrypted calibration inputs", seed=calibration_seed))
     xe = cipher.encrypt(x, key)
     lp0, lk0 = km.run(plain_m, x), km.run(keyed_m, xe)
     rows = []

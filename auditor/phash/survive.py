@@ -44,7 +44,8 @@ def survive(model: onnx.ModelProto, h: PerceptualHash, signal: np.ndarray, noise
             calibration_source: str = "signal+noise", seed: int = 0) -> dict[str, Any]:
     """Survival table of ``h`` on ``model`` (the model the hash was built for)."""
     from auditor.attacks.compose import compose, parse_steps
-    from auditor.data.calibration import Calibration, CalibrationData
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import from_arrays
 
     for spec in attacks:
         parse_steps(spec)  # bad syntax is the user's error, before any work
@@ -52,8 +53,8 @@ def survive(model: onnx.ModelProto, h: PerceptualHash, signal: np.ndarray, noise
     encoder = hashing.load_encoder(h)
     if calibration_inputs is None:
         calibration_inputs = np.concatenate([signal, noise])
-    calibration = Calibration(CalibrationData(np.ascontiguousarray(calibration_inputs, np.float32),
-                                              calibration_source, seed))
+    calibration = Calibration(from_arrays(model, np.ascontiguousarray(calibration_inputs, np.float32),
+                                          source=calibration_source, seed=seed))
     z_s0 = _latents_at(exposed, out, signal, h, encoder)
     z_n0 = _latents_at(exposed, out, noise, h, encoder)
     d_s0, d_n0 = hashing.distances(z_s0, h), hashing.distances(z_n0, h)

@@ -610,6 +610,8 @@ class WeightStore:
         scale and the constant `<w>_scale`: follow Cast/Mul forward and take the
         constant factor. Falls back to the naming convention.
         """
+        base = w_key[: -len("_quantized")] if w_key.endswith("_quantized") else w_key
+        cand = f"{base}_scale"
         out = self._output_key(node_name)
         frontier = [out] if out else []
         seen = set()
@@ -626,17 +628,21 @@ class WeightStore:
                         frontier.append(o)
                 elif node.op_type == "Mul":
                     other = self._const_key(n, 1 - j)
-                    if other is not None and self._is_float(other):
-                        return other
                     pk = self._input_key_at(n, 1 - j)
                     prod = self._producer.get(pk) if pk else None
+                    factors = []
                     if prod and self._nodes[prod].op_type == "Mul":
-                        for jj in range(2):
-                            k2 = self._const_key(prod, jj)
-                            if k2 is not None and self._is_float(k2):
-                                return k2
-        base = w_key[: -len("_quantized")] if w_key.endswith("_quantized") else w_key
-        cand = f"{base}_scale"
+                        factors = [k2 for jj in range(2)
+                                   if (k2 := self._const_key(prod, jj)) is not None and self._is_float(k2)]
+                    # x_scale * w_scale with both factors constant (the input was quantized ahead of
+                    # time, e.g. a quantized embedding Gather feeding ConvInteger; the product may even
+                    # be folded into a constant): take the weight's own scale, not the product
+                    if cand in factors:
+                        return cand
+                    if other is not None and self._is_float(other):
+                        return other
+                    if factors:
+                        return factors[0]
         return cand if cand in self._consts else None
 
     def _dequantize_integer(self, w: str, s: str | None, z: str | None, axis: int) -> np.ndarray:

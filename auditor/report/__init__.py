@@ -125,6 +125,19 @@ def _accuracy_of(cell: dict[str, Any], kind: str | None) -> tuple[float | None, 
     return as_float(acc), drop
 
 
+def _fidelity_of(cell: dict[str, Any]) -> dict[str, Any]:
+    """Fidelity against the unattacked model (auditor.data.fidelity), first backend for gate cells."""
+    fid = cell.get("fidelity")
+    if isinstance(fid, dict):
+        return fid
+    acc = cell.get("accuracy")
+    if isinstance(acc, dict):
+        for _, v in sorted(acc.items()):
+            if isinstance(v, dict) and isinstance(v.get("fidelity"), dict):
+                return v["fidelity"]
+    return {}
+
+
 _STEP_PRUNE = re.compile(r"^prune:([0-9.eE+-]+)(?::([a-z0-9-]+))?$")
 
 
@@ -169,8 +182,11 @@ def grid_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     for cell in grid_cells(doc):
         acc, drop = _accuracy_of(cell, doc.get("kind"))
         rate, precision = step_axes(cell.get("steps"))
+        fid = _fidelity_of(cell)
         base = {"attack": _attack_label(cell), "steps": cell.get("steps") or "", "prune_rate": rate,
                 "precision": precision, "accuracy": acc, "accuracy_drop": drop,
+                "top1_agreement": as_float(fid.get("top1_agreement")), "sqnr_db": as_float(fid.get("sqnr_db")),
+                "cosine": as_float(fid.get("cosine")),
                 "simulated": bool(cell.get("simulated", False)), "cell": cell}
         marks = _marks_of(cell)
         if not marks:
@@ -180,8 +196,9 @@ def grid_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(dict(
                 base, mark=m.get("id", m.get("param", "")),
                 k_over_t=f"{m.get('matches', '?')}/{m.get('n_bits', '?')}",
-                ber=as_float(m.get("ber")), p_value=as_float(m.get("p_value")),
-                log10_p=as_float(m.get("log10_p")),
+                # the p-value corrected for the candidate tensors tried, as extract reports it
+                ber=as_float(m.get("ber")), p_value=as_float(m.get("p_corrected", m.get("p_value"))),
+                log10_p=as_float(m.get("log10_p_corrected", m.get("log10_p"))),
                 margin_min=as_float(m.get("margin_min")), margin_median=as_float(m.get("margin_median")),
                 signed_margin_min=as_float(m.get("signed_margin_min")), verdict=m.get("verdict", ""),
                 signed_margins=m.get("signed_margins"), margin_histogram=m.get("margin_histogram")))

@@ -117,15 +117,13 @@ def how_produced(doc: dict[str, Any]) -> str:
     seeds = [(p, v) for p, v in _walk(doc) if p.rsplit(".", 1)[-1].endswith("seed") and not isinstance(v, (dict, list))]
     out = [f"<p>Command: <code>{_e(doc.get('command'))}</code></p>"]
     data = []
-    for key in ("calibration", "heldout"):
-        v = doc.get(key)
-        if isinstance(v, dict):
-            data.append((key, json.dumps(v, sort_keys=True)))
-    pol = doc.get("policy")
-    if isinstance(pol, dict):
-        for key in ("accuracy", "calibration"):
-            if isinstance(pol.get(key), dict):
-                data.append((f"policy.{key}", json.dumps(pol[key], sort_keys=True)))
+    # data recorded only where it was used: calibration when a static mode calibrated,
+    # evaluation when accuracy / fidelity were measured
+    for src in (doc, doc.get("data") if isinstance(doc.get("data"), dict) else {}):
+        for key in ("calibration", "evaluation", "heldout"):
+            v = src.get(key)
+            if isinstance(v, dict):
+                data.append((key, json.dumps(v, sort_keys=True)))
     if data:
         out.append(_table(["data", "description"], [[("", _e(k)), ("mono", _e(v))] for k, v in data]))
     if seeds:
@@ -244,9 +242,11 @@ def grid_table(doc: dict[str, Any]) -> str:
                      ("num", _e(fmt_num(r.get("margin_min"), 4))), ("num", _e(fmt_num(r.get("margin_median"), 4))),
                      ("num", _e(fmt_num(None if r.get("accuracy") is None else 100 * r["accuracy"], 2))),
                      ("num", _e(fmt_num(r.get("accuracy_drop"), 2))),
+                     ("num", _e(fmt_num(None if r.get("top1_agreement") is None else 100 * r["top1_agreement"], 2))),
+                     ("num", _e(fmt_num(r.get("sqnr_db"), 1))),
                      ("", "simulated" if r.get("simulated") else ""), (cls, _e(verdict))])
     return _table(["attack", "steps", "mark", "k/T", "BER", "p", "margin min", "margin median", "accuracy %",
-                   "drop (points)", "", "verdict"], body)
+                   "drop (points)", "top-1 agreement %", "SQNR dB", "", "verdict"], body)
 
 
 def requirements_table(doc: dict[str, Any]) -> str:
@@ -351,8 +351,11 @@ def document_section(doc: dict[str, Any], index: int) -> str:
     cls, text = verdict_of(doc)
     parts = [f'<section id="result-{index}">',
              f"<h2>{index + 1}. {_e(doc.get('kind', 'result'))}: {_e((doc.get('model') or {}).get('path', ''))}</h2>",
-             f'<div class="verdict {cls}">{_e(text)}</div>',
-             "<h3>Provenance</h3>", provenance(doc)]
+             f'<div class="verdict {cls}">{_e(text)}</div>']
+    ev = doc.get("evaluation") or (doc.get("data") or {}).get("evaluation") or {}
+    if isinstance(ev, dict) and ev.get("synthetic"):
+        parts.append(f'<p class="note"><b>Synthetic data:</b> {_e(ev.get("caveat"))}</p>')
+    parts += ["<h3>Provenance</h3>", provenance(doc)]
     if doc.get("kind") == "gate":
         parts += ["<h3>Requirements</h3>", requirements_table(doc)]
     charts = survival_charts(doc)

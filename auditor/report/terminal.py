@@ -80,6 +80,12 @@ def render_gate(doc: dict[str, Any]) -> str:
     ref = doc.get("reference") or {}
     if ref:
         out.append(f"reference:  {ref.get('path')} (BatchNorm folding undone with the owner's model)\n")
+    ev = (doc.get("data") or {}).get("evaluation") or {}
+    if ev:
+        out.append(f"data:       {ev.get('source')} ({ev.get('samples')} examples"
+                   + (", labelled" if ev.get("labels") else ", no labels: fidelity only") + ")\n")
+    if ev.get("synthetic"):
+        out.append(f"note:       {ev.get('caveat')}\n")
     out.append("\n")
     rows = []
     for r in reqs:
@@ -111,6 +117,10 @@ def _measured_brief(m: dict[str, Any]) -> str:
         parts.append(f"drop={fmt_num(m['accuracy_drop'], 2)}pt")
     if "accuracy" in m and "accuracy_drop" not in m:
         parts.append(f"acc={fmt_num(100 * m['accuracy'], 2)}%")
+    if "top1_agreement" in m:
+        parts.append(f"agree={fmt_num(100 * m['top1_agreement'], 2)}%")
+    if "sqnr_db" in m:
+        parts.append(f"SQNR={fmt_num(m['sqnr_db'], 1)}dB")
     return " ".join(parts)
 
 
@@ -124,9 +134,13 @@ def render_robustness(doc: dict[str, Any]) -> str:
         body.append([r["attack"], r.get("mark", ""), r.get("k_over_t", ""), fmt_num(r.get("ber"), 4),
                      fmt_p(r.get("p_value")), fmt_num(r.get("margin_min"), 4), fmt_num(r.get("margin_median"), 4),
                      fmt_num(None if r.get("accuracy") is None else 100 * r["accuracy"], 2),
-                     r.get("verdict", "")])
-    out.append(table(["attack", "mark", "k/T", "BER", "p", "margin min", "margin med", "acc %", "verdict"],
-                     body, align="lllrrrrrl", max_width=60))
+                     fmt_num(None if r.get("top1_agreement") is None else 100 * r["top1_agreement"], 2),
+                     fmt_num(r.get("sqnr_db"), 1), r.get("verdict", "")])
+    ev = doc.get("evaluation") or (doc.get("data") or {}).get("evaluation") or {}
+    if ev.get("synthetic"):
+        out.append(f"note: {ev.get('caveat', 'synthetic data')}\n")
+    out.append(table(["attack", "mark", "k/T", "BER", "p", "margin min", "margin med", "acc %", "agree %",
+                      "SQNR dB", "verdict"], body, align="lllrrrrrrrl", max_width=60))
     return "".join(out)
 
 
