@@ -276,8 +276,11 @@ def transform(model: onnx.ModelProto, key: KeyedKey, emb: Embeddings | None = No
 def run(model, x: np.ndarray, batch: int = 500) -> np.ndarray:
     """Logits of the model's first output (onnxruntime CPU, one thread)."""
     from auditor.data.accuracy import predict
+    from auditor.data.inputs import from_arrays
 
-    return predict(model, np.ascontiguousarray(x, dtype=np.float32), batch=batch, threads=1)
+    data = from_arrays(model, np.ascontiguousarray(x, dtype=np.float32), source="keyed-model inputs",
+                       batch_size=batch)
+    return predict(model, data, threads=1)
 
 
 def parity(plain, keyed, key: KeyedKey, x: np.ndarray, atol: float = PARITY_ATOL) -> dict:
