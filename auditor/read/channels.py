@@ -132,19 +132,29 @@ class _Graph:
         t = self.consts.get(name)
         return None if t is None else numpy_helper.to_array(t)
 
+    def is_const(self, name: str) -> bool:
+        """A stored constant, or a DequantizeLinear of one (a weight of a QDQ model)."""
+        if name in self.consts:
+            return True
+        p = self.producer.get(name)
+        return p is not None and p[1].op_type == "DequantizeLinear" and p[1].input[0] in self.consts
+
+    def dims(self, name: str) -> list[int]:
+        if name in self.consts:
+            return list(self.consts[name].dims)
+        return list(self.consts[self.producer[name][1].input[0]].dims)
+
 
 def _layer_of(g: _Graph, i: int, n: onnx.NodeProto) -> Layer | None:
-    if n.op_type not in _LAYER_OPS or len(n.input) < 2 or n.input[1] not in g.consts:
+    if n.op_type not in _LAYER_OPS or len(n.input) < 2 or not g.is_const(n.input[1]):
         return None
-    w = g.consts[n.input[1]]
-    if w.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
-        return None
+    dims = g.dims(n.input[1])
     bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
     if n.op_type == "Conv":
-        if int(_attr(n, "group", 1)) != 1 or len(w.dims) < 3:
+        if int(_attr(n, "group", 1)) != 1 or len(dims) < 3:
             return None
         return Layer(n, i, n.input[1], bias, 0, 1)
-    if len(w.dims) != 2:
+    if len(dims) != 2:
         return None
     if n.op_type == "Gemm":
         if int(_attr(n, "transA", 0)):
@@ -167,7 +177,7 @@ def layers(model: onnx.ModelProto, g: _Graph | None = None) -> list[Layer]:
 def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow:
     """Follow `layer`'s output channels to the layers that read them."""
     g = g or _Graph(model)
-    C = int(g.consts[layer.weight].dims[layer.out_axis])
+    C = int(g.dims(layer.weight)[layer.out_axis])
     flow = Flow(layer, C)
     # (tensor, spatial block size, channel offset)
     frontier = [(layer.node.output[0], 1, 0)]
@@ -193,11 +203,13 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                 flow.consumers.append(Consumer(lay, spatial, offset))
                 continue
             if op == "BatchNormalization" and j == 0 and spatial == 1:
-                if any(x not in g.consts for x in n.input[1:5]):
+                if any(not g.is_const(x) for x in n.input[1:5]):
                     flow.blocked = f"BatchNormalization {n.name} has non-constant parameters"
                     return flow
                 flow.batchnorms.append(n)
                 frontier.append((n.output[0], spatial, offset))
+            elif op in ("QuantizeLinear", "DequantizeLinear") and j == 0:
+                frontier.append((n.output[0], spatial, offset))  # activation Q/DQ of a QDQ model
             elif (op in HOMOGENEOUS or op in ELEMENTWISE) and j == 0:
                 if op in ELEMENTWISE or (op == "PRelu"):
                     flow.homogeneous = False
@@ -244,7 +256,7 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
     return flow
 
 
-_BACK = HOMOGENEOUS | ELEMENTWISE | {"BatchNormalization"}
+_BACK = HOMOGENEOUS | ELEMENTWISE | {"BatchNormalization", "QuantizeLinear", "DequantizeLinear"}
 
 
 def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Layer | None:
