@@ -243,18 +243,18 @@ def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAUL
 
 
 def _corrections(direct: int, searched: list[float]) -> dict[str, Any]:
-    """Weighted Bonferroni over everything tried: half of alpha for the direct variants (stored,
-    cleaned, anchors, aligned to a reference; one hypothesis each), half for the key-fitted
-    permutation searches (one hypothesis per permutation searched); all of it to one group
-    when the other is empty. Returns log10 of the factor each group's p is multiplied by."""
+    """Weighted Bonferroni over everything tried: half of alpha is shared equally by the direct
+    variants (stored, cleaned, anchors, aligned to a reference; one hypothesis each), half equally
+    by the key-fitted permutation searches, each search's share split over every permutation it
+    searched; all of alpha to one group when the other is empty. The weights sum to 1, so the
+    family-wise error stays <= alpha. Returns log10 of the factors p is multiplied by."""
     has_d, has_s = direct > 0, bool(searched)
     w = 0.5 if (has_d and has_s) else 1.0
     out = {"direct": math.log10(max(direct, 1)) - math.log10(w),
-           "searched": (_log10_sum(searched) - math.log10(w)) if has_s else 0.0}
-    out["how"] = (f"weighted Bonferroni: {direct} direct hypotheses share {w:g} of alpha"
-                  + (f", {len(searched)} permutation searches (10^{_log10_sum(searched):.1f} permutations) share "
-                     f"{w:g}" if has_s else "")
-                  + "; a p-value is multiplied by its group's hypotheses / share")
+           "searched": (math.log10(len(searched)) - math.log10(w)) if has_s else 0.0}
+    out["how"] = (f"weighted Bonferroni: {direct} direct hypotheses share {w:g} of alpha (p x {direct / w:g})"
+                  + (f"; {len(searched)} permutation searches share {w:g} (p x {len(searched) / w:g} x the "
+                     f"permutations each searched, up to 10^{max(searched):.1f})" if has_s else ""))
     return out
 
 
@@ -281,7 +281,7 @@ def _judge(key, mark, vs, cands, corr, alpha, ref_notes) -> dict[str, Any]:
     R = np.stack([_reduce(mark, v.weight) for v in vs], axis=1)
     Y = mark.matrix() @ R                        # T x V: one product for every variant
     k = ((Y > 0) == mark.bits[:, None].astype(bool)).sum(axis=0)
-    factor = np.array([corr["searched"] if v.log10_family > 0 else corr["direct"] for v in vs])
+    factor = np.array([corr["searched"] + v.log10_family if v.log10_family > 0 else corr["direct"] for v in vs])
     l10s = np.array([stats.log10_binom_tail_half(T, int(kk)) for kk in k])
     l10c_all = np.minimum(0.0, l10s + factor)
     j = int(np.argmin(l10c_all + 1e-9 * np.arange(len(vs))))
