@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -39,7 +40,12 @@ def load_keys(paths: list[str], folder: str | None):
         if not d.is_dir():
             raise AuditError(f"--keys: not a folder: {folder}")
         for p in sorted(d.glob("*.json")):
-            keys.append(load_key(p))
+            try:
+                fmt = json.loads(p.read_text()).get("format")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue  # not a key file
+            if fmt == "wmaudit-key/1":
+                keys.append(load_key(p))
     if not keys:
         raise AuditError("give at least one --key or --keys DIR")
     return keys
