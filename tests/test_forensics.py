@@ -63,6 +63,9 @@ def test_obfuscate_in_compose_and_refusals(fx, tmp_path):
     from auditor.attacks.compose import compose, parse_steps
     from auditor.errors import AuditError
 
+    from auditor.gate.policy import check_steps
+
+    assert check_steps("obfuscate:perm-in+perm-out,quantize:dynamic", "t") == "obfuscate:perm-in+perm-out,quantize:dynamic"
     steps = parse_steps("obfuscate:perm-in+split:3,prune:0.1")
     assert [str(s) for s in steps] == ["obfuscate:perm-in+split:3", "prune:0.1"]
     m = load_model(fx["cnn-small-mean"] / "model.onnx")
@@ -217,4 +220,4 @@ def test_html_report_renders_scan_and_provenance(fx, tmp_path):
     assert rc == 0, err
     html = (tmp_path / "r.html").read_text()
     assert "Forensic scan" in html and "input permutation fitted" in html
-    assert "Provenance" in html and "derived" in html and "classifier.fc1.weight" in html
+    assert "Model provenance test" in html and "derived" in html and "classifier.fc1.weight" in html

@@ -64,6 +64,7 @@ class Variant:
 @dataclass
 class Candidate:
     view: Any                     # auditor.read.layout.TorchView
+    array: Any = None             # its values (float32), read once
     cleaned: Any = None           # canon.Cleaned or None
     notes: list[str] = field(default_factory=list)
 
@@ -91,7 +92,7 @@ def candidates(store, gv) -> list[Candidate]:
         if h in seen:
             continue
         seen[h] = len(out)
-        cand = Candidate(v)
+        cand = Candidate(v, a)
         if v.kind in ("conv", "linear") and v.transform in ("identity", "transpose"):
             lay = gv.layer_of_weight(v.weight.name)
             if lay is not None:
@@ -148,7 +149,7 @@ def mark_variants(mark: WhiteboxMark, cands: list[Candidate], gv, extra: list[Va
     sx = s @ mark.matrix()
     out: list[Variant] = []
     for i, c in enumerate(cands):
-        base = [Variant(np.asarray(c.view.array(), np.float64), i, [])]
+        base = [Variant(np.asarray(c.array, np.float64), i, [])]
         cl = c.cleaned
         if cl is not None and cl.undone:
             base.append(Variant(cl.weight, i, list(cl.undone)))
