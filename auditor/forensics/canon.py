@@ -145,10 +145,11 @@ def neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
     cos = unit @ unit.T
     assigned = np.full(C, -1)
     groups: list[list[tuple[int, float]]] = []
+    eq = (cos >= COS_EQUAL) & ~dummy[None, :]
     for i in range(C):
         if dummy[i] or assigned[i] >= 0:
             continue
-        same = [j for j in range(i, C) if not dummy[j] and assigned[j] < 0 and cos[i, j] >= COS_EQUAL]
+        same = [int(j) for j in np.flatnonzero(eq[i] & (assigned < 0)) if j >= i]
         for j in same:
             assigned[j] = len(groups)
         groups.append([(j, float(rn[j] / rn[i]) if rn[i] > 0 else 1.0) for j in same])
