@@ -221,3 +221,42 @@ def test_html_report_renders_scan_and_provenance(fx, tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert "Forensic scan" in html and "input permutation fitted" in html
     assert "Model provenance test" in html and "derived" in html and "classifier.fc1.weight" in html
+
+
+# ------------------------------------------------------------------ foreign files
+def random_keys_for(path, n: int, seed: int, bits: int = 64):
+    """n random generator keys whose marks have the shapes of the file's conv / linear / RNN weights
+    (mean and flatten alternately): keys fixed without looking at the values."""
+    from auditor.marks.keys import Key, make_mark
+    from auditor.read.layout import torch_views
+    from auditor.read.weights import WeightStore
+
+    views = [v for v in torch_views(WeightStore.open(path))
+             if len(v.shape) >= 2 and v.kind in ("conv", "linear", "rnn") and int(np.prod(v.shape)) >= 64]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        v = views[i % len(views)]
+        red = "mean" if (i // len(views)) % 2 == 0 else "flatten"
+        mk = make_mark(f"w{i}", v.shape, red, rng.integers(0, 2, bits), seed=int(rng.integers(1 << 31)), id=f"r{i}")
+        k = Key([mk], model={"name": "random", "index": i})
+        k.commitment = k.to_json()["commitment"]
+        out.append(k)
+    return out
+
+
+@pytest.mark.parametrize("name", ["ppocr_cls", "silero_vad"])
+def test_scan_third_party_files_random_keys_never_detected(name):
+    """Files nobody marked, 20 random keys of their own weights' shapes each: 0 detections
+    (the full count, 1,000 keys over all five files, is in bench/bench_scan.py)."""
+    import os
+    from pathlib import Path
+
+    from auditor.forensics.scan import scan
+
+    p = Path(os.environ.get("WMAUDIT_DATA", "build/data")) / "thirdparty" / f"{name}.onnx"
+    if not p.is_file():
+        pytest.skip(f"{p} is missing: run `make data`")
+    r = scan(p, random_keys_for(p, 20, seed=1))
+    assert r["detected"] == 0 and len(r["findings"]) == 20
+    assert all(f.get("log10_p_corrected", 0.0) > -6 for f in r["findings"])

@@ -189,7 +189,7 @@ def _refresh(model, lay: ch.Layer) -> ch.Layer:
 
 def apply_one(model: onnx.ModelProto, lay: ch.Layer, step: ObStep, rng: np.random.Generator) -> dict:
     """One step on `model` (in place) for layer `lay`; returns what was done (counts, no secrets)."""
-    if step.kind in ("perm-in", "scale") or step.kind == "perm-in":
+    if step.kind in ("perm-in", "scale"):
         prev = ch.producer(model, lay)
     if step.kind == "perm-in":
         if prev is None:
@@ -285,7 +285,10 @@ def obfuscate(model: onnx.ModelProto, steps: str | list[ObStep], *, layer: str |
     done = []
     for st in steps:
         for w in targets:
-            done.append(apply_one(m, find_layer(m, w), st, rng))
+            lay = find_layer(m, w)
+            if layer is None and st.kind == "perm-in" and ch.producer(m, lay) is None:
+                continue  # every layer: the first one's inputs are the model's, left alone
+            done.append(apply_one(m, lay, st, rng))
     params = {"steps": [str(s) for s in steps], "layers": targets, "seed": int(seed), "done": done}
     notes = [f"{len(done)} obfuscation edits on {len(targets)} layer(s)"]
     if check:
