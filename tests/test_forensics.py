@@ -260,3 +260,20 @@ def test_scan_third_party_files_random_keys_never_detected(name):
     r = scan(p, random_keys_for(p, 20, seed=1))
     assert r["detected"] == 0 and len(r["findings"]) == 20
     assert all(f.get("log10_p_corrected", 0.0) > -6 for f in r["findings"])
+
+
+def test_scan_every_layer_split_and_dummy_then_int8(fx, tmp_path):
+    """Dummy neurons on consecutive layers feed each other (a dummy's column is non-zero only
+    into the next layer's dummies): still removed, and the mark read without the reference
+    after int8."""
+    from auditor.attacks import load_model
+    from auditor.attacks.compose import compose
+    from auditor.data.calibration import Calibration, calibration_data
+
+    m = load_model(fx["cnn-small-mean"] / "model.onnx")
+    r = compose(m, "obfuscate:split:4+dummy:4,quantize:static-qdq-per-channel",
+                Calibration(calibration_data("fashion-mnist", 64, 0)), obfuscate_seed=3)
+    onnx.save_model(r.model, str(tmp_path / "q.onnx"))
+    f = _scan(tmp_path / "q.onnx", [fx["cnn-small-mean"] / "key.json"])["findings"][0]
+    assert f["verdict"] == "detected" and f["matches"] == 256
+    assert any("4 dummy" in u and "(40 -> 32)" in u for u in f["undone"]) and f["found"]["quant"]

@@ -93,14 +93,35 @@ def bn_affine(gv: GraphValues, flow: ch.Flow) -> tuple[np.ndarray, np.ndarray] |
     return f, b - m * f
 
 
-def outgoing(gv: GraphValues, flow: ch.Flow) -> np.ndarray:
-    """C x K matrix: for each output channel, its columns in every next layer, concatenated."""
+def outgoing(gv: GraphValues, flow: ch.Flow, depth: int = 3) -> np.ndarray:
+    """C x K matrix: for each output channel, its columns in every next layer, concatenated,
+    restricted to the next layer's live outputs (a dummy neuron's column may be non-zero where
+    it feeds only other dummy neurons: an attacker adding dummies to consecutive layers)."""
     parts = []
     for c in flow.consumers:
         V = np.moveaxis(gv.value(c.layer.weight), c.layer.in_axis, 0)
+        if depth > 0:
+            live = live_outputs(gv, c.layer, depth - 1)
+            if live is not None and V.ndim >= 2:
+                V = V[:, live]
         blk = V[c.offset: c.offset + flow.channels * c.spatial].reshape(flow.channels, -1)
         parts.append(blk)
     return np.concatenate(parts, axis=1)
+
+
+def live_outputs(gv: GraphValues, lay: ch.Layer, depth: int) -> np.ndarray | None:
+    """Boolean mask of the layer's output channels that reach anything (None: all, or unknown)."""
+    key = (lay.weight, depth)
+    cache = gv.__dict__.setdefault("_live", {})
+    if key not in cache:
+        flow = ch.trace(gv.model, lay, gv.graph)
+        if flow.blocked:
+            cache[key] = None
+        else:
+            cols = outgoing(gv, flow, depth)
+            cn = np.linalg.norm(cols, axis=1)
+            cache[key] = cn > ZERO_REL * max(float(cn.max()) if cn.size else 0.0, 1e-30)
+    return cache[key]
 
 
 @dataclass

@@ -231,7 +231,7 @@ def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAUL
     for key, mark, vs, ref_notes in per_mark:
         findings.append(_judge(key, mark, vs, cands, corr, alpha, ref_notes))
     detected = [f for f in findings if f["verdict"] == stats.DETECTED]
-    best = min((f["log10_p_corrected"] for f in findings), default=0.0)
+    best = min((f.get("log10_p_corrected", 0.0) for f in findings), default=0.0)
     tried = {"keys": len(keys), "marks": len(marks), "candidate_tensors": len(cands),
              "variants": sum(len(vs) for _, _, vs, _ in per_mark),
              "direct_variants": direct, "searched_hypotheses_log10": _log10_sum(searched) if searched else None,
