@@ -163,14 +163,28 @@ def neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
     dummy = cn <= ZERO_REL * max(scale, 1e-30)
     rn = np.linalg.norm(rows, axis=1)
     unit = rows / np.where(rn > 0, rn, 1.0)[:, None]
-    cos = unit @ unit.T
+    # copies lie within sqrt(2 (1 - COS_EQUAL)) of each other on the unit sphere, so within that
+    # distance on a random unit direction: sort by it and verify neighbours only (O(C N), not O(C^2 N))
+    tol = float(np.sqrt(2.0 * (1.0 - COS_EQUAL))) * 1.01
+    direction = np.random.default_rng(0).standard_normal(unit.shape[1])
+    proj = unit @ (direction / np.linalg.norm(direction))
+    order = np.argsort(proj, kind="stable")
+    partners: dict[int, set[int]] = {}
+    for a in range(C):
+        i = int(order[a])
+        for b in range(a + 1, C):
+            j = int(order[b])
+            if proj[j] - proj[i] > tol:
+                break
+            if not dummy[i] and not dummy[j] and float(unit[i] @ unit[j]) >= COS_EQUAL:
+                partners.setdefault(i, set()).add(j)
+                partners.setdefault(j, set()).add(i)
     assigned = np.full(C, -1)
     groups: list[list[tuple[int, float]]] = []
-    eq = (cos >= COS_EQUAL) & ~dummy[None, :]
     for i in range(C):
         if dummy[i] or assigned[i] >= 0:
             continue
-        same = [int(j) for j in np.flatnonzero(eq[i] & (assigned < 0)) if j >= i]
+        same = sorted({i} | {j for j in partners.get(i, ()) if assigned[j] < 0 and j > i})
         for j in same:
             assigned[j] = len(groups)
         groups.append([(j, float(rn[j] / rn[i]) if rn[i] > 0 else 1.0) for j in same])
