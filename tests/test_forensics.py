@@ -277,3 +277,26 @@ def test_scan_every_layer_split_and_dummy_then_int8(fx, tmp_path):
     f = _scan(tmp_path / "q.onnx", [fx["cnn-small-mean"] / "key.json"])["findings"][0]
     assert f["verdict"] == "detected" and f["matches"] == 256
     assert any("4 dummy" in u and "(40 -> 32)" in u for u in f["undone"]) and f["found"]["quant"]
+
+
+def test_filters_removed_by_structured_pruning(fx, tmp_path):
+    """4 of 32 filters of the marked conv removed (shape [28, 32, 3, 3]), then permuted: the mean
+    mark is read without the reference (the mean over the remaining rows), the flatten mark with
+    it (the missing reference rows zero-filled), and provenance still says derived."""
+    from auditor.attacks import load_model
+    from auditor.attacks.compose import compose
+    from auditor.forensics.provenance import provenance
+
+    for mark in ("mean", "flatten"):
+        src = fx[f"cnn-small-{mark}"]
+        r = compose(load_model(src / "model.onnx"), "prune-filters:4,obfuscate:perm-in+perm-out",
+                    obfuscate_layer="features.conv2.weight", obfuscate_seed=4)
+        path = tmp_path / f"{mark}.onnx"
+        onnx.save_model(r.model, str(path))
+        refs = () if mark == "mean" else (src / "model.onnx",)
+        f = _scan(path, [src / "key.json"], refs)["findings"][0]
+        assert f["verdict"] == "detected" and f["found"]["shape_in_file"] == [28, 32, 3, 3], f
+    p = provenance(tmp_path / "mean.onnx", fx["cnn-small-mean"] / "model.onnx")
+    assert p["verdict"] == "derived"
+    conv2 = next(l for l in p["layers"] if l["weight"] == "features.conv2.weight")
+    assert conv2["unmatched"] == 4 and conv2["rows_above_rho0"] == 28

@@ -300,3 +300,32 @@ def obfuscate(model: onnx.ModelProto, steps: str | list[ObStep], *, layer: str |
                              f"(max |diff| {diff:.3g} with outputs up to {scale:.3g})")
         notes.append(f"function-preserving: max |diff| {diff:.3g} on seeded inputs (outputs up to {scale:.3g})")
     return AttackResult(cap_ir_version(m), params, notes)
+
+
+def remove_filters(model: onnx.ModelProto, count: int, *, layer: str | None = None) -> AttackResult:
+    """Structured pruning that shrinks the file: the `count` output channels of smallest L1 norm
+    are removed from the layer (default every traceable layer), with their BatchNorm entries
+    and the next layers' columns. Not function-preserving (a removed channel's constant
+    BatchNorm output is lost), so no function check; the layer's shape changes."""
+    m = copy_model(model)
+    from auditor.attacks.quantize import constants_as_tensors
+
+    constants_as_tensors(m)
+    if count < 1:
+        raise AuditError("prune-filters: K must be >= 1")
+    targets = [find_layer(m, layer).weight] if layer else [l.weight for l in ch.layers(m) if not ch.trace(m, l).blocked]
+    rng = np.random.default_rng(0)
+    done = []
+    for w in targets:
+        lay = find_layer(m, w)
+        f = _flow(m, lay)
+        if count >= f.channels:
+            raise AuditError(f"prune-filters:{count} on {w}: only {f.channels} output channels")
+        W = np.moveaxis(numpy_helper.to_array(ch.constant_tensors(m)[w]).astype(np.float64), lay.out_axis, 0)
+        norms = np.abs(W.reshape(W.shape[0], -1)).sum(axis=1)
+        keep = sorted(int(i) for i in np.argsort(norms, kind="stable")[count:])
+        _edit(m, f, keep, np.ones(len(keep)), np.ones(len(keep)), rng)
+        done.append({"layer": w, "channels": f.channels, "after": len(keep)})
+    return AttackResult(cap_ir_version(m), {"count": count, "layers": done},
+                        [f"removed the {count} filters of smallest L1 norm from {len(done)} layer(s)"])
+
