@@ -24,7 +24,10 @@ Weights are read once (one WeightStore); for each mark the reduced vectors of al
 fitting variants form one matrix R and the projections are one product X R.
 
 Statistics: for each variant, p = P[Bin(T, 1/2) >= k] (the key's projection and bits
-were fixed without looking at this file). The family tried is every (key, mark,
+were fixed without looking at this file). Aligning to a reference uses the owner's model,
+not the key; the reference carries the mark, so for a file unrelated to it the fair-coin
+null after alignment is an assumption: measured, independently trained twins aligned to the
+marked reference stay at 119-140 of 256 matches (best variant) and are never detected. The family tried is every (key, mark,
 candidate, variant), counting a fitted permutation as the number of permutations it
 searched; every finding's p is Bonferroni-corrected by that whole count, m
 (reported with its parts), in log10 where it exceeds a double.
