@@ -27,10 +27,14 @@ Statistics: for each variant, p = P[Bin(T, 1/2) >= k] (the key's projection and 
 were fixed without looking at this file). Aligning to a reference uses the owner's model,
 not the key; the reference carries the mark, so for a file unrelated to it the fair-coin
 null after alignment is an assumption: measured, independently trained twins aligned to the
-marked reference stay at 119-140 of 256 matches (best variant) and are never detected. The family tried is every (key, mark,
-candidate, variant), counting a fitted permutation as the number of permutations it
-searched; every finding's p is Bonferroni-corrected by that whole count, m
-(reported with its parts), in log10 where it exceeds a double.
+marked reference stay at 119-140 of 256 matches (best variant) and are never detected.
+
+Correction for everything tried (every key, mark, candidate and variant): a weighted
+Bonferroni (see `_corrections`): half of alpha is shared by the direct variants (one
+hypothesis each), half by the key-fitted permutation searches, each search's share split
+over every permutation it covers (32! for a 32-channel input permutation). The weights sum
+to one, so the family-wise error rate stays <= alpha. Reported with its parts, in log10
+where it leaves the range of a double.
 """
 from __future__ import annotations
 
