@@ -137,6 +137,15 @@ def test_scan_reports_several_marks_in_one_file(build_fixture, fx):
     assert bits not in out                                        # never the key's bits
 
 
+def test_scan_result_is_deterministic(fx):
+    from auditor import results
+
+    path = fx["forensics-obfuscated"] / "mean" / "all-int8.onnx"
+    keys = [fx["cnn-small-mean"] / "key.json"]
+    refs = (fx["cnn-small-mean"] / "model.onnx",)
+    assert results.dumps(_scan(path, keys, refs)) == results.dumps(_scan(path, keys, refs))
+
+
 def test_scan_exit_codes(fx, tmp_path):
     key = fx["cnn-small-mean"] / "key.json"
     rc, _, _ = _wmaudit("scan", fx["forensics-twins"] / "seed2" / "model.onnx", "--key", key)
@@ -184,6 +193,9 @@ def test_provenance_obfuscated_derived_and_twins_not(fx):
     assert r["calibration"]["false_positives"] == 0 and r["calibration"]["min_log10_p"] > -2
     t = _prov(fx["forensics-obfuscated"] / "twin" / "all.onnx", ref)
     assert t["verdict"] == "not derived" and t["log10_p_combined"] > -2
+    # an independent model's weights do not settle the matching: the activations on probe inputs do
+    assert any(l["matching"].startswith("activations") for l in t["layers"])
+    assert all(l["matching"] != "activations on probe inputs" for l in r["layers"])
 
 
 def test_provenance_cli(fx):
