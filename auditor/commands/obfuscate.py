@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import onnx
 
-    from auditor.attacks import load_model, save
+    from auditor.attacks import load_model
     from auditor.attacks.obfuscate import obfuscate
 
     model = load_model(args.model)
