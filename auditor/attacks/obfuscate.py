@@ -9,10 +9,11 @@ layer whose channels can be traced to their consumers; see auditor.read.channels
   and Concat).
 * ``perm-in``: permute the output channels of the layer feeding it, which permutes
   this layer's input channels.
-* ``scale``: multiply each output channel of the layer, and of the layer feeding
-  it, by a positive factor in [1/4, 4] (log-uniform). A following BatchNorm absorbs
-  it (running mean * s, running var -> s^2 (var + eps) - eps); otherwise the next
-  layers' columns are divided by s (only through positively homogeneous ops).
+* ``scale``: multiply each output channel of the layer by a positive factor in
+  [1/4, 4] (log-uniform), absorbed by a following BatchNorm (running mean * s, running
+  var -> s^2 (var + eps) - eps) or divided out of the next layers' columns; and scale
+  the output of the layer feeding it *after* its BatchNorm (gamma, beta * s), divided
+  out of this layer's input columns (only through positively homogeneous ops).
 * ``split:K``: K output neurons are duplicated; the next layers' columns of a neuron
   are shared as alpha and 1 - alpha (alpha uniform in [0.2, 0.8]); the copies go last.
 * ``dummy:K``: K new neurons with random incoming rows and zero outgoing columns.
@@ -80,15 +81,20 @@ def _set(consts, name: str, arr: np.ndarray) -> None:
 
 
 def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, c: np.ndarray,
-          rng: np.random.Generator, clique: list[int] | None = None) -> None:
+          rng: np.random.Generator, clique: list[int] | None = None, post: bool = False) -> None:
     """Rewrite `flow.layer`'s output channels: new channel j is old channel src[j] (-1 = a new
     neuron) with incoming scale a[j] and outgoing coefficient c[j]; `clique` gives, for new
-    neurons, the pair id (-1 = dummy with zero outgoing columns)."""
+    neurons, the pair id (-1 = dummy with zero outgoing columns). The scale is applied to the
+    rows and absorbed by a following BatchNorm, or, with `post`, applied after the BatchNorm
+    (gamma and beta times a) and divided out of the next layers' columns."""
     consts = ch.constant_tensors(model)
     lay = flow.layer
     W = np.moveaxis(numpy_helper.to_array(consts[lay.weight]).astype(np.float64), lay.out_axis, 0)
     src = np.asarray(src)
     new = src < 0
+    b_scale = np.ones(len(src))            # BatchNorm output scale (post)
+    if post and flow.batchnorms:
+        b_scale, a = a, np.ones(len(src))
     std = float(W.std()) or 1.0
     rows = np.empty((len(src),) + W.shape[1:])
     rows[~new] = W[src[~new]] * a[~new].reshape((-1,) + (1,) * (W.ndim - 1))
@@ -107,18 +113,18 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
         nb = np.zeros(len(src))
         nb[~new] = b[src[~new]] * a[~new]
         _set(consts, lay.bias, nb)
-    absorbed = bool(flow.batchnorms)
+    absorbed = bool(flow.batchnorms) and not post
     for bn in flow.batchnorms:
         eps = float(next((x.f for x in bn.attribute if x.name == "epsilon"), 1e-5))
         g, be, mu, var = (numpy_helper.to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
         s = src[~new]
         ng, nbe, nmu, nvar = np.ones(len(src)), np.zeros(len(src)), np.zeros(len(src)), np.ones(len(src))
-        ng[~new], nbe[~new] = g[s], be[s]
+        ng[~new], nbe[~new] = g[s] * b_scale[~new], be[s] * b_scale[~new]
         nmu[~new] = mu[s] * a[~new]
         nvar[~new] = a[~new] ** 2 * (var[s] + eps) - eps
         for name, arr in zip(bn.input[1:5], (ng, nbe, nmu, nvar)):
             _set(consts, name, arr)
-    if not absorbed and not np.allclose(a, 1.0) and not flow.homogeneous:
+    if not absorbed and not np.allclose(a * b_scale, 1.0) and not flow.homogeneous:
         raise AuditError(f"cannot scale {lay.name}: its channels pass a non-homogeneous activation")
     pair_cols: dict[tuple[int, int], np.ndarray] = {}
     for ci, cons in enumerate(flow.consumers):
@@ -127,7 +133,7 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
         blocks = V[off: off + C * sp].reshape((C, sp) + V.shape[1:])
         vstd = float(blocks.std()) or 1.0
         nblocks = np.zeros((len(src), sp) + V.shape[1:])
-        div = np.ones(len(src)) if absorbed else a
+        div = np.ones(len(src)) if absorbed else a * b_scale
         nblocks[~new] = blocks[src[~new]] * (c[~new] / div[~new]).reshape((-1,) + (1,) * (blocks.ndim - 1))
         for j in np.flatnonzero(new):
             pid = clique[j] if clique is not None else -1
@@ -209,7 +215,7 @@ def apply_one(model: onnx.ModelProto, lay: ch.Layer, step: ObStep, rng: np.rando
         if prev is not None:
             fp = _flow(model, find_layer(model, prev.weight))
             sp = np.exp(rng.uniform(-np.log(SCALE_RANGE), np.log(SCALE_RANGE), fp.channels))
-            _edit(model, fp, list(range(fp.channels)), sp, np.ones(fp.channels), rng)
+            _edit(model, fp, list(range(fp.channels)), sp, np.ones(fp.channels), rng, post=True)
             done["input_side"] = prev.weight
         return done
     k = step.count

@@ -12,6 +12,12 @@ What the algebra gives back (auditor.read.channels finds the layer's neighbours)
   clique and split channels become zero, cancelling or shared input columns of
   this layer, which are dropped or summed (weighted by the copies' factors).
 
+Input-side scales (the feeding layer's output scaled after its BatchNorm, this layer's
+input columns divided by the same factor) leave gamma_c * column_c unchanged: the scanner
+also tries that product (`in_gamma`), which equals the original columns times the
+original gammas (near 1 for many trained networks, but not in general: a heuristic
+variant, paid for like any other).
+
 What it cannot give back (said in every result): a permutation of the output
 channels of the original order (the Uchida `mean` reduction is invariant to it;
 `flatten` is not), a permutation of the input channels (fitted against the key
@@ -212,6 +218,7 @@ class Cleaned:
     in_groups: Groups | None = None
     flow: ch.Flow | None = None
     in_spatial: int = 1
+    in_gamma: np.ndarray | None = None   # |gamma| of the BatchNorm after the feeding layer, per input
     blocked: list[str] = field(default_factory=list)
 
 
@@ -245,6 +252,8 @@ def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
             g = neuron_groups(gv, pflow)
             res.in_groups = g
             res.in_spatial = sp
+            if pflow.batchnorms and sp == 1:
+                res.in_gamma = np.abs(gv.value(pflow.batchnorms[0].input[1]))[g.keep]
             if g.dummies or g.cliques or g.splits:
                 Wv = W.reshape(W.shape[0], pflow.channels, -1) if W.ndim == 2 else W
                 cols = [sum(f * Wv[:, j] for j, f in mem) for mem in g.members]

@@ -167,6 +167,12 @@ def mark_variants(mark: WhiteboxMark, cands: list[Candidate], gv, extra: list[Va
                 un = None
             if un is not None:
                 base.append(Variant(un[0], i, list(cl.undone) + [un[1]], out_fixed=True))
+        if cl is not None and cl.in_gamma is not None:
+            for b in list(base):
+                if b.weight.ndim >= 2 and b.weight.shape[1] == cl.in_gamma.size:
+                    g = cl.in_gamma.reshape((1, -1) + (1,) * (b.weight.ndim - 2))
+                    base.append(Variant(b.weight * g, i, b.undone + [
+                        "input scales canonicalised: columns times the feeding BatchNorm's |gamma|"], out_fixed=b.out_fixed))
         for b in base:
             if not _fits(mark, b.weight.shape):
                 continue
@@ -269,8 +275,9 @@ def _corrections(direct: int, searched: list[float]) -> dict[str, Any]:
 def _limits(cands, references) -> list[str]:
     out = []
     if not references:
-        out.append("without the owner's reference: positive per-channel scales of the input channels, and of the "
-                   "output channels when the key holds no BatchNorm anchors, cannot be undone")
+        out.append("without the owner's reference: positive per-channel scales of the input channels are only "
+                   "canonicalised through the feeding layer's BatchNorm gamma (not once that BatchNorm is folded), "
+                   "and scales of the output channels are undone only with the key's BatchNorm anchors")
     blocked = sorted({b for c in cands if c.cleaned is not None for b in c.cleaned.blocked})
     out.extend(blocked[:8])
     return out
