@@ -299,7 +299,8 @@ def _judge(key, mark, vs, cands, corr, alpha, ref_notes) -> dict[str, Any]:
     factor = np.array([corr["searched"] + v.log10_family if v.log10_family > 0 else corr["direct"] for v in vs])
     l10s = np.array([stats.log10_binom_tail_half(T, int(kk)) for kk in k])
     l10c_all = np.minimum(0.0, l10s + factor)
-    j = int(np.argmin(l10c_all + 1e-9 * np.arange(len(vs))))
+    # ties (often several variants read every bit) go to the one that undid the most
+    j = min(range(len(vs)), key=lambda i: (round(float(l10c_all[i]), 9), -len(vs[i].undone), i))
     v = vs[j]
     y = Y[:, j]
     kk = int(k[j])
