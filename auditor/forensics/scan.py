@@ -300,7 +300,9 @@ def _judge(key, mark, vs, cands, corr, alpha, ref_notes) -> dict[str, Any]:
     l10s = np.array([stats.log10_binom_tail_half(T, int(kk)) for kk in k])
     l10c_all = np.minimum(0.0, l10s + factor)
     # ties (often several variants read every bit) go to the one that undid the most
-    j = min(range(len(vs)), key=lambda i: (round(float(l10c_all[i]), 9), -len(vs[i].undone), i))
+    # (ranked before clipping at p = 1, so a search that paid more than it found does not win)
+    raw = l10s + factor
+    j = min(range(len(vs)), key=lambda i: (round(float(raw[i]), 9), -len(vs[i].undone), i))
     v = vs[j]
     y = Y[:, j]
     kk = int(k[j])
