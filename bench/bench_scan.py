@@ -102,12 +102,13 @@ def main(argv=None) -> int:
         from auditor.forensics.provenance import test
 
         ref = ensure("cnn-small-mean") / "model.onnx"
-        der, obf, tw = ensure("forensics-derived"), ensure("forensics-obfuscated"), ensure("forensics-twins")
+        der, obf = ensure("forensics-derived"), ensure("forensics-obfuscated")
         names = ["perm-in", "all", "all-int8"] if a.quick else ["perm-in", "perm-out", "scale", "split-4", "dummy-4",
                                                                  "clique-4", "all", "all-bnfold", "all-int8"]
         pos_files = [der / f"{n}.onnx" for n in ("finetuned", "pruned50", "int8", "pruned50-int8")] + \
                     [obf / "mean" / f"{n}.onnx" for n in names]
-        neg_files = [tw / "seed1" / "model.onnx", tw / "seed2" / "model.onnx"] + [obf / "twin" / f"{n}.onnx" for n in names]
+        neg_files = [ensure(f"forensics-twin-seed{s}") / "model.onnx" for s in (1, 2)] + \
+                    [obf / "twin" / f"{n}.onnx" for n in names]
         t0 = time.perf_counter()
         pos = [-test(f, ref)["log10_p_combined"] for f in pos_files]
         neg = [-test(f, ref)["log10_p_combined"] for f in neg_files]

@@ -32,7 +32,7 @@ def _wmaudit(*args):
 
 @pytest.fixture(scope="module")
 def fx(build_fixture):
-    return {n: build_fixture(n) for n in ("cnn-small-mean", "cnn-small-flatten", "forensics-twins",
+    return {n: build_fixture(n) for n in ("cnn-small-mean", "cnn-small-flatten", "forensics-twin-seed1",
                                           "forensics-obfuscated", "forensics-derived")}
 
 
@@ -163,7 +163,7 @@ def test_scan_result_is_deterministic(fx):
 
 def test_scan_exit_codes(fx, tmp_path):
     key = fx["cnn-small-mean"] / "key.json"
-    rc, _, _ = _wmaudit("scan", fx["forensics-twins"] / "seed2" / "model.onnx", "--key", key)
+    rc, _, _ = _wmaudit("scan", fx["forensics-twin-seed1"] / "model.onnx", "--key", key)
     assert rc == 1
     rc, _, err = _wmaudit("scan", tmp_path / "missing.onnx", "--key", key)
     assert rc == 2 and err.count("\n") == 1
@@ -202,7 +202,7 @@ def test_provenance_derived_descendants(fx, name):
 
 def test_provenance_obfuscated_derived_and_twins_not(fx):
     ref = fx["cnn-small-mean"] / "model.onnx"
-    nulls = (fx["forensics-twins"] / "seed1" / "model.onnx", fx["forensics-twins"] / "seed2" / "model.onnx")
+    nulls = (fx["forensics-twin-seed1"] / "model.onnx",)   # seed 2 joins in the slow tests
     r = _prov(fx["forensics-obfuscated"] / "mean" / "all-int8.onnx", ref, null_models=nulls)
     assert r["verdict"] == "derived"
     assert r["calibration"]["false_positives"] == 0 and r["calibration"]["min_log10_p"] > -2
@@ -214,7 +214,7 @@ def test_provenance_obfuscated_derived_and_twins_not(fx):
 
 
 def test_provenance_cli(fx):
-    rc, out, err = _wmaudit("provenance", fx["forensics-twins"] / "seed2" / "model.onnx",
+    rc, out, err = _wmaudit("provenance", fx["forensics-twin-seed1"] / "model.onnx",
                             "--reference", fx["cnn-small-mean"] / "model.onnx", "--json")
     assert rc == 1, err
     doc = json.loads(out)
@@ -225,11 +225,12 @@ def test_provenance_cli(fx):
 @pytest.mark.parametrize("path", [f"forensics-derived/{n}.onnx" for n in DERIVED]
                          + [f"forensics-obfuscated/mean/{n}.onnx" for n in OB_FILES]
                          + [f"forensics-obfuscated/twin/{n}.onnx" for n in OB_FILES]
-                         + ["forensics-twins/seed1/model.onnx", "forensics-twins/seed2/model.onnx"])
-def test_provenance_full(fx, path):
-    from fixtures.build import root
-
-    r = _prov(root() / path, fx["cnn-small-mean"] / "model.onnx")
+                         + ["forensics-twin-seed1/model.onnx", "forensics-twin-seed2/model.onnx"])
+def test_provenance_full(fx, build_fixture, path):
+    name, rest = path.split("/", 1)
+    r = _prov(build_fixture(name) / rest, fx["cnn-small-mean"] / "model.onnx",
+              null_models=(build_fixture("forensics-twin-seed2") / "model.onnx",))
+    assert r["calibration"]["false_positives"] == 0
     expect = "not derived" if ("twin" in path) else "derived"
     assert r["verdict"] == expect
 
