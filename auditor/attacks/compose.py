@@ -6,6 +6,11 @@ Step syntax (comma separated, applied left to right):
 * ``quantize:MODE`` (quantize.MODES) -- static modes use the shared calibration
 * ``fp16``, ``int4``
 * ``simulate`` or ``simulate:per-tensor`` / ``simulate:per-channel`` (GRU/RNN int8 round-trip)
+* ``obfuscate:STEPS`` with STEPS joined by ``+`` (``obfuscate:perm-in+perm-out+split:4``):
+  function-preserving obfuscation (auditor.attacks.obfuscate), on the layer given by the
+  option ``obfuscate_layer`` (default: every traceable layer), seeded by ``obfuscate_seed``
+* ``prune-filters:K``: structured pruning that removes the K filters of smallest L1 norm
+  (with their BatchNorm entries and next-layer columns) from ``obfuscate_layer`` or every layer
 
 Options that apply to a kind of step (``calibration`` method, ``reduce_range``,
 ``weight_type``, ``prune_seed``, ...) are passed as keyword arguments.
@@ -18,12 +23,12 @@ from typing import Any
 import onnx
 
 from auditor.errors import AuditError
-from auditor.attacks import AttackResult, precision, prune, quantize, simulate
+from auditor.attacks import AttackResult, obfuscate, precision, prune, quantize, simulate
 
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # prune | quantize | fp16 | int4 | simulate
+    kind: str  # prune | prune-filters | quantize | fp16 | int4 | simulate | obfuscate
     args: tuple[str, ...] = field(default_factory=tuple)
 
     def __str__(self) -> str:
@@ -35,7 +40,15 @@ def parse_steps(spec: str) -> list[Step]:
     steps = []
     for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
         kind, *args = part.split(":")
-        if kind == "prune":
+        if kind == "prune-filters":
+            if len(args) != 1 or not args[0].isdigit() or int(args[0]) < 1:
+                raise AuditError(f"step {part!r}: expected prune-filters:K with K a positive integer")
+        elif kind == "obfuscate":
+            if not args:
+                raise AuditError(f"step {part!r}: expected obfuscate:STEP[+STEP...]")
+            args = [":".join(args)]
+            obfuscate.parse(args[0])
+        elif kind == "prune":
             if len(args) not in (1, 2):
                 raise AuditError(f"step {part!r}: expected prune:RATE[:MODE]")
             try:
@@ -54,7 +67,7 @@ def parse_steps(spec: str) -> list[Step]:
             if len(args) > 1 or (args and args[0] not in simulate.GRANULARITIES):
                 raise AuditError(f"step {part!r}: expected simulate[:per-tensor|per-channel]")
         else:
-            raise AuditError(f"unknown attack step {part!r} (prune, quantize, fp16, int4, simulate)")
+            raise AuditError(f"unknown attack step {part!r} (prune, prune-filters, quantize, fp16, int4, simulate, obfuscate)")
         steps.append(Step(kind, tuple(args)))
     if not steps:
         raise AuditError("no attack steps given")
@@ -78,6 +91,11 @@ def apply_step(model: onnx.ModelProto, step: Step, calibration=None, **options: 
         return precision.to_fp16(model)
     if step.kind == "int4":
         return precision.to_int4(model)
+    if step.kind == "prune-filters":
+        return obfuscate.remove_filters(model, int(step.args[0]), layer=options.get("obfuscate_layer"))
+    if step.kind == "obfuscate":
+        return obfuscate.obfuscate(model, step.args[0], layer=options.get("obfuscate_layer"),
+                                   seed=options.get("obfuscate_seed", 0))
     if step.kind == "simulate":
         return simulate.simulate_int8(model, granularity=step.args[0] if step.args else "per-channel")
     raise AuditError(f"unknown attack step {step}")  # parse_steps prevents this

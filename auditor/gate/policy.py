@@ -65,7 +65,7 @@ BASELINE_ID = "original"
 ATTACK_OPTIONS: dict[str, tuple[type, ...]] = {
     "prune_mode": (str,), "prune_seed": (int,), "reduce_range": (bool,), "weight_type": (str,),
     "pre_process": (bool,), "keep_batchnorm": (bool,), "activation_type": (str,),
-    "calibration_method": (str,),
+    "calibration_method": (str,), "obfuscate_layer": (str,), "obfuscate_seed": (int,),
 }
 
 

@@ -66,6 +66,12 @@ def verdict_of(doc: dict[str, Any]) -> tuple[str, str]:
     v = inner.get("verdict", v)
     if isinstance(v, dict):  # query results: {"verdict": ..., "reason": ..., "p_value": ...}
         inner, v = v, v.get("verdict")
+    if kind == "provenance" and v in ("derived", "not derived"):
+        return ("pass" if v == "derived" else "fail"), (f"provenance: {v} from the reference "
+                                                        f"(combined p 10^{inner.get('log10_p_combined', 0):.1f})")
+    if kind == "scan" and v is not None:
+        n = len(inner.get("findings", []))
+        return ("pass" if v == "detected" else "fail"), f"scan: {inner.get('detected', 0)} of {n} marks detected"
     if v == "detected":
         return "pass", f"{kind}: watermark detected" + (f" ({inner['reason']})" if inner.get("reason") else "")
     if v in ("not detected", "insufficient evidence"):
@@ -346,6 +352,55 @@ def _walk_dicts(x: Any, path: str = "") -> Iterator[tuple[str, Any]]:
             yield from _walk_dicts(v, f"{path}[{i}]")
 
 
+# ------------------------------------------------------------------ forensics
+def _cls(v: str) -> str:
+    return "pass" if v in ("detected", "derived") else "fail"
+
+
+def scan_section(doc: dict[str, Any]) -> str:
+    """Findings of `wmaudit scan`: where each mark was found, what was undone, the corrected p."""
+    r = doc.get("result") or {}
+    t = r.get("tried") or {}
+    rows = []
+    for f in r.get("findings", []):
+        fd = f.get("found") or {}
+        where = (f"{fd.get('weight', '—')} [{fd.get('transform', '')}] {fd.get('shape_in_file', '')} "
+                 f"({fd.get('source', '')})") if fd else "—"
+        rows.append([("", _e(f.get("mark"))), ("mono", _e(str(f.get("key_commitment", ""))[:23] + "…")),
+                     ("", _e((f.get("evidence") or {}).get("kind"))), ("mono", _e(where)),
+                     ("", "<br>".join(_e(u) for u in f.get("undone", []))),
+                     ("", _e(f"{f.get('matches', '—')}/{f.get('n_bits')}")),
+                     ("", _e(fmt_p(f.get("p_value"), f.get("log10_p")) if "p_value" in f else "—")),
+                     ("", _e(fmt_p(f.get("p_corrected"), f.get("log10_p_corrected")) if "p_corrected" in f else "—")),
+                     (_cls(f.get("verdict", "")), _e(f.get("verdict")))])
+    out = [_table(["mark", "key commitment", "evidence", "found", "undone", "bits", "p", "corrected p", "verdict"],
+                  rows)]
+    out.append(f'<p class="note">Tried: {_e(t.get("keys"))} keys, {_e(t.get("marks"))} marks, '
+               f'{_e(t.get("candidate_tensors"))} candidate tensors, {_e(t.get("variants"))} variants. '
+               f'{_e(t.get("correction"))}</p>')
+    lim = r.get("cannot_recover") or []
+    if lim:
+        out.append('<p class="note">Not recoverable here: ' + "; ".join(_e(x) for x in lim) + "</p>")
+    return "\n".join(out)
+
+
+def provenance_section(doc: dict[str, Any]) -> str:
+    """Per-layer tests of `wmaudit provenance`, their Fisher combination and the calibration."""
+    r = doc.get("result") or {}
+    rows = [[("mono", _e(l.get("weight"))), ("", _e(f"{l.get('rows_above_rho0')}/{l.get('rows')}")),
+             ("", _e(f"{l.get('median_r', 0):+.3f}")), ("", _e(fmt_p(l.get("p_value"), l.get("log10_p")))),
+             ("", _e(l.get("matching")))] for l in r.get("layers", [])]
+    out = [_table(["layer", "rows above rho0", "median held-out r", "p (sign test)", "matching"], rows),
+           f'<p class="note">{_e(r.get("null"))}; {_e(r.get("fit"))}. Fisher X² = {r.get("fisher_x2", 0):.1f} '
+           f'(df {_e(r.get("df"))}), combined p {_e(fmt_p(r.get("p_combined"), r.get("log10_p_combined")))}, '
+           f'alpha {_e(r.get("alpha"))}.</p>']
+    cal = r.get("calibration")
+    if cal:
+        out.append(f'<p class="note">False-positive rate measured on {cal["n"]} independently trained models: '
+                   f'{cal["false_positives"]} called derived (smallest combined p 10^{cal["min_log10_p"]:.1f}).</p>')
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------ the page
 def document_section(doc: dict[str, Any], index: int) -> str:
     cls, text = verdict_of(doc)
@@ -358,6 +413,10 @@ def document_section(doc: dict[str, Any], index: int) -> str:
     parts += ["<h3>Provenance</h3>", provenance(doc)]
     if doc.get("kind") == "gate":
         parts += ["<h3>Requirements</h3>", requirements_table(doc)]
+    if doc.get("kind") == "scan":
+        parts += ["<h3>Forensic scan</h3>", scan_section(doc)]
+    if doc.get("kind") == "provenance":
+        parts += ["<h3>Model provenance test</h3>", provenance_section(doc)]
     charts = survival_charts(doc)
     if charts:
         parts += ["<h3>Survival of the mark</h3>", charts]

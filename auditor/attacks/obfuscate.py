@@ -1,0 +1,337 @@
+"""Function-preserving obfuscation: the transformations known to defeat white-box marks
+(Yan et al., USENIX Security 2023; Li et al., IEEE TIFS 2023), on the ONNX graph.
+
+Steps (applied in the order given, to one layer or, without a layer, to every
+layer whose channels can be traced to their consumers; see auditor.read.channels):
+
+* ``perm-out``: permute the layer's output channels (rows, bias, the BatchNorm
+  after it, the input columns of the next layers, through pooling, Flatten/Reshape
+  and Concat).
+* ``perm-in``: permute the output channels of the layer feeding it, which permutes
+  this layer's input channels.
+* ``scale``: multiply each output channel of the layer by a positive factor in
+  [1/4, 4] (log-uniform), absorbed by a following BatchNorm (running mean * s, running
+  var -> s^2 (var + eps) - eps) or divided out of the next layers' columns; and scale
+  the output of the layer feeding it *after* its BatchNorm (gamma, beta * s), divided
+  out of this layer's input columns (only through positively homogeneous ops).
+* ``split:K``: K output neurons are duplicated; the next layers' columns of a neuron
+  are shared as alpha and 1 - alpha (alpha uniform in [0.2, 0.8]); the copies go last.
+* ``dummy:K``: K new neurons with random incoming rows and zero outgoing columns.
+* ``clique:K``: K/2 pairs of new neurons with identical random incoming rows and
+  outgoing columns v and -v (NeuronClique), which cancel.
+
+The result is checked function-preserving before it is returned: the original and
+the obfuscated model run in onnxruntime on seeded standard-normal inputs of the
+model's input shape (dynamic axes = 2); max |difference| must be <= 1e-4 + 1e-4 max |y|.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from auditor.attacks import AttackResult, cap_ir_version, copy_model
+from auditor.errors import AuditError
+from auditor.read import channels as ch
+
+STEPS = ("perm-in", "perm-out", "scale", "split", "dummy", "clique")
+SCALE_RANGE = 4.0
+ATOL, RTOL = 1e-4, 1e-4
+
+
+@dataclass(frozen=True)
+class ObStep:
+    kind: str
+    count: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.count}" if self.kind in ("split", "dummy", "clique") else self.kind
+
+
+def parse(spec: str) -> list[ObStep]:
+    """``perm-in,perm-out,scale,split:4,dummy:4`` (``+`` also separates steps)."""
+    out = []
+    for part in [p.strip() for p in str(spec).replace("+", ",").split(",") if p.strip()]:
+        kind, _, arg = part.partition(":")
+        if kind not in STEPS:
+            raise AuditError(f"unknown obfuscation step {part!r} (one of {', '.join(STEPS)})")
+        if kind in ("split", "dummy", "clique"):
+            try:
+                k = int(arg)
+            except ValueError:
+                raise AuditError(f"step {part!r}: expected {kind}:K with K a positive integer") from None
+            if k < 1 or (kind == "clique" and k % 2):
+                raise AuditError(f"step {part!r}: K must be >= 1" + (" and even" if kind == "clique" else ""))
+            out.append(ObStep(kind, k))
+        else:
+            if arg:
+                raise AuditError(f"step {part!r}: {kind} takes no argument")
+            out.append(ObStep(kind))
+    if not out:
+        raise AuditError("no obfuscation steps given")
+    return out
+
+
+def _set(consts, name: str, arr: np.ndarray) -> None:
+    t = consts[name]
+    dtype = numpy_helper.to_array(t).dtype
+    t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr.astype(dtype)), t.name))
+
+
+def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, c: np.ndarray,
+          rng: np.random.Generator, clique: list[int] | None = None, post: bool = False) -> None:
+    """Rewrite `flow.layer`'s output channels: new channel j is old channel src[j] (-1 = a new
+    neuron) with incoming scale a[j] and outgoing coefficient c[j]; `clique` gives, for new
+    neurons, the pair id (-1 = dummy with zero outgoing columns). The scale is applied to the
+    rows and absorbed by a following BatchNorm, or, with `post`, applied after the BatchNorm
+    (gamma and beta times a) and divided out of the next layers' columns."""
+    consts = ch.constant_tensors(model)
+    lay = flow.layer
+    W = np.moveaxis(numpy_helper.to_array(consts[lay.weight]).astype(np.float64), lay.out_axis, 0)
+    src = np.asarray(src)
+    new = src < 0
+    b_scale = np.ones(len(src))            # BatchNorm output scale (post)
+    if post and flow.batchnorms:
+        b_scale, a = a, np.ones(len(src))
+    std = float(W.std()) or 1.0
+    rows = np.empty((len(src),) + W.shape[1:])
+    rows[~new] = W[src[~new]] * a[~new].reshape((-1,) + (1,) * (W.ndim - 1))
+    pair_rows: dict[int, np.ndarray] = {}
+    for j in np.flatnonzero(new):
+        pid = clique[j] if clique is not None else -1
+        if pid >= 0 and pid in pair_rows:
+            rows[j] = pair_rows[pid]
+        else:
+            rows[j] = rng.standard_normal(W.shape[1:]) * std
+            if pid >= 0:
+                pair_rows[pid] = rows[j]
+    _set(consts, lay.weight, np.moveaxis(rows, 0, lay.out_axis))
+    if lay.bias and lay.bias in consts:
+        b = numpy_helper.to_array(consts[lay.bias]).astype(np.float64)
+        nb = np.zeros(len(src))
+        nb[~new] = b[src[~new]] * a[~new]
+        _set(consts, lay.bias, nb)
+    absorbed = bool(flow.batchnorms) and not post
+    for bn in flow.batchnorms:
+        eps = float(next((x.f for x in bn.attribute if x.name == "epsilon"), 1e-5))
+        g, be, mu, var = (numpy_helper.to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
+        s = src[~new]
+        ng, nbe, nmu, nvar = np.ones(len(src)), np.zeros(len(src)), np.zeros(len(src)), np.ones(len(src))
+        ng[~new], nbe[~new] = g[s] * b_scale[~new], be[s] * b_scale[~new]
+        nmu[~new] = mu[s] * a[~new]
+        nvar[~new] = a[~new] ** 2 * (var[s] + eps) - eps
+        for name, arr in zip(bn.input[1:5], (ng, nbe, nmu, nvar)):
+            _set(consts, name, arr)
+    if not absorbed and not np.allclose(a * b_scale, 1.0) and not flow.homogeneous:
+        raise AuditError(f"cannot scale {lay.name}: its channels pass a non-homogeneous activation")
+    pair_cols: dict[tuple[int, int], np.ndarray] = {}
+    for ci, cons in enumerate(flow.consumers):
+        V = np.moveaxis(numpy_helper.to_array(consts[cons.layer.weight]).astype(np.float64), cons.layer.in_axis, 0)
+        sp, off, C = cons.spatial, cons.offset, flow.channels
+        blocks = V[off: off + C * sp].reshape((C, sp) + V.shape[1:])
+        vstd = float(blocks.std()) or 1.0
+        nblocks = np.zeros((len(src), sp) + V.shape[1:])
+        div = np.ones(len(src)) if absorbed else a * b_scale
+        nblocks[~new] = blocks[src[~new]] * (c[~new] / div[~new]).reshape((-1,) + (1,) * (blocks.ndim - 1))
+        for j in np.flatnonzero(new):
+            pid = clique[j] if clique is not None else -1
+            if pid < 0:
+                continue
+            if (ci, pid) in pair_cols:
+                nblocks[j] = -pair_cols[(ci, pid)]
+            else:
+                nblocks[j] = rng.standard_normal(blocks.shape[1:]) * vstd
+                pair_cols[(ci, pid)] = nblocks[j]
+        NV = np.concatenate([V[:off], nblocks.reshape((-1,) + V.shape[1:]), V[off + C * sp:]], axis=0)
+        _set(consts, cons.layer.weight, np.moveaxis(NV, 0, cons.layer.in_axis))
+    delta = len(src) - flow.channels
+    if delta:
+        for node, flat in flow.reshapes:
+            sp = next(cc.spatial for cc in flow.consumers)
+            if not _resize_reshape(model, node, flat, flat + delta * sp):
+                raise AuditError(f"cannot update the target shape of Reshape {node.name} "
+                                 f"(no constant holding {flat} on its shape input)")
+    del model.graph.value_info[:]  # shapes changed; onnxruntime infers them again
+
+
+def _resize_reshape(model: onnx.ModelProto, node: onnx.NodeProto, old: int, new: int) -> bool:
+    g = ch._Graph(model)
+    frontier, found = [node.input[1]], False
+    for _ in range(8):
+        nxt = []
+        for t in frontier:
+            if t in g.consts:
+                arr = numpy_helper.to_array(g.consts[t])
+                if arr.dtype.kind == "i" and (arr == old).any():
+                    _set(g.consts, t, np.where(arr == old, new, arr))
+                    found = True
+            elif t in g.producer:
+                nxt.extend(x for x in g.producer[t][1].input if x)
+        frontier = nxt
+    return found
+
+
+def find_layer(model: onnx.ModelProto, name: str) -> ch.Layer:
+    cands = ch.layers(model)
+    for lay in cands:
+        if name in (lay.node.name, lay.weight, lay.node.output[0]) or lay.weight == name + ".weight":
+            return lay
+    raise AuditError(f"no Conv/Gemm/MatMul with a constant weight named {name!r} "
+                     f"(layers: {', '.join(l.weight for l in cands[:12])})")
+
+
+def _flow(model, lay: ch.Layer) -> ch.Flow:
+    f = ch.trace(model, lay)
+    if f.blocked:
+        raise AuditError(f"cannot obfuscate {lay.weight}: {f.blocked}")
+    return f
+
+
+def _refresh(model, lay: ch.Layer) -> ch.Layer:
+    return find_layer(model, lay.weight)
+
+
+def apply_one(model: onnx.ModelProto, lay: ch.Layer, step: ObStep, rng: np.random.Generator) -> dict:
+    """One step on `model` (in place) for layer `lay`; returns what was done (counts, no secrets)."""
+    if step.kind in ("perm-in", "scale"):
+        prev = ch.producer(model, lay)
+    if step.kind == "perm-in":
+        if prev is None:
+            raise AuditError(f"perm-in on {lay.weight}: no layer feeds its input channels")
+        f = _flow(model, prev)
+        _edit(model, f, list(rng.permutation(f.channels)), np.ones(f.channels), np.ones(f.channels), rng)
+        return {"step": str(step), "layer": lay.weight, "via": prev.weight, "channels": f.channels}
+    f = _flow(model, lay)
+    C = f.channels
+    if step.kind == "perm-out":
+        _edit(model, f, list(rng.permutation(C)), np.ones(C), np.ones(C), rng)
+        return {"step": str(step), "layer": lay.weight, "channels": C}
+    if step.kind == "scale":
+        s = np.exp(rng.uniform(-np.log(SCALE_RANGE), np.log(SCALE_RANGE), C))
+        _edit(model, f, list(range(C)), s, np.ones(C), rng)
+        done = {"step": str(step), "layer": lay.weight, "channels": C, "scale_range": [1 / SCALE_RANGE, SCALE_RANGE]}
+        if prev is not None:
+            fp = _flow(model, find_layer(model, prev.weight))
+            sp = np.exp(rng.uniform(-np.log(SCALE_RANGE), np.log(SCALE_RANGE), fp.channels))
+            _edit(model, fp, list(range(fp.channels)), sp, np.ones(fp.channels), rng, post=True)
+            done["input_side"] = prev.weight
+        return done
+    k = step.count
+    if step.kind == "split":
+        if k > C:
+            raise AuditError(f"split:{k} on {lay.weight}: only {C} output channels")
+        chosen = rng.choice(C, size=k, replace=False)
+        alpha = rng.uniform(0.2, 0.8, size=k)
+        c = np.ones(C + k)
+        c[chosen] = alpha
+        c[C:] = 1 - alpha
+        _edit(model, f, list(range(C)) + [int(x) for x in chosen], np.ones(C + k), c, rng)
+        return {"step": str(step), "layer": lay.weight, "channels": C, "after": C + k}
+    clique = None
+    if step.kind == "clique":
+        clique = [-1] * C + [i // 2 for i in range(k)]
+    _edit(model, f, list(range(C)) + [-1] * k, np.ones(C + k), np.ones(C + k), rng, clique)
+    return {"step": str(step), "layer": lay.weight, "channels": C, "after": C + k}
+
+
+def _inputs(model: onnx.ModelProto, seed: int, batch: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in t.shape.dim]
+        if t.elem_type != onnx.TensorProto.FLOAT:
+            raise AuditError(f"function check needs float inputs; input {vi.name!r} is not float32")
+        feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def function_diff(a: onnx.ModelProto, b: onnx.ModelProto, seed: int = 0) -> tuple[float, float]:
+    """(max |y_a - y_b|, max |y_a|) over every output, onnxruntime CPU, seeded inputs."""
+    import onnxruntime as ort
+
+    feeds = _inputs(a, seed)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    outs = []
+    for m in (a, b):
+        try:
+            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise AuditError(f"onnxruntime cannot load the {'obfuscated' if m is b else 'original'} model: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        outs.append(sess.run(None, feeds))
+    diff = max(float(np.max(np.abs(x.astype(np.float64) - y))) for x, y in zip(*outs))
+    scale = max(float(np.max(np.abs(x))) for x in outs[0])
+    return diff, scale
+
+
+def obfuscate(model: onnx.ModelProto, steps: str | list[ObStep], *, layer: str | None = None,
+              seed: int = 0, check: bool = True) -> AttackResult:
+    """Apply obfuscation steps to a copy of `model`; refuses (AuditError) unless function-preserving."""
+    if isinstance(steps, str):
+        steps = parse(steps)
+    m = copy_model(model)
+    from auditor.attacks.quantize import constants_as_tensors
+
+    constants_as_tensors(m)  # value_ints Constants (Reshape targets) become rewritable tensors
+    rng = np.random.default_rng(seed)
+    if layer is not None:
+        targets = [find_layer(m, layer).weight]
+    else:
+        targets = [lay.weight for lay in ch.layers(m) if not ch.trace(m, lay).blocked]
+        if not targets:
+            raise AuditError("no layer whose output channels can be traced to the next layer")
+    done = []
+    for st in steps:
+        for w in targets:
+            lay = find_layer(m, w)
+            if layer is None and st.kind == "perm-in" and ch.producer(m, lay) is None:
+                continue  # every layer: the first one's inputs are the model's, left alone
+            done.append(apply_one(m, lay, st, rng))
+    params = {"steps": [str(s) for s in steps], "layers": targets, "seed": int(seed), "done": done}
+    notes = [f"{len(done)} obfuscation edits on {len(targets)} layer(s)"]
+    if check:
+        diff, scale = function_diff(model, m, seed)
+        params["max_abs_diff"] = diff
+        params["output_max_abs"] = scale
+        if not diff <= ATOL + RTOL * scale:
+            raise AuditError(f"obfuscation is not function-preserving on this model "
+                             f"(max |diff| {diff:.3g} with outputs up to {scale:.3g})")
+        notes.append(f"function-preserving: max |diff| {diff:.3g} on seeded inputs (outputs up to {scale:.3g})")
+    return AttackResult(cap_ir_version(m), params, notes)
+
+
+def remove_filters(model: onnx.ModelProto, count: int, *, layer: str | None = None) -> AttackResult:
+    """Structured pruning that shrinks the file: the `count` output channels of smallest L1 norm
+    are removed from the layer (default every traceable layer), with their BatchNorm entries
+    and the next layers' columns. Not function-preserving (a removed channel's constant
+    BatchNorm output is lost), so no function check; the layer's shape changes."""
+    m = copy_model(model)
+    from auditor.attacks.quantize import constants_as_tensors
+
+    constants_as_tensors(m)
+    if count < 1:
+        raise AuditError("prune-filters: K must be >= 1")
+    targets = [find_layer(m, layer).weight] if layer else [l.weight for l in ch.layers(m) if not ch.trace(m, l).blocked]
+    rng = np.random.default_rng(0)
+    done = []
+    for w in targets:
+        lay = find_layer(m, w)
+        f = _flow(m, lay)
+        if count >= f.channels:
+            raise AuditError(f"prune-filters:{count} on {w}: only {f.channels} output channels")
+        W = np.moveaxis(numpy_helper.to_array(ch.constant_tensors(m)[w]).astype(np.float64), lay.out_axis, 0)
+        norms = np.abs(W.reshape(W.shape[0], -1)).sum(axis=1)
+        keep = sorted(int(i) for i in np.argsort(norms, kind="stable")[count:])
+        _edit(m, f, keep, np.ones(len(keep)), np.ones(len(keep)), rng)
+        done.append({"layer": w, "channels": f.channels, "after": len(keep)})
+    return AttackResult(cap_ir_version(m), {"count": count, "layers": done},
+                        [f"removed the {count} filters of smallest L1 norm from {len(done)} layer(s)"])
+

@@ -1,0 +1,103 @@
+"""wmaudit scan: every mark of every key against every weight of a file of unknown history."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from auditor import results
+from auditor.commands import _types
+from auditor.errors import AuditError
+from auditor.marks import stats
+from auditor.report import fmt_p
+
+HELP = "forensic scan: every mark of every key against every weight, undoing obfuscation"
+DESCRIPTION = """Scan MODEL for every white-box mark of every key (--key, repeatable; --keys DIR for every
+*.json key in a folder), with no manifest and no names: every weight view is a candidate, after
+undoing dummy / clique / split neurons, per-channel scales (with the key's BatchNorm anchors)
+and permutations (fitted to the key, or aligned to the owner's --reference models). Every
+p-value is Bonferroni-corrected for everything tried. Exit 0 when a mark is detected, 1 when
+none, 2 on error."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--key", action="append", default=[], help="key file (repeatable)")
+    p.add_argument("--keys", help="folder of key files (every *.json that is a wmaudit key)")
+    p.add_argument("--reference", action="append", default=[], help="owner's reference ONNX model (repeatable)")
+    p.add_argument("--alpha", type=_types.alpha, default=stats.DEFAULT_ALPHA, help="detection threshold (default 1e-6)")
+    p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
+    p.add_argument("-o", "--output", help="also write the result JSON to this file")
+
+
+def load_keys(paths: list[str], folder: str | None):
+    from auditor.marks.keys import load_key
+
+    keys = [load_key(p) for p in paths]
+    if folder:
+        d = Path(folder)
+        if not d.is_dir():
+            raise AuditError(f"--keys: not a folder: {folder}")
+        for p in sorted(d.glob("*.json")):
+            try:
+                fmt = json.loads(p.read_text()).get("format")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue  # not a key file
+            if fmt == "wmaudit-key/1":
+                keys.append(load_key(p))
+    if not keys:
+        raise AuditError("give at least one --key or --keys DIR")
+    return keys
+
+
+def run(args) -> int:
+    from auditor.forensics.scan import scan
+
+    keys = load_keys(args.key, args.keys)
+    for r in args.reference:
+        if not Path(r).is_file():
+            raise AuditError(f"reference model not found: {r}")
+    body = scan(args.model, keys, references=tuple(args.reference), alpha=args.alpha)
+    doc = results.envelope("scan", model_path=args.model, key_commitments=[k.commitment for k in keys],
+                           references=[{"path": r, "sha256": results.file_sha256(r)} for r in args.reference],
+                           result=body)
+    if args.output:
+        results.write_result(args.output, doc)
+    if args.json:
+        sys.stdout.write(results.dumps(doc))
+    else:
+        print(render(doc))
+    return 0 if body["verdict"] == stats.DETECTED else 1
+
+
+def render(doc: dict) -> str:
+    r = doc["result"]
+    t = r["tried"]
+    lines = [f"model  {doc['model']['path']}  ({doc['model']['sha256'][:19]}…)",
+             f"tried  {t['keys']} keys, {t['marks']} marks, {t['candidate_tensors']} candidate tensors, "
+             f"{t['variants']} variants",
+             f"       {t['correction']}"]
+    for f in r["findings"]:
+        lines.append("")
+        lines.append(f"mark {f['mark']} (key {f['key_commitment'][:19]}…): {f['param']} {f['shape']} "
+                     f"reduce={f['reduce']}, {f['n_bits']} bits; evidence: {f['evidence'].get('kind')}")
+        if "matches" in f:
+            fd = f["found"]
+            lines.append(f"  found     {fd['weight']} [{fd['transform']}] {fd['shape_in_file']} "
+                         f"({fd['location']}, {fd['stored_dtype']}{', ' + fd['quant'] if fd.get('quant') else ''}; "
+                         f"{fd['source']})")
+            for u in f["undone"]:
+                lines.append(f"  undone    {u}")
+            lines.append(f"  bits      {f['matches']}/{f['n_bits']}  BER {f['ber']:.4f}  p {fmt_p(f['p_value'], f['log10_p'])}"
+                         f"  corrected p {fmt_p(f['p_corrected'], f['log10_p_corrected'])}")
+            lines.append(f"  margin    |x.w| min {f['margin_min']:.4g} median {f['margin_median']:.4g}  "
+                         f"signed min {f['signed_margin_min']:.4g}")
+        for n in f.get("notes", []):
+            lines.append(f"  note      {n}")
+        lines.append(f"  verdict   {f['verdict']} ({f['reason']})")
+    for c in r.get("cannot_recover", []):
+        lines.append(f"limit  {c}")
+    lines.append("")
+    lines.append(f"VERDICT: {r['verdict'].upper()} ({r['detected']} of {len(r['findings'])} marks detected)")
+    return "\n".join(lines)

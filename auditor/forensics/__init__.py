@@ -1,0 +1,1 @@
+"""Forensics: undoing obfuscation (canon, align), scanning a file with many keys (scan), provenance tests."""

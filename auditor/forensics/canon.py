@@ -1,0 +1,302 @@
+"""Undo function-preserving transformations of one layer without the owner's model.
+
+What the algebra gives back (auditor.read.channels finds the layer's neighbours):
+
+* dummy neurons: output channels whose outgoing columns (in every next layer) are
+  zero are removed;
+* NeuronClique: output channels with identical incoming rows (after the
+  BatchNorm that follows, if any) whose outgoing columns cancel are removed;
+* neuron split: output channels with identical incoming rows (up to a positive
+  factor) are merged into one, keeping the first copy;
+* the same on the layer's input side, through the layer feeding it: its dummy,
+  clique and split channels become zero, cancelling or shared input columns of
+  this layer, which are dropped or summed (weighted by the copies' factors).
+
+Input-side scales (the feeding layer's output scaled after its BatchNorm, this layer's
+input columns divided by the same factor) leave gamma_c * column_c unchanged: the scanner
+also tries that product (`in_gamma`), which equals the original columns times the
+original gammas (near 1 for many trained networks, but not in general: a heuristic
+variant, paid for like any other).
+
+What it cannot give back (said in every result): a permutation of the output
+channels of the original order (the Uchida `mean` reduction is invariant to it;
+`flatten` is not), a permutation of the input channels (fitted against the key
+by the scanner, and paid for in its Bonferroni count), positive per-channel scales
+(recoverable from the key's BatchNorm anchors, see `anchor_unfold`; otherwise
+only with the owner's reference model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from auditor.read import channels as ch
+
+COS_EQUAL = 1.0 - 1e-5     # rows this close in cosine are copies of one neuron
+ZERO_REL = 1e-6            # outgoing columns this small (relative) are zero
+
+
+class GraphValues:
+    """Values of graph tensors through a WeightStore (dequantized float), by graph tensor name."""
+
+    def __init__(self, store):
+        self.store = store
+        self.model = store.model
+        self.graph = ch._Graph(store.model)
+        self._alias: dict[str, str] = {}
+        for w in store.weights:
+            for op, node_name, idx in w.uses:
+                try:
+                    node = store.node(node_name)
+                except Exception:  # a use inside a subgraph: not traced
+                    continue
+                if idx < len(node.input):
+                    self._alias.setdefault(node.input[idx], w.name)
+            self._alias.setdefault(w.name, w.name)
+            self._alias.setdefault(w.stored_name, w.name)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def value(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            if name in self._alias:
+                v = self.store.array(self._alias[name])
+            else:
+                v = self.graph.value(name)
+                if v is None:
+                    p = self.graph.producer.get(name)
+                    if p is not None and p[1].op_type == "DequantizeLinear":
+                        v = self.store.array(self._alias.get(p[1].input[0], p[1].input[0]))
+                if v is None:
+                    raise KeyError(name)
+            self._cache[name] = np.asarray(v, dtype=np.float64)
+        return self._cache[name]
+
+    def weight_name(self, graph_tensor: str) -> str | None:
+        return self._alias.get(graph_tensor)
+
+    def layer_of_weight(self, weight_name: str) -> ch.Layer | None:
+        for lay in ch.layers(self.model, self.graph):
+            if self._alias.get(lay.weight) == weight_name or lay.weight == weight_name:
+                return lay
+        return None
+
+
+def torch_rows(gv: GraphValues, lay: ch.Layer) -> np.ndarray:
+    """The layer's weight in torch layout (output channels first), float64."""
+    w = gv.value(lay.weight)
+    return np.moveaxis(w, lay.out_axis, 0) if lay.out_axis else w
+
+
+def bn_affine(gv: GraphValues, flow: ch.Flow) -> tuple[np.ndarray, np.ndarray] | None:
+    """(factor, shift) of the first BatchNorm after the layer: y = factor * x + shift."""
+    if not flow.batchnorms:
+        return None
+    bn = flow.batchnorms[0]
+    eps = float(next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5))
+    g, b, m, v = (gv.value(t) for t in bn.input[1:5])
+    f = g / np.sqrt(v + eps)
+    return f, b - m * f
+
+
+def outgoing(gv: GraphValues, flow: ch.Flow, depth: int = 3) -> np.ndarray:
+    """C x K matrix: for each output channel, its columns in every next layer, concatenated,
+    restricted to the next layer's live outputs (a dummy neuron's column may be non-zero where
+    it feeds only other dummy neurons: an attacker adding dummies to consecutive layers)."""
+    parts = []
+    for c in flow.consumers:
+        V = np.moveaxis(gv.value(c.layer.weight), c.layer.in_axis, 0)
+        if depth > 0:
+            live = live_outputs(gv, c.layer, depth - 1)
+            if live is not None and V.ndim >= 2:
+                V = V[:, live]
+        blk = V[c.offset: c.offset + flow.channels * c.spatial].reshape(flow.channels, -1)
+        parts.append(blk)
+    return np.concatenate(parts, axis=1)
+
+
+def live_outputs(gv: GraphValues, lay: ch.Layer, depth: int) -> np.ndarray | None:
+    """Boolean mask of the layer's output channels that reach anything (None: all, or unknown)."""
+    key = (lay.weight, depth)
+    cache = gv.__dict__.setdefault("_live", {})
+    if key not in cache:
+        flow = ch.trace(gv.model, lay, gv.graph)
+        if flow.blocked:
+            cache[key] = None
+        else:
+            cols = outgoing(gv, flow, depth)
+            cn = np.linalg.norm(cols, axis=1)
+            cache[key] = cn > ZERO_REL * max(float(cn.max()) if cn.size else 0.0, 1e-30)
+    return cache[key]
+
+
+@dataclass
+class Groups:
+    """Output channels of a layer as neurons: keep[i] = representative channel of neuron i,
+    members[i] = [(channel, factor)] whose activations are factor * the representative's."""
+
+    keep: list[int]
+    members: list[list[tuple[int, float]]]
+    dummies: int = 0
+    cliques: int = 0
+    splits: int = 0
+    channels: int = 0
+
+
+def effective_rows(gv: GraphValues, flow: ch.Flow) -> np.ndarray:
+    """Incoming rows as the next layers see them: W * BN factor, with the BN shift and bias."""
+    W = torch_rows(gv, flow.layer).reshape(flow.channels, -1)
+    bias = np.zeros(flow.channels)
+    if flow.layer.bias and gv.graph.is_const(flow.layer.bias):
+        try:
+            bias = gv.value(flow.layer.bias).reshape(-1)
+        except KeyError:
+            pass
+    aff = bn_affine(gv, flow)
+    if aff is None:
+        return np.concatenate([W, bias[:, None]], axis=1)
+    f, sh = aff
+    return np.concatenate([W * f[:, None], (bias * f + sh)[:, None]], axis=1)
+
+
+def neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
+    """Dummy, clique and split neurons of a layer, from its rows and next-layer columns."""
+    C = flow.channels
+    rows = effective_rows(gv, flow)
+    cols = outgoing(gv, flow)
+    cn = np.linalg.norm(cols, axis=1)
+    scale = float(cn.max()) if cn.size else 0.0
+    dummy = cn <= ZERO_REL * max(scale, 1e-30)
+    rn = np.linalg.norm(rows, axis=1)
+    unit = rows / np.where(rn > 0, rn, 1.0)[:, None]
+    # copies lie within sqrt(2 (1 - COS_EQUAL)) of each other on the unit sphere, so within that
+    # distance on a random unit direction: sort by it and verify neighbours only (O(C N), not O(C^2 N))
+    tol = float(np.sqrt(2.0 * (1.0 - COS_EQUAL))) * 1.01
+    direction = np.random.default_rng(0).standard_normal(unit.shape[1])
+    proj = unit @ (direction / np.linalg.norm(direction))
+    order = np.argsort(proj, kind="stable")
+    partners: dict[int, set[int]] = {}
+    for a in range(C):
+        i = int(order[a])
+        for b in range(a + 1, C):
+            j = int(order[b])
+            if proj[j] - proj[i] > tol:
+                break
+            if not dummy[i] and not dummy[j] and float(unit[i] @ unit[j]) >= COS_EQUAL:
+                partners.setdefault(i, set()).add(j)
+                partners.setdefault(j, set()).add(i)
+    assigned = np.full(C, -1)
+    groups: list[list[tuple[int, float]]] = []
+    for i in range(C):
+        if dummy[i] or assigned[i] >= 0:
+            continue
+        same = sorted({i} | {j for j in partners.get(i, ()) if assigned[j] < 0 and j > i})
+        for j in same:
+            assigned[j] = len(groups)
+        groups.append([(j, float(rn[j] / rn[i]) if rn[i] > 0 else 1.0) for j in same])
+    out = Groups([], [], dummies=int(dummy.sum()), channels=C)
+    for g in groups:
+        merged = sum(f * cols[j] for j, f in g)
+        total = sum(abs(f) * cn[j] for j, f in g)
+        if len(g) > 1 and np.linalg.norm(merged) <= 1e-4 * max(total, 1e-30):
+            out.cliques += len(g)
+            continue
+        out.splits += len(g) - 1
+        out.keep.append(g[0][0])
+        out.members.append(g)
+    return out
+
+
+@dataclass
+class Cleaned:
+    """A layer's weight (torch layout) with dummy / clique / split neurons undone on both sides."""
+
+    weight: np.ndarray
+    layer: ch.Layer | None
+    undone: list[str] = field(default_factory=list)
+    out_groups: Groups | None = None
+    in_groups: Groups | None = None
+    flow: ch.Flow | None = None
+    in_spatial: int = 1
+    in_gamma: np.ndarray | None = None   # |gamma| of the BatchNorm after the feeding layer, per input
+    blocked: list[str] = field(default_factory=list)
+
+
+def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
+    """Remove dummy / clique neurons and merge split neurons of `lay` (outputs) and of the
+    layer feeding it (this layer's inputs)."""
+    W = torch_rows(gv, lay)
+    res = Cleaned(W, lay)
+    flow = ch.trace(gv.model, lay, gv.graph)
+    res.flow = flow
+    if flow.blocked:
+        res.blocked.append(f"output side: {flow.blocked}")
+    else:
+        g = neuron_groups(gv, flow)
+        res.out_groups = g
+        if g.dummies or g.cliques or g.splits:
+            W = W[g.keep]
+            res.undone.append(f"output neurons: {g.dummies} dummy and {g.cliques} clique removed, "
+                              f"{g.splits} split copies merged ({g.channels} -> {len(g.keep)})")
+    prev = ch.producer(gv.model, lay, gv.graph)
+    if prev is None:
+        res.blocked.append("input side: no layer feeds this layer's input channels")
+    else:
+        pflow = ch.trace(gv.model, prev, gv.graph)
+        cons = [c for c in pflow.consumers if c.layer.node is lay.node]
+        sp = cons[0].spatial if len(cons) == 1 else 0
+        if pflow.blocked or len(cons) != 1 or cons[0].offset != 0 or W.shape[1] != pflow.channels * (
+                sp if W.ndim == 2 else 1):
+            res.blocked.append(f"input side: channels of {prev.name} do not map one-to-one onto this layer's inputs")
+        else:
+            g = neuron_groups(gv, pflow)
+            res.in_groups = g
+            res.in_spatial = sp
+            if pflow.batchnorms and sp == 1:
+                res.in_gamma = np.abs(gv.value(pflow.batchnorms[0].input[1]))[g.keep]
+            if g.dummies or g.cliques or g.splits:
+                Wv = W.reshape(W.shape[0], pflow.channels, -1) if W.ndim == 2 else W
+                cols = [sum(f * Wv[:, j] for j, f in mem) for mem in g.members]
+                W = np.stack(cols, axis=1)
+                if Wv is not W and W.ndim == 3 and len(res.weight.shape) == 2:
+                    W = W.reshape(W.shape[0], -1)
+                res.undone.append(f"input neurons (via {prev.name}): {g.dummies} dummy and {g.cliques} clique "
+                                  f"removed, {g.splits} split copies merged ({g.channels} -> {len(g.keep)})")
+    res.weight = W
+    return res
+
+
+def anchor_unfold(gv: GraphValues, cleaned: Cleaned, anchors: dict) -> tuple[np.ndarray, str] | None:
+    """Undo positive per-channel scales (and BN folding) of the output channels with the key's
+    BatchNorm anchors, matching channels by what scaling leaves invariant: (gamma, beta) of a
+    kept BatchNorm, or the folded shift beta - mean * gamma / sqrt(var + eps) when folded.
+    Returns (weight, how) or None when the anchors do not fit."""
+    from scipy.optimize import linear_sum_assignment
+
+    g0 = np.asarray(anchors["gamma"], float)
+    b0 = np.asarray(anchors["beta"], float)
+    f0 = g0 / np.sqrt(np.asarray(anchors["running_var"], float) + float(anchors["eps"]))
+    sh0 = b0 - np.asarray(anchors["running_mean"], float) * f0
+    W = cleaned.weight
+    flow = cleaned.flow
+    if flow is None or flow.blocked or W.shape[0] != g0.size:
+        return None
+    keep = cleaned.out_groups.keep if cleaned.out_groups else list(range(flow.channels))
+    rows_eff = effective_rows(gv, flow)[keep]
+    eff = rows_eff[:, :-1].reshape(W.shape)
+    if flow.batchnorms:
+        bn = flow.batchnorms[0]
+        g1 = gv.value(bn.input[1])[keep]
+        b1 = gv.value(bn.input[2])[keep]
+        cost = np.abs(g1[:, None] - g0[None, :]) + np.abs(b1[:, None] - b0[None, :])
+        how = "BatchNorm kept: channels matched to the key's anchors by (gamma, beta)"
+    else:
+        sh1 = rows_eff[:, -1]
+        cost = np.abs(sh1[:, None] - sh0[None, :])
+        how = "BatchNorm folded: channels matched to the key's anchors by the folded shift"
+    r, c = linear_sum_assignment(cost)
+    if float(cost[r, c].max()) > 1e-3 * (1.0 + float(np.abs(cost).max())):
+        return None  # the anchors do not describe this layer
+    out = np.empty_like(W)
+    out[c] = eff[r] / f0[c].reshape((-1,) + (1,) * (W.ndim - 1))
+    return out, how + "; per-channel scale undone with the anchors"

@@ -1,0 +1,278 @@
+"""Where a layer's output channels go: the channel flow through an ONNX graph.
+
+A function-preserving transformation of a layer (permuting, scaling,
+splitting or adding output neurons) must change the layer's rows *and*
+everything downstream that indexes the same channels: the BatchNormalization
+after it, and the input columns of the next layers, possibly after pooling
+and a Flatten/Reshape into a Gemm/MatMul (each channel is then a block of
+H*W features) or a Concat (each channel at an offset). Undoing such a
+transformation needs the same picture. `layers(model)` lists the layers
+(Conv, Gemm, MatMul with a constant weight); `trace(model, layer)` follows
+the layer's output channels to the consumers; `producer(model, layer)` is the
+layer whose output channels are this layer's input channels.
+
+Main graph only. Ops passed through: BatchNormalization (per-channel
+parameters), activations (ReLU-like ones are positively homogeneous, so a
+positive per-channel scale passes through them), pooling, Identity, Dropout,
+Flatten/Reshape, Concat (axis 1). A residual Add (or any other op mixing
+channels of two tensors) ends the trace with a reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["Layer", "Consumer", "Flow", "layers", "trace", "producer", "constant_tensors", "HOMOGENEOUS"]
+
+# Positively homogeneous: f(s x) = s f(x) for s > 0 (a per-channel scale passes through).
+HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
+                         "GlobalMaxPool", "Identity", "Dropout"})
+# Per-channel, but not homogeneous (a permutation or duplicate passes, a scale does not).
+ELEMENTWISE = frozenset({"Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish",
+                         "Clip", "Silu", "Mish"})
+_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Main-graph initializers and Constant-node tensors by name (the caller may rewrite them)."""
+    out: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    out.setdefault(n.output[0], a.t)
+    return out
+
+
+@dataclass
+class Layer:
+    """A Conv / Gemm / MatMul with a constant weight.
+
+    out_axis / in_axis: axes of the stored (ONNX-layout) weight that index output
+    and input channels (Conv [O, I, k..]: 0 / 1; Gemm transB=1 [O, I]: 0 / 1;
+    Gemm transB=0 and MatMul [I, O]: 1 / 0)."""
+
+    node: onnx.NodeProto
+    index: int
+    weight: str
+    bias: str | None
+    out_axis: int
+    in_axis: int
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.output[0]
+
+    @property
+    def op(self) -> str:
+        return self.node.op_type
+
+
+@dataclass
+class Consumer:
+    """A layer reading the traced channels: channel c is its input block
+    [offset + c*spatial, offset + (c+1)*spatial) along its in_axis."""
+
+    layer: Layer
+    spatial: int = 1
+    offset: int = 0
+
+
+@dataclass
+class Flow:
+    layer: Layer
+    channels: int
+    batchnorms: list[onnx.NodeProto] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    reshapes: list[tuple[onnx.NodeProto, int]] = field(default_factory=list)  # (Reshape, flat size before)
+    homogeneous: bool = True        # only positively homogeneous ops between layer and consumers
+    ops: list[str] = field(default_factory=list)
+    blocked: str | None = None      # why the trace could not be completed (None = complete)
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.consts = constant_tensors(model)
+        self.producer: dict[str, tuple[int, onnx.NodeProto]] = {}
+        self.consumers: dict[str, list[tuple[int, onnx.NodeProto, int]]] = {}
+        for i, n in enumerate(model.graph.node):
+            for o in n.output:
+                self.producer[o] = (i, n)
+            for j, t in enumerate(n.input):
+                if t:
+                    self.consumers.setdefault(t, []).append((i, n, j))
+        self.outputs = {o.name for o in model.graph.output}
+        self._shapes: dict[str, list[int | None]] | None = None
+
+    def shape(self, name: str) -> list[int | None] | None:
+        if self._shapes is None:
+            self._shapes = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model)
+            except Exception:  # shape inference is best effort on foreign graphs
+                inferred = self.model
+            for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+                t = vi.type.tensor_type
+                if t.HasField("shape"):
+                    self._shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        return self._shapes.get(name)
+
+    def value(self, name: str) -> np.ndarray | None:
+        t = self.consts.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def is_const(self, name: str) -> bool:
+        """A stored constant, or a DequantizeLinear of one (a weight of a QDQ model)."""
+        if name in self.consts:
+            return True
+        p = self.producer.get(name)
+        return p is not None and p[1].op_type == "DequantizeLinear" and p[1].input[0] in self.consts
+
+    def dims(self, name: str) -> list[int]:
+        if name in self.consts:
+            return list(self.consts[name].dims)
+        return list(self.consts[self.producer[name][1].input[0]].dims)
+
+
+def _layer_of(g: _Graph, i: int, n: onnx.NodeProto) -> Layer | None:
+    if n.op_type not in _LAYER_OPS or len(n.input) < 2 or not g.is_const(n.input[1]):
+        return None
+    dims = g.dims(n.input[1])
+    bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    if n.op_type == "Conv":
+        if int(_attr(n, "group", 1)) != 1 or len(dims) < 3:
+            return None
+        return Layer(n, i, n.input[1], bias, 0, 1)
+    if len(dims) != 2:
+        return None
+    if n.op_type == "Gemm":
+        if int(_attr(n, "transA", 0)):
+            return None
+        return Layer(n, i, n.input[1], bias, *((0, 1) if int(_attr(n, "transB", 0)) else (1, 0)))
+    return Layer(n, i, n.input[1], None, 1, 0)
+
+
+def layers(model: onnx.ModelProto, g: _Graph | None = None) -> list[Layer]:
+    """Every Conv / Gemm / MatMul of the main graph with a constant float weight, in graph order."""
+    g = g or _Graph(model)
+    out = []
+    for i, n in enumerate(model.graph.node):
+        lay = _layer_of(g, i, n)
+        if lay is not None:
+            out.append(lay)
+    return out
+
+
+def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow:
+    """Follow `layer`'s output channels to the layers that read them."""
+    g = g or _Graph(model)
+    C = int(g.dims(layer.weight)[layer.out_axis])
+    flow = Flow(layer, C)
+    # (tensor, spatial block size, channel offset)
+    frontier = [(layer.node.output[0], 1, 0)]
+    seen = set()
+    while frontier:
+        t, spatial, offset = frontier.pop()
+        if (t, offset) in seen:
+            continue
+        seen.add((t, offset))
+        if t in g.outputs:
+            flow.blocked = f"channels of {layer.name} reach the graph output {t!r}"
+            return flow
+        for i, n, j in g.consumers.get(t, []):
+            op = n.op_type
+            if op in ("Shape", "Size") or (op == "CastLike" and j == 1):
+                continue  # reads only the tensor's shape or type
+            flow.ops.append(op)
+            lay = _layer_of(g, i, n)
+            if lay is not None and j == 0:
+                if op == "Conv" and spatial != 1:
+                    flow.blocked = f"{lay.name} reads flattened channels of {layer.name}"
+                    return flow
+                flow.consumers.append(Consumer(lay, spatial, offset))
+                continue
+            if op == "BatchNormalization" and j == 0 and spatial == 1:
+                if any(not g.is_const(x) for x in n.input[1:5]):
+                    flow.blocked = f"BatchNormalization {n.name} has non-constant parameters"
+                    return flow
+                flow.batchnorms.append(n)
+                frontier.append((n.output[0], spatial, offset))
+            elif op in ("QuantizeLinear", "DequantizeLinear") and j == 0:
+                frontier.append((n.output[0], spatial, offset))  # activation Q/DQ of a QDQ model
+            elif (op in HOMOGENEOUS or op in ELEMENTWISE) and j == 0:
+                if op in ELEMENTWISE or (op == "PRelu"):
+                    flow.homogeneous = False
+                if op.startswith("Global"):
+                    frontier.append((n.output[0], 1, offset))
+                else:
+                    frontier.append((n.output[0], spatial, offset))
+            elif op in ("Flatten", "Reshape") and j == 0:
+                shp = g.shape(t)
+                if op == "Flatten" and int(_attr(n, "axis", 1)) != 1:
+                    flow.blocked = f"Flatten {n.name} with axis != 1"
+                    return flow
+                if shp is None or len(shp) < 2 or any(d is None for d in shp[1:]):
+                    flow.blocked = f"cannot infer the shape of {t!r} before {op} {n.name}"
+                    return flow
+                if spatial != 1:
+                    flow.blocked = f"{op} {n.name} after flattening"
+                    return flow
+                sp = int(np.prod(shp[2:])) if len(shp) > 2 else 1
+                if op == "Reshape":
+                    out = g.shape(n.output[0])
+                    if out is None or len(out) != 2:
+                        flow.blocked = f"Reshape {n.name} does not flatten to [batch, features]"
+                        return flow
+                    flow.reshapes.append((n, int(np.prod(shp[1:]))))
+                frontier.append((n.output[0], sp, offset * sp))
+            elif op == "Concat" and spatial == 1 and int(_attr(n, "axis", 1)) == 1:
+                off = 0
+                for inp in n.input[:j]:
+                    s = g.shape(inp)
+                    if s is None or len(s) < 2 or s[1] is None:
+                        flow.blocked = f"cannot infer the channels of Concat {n.name}'s inputs"
+                        return flow
+                    off += int(s[1])
+                frontier.append((n.output[0], spatial, offset + off))
+            elif op in ("Add", "Sum", "Sub", "Mul", "Div"):
+                flow.blocked = f"channels of {layer.name} meet another branch in {op} {n.name} (residual)"
+                return flow
+            else:
+                flow.blocked = f"channels of {layer.name} go into {op} {n.name}, which the trace does not follow"
+                return flow
+    if not flow.consumers:
+        flow.blocked = flow.blocked or f"no layer reads the channels of {layer.name}"
+    return flow
+
+
+_BACK = HOMOGENEOUS | ELEMENTWISE | {"BatchNormalization", "QuantizeLinear", "DequantizeLinear"}
+
+
+def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Layer | None:
+    """The layer whose output channels are `layer`'s input channels (through BN, activations,
+    pooling; Flatten/Reshape for a Gemm after a conv), or None (graph input, residual, ...)."""
+    g = g or _Graph(model)
+    t = layer.node.input[0]
+    for _ in range(16):
+        if t not in g.producer:
+            return None
+        i, n = g.producer[t]
+        lay = _layer_of(g, i, n)
+        if lay is not None:
+            return lay
+        if n.op_type in _BACK or n.op_type in ("Flatten", "Reshape"):
+            t = n.input[0]
+            continue
+        return None
+    return None
