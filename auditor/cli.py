@@ -13,7 +13,7 @@ import sys
 from auditor.errors import AuditError
 
 # Order is the order of `wmaudit --help`.
-SUBCOMMANDS = ["inspect", "extract", "key", "attack", "robustness", "query", "gate", "report", "scan"]
+SUBCOMMANDS = ["inspect", "extract", "key", "attack", "robustness", "query", "gate", "report", "scan", "sweep"]
 
 
 class _Parser(argparse.ArgumentParser):
