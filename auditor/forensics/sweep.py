@@ -33,6 +33,7 @@ from __future__ import annotations
 import glob
 import html
 import json
+import logging
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -152,12 +153,14 @@ def audit_file(path: str | os.PathLike, keys: list, alpha: float = stats.DEFAULT
     try:
         store = WeightStore.open(path)
     except AuditError as e:
+        _raise_if_memory(e)
         return [_error_row(k.commitment, str(e)) for k in keys]
     rows = []
     for key in keys:
         try:
             res = extract(store, key, alpha=alpha)
         except AuditError as e:
+            _raise_if_memory(e)
             rows.append(_error_row(key.commitment, str(e)))
             continue
         except MemoryError:
@@ -167,6 +170,15 @@ def audit_file(path: str | os.PathLike, keys: list, alpha: float = stats.DEFAULT
             continue
         rows.append(_verdict_row(key.commitment, res))
     return rows
+
+
+def _raise_if_memory(e: BaseException) -> None:
+    """A reader that turns every parse failure into AuditError may be hiding the memory limit."""
+    seen = e.__context__
+    while seen is not None:
+        if isinstance(seen, MemoryError):
+            raise seen
+        seen = seen.__context__
 
 
 def _verdict_row(commitment: str, res) -> dict[str, Any]:
@@ -285,12 +297,12 @@ class Child:
     def __init__(self, task: Task):
         ctx = _context()
         self.task = task
-        self.t0 = time.monotonic()
-        self.deadline = self.t0 + task.limits.timeout_s
         self.conn, send = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(target=_child_main, args=(send, task), daemon=True)
-        self.proc.start()
+        self.proc.start()  # the first start also starts the forkserver: not the file's time
         send.close()
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + task.limits.timeout_s
 
     @property
     def waitables(self) -> list:
@@ -386,9 +398,10 @@ def run_ray(tasks: Iterable[Task], jobs: int, emit: Callable[[Task, dict], None]
     if not ray.is_initialized():
         try:
             if address:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
             else:
-                ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise AuditError(f"cannot start or reach Ray{' at ' + address if address else ''}: {one_line(e)}") from None
         started = True
