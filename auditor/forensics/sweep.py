@@ -385,6 +385,15 @@ def import_ray():
     return ray
 
 
+def _ray_task(task: Task) -> dict[str, Any]:
+    """A Ray task: the isolated child, on whichever node Ray chose."""
+    import ray
+
+    out = run_isolated(task)
+    out["node"] = ray.get_runtime_context().get_node_id()
+    return out
+
+
 def run_ray(tasks: Iterable[Task], jobs: int, emit: Callable[[Task, dict], None],
             address: str | None = None) -> dict[str, Any]:
     """One Ray task per file (no retries), each running the isolated child on its node.
@@ -408,7 +417,8 @@ def run_ray(tasks: Iterable[Task], jobs: int, emit: Callable[[Task, dict], None]
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         nodes = len([n for n in ray.nodes() if n.get("Alive")])
-        remote = ray.remote(num_cpus=1, max_retries=0)(run_isolated)
+        remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+        per_node: dict[str, int] = {}
         pending = deque(tasks)
         inflight: dict[Any, Task] = {}
         window = 2 * max(1, cpus)
@@ -423,8 +433,11 @@ def run_ray(tasks: Iterable[Task], jobs: int, emit: Callable[[Task, dict], None]
                     out = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - a lost worker or node fails this file only
                     out = {"error": f"Ray task failed: {one_line(e)[:300]}"}
+                node = out.pop("node", None)
+                if node:
+                    per_node[node] = per_node.get(node, 0) + 1
                 emit(t, out)
-        return {"nodes": nodes, "cpus": cpus}
+        return {"nodes": nodes, "cpus": cpus, "files_per_node": dict(sorted(per_node.items()))}
     finally:
         if started:
             ray.shutdown()
