@@ -17,8 +17,8 @@ runs one Ray task per file (``max_retries=0``), and each task runs the same
 isolated child on its node. The lines are the same either way apart from
 ``timings``.
 
-Crash safety. Each line is appended with one ``os.write`` of the complete
-line, then ``fsync``. Killed at any moment and started again with
+Crash safety. The lines of one file are appended with one ``os.write`` of
+complete lines, then ``fsync``. Killed at any moment and started again with
 ``resume=True``, the sweep reads the file back, cuts a torn last line, and
 audits only the (file, key) pairs that have no line yet: no finished result
 is lost and none is written twice. Pairs are identified by the file's
@@ -276,7 +276,10 @@ def _child_main(conn, task: Task) -> None:
 
 
 _CTX = None
-_PRELOAD = ["auditor.forensics.sweep", "auditor.marks.whitebox", "auditor.read.weights", "auditor.read.layout"]
+# Imported once by the forkserver, so a child pays a fork, not the imports (numpy's
+# random and masked-array modules are imported lazily on first use otherwise).
+_PRELOAD = ["auditor.forensics.sweep", "auditor.marks.whitebox", "auditor.read.weights", "auditor.read.layout",
+            "numpy.random", "numpy.ma"]
 
 
 def _context():
@@ -516,15 +519,19 @@ class ResultsFile:
             os.fsync(self.fd)
         return lines
 
-    def append(self, line: dict[str, Any]) -> None:
-        data = _json_line(line)
+    def append(self, lines: list[dict[str, Any]]) -> None:
+        """Complete lines (one file's keys) in one write, then fsync: a crash keeps whole lines only."""
+        if self._kill_after:  # test hook: die right after the chosen line, at a line boundary
+            lines = lines[: max(0, self._kill_after - self.written)]
+        data = b"".join(_json_line(ln) for ln in lines)
         n = os.write(self.fd, data)
         if n != len(data):
             raise AuditError(f"{self.path}: short write (disk full?)")
         os.fsync(self.fd)
-        self.lines.append(line)
-        self.done.add((line["file"], line["key"]))
-        self.written += 1
+        for ln in lines:
+            self.lines.append(ln)
+            self.done.add((ln["file"], ln["key"]))
+        self.written += len(lines)
         if self._kill_after and self.written >= self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -586,8 +593,8 @@ def sweep(corpus: str | os.PathLike, keys: list, out: str | os.PathLike, *, exec
 
         def emit(task: Task, outcome: dict[str, Any]) -> None:
             rows = {r["key"]: r for r in outcome.get("rows") or []}
-            for k in task.keys:
-                results.append(line_of(task, by_commitment[k.commitment], outcome, rows.get(k.commitment)))
+            results.append([line_of(task, by_commitment[k.commitment], outcome, rows.get(k.commitment))
+                            for k in task.keys])
             if progress is not None:
                 progress.advance(len(task.keys), note=os.path.basename(task.file))
 
