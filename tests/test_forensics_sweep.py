@@ -292,3 +292,42 @@ def test_usage_errors_are_one_line(tmp_path, build_fixture, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "pip install 'wmaudit[ray]'" in err
     assert not out.exists()
+
+
+POLICY = """
+format = "wmaudit-policy/1"
+name = "survives pruning"
+backends = ["ort-cpu"]
+seed = 0
+[thresholds]
+max_p_value = 1e-6
+max_ber = 0.05
+min_margin = 0.0
+[evidence]
+whitebox = "all-marks"
+blackbox = "none"
+accuracy = false
+[[attacks]]
+id = "prune-30"
+steps = "prune:0.3"
+"""
+
+
+def test_policy_is_applied_per_file(tmp_path, build_fixture):
+    marked, unmarked = build_fixture("attacks-tinycnn-marked"), build_fixture("attacks-tinycnn-unmarked")
+    key = marked / "key.json"
+    (tmp_path / "policy.toml").write_text(POLICY)
+    (tmp_path / "garbage.onnx").write_bytes(b"\0garbage" * 64)
+    listing = write_list(tmp_path / "c.txt", [marked / "model.onnx", unmarked / "model.onnx", tmp_path / "garbage.onnx"])
+    p = _cli(listing, "--key", key, "-o", tmp_path / "r.jsonl", "--policy", tmp_path / "policy.toml", "--json")
+    assert p.returncode == 0, p.stderr
+    by = {Path(ln["file"]).parent.name: ln for ln in read_lines(tmp_path / "r.jsonl")}
+    assert by["attacks-tinycnn-marked"]["gate"] == {"verdict": "pass", "requirements": 2, "failed": []}
+    g = by["attacks-tinycnn-unmarked"]["gate"]
+    assert g["verdict"] == "fail" and g["requirements"] == 2 and len(g["failed"]) == 2
+    assert by[tmp_path.name]["verdict"] == ERROR and "gate" not in by[tmp_path.name]
+    assert json.loads(p.stdout)["result"]["gate"] == {"fail": 1, "pass": 1}
+    # a malformed policy is a usage error before anything is written
+    (tmp_path / "bad.toml").write_text(POLICY.replace("max_ber", "max_bre"))
+    p = _cli(listing, "--key", key, "-o", tmp_path / "r2.jsonl", "--policy", tmp_path / "bad.toml")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and not (tmp_path / "r2.jsonl").exists()

@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"address-space limit per file in MB, 0 = none (default {DEFAULT_MEMORY_MB})")
     p.add_argument("--alpha", type=_types.alpha, default=stats.DEFAULT_ALPHA,
                    help="detection threshold on the corrected p-value (default 1e-6)")
+    p.add_argument("--policy", metavar="POLICY.toml",
+                   help="also hold every (file, key) to this release policy (the gate; attacks per file)")
     p.add_argument("--json", action="store_true", help="the summary document (result JSON) on stdout")
 
 
@@ -96,12 +98,17 @@ def run(args) -> int:
 
     if args.address and args.executor != "ray":
         raise AuditError("--address needs --executor ray")
+    policy = None
+    if args.policy:
+        from auditor.gate.policy import load_policy
+
+        policy = load_policy(args.policy)
     keys = load_keys(args.key, args.keys)
     limits = Limits(timeout_s=args.timeout, memory_mb=args.memory)
     with Progress(0, "sweep") as progress:
         doc = sweep(args.corpus, keys, args.output, executor=args.executor, jobs=args.jobs,
                     address=args.address, resume=args.resume, alpha=args.alpha, limits=limits,
-                    progress=progress)
+                    policy=policy, progress=progress)
     if args.json:
         sys.stdout.write(results.dumps(doc))
     else:
@@ -119,6 +126,8 @@ def render(doc: dict) -> str:
              + (f", {run['resumed_lines']} lines kept from before" if run["resumed_lines"] else "")]
     for d in r["detected"]:
         lines.append(f"FOUND  {d['file']}  key {d['key'][:19]}…  p {d['p']:.3g}  at {d['where']}")
+    if r.get("gate"):
+        lines.append("gate   " + ", ".join(f"{n} {v}" for v, n in r["gate"].items()) + " (file, key) pairs")
     if r["files_with_errors"]:
         lines.append(f"errors in {len(r['files_with_errors'])} files (see the results file)")
     lines.append(f"results {r['results']}")

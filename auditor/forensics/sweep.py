@@ -135,7 +135,8 @@ def _list_file(path: Path) -> list[Entry]:
 
 
 # ---------------------------------------------------------------- one file
-def audit_file(path: str | os.PathLike, keys: list, alpha: float = stats.DEFAULT_ALPHA) -> list[dict[str, Any]]:
+def audit_file(path: str | os.PathLike, keys: list, alpha: float = stats.DEFAULT_ALPHA,
+               policy=None) -> list[dict[str, Any]]:
     """Audit one file against every key: one dict per key, in the order of ``keys``.
 
     Each dict holds ``key`` (commitment), ``verdict``, ``p`` (the key's
@@ -146,6 +147,9 @@ def audit_file(path: str | os.PathLike, keys: list, alpha: float = stats.DEFAULT
     ``verdict: "error"`` and ``error`` (one line) when this key cannot be
     judged on this file. White-box marks are located without a manifest
     (by name, then by a search over every tensor of the key's shape).
+    With a release ``policy`` (``auditor.gate.policy.Policy``), each judged
+    pair also gets ``gate``: the gate's verdict for this file and key, the
+    ids of the requirements not met, or its error.
     """
     from auditor.marks.whitebox import extract
     from auditor.read.weights import WeightStore
@@ -168,8 +172,29 @@ def audit_file(path: str | os.PathLike, keys: list, alpha: float = stats.DEFAULT
         except Exception as e:  # a file the reader did not expect: this pair fails, not the sweep
             rows.append(_error_row(key.commitment, one_line(e)))
             continue
-        rows.append(_verdict_row(key.commitment, res))
+        row = _verdict_row(key.commitment, res)
+        if policy is not None:
+            row["gate"] = gate_row(path, key, policy)
+        rows.append(row)
     return rows
+
+
+def gate_row(path, key, policy) -> dict[str, Any]:
+    """The release gate on one (file, key): verdict and the requirements not met."""
+    from auditor.gate.gate import run_gate
+
+    try:
+        body = run_gate(path, key, policy)
+    except AuditError as e:
+        _raise_if_memory(e)
+        return {"verdict": ERROR, "error": str(e)}
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an attack or backend failing on a stranger's file
+        return {"verdict": ERROR, "error": one_line(e)}
+    reqs = body.get("requirements") or []
+    return {"verdict": body["verdict"], "requirements": len(reqs),
+            "failed": sorted(r["id"] for r in reqs if r.get("status") != "pass")}
 
 
 def _raise_if_memory(e: BaseException) -> None:
@@ -247,6 +272,7 @@ class Task:
     keys: list
     alpha: float = stats.DEFAULT_ALPHA
     limits: Limits = field(default_factory=Limits)
+    policy: Any = None
 
 
 def _child_main(conn, task: Task) -> None:
@@ -259,7 +285,7 @@ def _child_main(conn, task: Task) -> None:
     sha, size = None, None
     try:
         sha, size = _sha256_regular(task.file)
-        msg: dict[str, Any] = {"rows": audit_file(task.file, task.keys, task.alpha)}
+        msg: dict[str, Any] = {"rows": audit_file(task.file, task.keys, task.alpha, task.policy)}
     except AuditError as e:
         msg = {"error": str(e)}
     except MemoryError:
@@ -551,20 +577,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the sweep
-def plan(entries: list[Entry], keys: list, done: set, alpha: float, limits: Limits) -> tuple[list[Task], list[Task]]:
+def plan(entries: list[Entry], keys: list, done: set, alpha: float, limits: Limits,
+         policy=None) -> tuple[list[Task], list[Task]]:
     """(tasks to run, refused entries as tasks) for the pairs without a line yet."""
     run, refused = [], []
     for e in entries:
         todo = [k for k in keys if (e.file, k.commitment) not in done]
         if not todo:
             continue
-        (refused if e.refused else run).append(Task(e.file, todo, alpha, limits))
+        (refused if e.refused else run).append(Task(e.file, todo, alpha, limits, policy))
     return run, refused
 
 
 def sweep(corpus: str | os.PathLike, keys: list, out: str | os.PathLike, *, executor: str = "local",
           jobs: int | None = None, address: str | None = None, resume: bool = False,
-          alpha: float = stats.DEFAULT_ALPHA, limits: Limits = Limits(), progress=None,
+          alpha: float = stats.DEFAULT_ALPHA, limits: Limits = Limits(), policy=None, progress=None,
           command: str | None = None) -> dict[str, Any]:
     """Audit every file of ``corpus`` against every key; returns the summary document.
 
@@ -585,7 +612,7 @@ def sweep(corpus: str | os.PathLike, keys: list, out: str | os.PathLike, *, exec
     t0 = time.perf_counter()
     try:
         resumed = len(results.lines)
-        tasks, refused = plan(entries, keys, results.done, alpha, limits)
+        tasks, refused = plan(entries, keys, results.done, alpha, limits, policy)
         by_commitment = {k.commitment: k for k in keys}
         total = sum(len(t.keys) for t in tasks) + sum(len(t.keys) for t in refused)
         if progress is not None:
@@ -611,7 +638,8 @@ def sweep(corpus: str | os.PathLike, keys: list, out: str | os.PathLike, *, exec
         files_run = len(tasks) + len(refused)
         run_info = {"executor": executor, "jobs": jobs, "address": address, **ran_on,
                     "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
-                    "alpha": alpha, "resumed_lines": resumed, "new_lines": total,
+                    "alpha": alpha, "policy": getattr(policy, "name", None) if policy is not None else None,
+                    "resumed_lines": resumed, "new_lines": total,
                     "files_this_run": files_run, "wall_s": round(wall, 3),
                     "files_per_minute": round(60.0 * files_run / wall, 1) if wall > 0 and files_run else None}
         doc = summary(results.lines, entries, keys, corpus=str(corpus), out=str(out), run=run_info,
@@ -646,9 +674,15 @@ def summary(lines: list[dict[str, Any]], entries: list[Entry], keys: list, *, co
                        for ln in mine if ln["verdict"] == stats.DETECTED),
                       key=lambda d: (d["file"], d["key"]))
     errors = sorted({ln["file"] for ln in mine if ln["verdict"] == ERROR})
+    gates: dict[str, int] = {}
+    for ln in mine:
+        if isinstance(ln.get("gate"), dict):
+            g = ln["gate"].get("verdict")
+            gates[g] = gates.get(g, 0) + 1
     body = {"corpus": corpus, "results": out, "files": len(entries), "keys": [k.commitment for k in keys],
             "pairs": len(wanted), "lines": len(mine), "complete": len(mine) == len(wanted),
             "verdicts": dict(sorted(verdicts.items())), "detected": detected, "files_with_errors": errors,
+            "gate": dict(sorted(gates.items())) if gates else None,
             "run": run}
     return envelope("sweep", command=command, result=body)
 
@@ -723,6 +757,10 @@ def render_index(doc: dict[str, Any], lines: list[dict[str, Any]]) -> str:
             v = ln.get("verdict")
             cls = "detected" if v == stats.DETECTED else ("error" if v == ERROR else "")
             detail = ln.get("error") if v == ERROR else ln.get("where")
+            g = ln.get("gate")
+            if isinstance(g, dict):
+                detail = f"{detail or ''}; gate {g.get('verdict')}" + (
+                    f" ({', '.join(map(str, g.get('failed') or []))} not met)" if g.get("failed") else "")
             out.append(f"<tr><td class=\"mono\">{_e(ln.get('file'))}</td>"
                        f"<td class=\"mono\">{_e((ln.get('sha256') or '')[:23])}</td>"
                        f"<td class=\"mono\">{_e(str(ln.get('key'))[:23])}</td>"
