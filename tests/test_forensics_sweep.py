@@ -287,10 +287,18 @@ def test_usage_errors_are_one_line(tmp_path, build_fixture, monkeypatch, capsys)
         assert rc == 2 and err.count("\n") == 1 and msg in err, (argv, err)
     assert not out.exists()
     # a user without Ray: one line saying how to install it, nothing written
-    monkeypatch.setitem(sys.modules, "ray", None)
-    rc = cli.main(["sweep", str(model), "--key", str(key), "-o", str(out), "--executor", "ray"])
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "ray", None)
+        rc = cli.main(["sweep", str(model), "--key", str(key), "-o", str(out), "--executor", "ray"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "pip install 'wmaudit[ray]'" in err
+    assert not out.exists()
+    # an unreachable cluster: one line, no empty results file left behind
+    pytest.importorskip("ray")
+    rc = cli.main(["sweep", str(model), "--key", str(key), "-o", str(out), "--executor", "ray",
+                   "--address", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cannot reach Ray at 127.0.0.1:1" in err, err
     assert not out.exists()
 
 

@@ -277,6 +277,12 @@ class Task:
 
 def _child_main(conn, task: Task) -> None:
     """Runs in the child: limits first, then hash + audit; sends one message back."""
+    # Whatever a library prints while reading a stranger's file must not reach the
+    # sweep's own output (its --json document on stdout, one-line errors on stderr).
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if task.limits.memory_mb:
         lim = int(task.limits.memory_mb) << 20
@@ -294,11 +300,14 @@ def _child_main(conn, task: Task) -> None:
         msg = {"error": one_line(e)}
     msg.update(sha256=sha, size=size, audit_s=time.perf_counter() - t0)
     try:
-        conn.send(msg)
-    except MemoryError:
-        conn.send({"error": f"memory limit of {task.limits.memory_mb} MB exceeded",
-                   "sha256": sha, "size": size, "audit_s": time.perf_counter() - t0})
-    conn.close()
+        try:
+            conn.send(msg)
+        except MemoryError:
+            conn.send({"error": f"memory limit of {task.limits.memory_mb} MB exceeded",
+                       "sha256": sha, "size": size, "audit_s": time.perf_counter() - t0})
+        conn.close()
+    except OSError:  # the sweep was killed meanwhile: nobody is waiting for this result
+        pass
 
 
 _CTX = None
@@ -423,6 +432,20 @@ def _ray_task(task: Task) -> dict[str, Any]:
     return out
 
 
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A cluster address must answer a TCP connect: ray.init retries an unreachable one forever."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise AuditError(f"cannot reach Ray at {address}: {e.strerror or type(e).__name__}") from None
+
+
 def run_ray(tasks: Iterable[Task], jobs: int, emit: Callable[[Task, dict], None],
             address: str | None = None) -> dict[str, Any]:
     """One Ray task per file (no retries), each running the isolated child on its node.
@@ -434,13 +457,15 @@ def run_ray(tasks: Iterable[Task], jobs: int, emit: Callable[[Task, dict], None]
     ray = import_ray()
     started = False
     if not ray.is_initialized():
+        if address:
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
             else:
                 ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.ERROR)
-        except (ConnectionError, ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - Ray raises many types for an unreachable cluster
             raise AuditError(f"cannot start or reach Ray{' at ' + address if address else ''}: {one_line(e)}") from None
         started = True
     try:
@@ -511,6 +536,7 @@ class ResultsFile:
         except OSError:
             os.close(self.fd)
             raise AuditError(f"{self.path} is being written by another sweep") from None
+        self.created = not existed
         if not existed:
             _fsync_dir(self.path.parent)
         self.lines: list[dict[str, Any]] = self._read_back() if existed else []
@@ -606,10 +632,13 @@ def sweep(corpus: str | os.PathLike, keys: list, out: str | os.PathLike, *, exec
     keys = _distinct(keys)
     entries = find_corpus(corpus)
     if executor == "ray":
-        import_ray()  # before anything is written: a missing Ray is a usage error
+        ray = import_ray()  # before anything is written: a missing Ray is a usage error
+        if address and not ray.is_initialized():
+            _check_reachable(address)
     jobs = max(1, int(jobs or os.cpu_count() or 1))
     results = ResultsFile(out, resume)
     t0 = time.perf_counter()
+    failed = True
     try:
         resumed = len(results.lines)
         tasks, refused = plan(entries, keys, results.done, alpha, limits, policy)
@@ -644,8 +673,11 @@ def sweep(corpus: str | os.PathLike, keys: list, out: str | os.PathLike, *, exec
                     "files_per_minute": round(60.0 * files_run / wall, 1) if wall > 0 and files_run else None}
         doc = summary(results.lines, entries, keys, corpus=str(corpus), out=str(out), run=run_info,
                       command=command)
+        failed = False
     finally:
         results.close()
+        if failed and results.created and not results.lines:
+            results.path.unlink(missing_ok=True)  # an error before any result: leave no empty file
     write_beside(out, doc)
     return doc
 
