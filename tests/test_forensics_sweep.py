@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 from auditor.errors import AuditError
 from auditor.forensics.sweep import ERROR, KILL_AFTER_ENV, Limits, find_corpus, sweep
-from auditor.marks.keys import Key, load_key, make_mark
+from auditor.marks.keys import Key, load_key, make_mark, save_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("WMAUDIT_DATA", ROOT / "build" / "data"))
@@ -71,6 +71,20 @@ def make_hostile(folder: Path, donor: Path) -> list[Path]:
     m = _model([_external("w", [4, 4], "../outside.bin", 64)], 4)
     (folder / "dotdot" / "model.onnx").write_bytes(m.SerializeToString())
     return [folder / h for h in HOSTILE]
+
+
+def make_oversized(folder: Path) -> tuple[Path, Path]:
+    """A valid model whose MatMul weight (400000 x 300 float32, 480 MB) lives in a sparse
+    external-data file (nothing on disk), and a key with a mark on that weight: auditing
+    it needs far more than 512 MB. Returns (model folder, key file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n, m = 400_000, 300
+    with open(folder / "w.bin", "wb") as f:
+        f.truncate(n * m * 4)
+    (folder / "model.onnx").write_bytes(_model([_external("w", [n, m], "w.bin", n * m * 4)], n).SerializeToString())
+    mark = make_mark("w", (n, m), "mean", np.random.default_rng(3).integers(0, 2, 64), seed=5)
+    save_key(Key(whitebox=[mark], model={"name": "oversized"}), folder.parent / f"{folder.name}-key.json")
+    return folder, folder.parent / f"{folder.name}-key.json"
 
 
 def corpus_files(tmp: Path, build_fixture) -> dict[str, list[Path]]:
@@ -217,16 +231,8 @@ def test_torn_last_line_is_cut_and_redone(corpus, keys, local_run, tmp_path):
 def test_time_and_memory_limits_fail_one_file_alone(tmp_path, build_fixture):
     good = build_fixture("cnn-small-mean")
     key = load_key(good / "key.json")
-    # a valid model whose one MatMul weight (400000 x 300 float32, 480 MB) lives in a sparse
-    # external-data file: nothing on disk, but auditing it needs far more than 512 MB
-    big = tmp_path / "big"
-    big.mkdir()
-    n, m = 400_000, 300
-    with open(big / "w.bin", "wb") as f:
-        f.truncate(n * m * 4)
-    (big / "model.onnx").write_bytes(_model([_external("w", [n, m], "w.bin", n * m * 4)], n).SerializeToString())
-    wkey = Key(whitebox=[make_mark("w", (n, m), "mean", np.random.default_rng(3).integers(0, 2, 64), seed=5)],
-               commitment="sha256:" + "0" * 64)
+    big, wkey_path = make_oversized(tmp_path / "big")
+    wkey = load_key(wkey_path)
     # a 1 TiB sparse file: reading it takes far longer than the time limit
     huge = tmp_path / "huge.onnx"
     with open(huge, "wb") as f:
