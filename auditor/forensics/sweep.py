@@ -354,6 +354,9 @@ class Child:
             except (EOFError, OSError):
                 msg = None
             self.proc.join(5)
+            if self.proc.is_alive():  # answered but does not exit: it gets no more time
+                self.proc.kill()
+                self.proc.join(5)
             if msg is None:
                 msg = self._died()
         elif not self.proc.is_alive():
