@@ -426,6 +426,12 @@ def import_ray():
     return ray
 
 
+def _ray_patience(limits: Limits, window: int, cpus: int) -> float:
+    """How long a submitted task may take: its turn in the window, its limit, a minute of slack."""
+    rounds = -(-window // max(1, cpus))
+    return (rounds + 1) * limits.timeout_s + 60.0
+
+
 def _ray_task(task: Task) -> dict[str, Any]:
     """A Ray task: the isolated child, on whichever node Ray chose."""
     import ray
@@ -477,15 +483,25 @@ def run_ray(tasks: Iterable[Task], jobs: int, emit: Callable[[Task, dict], None]
         remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
         per_node: dict[str, int] = {}
         pending = deque(tasks)
-        inflight: dict[Any, Task] = {}
+        inflight: dict[Any, tuple[Task, float]] = {}
         window = 2 * max(1, cpus)
         while pending or inflight:
             while pending and len(inflight) < window:
                 t = pending.popleft()
-                inflight[remote.remote(t)] = t
-            done, _ = ray.wait(list(inflight), num_returns=1)
+                inflight[remote.remote(t)] = (t, time.monotonic())
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+            if not done:
+                # The child's own limit ends a file's work; a task that outlives it by far
+                # sits on a lost node or a stuck worker: cancel it, this file fails alone.
+                now = time.monotonic()
+                for ref, (t, since) in list(inflight.items()):
+                    if now - since > _ray_patience(t.limits, window, cpus):
+                        ray.cancel(ref, force=True)
+                        inflight.pop(ref)
+                        emit(t, {"error": f"Ray task gave no answer within {now - since:.0f} s"})
+                continue
             for ref in done:
-                t = inflight.pop(ref)
+                t, _since = inflight.pop(ref)
                 try:
                     out = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - a lost worker or node fails this file only
