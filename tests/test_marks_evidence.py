@@ -309,3 +309,20 @@ def test_gate_says_which_evidence(build_fixture, tmp_path, capsys):
     assert rc == 0 and doc["evidence"]["kind"] == "committed"
     assert "evidence:   committed (committed evidence" in out
     assert '<property name="evidence" value="committed"' in (tmp_path / "g.xml").read_text()
+
+
+def test_scan_refuses_a_key_that_fails_the_fair_coin_checks(tmp_path):
+    """scan pays for permutation searches under the fair-coin null; a `direct` one-hot key with
+    all-zero bits has no such null, so scan refuses it (insufficient evidence, exit 1) instead of
+    reporting the 171/256 that extract once called detected."""
+    from auditor.forensics.scan import scan
+    from auditor.marks.keys import load_key
+
+    model = _need(MAGIKA)
+    key = load_key(_direct_key(tmp_path))
+    body = scan(model, [key])
+    f = body["findings"][0]
+    assert body["verdict"] == "insufficient evidence" and f["verdict"] == "insufficient evidence"
+    assert f["null"] == {"kind": "refused", "failed_checks": "rows, bit_balance, independence"}
+    assert f["evidence"]["kind"] == "uncommitted"
+    assert main(["scan", str(model), "--key", str(tmp_path / "key.json")]) == 1

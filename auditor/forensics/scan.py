@@ -199,12 +199,10 @@ def _reduce(mark: WhiteboxMark, W: np.ndarray) -> np.ndarray:
 
 
 def _evidence(key: Key, mark: WhiteboxMark) -> dict[str, Any]:
-    kind = getattr(key, "evidence", None) or getattr(mark, "evidence", None)
-    if isinstance(kind, dict):
-        return dict(kind)
-    proj = mark.projection.get("kind")
-    return {"kind": kind or "not stated by the key",
-            "projection": "generator (seeded; rebuildable)" if proj == "generator" else "imported matrix"}
+    """Committed or uncommitted evidence (``auditor.marks.evidence``), as extract reports it."""
+    from auditor.marks import evidence
+
+    return evidence.classify_mark(mark)
 
 
 def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAULT_ALPHA) -> dict[str, Any]:
@@ -287,6 +285,17 @@ def _judge(key, mark, vs, cands, corr, alpha, ref_notes) -> dict[str, Any]:
     T = mark.n_bits
     base = {"key_commitment": key.commitment, "mark": mark.id, "param": mark.param, "shape": list(mark.shape),
             "reduce": mark.reduce, "n_bits": T, "evidence": _evidence(key, mark), "alpha": alpha}
+    from auditor.marks import evidence
+
+    null = evidence.null_checks(mark)
+    if not null["fair_coin"]:
+        # the binomial p (and every search it pays for) assumes sign-symmetric dense rows
+        # and balanced bits; a key that fails those checks is not judged here
+        failed = ", ".join(n for n, c in null["checks"].items() if not c["passed"])
+        return {**base, "verdict": stats.INSUFFICIENT, "variants": len(vs), "notes": ref_notes,
+                "null": {"kind": "refused", "failed_checks": failed},
+                "reason": (f"refused: the key fails the fair-coin checks ({failed}); scan's searches have no "
+                           "valid null for it: judge it with `wmaudit extract`, which uses an empirical null")}
     if not vs:
         best_possible = stats.log10_binom_tail_half(T, T) + corr["direct"]
         dec = stats.decide(1.0, min(1.0, 10 ** min(0.0, best_possible)), alpha)

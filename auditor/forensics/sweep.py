@@ -139,40 +139,35 @@ def audit_file(path: str | os.PathLike, keys: list, alpha: float = stats.DEFAULT
                policy=None) -> list[dict[str, Any]]:
     """Audit one file against every key: one dict per key, in the order of ``keys``.
 
-    Each dict holds ``key`` (commitment), ``verdict``, ``p`` (the key's
-    p-value, Bonferroni-corrected over the candidate tensors tried and over
-    the key's marks), ``log10_p`` (of the best mark, exact where p
-    underflows), ``where`` (the tensor and layout of the best mark) and
-    ``marks`` (per mark: bits matched, BER, corrected p, location); or
-    ``verdict: "error"`` and ``error`` (one line) when this key cannot be
-    judged on this file. White-box marks are located without a manifest
-    (by name, then by a search over every tensor of the key's shape).
-    With a release ``policy`` (``auditor.gate.policy.Policy``), each judged
-    pair also gets ``gate``: the gate's verdict for this file and key, the
-    ids of the requirements not met, or its error.
+    The file is scanned once with every key (``auditor.forensics.scan.scan``: no manifest,
+    no names needed, function-preserving transformations undone where the graph allows),
+    so each p-value is corrected for everything tried on this file: keys x marks x
+    candidates x transformations. Each dict holds ``key`` (commitment), ``verdict``, ``p``
+    (the key's best corrected p), ``log10_p`` (its log10, exact where p underflows),
+    ``where`` (tensor, layout and what was undone for the best mark), ``evidence`` and
+    ``marks`` (per mark: bits matched, BER, corrected p, location); or ``verdict: "error"``
+    and ``error`` (one line) when this key cannot be judged on this file. With a release
+    ``policy`` (``auditor.gate.policy.Policy``), each judged pair also gets ``gate``: the
+    gate's verdict for this file and key, the ids of the requirements not met, or its error.
     """
-    from auditor.marks.whitebox import extract
-    from auditor.read.weights import WeightStore
+    from auditor.forensics.scan import scan
 
+    judged = [k for k in keys if k.whitebox]
     try:
-        store = WeightStore.open(path)
+        body = scan(path, judged, alpha=alpha) if judged else {"findings": []}
     except AuditError as e:
         _raise_if_memory(e)
         return [_error_row(k.commitment, str(e)) for k in keys]
+    except MemoryError:
+        raise
+    except Exception as e:  # a file the reader did not expect: this file fails, not the sweep
+        return [_error_row(k.commitment, one_line(e)) for k in keys]
     rows = []
     for key in keys:
-        try:
-            res = extract(store, key, alpha=alpha)
-        except AuditError as e:
-            _raise_if_memory(e)
-            rows.append(_error_row(key.commitment, str(e)))
+        if not key.whitebox:
+            rows.append(_error_row(key.commitment, "the key holds no white-box mark (sweep judges white-box marks)"))
             continue
-        except MemoryError:
-            raise
-        except Exception as e:  # a file the reader did not expect: this pair fails, not the sweep
-            rows.append(_error_row(key.commitment, one_line(e)))
-            continue
-        row = _verdict_row(key.commitment, res)
+        row = _verdict_row(key.commitment, [f for f in body["findings"] if f["key_commitment"] == key.commitment])
         if policy is not None:
             row["gate"] = gate_row(path, key, policy)
         rows.append(row)
@@ -206,22 +201,29 @@ def _raise_if_memory(e: BaseException) -> None:
         seen = seen.__context__
 
 
-def _verdict_row(commitment: str, res) -> dict[str, Any]:
+def _verdict_row(commitment: str, findings: list[dict[str, Any]]) -> dict[str, Any]:
     marks = []
-    for m in res.marks:
-        loc = m.location
-        marks.append({"id": m.id, "param": m.param, "matches": m.matches, "n_bits": m.n_bits,
-                      "ber": m.ber, "p_corrected": m.p_corrected, "log10_p": m.log10_p,
-                      "verdict": m.verdict,
-                      "where": None if loc is None else {
-                          "weight": loc.weight, "transform": loc.transform, "how": loc.how,
-                          "candidates": loc.candidates, "location": loc.location, "quant": loc.quant}})
-    best = min(res.marks, key=lambda m: (m.p_corrected, m.log10_p))
-    where = None
-    if best.location is not None:
-        where = f"{best.location.weight} [{best.location.transform}] by {best.location.how}"
-    return {"key": commitment, "verdict": res.verdict, "reason": best.reason if len(res.marks) == 1 else res.reason,
-            "p": res.p_value, "log10_p": best.log10_p, "where": where, "marks": marks}
+    for f in findings:
+        found = f.get("found")
+        marks.append({"id": f["mark"], "param": f["param"], "matches": f.get("matches"), "n_bits": f["n_bits"],
+                      "ber": f.get("ber"), "p_corrected": f.get("p_corrected", 1.0),
+                      "log10_p": f.get("log10_p_corrected", 0.0), "verdict": f["verdict"],
+                      "where": None if not found else {
+                          "weight": found["weight"], "transform": found["transform"],
+                          "undone": f.get("undone", []), "location": found["location"], "quant": found["quant"]}})
+    best = min(findings, key=lambda f: (f.get("log10_p_corrected", 0.0), f["mark"]))
+    if any(f["verdict"] == stats.DETECTED for f in findings):
+        verdict = stats.DETECTED
+    elif all(f["verdict"] == stats.INSUFFICIENT for f in findings):
+        verdict = stats.INSUFFICIENT
+    else:
+        verdict = stats.NOT_DETECTED
+    found = best.get("found")
+    where = None if not found else (f"{found['weight']} [{found['transform']}]; undone: "
+                                    + ", ".join(best.get("undone", [])))
+    return {"key": commitment, "verdict": verdict, "reason": best["reason"],
+            "p": min(1.0, float(best.get("p_corrected", 1.0))), "log10_p": best.get("log10_p_corrected", 0.0),
+            "where": where, "evidence": best.get("evidence", {}).get("kind"), "marks": marks}
 
 
 def _error_row(commitment: str, message: str) -> dict[str, Any]:
