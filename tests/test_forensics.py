@@ -255,7 +255,7 @@ def test_html_report_renders_scan_and_provenance(fx, tmp_path):
 def random_keys_for(path, n: int, seed: int, bits: int = 64):
     """n random generator keys whose marks have the shapes of the file's conv / linear / RNN weights
     (mean and flatten alternately): keys fixed without looking at the values."""
-    from auditor.marks.keys import Key, make_mark
+    from auditor.marks.keys import Key, make_mark, reduced_length
     from auditor.read.layout import torch_views
     from auditor.read.weights import WeightStore
 
@@ -266,6 +266,8 @@ def random_keys_for(path, n: int, seed: int, bits: int = 64):
     for i in range(n):
         v = views[i % len(views)]
         red = "mean" if (i // len(views)) % 2 == 0 else "flatten"
+        if reduced_length(v.shape, red) < bits:  # a key never has more bits than coefficients
+            red = "flatten"
         mk = make_mark(f"w{i}", v.shape, red, rng.integers(0, 2, bits), seed=int(rng.integers(1 << 31)), id=f"r{i}")
         k = Key([mk], model={"name": "random", "index": i})
         k.commitment = k.to_json()["commitment"]
@@ -296,11 +298,13 @@ def test_scan_every_layer_split_and_dummy_then_int8(fx, tmp_path):
     after int8."""
     from auditor.attacks import load_model
     from auditor.attacks.compose import compose
-    from auditor.data.calibration import Calibration, calibration_data
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import load_data
 
     m = load_model(fx["cnn-small-mean"] / "model.onnx")
     r = compose(m, "obfuscate:split:4+dummy:4,quantize:static-qdq-per-channel",
-                Calibration(calibration_data("fashion-mnist", 64, 0)), obfuscate_seed=3)
+                Calibration(load_data("fashion-mnist", m, purpose="calibration", samples=64, seed=0)),
+                obfuscate_seed=3)
     onnx.save_model(r.model, str(tmp_path / "q.onnx"))
     f = _scan(tmp_path / "q.onnx", [fx["cnn-small-mean"] / "key.json"])["findings"][0]
     assert f["verdict"] == "detected" and f["matches"] == 256
