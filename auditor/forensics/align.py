@@ -161,10 +161,8 @@ def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValue
 
 
 def _n_channels_prev(gv, lay, W) -> int:
-    p = ch.producer(gv.model, lay, gv.graph)
-    if p is None:
-        return W.shape[1]
-    return ch.trace(gv.model, p, gv.graph).channels
+    f = ch.input_flow(gv.model, lay, gv.graph)
+    return W.shape[1] if f is None else f.channels
 
 
 def activation_match(probe_models, s_layer: ch.Layer, r_layer: ch.Layer, keep) -> np.ndarray | None:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["Layer", "Consumer", "Flow", "Writer", "layers", "trace", "producer", "constant_tensors", "HOMOGENEOUS"]
+__all__ = ["Layer", "Consumer", "Flow", "Writer", "layers", "trace", "producer", "input_flow", "constant_tensors", "HOMOGENEOUS"]
 
 # Positively homogeneous: f(s x) = s f(x) for s > 0 (a per-channel scale passes through).
 HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
@@ -381,4 +381,32 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
             t = n.input[0]
             continue
         return None
+    return None
+
+
+def input_flow(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow | None:
+    """The flow of the channels `layer` reads: its producer's, or, when it reads a residual
+    stream, the flow of a layer writing into that stream (None: graph input, or not traceable)."""
+    g = g or _Graph(model)
+    p = producer(model, layer, g)
+    if p is not None:
+        return trace(model, p, g)
+    t = layer.node.input[0]
+    todo, seen = [t], set()
+    while todo:
+        t = todo.pop()
+        if t in seen or t not in g.producer:
+            continue
+        seen.add(t)
+        i, n = g.producer[t]
+        lay = _layer_of(g, i, n)
+        if lay is not None:
+            f = trace(model, lay, g)
+            if f.blocked or not any(c.layer.node is layer.node for c in f.consumers):
+                return None
+            return f
+        if n.op_type in ("Add", "Sum"):
+            todo.extend(x for x in n.input if x)
+        elif n.op_type in _BACK:
+            todo.append(n.input[0])
     return None
