@@ -208,3 +208,17 @@ def test_provenance_of_obfuscated_residual_descendants_and_twin(fx):
         r = provenance(fx["forensics-resnet-obfuscated"] / "twin" / f"{name}.onnx", ref)
         assert r["verdict"] == "not derived" and r["log10_p_combined"] > -1, (name, r["log10_p_combined"])
     assert [l["weight"] for l in r["layers"]] == ["conv1.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight"]
+
+
+def test_every_layer_of_the_residual_cnn_obfuscated(fx):
+    """Without --layer every traceable layer is obfuscated, streams included (each writer of a
+    stream rewrites the whole group again); perm-in on a layer reading a stream permutes the stream."""
+    from auditor.attacks.obfuscate import obfuscate
+
+    m = onnx.load(str(fx["arch-resnet"] / "default.onnx"))
+    r = obfuscate(m, "perm-in,perm-out,scale,split:2,dummy:2", seed=3)
+    assert len(r.params["layers"]) == 8 and len(r.params["done"]) == 39   # fc reaches the output: left
+    assert r.params["max_abs_diff"] < 1e-5
+    p = obfuscate(m, "perm-in", layer="layer2.1.conv1.weight", seed=1).params
+    assert p["done"][0]["channels"] == 32 and p["done"][0]["via"] in (
+        LAYER, "layer2.0.conv2.weight", "layer2.0.downsample.0.weight") and p["max_abs_diff"] < 1e-5

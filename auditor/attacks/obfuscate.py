@@ -265,7 +265,8 @@ def _refresh(model, lay: ch.Layer) -> ch.Layer:
 def apply_one(model: onnx.ModelProto, lay: ch.Layer, step: ObStep, rng: np.random.Generator) -> dict:
     """One step on `model` (in place) for layer `lay`; returns what was done (counts, no secrets)."""
     if step.kind in ("perm-in", "scale"):
-        prev = ch.producer(model, lay)
+        pf = ch.input_flow(model, lay)     # the producer's channels, or the residual stream read
+        prev = pf.layer if pf is not None else None
     if step.kind == "perm-in":
         if prev is None:
             raise AuditError(f"perm-in on {lay.weight}: no layer feeds its input channels")
@@ -284,8 +285,11 @@ def apply_one(model: onnx.ModelProto, lay: ch.Layer, step: ObStep, rng: np.rando
         if prev is not None:
             fp = _flow(model, find_layer(model, prev.weight))
             sp = np.exp(rng.uniform(-np.log(SCALE_RANGE), np.log(SCALE_RANGE), fp.channels))
-            _edit(model, fp, list(range(fp.channels)), sp, np.ones(fp.channels), rng, post=True)
-            done["input_side"] = prev.weight
+            try:
+                _edit(model, fp, list(range(fp.channels)), sp, np.ones(fp.channels), rng, post=True)
+                done["input_side"] = prev.weight
+            except AuditError as e:  # refused before anything was rewritten: the input side stays
+                done["input_side"] = f"not scaled: {e}"
         return done
     k = step.count
     if step.kind == "split":
@@ -361,7 +365,7 @@ def obfuscate(model: onnx.ModelProto, steps: str | list[ObStep], *, layer: str |
     for st in steps:
         for w in targets:
             lay = find_layer(m, w)
-            if layer is None and st.kind == "perm-in" and ch.producer(m, lay) is None:
+            if layer is None and st.kind == "perm-in" and ch.input_flow(m, lay) is None:
                 continue  # every layer: the first one's inputs are the model's, left alone
             done.append(apply_one(m, lay, st, rng))
     params = {"steps": [str(s) for s in steps], "layers": targets, "seed": int(seed), "done": done}
