@@ -99,7 +99,7 @@ def test_obfuscated_residual_files_compute_the_same(fx):
     assert len(set(betas)) == len(betas)
 
 
-def _model(nodes, inits, cin=4, c=4):
+def _model(nodes, inits, cin=4):
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 6, 6])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
