@@ -169,6 +169,19 @@ def test_scan_finds_the_mark_in_every_obfuscated_residual_file_with_the_referenc
     undone = " ".join(_scan(fx["forensics-resnet-obfuscated"] / src / "dummy-4.onnx", key)["undone"])
     if src == "kept":
         assert "4 dummy" in undone
+    # the reference alignment puts the permuted stream read by layer2.1.conv1 in order through a
+    # layer writing into it (weights only, no probe inputs): every row matched with cosine > 0.99
+    from auditor.forensics import align, canon
+    from auditor.read import channels as ch
+    from auditor.read.weights import WeightStore
+
+    rgv = canon.GraphValues(WeightStore.open(ref))
+    rl = next(l for l in ch.layers(rgv.model) if l.weight == LAYER)
+    gv = canon.GraphValues(WeightStore.open(fx["forensics-resnet-obfuscated"] / src / "all.onnx"))
+    sl = next(l for l in align.suspect_layers_like(gv, rgv, rl) if l.weight == LAYER)
+    al = align.align_chain(gv, sl, rgv, rl)
+    assert [a.method for a in al] == ["weights", "weights"] and all(float(a.cosine.min()) > 0.99 for a in al)
+    assert any(u.startswith("input stream") for u in al[0].undone)
 
 
 def test_scan_never_detects_in_the_obfuscated_twin(fx):

@@ -100,14 +100,41 @@ def _match(eff_s: np.ndarray, eff_r: np.ndarray, fit: np.ndarray | None) -> tupl
     return perm, mc
 
 
+STREAM_DEPTH = 8   # residual streams followed back before the chain's first layer
+
+
+def _stream_order(sus, s_first: ch.Layer, ref, r_first: ch.Layer, fit_half: bool, probe_models,
+                  depth: int) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """When the chain's first layer reads a residual stream: the stream's channel order (and
+    scales) in the reference's terms, from aligning the chain of a layer writing into it."""
+    if depth >= STREAM_DEPTH:
+        return None
+    rf = ch.input_flow(ref.model, r_first, ref.graph)
+    sf = ch.input_flow(sus.model, s_first, sus.graph)
+    if rf is None or sf is None or rf.blocked or sf.blocked or not rf.residual:
+        return None
+    try:
+        sub = align_chain(sus, sf.layer, ref, rf.layer, fit_half, probe_models, _depth=depth + 1)
+    except AuditError:
+        return None
+    return sub[-1].perm, sub[-1].scale, (f"input stream of {s_first.name} put in the reference's order by "
+                                         f"aligning {sf.layer.name}, which writes into it, through {len(sub)} layers")
+
+
 def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValues, r_layer: ch.Layer,
-                fit_half: bool = False, probe_models=None) -> list[LayerAlignment]:
-    """Align every layer of the chain ending at r_layer (reference) / s_layer (suspect)."""
+                fit_half: bool = False, probe_models=None, _depth: int = 0) -> list[LayerAlignment]:
+    """Align every layer of the chain ending at r_layer (reference) / s_layer (suspect). When the
+    chain starts at a layer reading a residual stream, the stream is first aligned through one of
+    the layers writing into it (recursively, up to STREAM_DEPTH streams back)."""
     rch, sch = chain(ref, r_layer), chain(sus, s_layer)
     if len(rch) != len(sch):
         raise AuditError(f"the suspect's chain to {s_layer.name} has {len(sch)} layers, the reference's {len(rch)}")
     out: list[LayerAlignment] = []
     pin = sin = None
+    stream = _stream_order(sus, sch[0], ref, rch[0], fit_half, probe_models, _depth)
+    stream_note = None
+    if stream is not None:
+        pin, sin, stream_note = stream
     for rl, sl in zip(rch, sch):
         Wr = canon.torch_rows(ref, rl)
         rflow = ch.trace(ref.model, rl, ref.graph)
@@ -149,6 +176,8 @@ def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValue
         scale[ok] = np.linalg.norm(eff_s[perm[ok]], axis=1) / np.maximum(nr[ok], 1e-30)
         recovered = (rec / np.where(fr == 0, 1.0, fr)[:, None]).reshape(Wr.shape)
         undone = list(cl.undone)
+        if stream_note and not out:
+            undone.append(stream_note)
         undone.append(f"{sl.name}: output channels matched to the reference ({method}; median cosine "
                       f"{float(np.median(mc[ok])) if ok.any() else 0.0:.3f}"
                       + (f"; {int((~ok).sum())} reference channels have no partner (pruned filters), zero-filled"
@@ -244,7 +273,8 @@ def align_to_reference(gv: canon.GraphValues, cands, ref_path, mark, alpha: floa
             continue
         last = al[-1]
         idx = next((i for i, c in enumerate(cands) if c.view.weight.name == gv.weight_name(sl.weight)), 0)
-        undone = [u for a in al[:-1] for u in a.undone if "dummy" in u or "split" in u] + last.undone
+        undone = [u for a in al[:-1] for u in a.undone
+                  if "dummy" in u or "split" in u or u.startswith("input stream")] + last.undone
         undone.append(f"aligned to the reference {Path(ref_path).name} through {len(al)} layers; "
                       f"per-channel scales and BatchNorm folding undone with the reference's BatchNorm")
         out.append({"weight": last.recovered, "candidate": idx, "undone": undone})
