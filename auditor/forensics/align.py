@@ -104,7 +104,7 @@ STREAM_DEPTH = 8   # residual streams followed back before the chain's first lay
 
 
 def _stream_order(sus, s_first: ch.Layer, ref, r_first: ch.Layer, fit_half: bool, probe_models,
-                  depth: int) -> tuple[np.ndarray, np.ndarray, str] | None:
+                  depth: int) -> tuple[np.ndarray, np.ndarray, str, list] | None:
     """When the chain's first layer reads a residual stream: the stream's channel order (and
     scales) in the reference's terms, from aligning the chain of a layer writing into it."""
     if depth >= STREAM_DEPTH:
@@ -114,18 +114,20 @@ def _stream_order(sus, s_first: ch.Layer, ref, r_first: ch.Layer, fit_half: bool
     if rf is None or sf is None or rf.blocked or sf.blocked or not rf.residual:
         return None
     try:
-        sub = align_chain(sus, sf.layer, ref, rf.layer, fit_half, probe_models, _depth=depth + 1)
+        sub = align_chain(sus, sf.layer, ref, rf.layer, fit_half, probe_models, _depth=depth + 1, streams=True)
     except AuditError:
         return None
     return sub[-1].perm, sub[-1].scale, (f"input stream of {s_first.name} put in the reference's order by "
-                                         f"aligning {sf.layer.name}, which writes into it, through {len(sub)} layers")
+                                         f"aligning {sf.layer.name}, which writes into it, through {len(sub)} layers"), sub
 
 
 def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValues, r_layer: ch.Layer,
-                fit_half: bool = False, probe_models=None, _depth: int = 0) -> list[LayerAlignment]:
+                fit_half: bool = False, probe_models=None, _depth: int = 0,
+                streams: bool = False) -> list[LayerAlignment]:
     """Align every layer of the chain ending at r_layer (reference) / s_layer (suspect). When the
     chain starts at a layer reading a residual stream, the stream is first aligned through one of
-    the layers writing into it (recursively, up to STREAM_DEPTH streams back)."""
+    the layers writing into it (recursively, up to STREAM_DEPTH streams back); with `streams`
+    those layers' alignments come first in the result."""
     rch, sch = chain(ref, r_layer), chain(sus, s_layer)
     if len(rch) != len(sch):
         raise AuditError(f"the suspect's chain to {s_layer.name} has {len(sch)} layers, the reference's {len(rch)}")
@@ -134,7 +136,9 @@ def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValue
     stream = _stream_order(sus, sch[0], ref, rch[0], fit_half, probe_models, _depth)
     stream_note = None
     if stream is not None:
-        pin, sin, stream_note = stream
+        pin, sin, stream_note, sub = stream
+        if streams:
+            out.extend(sub)
     for rl, sl in zip(rch, sch):
         Wr = canon.torch_rows(ref, rl)
         rflow = ch.trace(ref.model, rl, ref.graph)
@@ -176,7 +180,7 @@ def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValue
         scale[ok] = np.linalg.norm(eff_s[perm[ok]], axis=1) / np.maximum(nr[ok], 1e-30)
         recovered = (rec / np.where(fr == 0, 1.0, fr)[:, None]).reshape(Wr.shape)
         undone = list(cl.undone)
-        if stream_note and not out:
+        if stream_note and sl is sch[0]:
             undone.append(stream_note)
         undone.append(f"{sl.name}: output channels matched to the reference ({method}; median cosine "
                       f"{float(np.median(mc[ok])) if ok.any() else 0.0:.3f}"
@@ -241,6 +245,18 @@ def reference_layer(ref_store, ref_gv: canon.GraphValues, mark, alpha: float) ->
     if lay is None:
         raise AuditError(f"the reference's marked weight {r.location.weight} is not a traceable layer")
     return lay
+
+
+def depth(gv: canon.GraphValues, lay: ch.Layer, _streams: int = 0) -> int:
+    """Layers align_chain(..., streams=True) aligns for `lay`: its chain and, when the chain
+    starts at a residual stream, the chain of the layer writing into it, recursively."""
+    ch_ = chain(gv, lay)
+    if _streams >= STREAM_DEPTH:
+        return len(ch_)
+    f = ch.input_flow(gv.model, ch_[0], gv.graph)
+    if f is None or f.blocked or not f.residual:
+        return len(ch_)
+    return len(ch_) + depth(gv, f.layer, _streams + 1)
 
 
 def suspect_layers_like(gv: canon.GraphValues, ref_gv: canon.GraphValues, r_layer: ch.Layer) -> list[ch.Layer]:
