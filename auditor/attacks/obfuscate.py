@@ -6,9 +6,10 @@ layer whose channels can be traced to their consumers; see auditor.read.channels
 
 * ``perm-out``: permute the layer's output channels (rows, bias, the BatchNorm
   after it, the input columns of the next layers, through pooling, Flatten/Reshape
-  and Concat).
-* ``perm-in``: permute the output channels of the layer feeding it, which permutes
-  this layer's input channels.
+  and Concat; through a residual Add, the rows of every layer writing into the
+  stream and the columns of every layer reading it).
+* ``perm-in``: permute the output channels of the layer feeding it (or of the residual
+  stream it reads), which permutes this layer's input channels.
 * ``scale``: multiply each output channel of the layer by a positive factor in
   [1/4, 4] (log-uniform), absorbed by a following BatchNorm (running mean * s, running
   var -> s^2 (var + eps) - eps) or divided out of the next layers' columns; and scale

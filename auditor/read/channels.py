@@ -9,13 +9,19 @@ H*W features) or a Concat (each channel at an offset). Undoing such a
 transformation needs the same picture. `layers(model)` lists the layers
 (Conv, Gemm, MatMul with a constant weight); `trace(model, layer)` follows
 the layer's output channels to the consumers; `producer(model, layer)` is the
-layer whose output channels are this layer's input channels.
+layer whose output channels are this layer's input channels; `input_flow(model,
+layer)` the flow of the channels it reads (also when they are a residual stream).
 
 Main graph only. Ops passed through: BatchNormalization (per-channel
 parameters), activations (ReLU-like ones are positively homogeneous, so a
-positive per-channel scale passes through them), pooling, Identity, Dropout,
-Flatten/Reshape, Concat (axis 1). A residual Add (or any other op mixing
-channels of two tensors) ends the trace with a reason.
+positive per-channel scale passes through them), pooling, ReduceMean/ReduceMax
+over the spatial axes, Identity, Dropout, Flatten/Reshape, Concat (axis 1).
+A residual Add / Sum (non-constant operands of one shape) joins the channels
+into one stream with its other inputs: the trace walks those back to every
+layer writing into the stream (`Flow.writers`) and forward to every reader.
+Any other op mixing channels of two tensors (Mul, Sub, Div, an Add with a
+constant or after a Flatten/Concat), a stream reaching the graph input or
+written by anything but a plain layer, ends the trace with a reason.
 """
 from __future__ import annotations
 
