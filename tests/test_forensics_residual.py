@@ -239,3 +239,28 @@ def test_every_layer_of_the_residual_cnn_obfuscated(fx):
     p = obfuscate(m, "perm-in", layer="layer2.1.conv1.weight", seed=1).params
     assert p["done"][0]["channels"] == 32 and p["done"][0]["via"] in (
         LAYER, "layer2.0.conv2.weight", "layer2.0.downsample.0.weight") and p["max_abs_diff"] < 1e-5
+
+
+def test_third_party_mobilenet_residual_streams_obfuscated():
+    """ppocr_cls.onnx (PaddlePaddle MobileNetV3, BN folded, weights in Constant nodes): 10 of its
+    43 layers write into residual Adds and are now traced (the rest stop at a bias Add, a
+    broadcast Add (squeeze-excitation) or a grouped conv); the last stream has 5 writers. Those
+    layers are obfuscated function-preservingly, scale included (Relu / Identity on the stream)."""
+    import os
+    from pathlib import Path
+
+    from auditor.attacks.obfuscate import obfuscate
+    from auditor.read import channels as ch
+
+    p = Path(os.environ.get("WMAUDIT_DATA", "build/data")) / "thirdparty" / "ppocr_cls.onnx"
+    if not p.is_file():
+        pytest.skip(f"{p} is missing: run `bash scripts/fetch_thirdparty.sh`")
+    m = onnx.load(str(p))
+    flows = {l.weight: ch.trace(m, l) for l in ch.layers(m)}
+    resid = {w: f for w, f in flows.items() if f.residual and not f.blocked}
+    assert len(flows) == 43 and len(resid) == 10
+    assert max(len(f.writers) for f in resid.values()) == 5
+    w = max(resid, key=lambda k: len(resid[k].writers))
+    for steps in ("perm-out,split:2,dummy:2", "scale"):
+        r = obfuscate(m, steps, layer=w, seed=1)
+        assert r.params["max_abs_diff"] < 1e-6 * max(1.0, r.params["output_max_abs"]), steps
