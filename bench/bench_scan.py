@@ -4,7 +4,8 @@
    (WeightStore.open + every weight read once). The 100 keys are the owner's key and 99
    random generator keys (random bits, random seeds) with marks of the same shape; the
    count of random keys detected is reported (should be 0).
-2. Provenance ROC on the forensic fixtures: positives are the marked model's attacked
+2. Provenance ROC on the forensic fixtures (the SmallCNN's, and the residual CNN's in
+   `provenance_residual`): positives are the marked model's attacked
    descendants (fine-tuned, pruned, int8, obfuscated with every step, BN-folded, int8),
    negatives the independently trained twins and their obfuscated copies; the score is
    -log10 of the combined p. Reports AUC, the largest negative score and the smallest
@@ -115,6 +116,17 @@ def main(argv=None) -> int:
         out["provenance"] = {**roc(pos, neg), "seconds": time.perf_counter() - t0,
                              "scores_positive": dict(zip([str(p.relative_to(p.parents[1])) for p in pos_files], pos)),
                              "scores_negative": dict(zip([str(p.relative_to(p.parents[1])) for p in neg_files], neg))}
+        # the residual CNN obfuscated inside a residual block (reference: arch-resnet kept.onnx)
+        rref = ensure("arch-resnet") / "kept.onnx"
+        robf = ensure("forensics-resnet-obfuscated")
+        pos_files = [robf / s / f"{n}.onnx" for s in ("kept", "default") for n in names]
+        neg_files = [ensure("forensics-resnet-twin") / "model.onnx"] + [robf / "twin" / f"{n}.onnx" for n in names]
+        t0 = time.perf_counter()
+        pos = [-test(f, rref)["log10_p_combined"] for f in pos_files]
+        neg = [-test(f, rref)["log10_p_combined"] for f in neg_files]
+        out["provenance_residual"] = {**roc(pos, neg), "seconds": time.perf_counter() - t0,
+                                      "scores_positive": dict(zip([str(p.relative_to(p.parents[1])) for p in pos_files], pos)),
+                                      "scores_negative": dict(zip([str(p.relative_to(p.parents[1])) for p in neg_files], neg))}
     # third-party files nobody marked x random keys of their own weights' shapes
     import importlib.util
 

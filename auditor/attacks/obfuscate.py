@@ -6,9 +6,10 @@ layer whose channels can be traced to their consumers; see auditor.read.channels
 
 * ``perm-out``: permute the layer's output channels (rows, bias, the BatchNorm
   after it, the input columns of the next layers, through pooling, Flatten/Reshape
-  and Concat).
-* ``perm-in``: permute the output channels of the layer feeding it, which permutes
-  this layer's input channels.
+  and Concat; through a residual Add, the rows of every layer writing into the
+  stream and the columns of every layer reading it).
+* ``perm-in``: permute the output channels of the layer feeding it (or of the residual
+  stream it reads), which permutes this layer's input channels.
 * ``scale``: multiply each output channel of the layer by a positive factor in
   [1/4, 4] (log-uniform), absorbed by a following BatchNorm (running mean * s, running
   var -> s^2 (var + eps) - eps) or divided out of the next layers' columns; and scale
@@ -80,60 +81,105 @@ def _set(consts, name: str, arr: np.ndarray) -> None:
     t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr.astype(dtype)), t.name))
 
 
+def _unshare(model: onnx.ModelProto, flow: ch.Flow) -> None:
+    """Give every constant that a node of `flow` reads, and that another node input also reads
+    (an exporter may share identical BatchNorm biases), its own copy, so each is rewritten once."""
+    nodes = {id(w.layer.node) for w in flow.writers} | {id(c.layer.node) for c in flow.consumers}
+    nodes |= {id(b) for w in flow.writers for b in w.batchnorms} | {id(b) for b in flow.stream_batchnorms}
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("Shape", "Size"):
+            continue  # reads only the shape
+        for x in n.input:
+            if x in inits:
+                uses[x] = uses.get(x, 0) + 1
+    weights = {w.layer.weight for w in flow.writers} | {c.layer.weight for c in flow.consumers}
+    for w in weights:
+        if uses.get(w, 0) > 1:
+            raise AuditError(f"weight {w} is shared by several nodes; rewriting it for one would change the others")
+    taken = set(inits)
+    for n in model.graph.node:
+        if id(n) not in nodes:
+            continue
+        for k, x in enumerate(n.input):
+            if x in inits and x not in weights and uses.get(x, 0) > 1:
+                name, j = f"{x}.{n.name or k}", 0
+                while name in taken:
+                    j += 1
+                    name = f"{x}.{n.name or k}.{j}"
+                t = onnx.TensorProto()
+                t.CopyFrom(inits[x])
+                t.name = name
+                model.graph.initializer.append(t)
+                taken.add(name)
+                uses[x] -= 1
+                n.input[k] = name
+
+
 def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, c: np.ndarray,
           rng: np.random.Generator, clique: list[int] | None = None, post: bool = False) -> None:
     """Rewrite `flow.layer`'s output channels: new channel j is old channel src[j] (-1 = a new
     neuron) with incoming scale a[j] and outgoing coefficient c[j]; `clique` gives, for new
     neurons, the pair id (-1 = dummy with zero outgoing columns). The scale is applied to the
     rows and absorbed by a following BatchNorm, or, with `post`, applied after the BatchNorm
-    (gamma and beta times a) and divided out of the next layers' columns."""
+    (gamma and beta times a) and divided out of the next layers' columns.
+
+    Through a residual Add every layer writing into the stream (`flow.writers`) is rewritten
+    the same way: permuted, duplicated, given new rows; a scale is absorbed by each writer's
+    BatchNorm when every writer has one, otherwise applied to every writer's output (rows and
+    bias, or gamma and beta) and divided out of the readers' columns (the stream must then be
+    positively homogeneous, with no BatchNorm after the Add)."""
+    _unshare(model, flow)
     consts = ch.constant_tensors(model)
-    lay = flow.layer
-    W = np.moveaxis(numpy_helper.to_array(consts[lay.weight]).astype(np.float64), lay.out_axis, 0)
     src = np.asarray(src)
     new = src < 0
-    b_scale = np.ones(len(src))            # BatchNorm output scale (post)
-    if post and flow.batchnorms:
-        b_scale, a = a, np.ones(len(src))
-    std = float(W.std()) or 1.0
-    rows = np.empty((len(src),) + W.shape[1:])
-    rows[~new] = W[src[~new]] * a[~new].reshape((-1,) + (1,) * (W.ndim - 1))
-    pair_rows: dict[int, np.ndarray] = {}
-    for j in np.flatnonzero(new):
-        pid = clique[j] if clique is not None else -1
-        if pid >= 0 and pid in pair_rows:
-            rows[j] = pair_rows[pid]
-        else:
-            rows[j] = rng.standard_normal(W.shape[1:]) * std
-            if pid >= 0:
-                pair_rows[pid] = rows[j]
-    _set(consts, lay.weight, np.moveaxis(rows, 0, lay.out_axis))
-    if lay.bias and lay.bias in consts:
-        b = numpy_helper.to_array(consts[lay.bias]).astype(np.float64)
-        nb = np.zeros(len(src))
-        nb[~new] = b[src[~new]] * a[~new]
-        _set(consts, lay.bias, nb)
-    absorbed = bool(flow.batchnorms) and not post
-    for bn in flow.batchnorms:
-        eps = float(next((x.f for x in bn.attribute if x.name == "epsilon"), 1e-5))
-        g, be, mu, var = (numpy_helper.to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
-        s = src[~new]
-        ng, nbe, nmu, nvar = np.ones(len(src)), np.zeros(len(src)), np.zeros(len(src)), np.ones(len(src))
-        ng[~new], nbe[~new] = g[s] * b_scale[~new], be[s] * b_scale[~new]
-        nmu[~new] = mu[s] * a[~new]
-        nvar[~new] = a[~new] ** 2 * (var[s] + eps) - eps
-        for name, arr in zip(bn.input[1:5], (ng, nbe, nmu, nvar)):
-            _set(consts, name, arr)
-    if not absorbed and not np.allclose(a * b_scale, 1.0) and not flow.homogeneous:
-        raise AuditError(f"cannot scale {lay.name}: its channels pass a non-homogeneous activation")
+    ones = np.ones(len(src))
+    absorbed = all(w.batchnorms for w in flow.writers) and not post
+    out_scale = ones if absorbed else a     # the readers see the stream times out_scale
+    if not np.allclose(out_scale, 1.0):
+        if not flow.homogeneous:
+            raise AuditError(f"cannot scale {flow.layer.name}: its channels pass a non-homogeneous activation")
+        if flow.stream_batchnorms:
+            raise AuditError(f"cannot scale {flow.layer.name}: a BatchNorm sits on the residual stream after "
+                             f"{flow.residual[0]} (its shift does not scale)")
+    for w in flow.writers:
+        lay = w.layer
+        row_a = ones if (post and w.batchnorms) else a
+        wname, bname = _current(lay, consts)
+        W = np.moveaxis(numpy_helper.to_array(consts[wname]).astype(np.float64), lay.out_axis, 0)
+        std = float(W.std()) or 1.0
+        rows = np.empty((len(src),) + W.shape[1:])
+        rows[~new] = W[src[~new]] * row_a[~new].reshape((-1,) + (1,) * (W.ndim - 1))
+        pair_rows: dict[int, np.ndarray] = {}
+        for j in np.flatnonzero(new):
+            pid = clique[j] if clique is not None else -1
+            if pid >= 0 and pid in pair_rows:
+                rows[j] = pair_rows[pid]
+            else:
+                rows[j] = rng.standard_normal(W.shape[1:]) * std
+                if pid >= 0:
+                    pair_rows[pid] = rows[j]
+        _set(consts, wname, np.moveaxis(rows, 0, lay.out_axis))
+        if bname and bname in consts:
+            b = numpy_helper.to_array(consts[bname]).astype(np.float64)
+            nb = np.zeros(len(src))
+            nb[~new] = b[src[~new]] * row_a[~new]
+            _set(consts, bname, nb)
+        bn_out = ones if absorbed else a
+        for bn in w.batchnorms:
+            _edit_bn(consts, bn, src, row_a, bn_out)
+    for bn in flow.stream_batchnorms:
+        _edit_bn(consts, bn, src, ones, ones)
     pair_cols: dict[tuple[int, int], np.ndarray] = {}
     for ci, cons in enumerate(flow.consumers):
-        V = np.moveaxis(numpy_helper.to_array(consts[cons.layer.weight]).astype(np.float64), cons.layer.in_axis, 0)
+        cname = _current(cons.layer, consts)[0]
+        V = np.moveaxis(numpy_helper.to_array(consts[cname]).astype(np.float64), cons.layer.in_axis, 0)
         sp, off, C = cons.spatial, cons.offset, flow.channels
         blocks = V[off: off + C * sp].reshape((C, sp) + V.shape[1:])
         vstd = float(blocks.std()) or 1.0
         nblocks = np.zeros((len(src), sp) + V.shape[1:])
-        div = np.ones(len(src)) if absorbed else a * b_scale
+        div = out_scale
         nblocks[~new] = blocks[src[~new]] * (c[~new] / div[~new]).reshape((-1,) + (1,) * (blocks.ndim - 1))
         for j in np.flatnonzero(new):
             pid = clique[j] if clique is not None else -1
@@ -145,7 +191,7 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
                 nblocks[j] = rng.standard_normal(blocks.shape[1:]) * vstd
                 pair_cols[(ci, pid)] = nblocks[j]
         NV = np.concatenate([V[:off], nblocks.reshape((-1,) + V.shape[1:]), V[off + C * sp:]], axis=0)
-        _set(consts, cons.layer.weight, np.moveaxis(NV, 0, cons.layer.in_axis))
+        _set(consts, cname, np.moveaxis(NV, 0, cons.layer.in_axis))
     delta = len(src) - flow.channels
     if delta:
         for node, flat in flow.reshapes:
@@ -154,6 +200,30 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
                 raise AuditError(f"cannot update the target shape of Reshape {node.name} "
                                  f"(no constant holding {flat} on its shape input)")
     del model.graph.value_info[:]  # shapes changed; onnxruntime infers them again
+
+
+def _current(lay: ch.Layer, consts) -> tuple[str, str | None]:
+    """The layer's weight and bias names now (after _unshare may have given them copies)."""
+    n = lay.node
+    w = n.input[1] if n.input[1] in consts else lay.weight
+    b = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    return w, b
+
+
+def _edit_bn(consts, bn: onnx.NodeProto, src: np.ndarray, row_a: np.ndarray, out: np.ndarray) -> None:
+    """Reindex a BatchNorm's channels by src (new channels: identity), absorb an input scale
+    row_a (running mean * a, running var -> a^2 (var + eps) - eps) and scale its output by out."""
+    new = src < 0
+    eps = float(next((x.f for x in bn.attribute if x.name == "epsilon"), 1e-5))
+    g, be, mu, var = (numpy_helper.to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
+    s = src[~new]
+    n = len(src)
+    ng, nbe, nmu, nvar = np.ones(n), np.zeros(n), np.zeros(n), np.ones(n)
+    ng[~new], nbe[~new] = g[s] * out[~new], be[s] * out[~new]
+    nmu[~new] = mu[s] * row_a[~new]
+    nvar[~new] = row_a[~new] ** 2 * (var[s] + eps) - eps
+    for name, arr in zip(bn.input[1:5], (ng, nbe, nmu, nvar)):
+        _set(consts, name, arr)
 
 
 def _resize_reshape(model: onnx.ModelProto, node: onnx.NodeProto, old: int, new: int) -> bool:
@@ -196,7 +266,8 @@ def _refresh(model, lay: ch.Layer) -> ch.Layer:
 def apply_one(model: onnx.ModelProto, lay: ch.Layer, step: ObStep, rng: np.random.Generator) -> dict:
     """One step on `model` (in place) for layer `lay`; returns what was done (counts, no secrets)."""
     if step.kind in ("perm-in", "scale"):
-        prev = ch.producer(model, lay)
+        pf = ch.input_flow(model, lay)     # the producer's channels, or the residual stream read
+        prev = pf.layer if pf is not None else None
     if step.kind == "perm-in":
         if prev is None:
             raise AuditError(f"perm-in on {lay.weight}: no layer feeds its input channels")
@@ -215,8 +286,11 @@ def apply_one(model: onnx.ModelProto, lay: ch.Layer, step: ObStep, rng: np.rando
         if prev is not None:
             fp = _flow(model, find_layer(model, prev.weight))
             sp = np.exp(rng.uniform(-np.log(SCALE_RANGE), np.log(SCALE_RANGE), fp.channels))
-            _edit(model, fp, list(range(fp.channels)), sp, np.ones(fp.channels), rng, post=True)
-            done["input_side"] = prev.weight
+            try:
+                _edit(model, fp, list(range(fp.channels)), sp, np.ones(fp.channels), rng, post=True)
+                done["input_side"] = prev.weight
+            except AuditError as e:  # refused before anything was rewritten: the input side stays
+                done["input_side"] = f"not scaled: {e}"
         return done
     k = step.count
     if step.kind == "split":
@@ -292,7 +366,7 @@ def obfuscate(model: onnx.ModelProto, steps: str | list[ObStep], *, layer: str |
     for st in steps:
         for w in targets:
             lay = find_layer(m, w)
-            if layer is None and st.kind == "perm-in" and ch.producer(m, lay) is None:
+            if layer is None and st.kind == "perm-in" and ch.input_flow(m, lay) is None:
                 continue  # every layer: the first one's inputs are the model's, left alone
             done.append(apply_one(m, lay, st, rng))
     params = {"steps": [str(s) for s in steps], "layers": targets, "seed": int(seed), "done": done}

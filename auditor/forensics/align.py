@@ -100,14 +100,45 @@ def _match(eff_s: np.ndarray, eff_r: np.ndarray, fit: np.ndarray | None) -> tupl
     return perm, mc
 
 
+STREAM_DEPTH = 8   # residual streams followed back before the chain's first layer
+
+
+def _stream_order(sus, s_first: ch.Layer, ref, r_first: ch.Layer, fit_half: bool, probe_models,
+                  depth: int) -> tuple[np.ndarray, np.ndarray, str, list] | None:
+    """When the chain's first layer reads a residual stream: the stream's channel order (and
+    scales) in the reference's terms, from aligning the chain of a layer writing into it."""
+    if depth >= STREAM_DEPTH:
+        return None
+    rf = ch.input_flow(ref.model, r_first, ref.graph)
+    sf = ch.input_flow(sus.model, s_first, sus.graph)
+    if rf is None or sf is None or rf.blocked or sf.blocked or not rf.residual:
+        return None
+    try:
+        sub = align_chain(sus, sf.layer, ref, rf.layer, fit_half, probe_models, _depth=depth + 1, streams=True)
+    except AuditError:
+        return None
+    return sub[-1].perm, sub[-1].scale, (f"input stream of {s_first.name} put in the reference's order by "
+                                         f"aligning {sf.layer.name}, which writes into it, through {len(sub)} layers"), sub
+
+
 def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValues, r_layer: ch.Layer,
-                fit_half: bool = False, probe_models=None) -> list[LayerAlignment]:
-    """Align every layer of the chain ending at r_layer (reference) / s_layer (suspect)."""
+                fit_half: bool = False, probe_models=None, _depth: int = 0,
+                streams: bool = False) -> list[LayerAlignment]:
+    """Align every layer of the chain ending at r_layer (reference) / s_layer (suspect). When the
+    chain starts at a layer reading a residual stream, the stream is first aligned through one of
+    the layers writing into it (recursively, up to STREAM_DEPTH streams back); with `streams`
+    those layers' alignments come first in the result."""
     rch, sch = chain(ref, r_layer), chain(sus, s_layer)
     if len(rch) != len(sch):
         raise AuditError(f"the suspect's chain to {s_layer.name} has {len(sch)} layers, the reference's {len(rch)}")
     out: list[LayerAlignment] = []
     pin = sin = None
+    stream = _stream_order(sus, sch[0], ref, rch[0], fit_half, probe_models, _depth)
+    stream_note = None
+    if stream is not None:
+        pin, sin, stream_note, sub = stream
+        if streams:
+            out.extend(sub)
     for rl, sl in zip(rch, sch):
         Wr = canon.torch_rows(ref, rl)
         rflow = ch.trace(ref.model, rl, ref.graph)
@@ -149,6 +180,8 @@ def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValue
         scale[ok] = np.linalg.norm(eff_s[perm[ok]], axis=1) / np.maximum(nr[ok], 1e-30)
         recovered = (rec / np.where(fr == 0, 1.0, fr)[:, None]).reshape(Wr.shape)
         undone = list(cl.undone)
+        if stream_note and sl is sch[0]:
+            undone.append(stream_note)
         undone.append(f"{sl.name}: output channels matched to the reference ({method}; median cosine "
                       f"{float(np.median(mc[ok])) if ok.any() else 0.0:.3f}"
                       + (f"; {int((~ok).sum())} reference channels have no partner (pruned filters), zero-filled"
@@ -161,10 +194,8 @@ def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValue
 
 
 def _n_channels_prev(gv, lay, W) -> int:
-    p = ch.producer(gv.model, lay, gv.graph)
-    if p is None:
-        return W.shape[1]
-    return ch.trace(gv.model, p, gv.graph).channels
+    f = ch.input_flow(gv.model, lay, gv.graph)
+    return W.shape[1] if f is None else f.channels
 
 
 def activation_match(probe_models, s_layer: ch.Layer, r_layer: ch.Layer, keep) -> np.ndarray | None:
@@ -216,6 +247,18 @@ def reference_layer(ref_store, ref_gv: canon.GraphValues, mark, alpha: float) ->
     return lay
 
 
+def depth(gv: canon.GraphValues, lay: ch.Layer, _streams: int = 0) -> int:
+    """Layers align_chain(..., streams=True) aligns for `lay`: its chain and, when the chain
+    starts at a residual stream, the chain of the layer writing into it, recursively."""
+    ch_ = chain(gv, lay)
+    if _streams >= STREAM_DEPTH:
+        return len(ch_)
+    f = ch.input_flow(gv.model, ch_[0], gv.graph)
+    if f is None or f.blocked or not f.residual:
+        return len(ch_)
+    return len(ch_) + depth(gv, f.layer, _streams + 1)
+
+
 def suspect_layers_like(gv: canon.GraphValues, ref_gv: canon.GraphValues, r_layer: ch.Layer) -> list[ch.Layer]:
     """Suspect layers at the same depth as r_layer, of the same op and kernel."""
     depth = len(chain(ref_gv, r_layer))
@@ -246,7 +289,8 @@ def align_to_reference(gv: canon.GraphValues, cands, ref_path, mark, alpha: floa
             continue
         last = al[-1]
         idx = next((i for i, c in enumerate(cands) if c.view.weight.name == gv.weight_name(sl.weight)), 0)
-        undone = [u for a in al[:-1] for u in a.undone if "dummy" in u or "split" in u] + last.undone
+        undone = [u for a in al[:-1] for u in a.undone
+                  if "dummy" in u or "split" in u or u.startswith("input stream")] + last.undone
         undone.append(f"aligned to the reference {Path(ref_path).name} through {len(al)} layers; "
                       f"per-channel scales and BatchNorm folding undone with the reference's BatchNorm")
         out.append({"weight": last.recovered, "candidate": idx, "undone": undone})

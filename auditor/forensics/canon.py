@@ -238,11 +238,11 @@ def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
             W = W[g.keep]
             res.undone.append(f"output neurons: {g.dummies} dummy and {g.cliques} clique removed, "
                               f"{g.splits} split copies merged ({g.channels} -> {len(g.keep)})")
-    prev = ch.producer(gv.model, lay, gv.graph)
+    pflow = ch.input_flow(gv.model, lay, gv.graph)
+    prev = pflow.layer if pflow is not None else None
     if prev is None:
         res.blocked.append("input side: no layer feeds this layer's input channels")
     else:
-        pflow = ch.trace(gv.model, prev, gv.graph)
         cons = [c for c in pflow.consumers if c.layer.node is lay.node]
         sp = cons[0].spatial if len(cons) == 1 else 0
         if pflow.blocked or len(cons) != 1 or cons[0].offset != 0 or W.shape[1] != pflow.channels * (
@@ -252,7 +252,7 @@ def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
             g = neuron_groups(gv, pflow)
             res.in_groups = g
             res.in_spatial = sp
-            if pflow.batchnorms and sp == 1:
+            if pflow.batchnorms and sp == 1 and not pflow.residual:  # a stream sums several writers
                 res.in_gamma = np.abs(gv.value(pflow.batchnorms[0].input[1]))[g.keep]
             if g.dummies or g.cliques or g.splits:
                 Wv = W.reshape(W.shape[0], pflow.channels, -1) if W.ndim == 2 else W

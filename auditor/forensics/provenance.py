@@ -73,7 +73,7 @@ def _deepest(gv: canon.GraphValues) -> ch.Layer:
     lays = ch.layers(gv.model, gv.graph)
     if not lays:
         raise AuditError("no Conv/Gemm/MatMul layer with a constant weight in the model")
-    return max(lays, key=lambda l: (len(align.chain(gv, l)), l.index))
+    return max(lays, key=lambda l: (align.depth(gv, l), l.index))
 
 
 def test(suspect, reference, *, rho0: float = RHO0) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def test(suspect, reference, *, rho0: float = RHO0) -> dict[str, Any]:
     best = None
     for sl in cands:
         try:
-            als = align.align_chain(sgv, sl, rgv, r_last, fit_half=True, probe_models=probe)
+            als = align.align_chain(sgv, sl, rgv, r_last, fit_half=True, probe_models=probe, streams=True)
         except AuditError as e:
             err = str(e)
             continue

@@ -9,13 +9,19 @@ H*W features) or a Concat (each channel at an offset). Undoing such a
 transformation needs the same picture. `layers(model)` lists the layers
 (Conv, Gemm, MatMul with a constant weight); `trace(model, layer)` follows
 the layer's output channels to the consumers; `producer(model, layer)` is the
-layer whose output channels are this layer's input channels.
+layer whose output channels are this layer's input channels; `input_flow(model,
+layer)` the flow of the channels it reads (also when they are a residual stream).
 
 Main graph only. Ops passed through: BatchNormalization (per-channel
 parameters), activations (ReLU-like ones are positively homogeneous, so a
-positive per-channel scale passes through them), pooling, Identity, Dropout,
-Flatten/Reshape, Concat (axis 1). A residual Add (or any other op mixing
-channels of two tensors) ends the trace with a reason.
+positive per-channel scale passes through them), pooling, ReduceMean/ReduceMax
+over the spatial axes, Identity, Dropout, Flatten/Reshape, Concat (axis 1).
+A residual Add / Sum (non-constant operands of one shape) joins the channels
+into one stream with its other inputs: the trace walks those back to every
+layer writing into the stream (`Flow.writers`) and forward to every reader.
+Any other op mixing channels of two tensors (Mul, Sub, Div, an Add with a
+constant or after a Flatten/Concat), a stream reaching the graph input or
+written by anything but a plain layer, ends the trace with a reason.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["Layer", "Consumer", "Flow", "layers", "trace", "producer", "constant_tensors", "HOMOGENEOUS"]
+__all__ = ["Layer", "Consumer", "Flow", "Writer", "layers", "trace", "producer", "input_flow", "constant_tensors", "HOMOGENEOUS"]
 
 # Positively homogeneous: f(s x) = s f(x) for s > 0 (a per-channel scale passes through).
 HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
@@ -34,6 +40,7 @@ HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool",
 ELEMENTWISE = frozenset({"Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish",
                          "Clip", "Silu", "Mish"})
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
+_PER_CHANNEL_BACK = HOMOGENEOUS | ELEMENTWISE | {"BatchNormalization", "QuantizeLinear", "DequantizeLinear"}
 
 
 def _attr(node, name, default=None):
@@ -89,15 +96,30 @@ class Consumer:
 
 
 @dataclass
+class Writer:
+    """A layer writing into the traced channels, with the BatchNorms between it and the first Add."""
+
+    layer: Layer
+    batchnorms: list[onnx.NodeProto] = field(default_factory=list)
+
+
+@dataclass
 class Flow:
     layer: Layer
     channels: int
-    batchnorms: list[onnx.NodeProto] = field(default_factory=list)
+    batchnorms: list[onnx.NodeProto] = field(default_factory=list)   # the traced layer's own
     consumers: list[Consumer] = field(default_factory=list)
     reshapes: list[tuple[onnx.NodeProto, int]] = field(default_factory=list)  # (Reshape, flat size before)
     homogeneous: bool = True        # only positively homogeneous ops between layer and consumers
     ops: list[str] = field(default_factory=list)
     blocked: str | None = None      # why the trace could not be completed (None = complete)
+    writers: list[Writer] = field(default_factory=list)   # every layer writing these channels, traced one first
+    stream_batchnorms: list[onnx.NodeProto] = field(default_factory=list)  # BatchNorms after an Add
+    residual: list[str] = field(default_factory=list)     # the Adds joining the stream
+
+    @property
+    def group(self) -> list[Layer]:
+        return [w.layer for w in self.writers]
 
 
 class _Graph:
@@ -174,26 +196,65 @@ def layers(model: onnx.ModelProto, g: _Graph | None = None) -> list[Layer]:
     return out
 
 
+def _reduce_axes(g: _Graph, n: onnx.NodeProto) -> list[int] | None:
+    axes = _attr(n, "axes")
+    if axes is None and len(n.input) > 1 and n.input[1]:
+        v = g.value(n.input[1])
+        axes = None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+    return None if axes is None else list(axes)
+
+
 def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow:
-    """Follow `layer`'s output channels to the layers that read them."""
+    """Follow `layer`'s output channels to the layers that read them.
+
+    Through a residual Add (or Sum) the channels are one stream with the Add's other
+    inputs: the trace walks those back to every layer writing into the stream
+    (`Flow.writers`, the traced layer first, each with the BatchNorms between it and the
+    first Add) and forward from every tensor of the stream to its readers."""
     g = g or _Graph(model)
     C = int(g.dims(layer.weight)[layer.out_axis])
     flow = Flow(layer, C)
-    # (tensor, spatial block size, channel offset)
-    frontier = [(layer.node.output[0], 1, 0)]
+    flow.writers.append(Writer(layer))
+    writer_nodes = {layer.node.output[0]: layer}
+    # (tensor, spatial block size, channel offset, in the stream: walk back to its producer too)
+    frontier = [(layer.node.output[0], 1, 0, True)]
     seen = set()
+    seen_nodes: set[tuple[int, int]] = set()
+    bns: list[tuple[int, onnx.NodeProto]] = []
     while frontier:
-        t, spatial, offset = frontier.pop()
+        t, spatial, offset, stream = frontier.pop()
         if (t, offset) in seen:
             continue
         seen.add((t, offset))
         if t in g.outputs:
             flow.blocked = f"channels of {layer.name} reach the graph output {t!r}"
             return flow
+        if stream and t not in writer_nodes:
+            p = g.producer.get(t)
+            if p is None:
+                flow.blocked = (f"the residual stream of {layer.name} starts at the graph input {t!r} "
+                                f"(its channels cannot be rewritten)")
+                return flow
+            i, n = p
+            lay = _layer_of(g, i, n)
+            if lay is not None:
+                writer_nodes[t] = lay
+                flow.writers.append(Writer(lay))
+            elif n.op_type in ("Add", "Sum") or n.op_type in _PER_CHANNEL_BACK:
+                ins = n.input if n.op_type in ("Add", "Sum") else n.input[:1]
+                for x in ins:
+                    frontier.append((x, 1, 0, True))
+            else:
+                flow.blocked = (f"the residual stream of {layer.name} is written by {n.op_type} {n.name}, "
+                                f"which the trace does not rewrite")
+                return flow
         for i, n, j in g.consumers.get(t, []):
             op = n.op_type
             if op in ("Shape", "Size") or (op == "CastLike" and j == 1):
                 continue  # reads only the tensor's shape or type
+            if (i, offset) in seen_nodes:
+                continue
+            seen_nodes.add((i, offset))
             flow.ops.append(op)
             lay = _layer_of(g, i, n)
             if lay is not None and j == 0:
@@ -206,17 +267,29 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                 if any(not g.is_const(x) for x in n.input[1:5]):
                     flow.blocked = f"BatchNormalization {n.name} has non-constant parameters"
                     return flow
-                flow.batchnorms.append(n)
-                frontier.append((n.output[0], spatial, offset))
+                bns.append((i, n))
+                frontier.append((n.output[0], spatial, offset, stream))
             elif op in ("QuantizeLinear", "DequantizeLinear") and j == 0:
-                frontier.append((n.output[0], spatial, offset))  # activation Q/DQ of a QDQ model
+                frontier.append((n.output[0], spatial, offset, stream))  # activation Q/DQ of a QDQ model
             elif (op in HOMOGENEOUS or op in ELEMENTWISE) and j == 0:
                 if op in ELEMENTWISE or (op == "PRelu"):
                     flow.homogeneous = False
                 if op.startswith("Global"):
-                    frontier.append((n.output[0], 1, offset))
+                    frontier.append((n.output[0], 1, offset, stream))
                 else:
-                    frontier.append((n.output[0], spatial, offset))
+                    frontier.append((n.output[0], spatial, offset, stream))
+            elif op in ("ReduceMean", "ReduceMax") and j == 0 and spatial == 1:
+                axes = _reduce_axes(g, n)
+                shp = g.shape(t)
+                rank = len(shp) if shp else None
+                if axes is None or rank is None or any(a % rank in (0, 1) for a in axes):
+                    flow.blocked = f"{op} {n.name} does not reduce over spatial axes only"
+                    return flow
+                keep = int(_attr(n, "keepdims", 1))
+                if not keep and sorted(a % rank for a in axes) != list(range(2, rank)):
+                    flow.blocked = f"{op} {n.name} drops some but not all spatial axes"
+                    return flow
+                frontier.append((n.output[0], 1, offset, False))
             elif op in ("Flatten", "Reshape") and j == 0:
                 shp = g.shape(t)
                 if op == "Flatten" and int(_attr(n, "axis", 1)) != 1:
@@ -235,7 +308,7 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                         flow.blocked = f"Reshape {n.name} does not flatten to [batch, features]"
                         return flow
                     flow.reshapes.append((n, int(np.prod(shp[1:]))))
-                frontier.append((n.output[0], sp, offset * sp))
+                frontier.append((n.output[0], sp, offset * sp, False))
             elif op == "Concat" and spatial == 1 and int(_attr(n, "axis", 1)) == 1:
                 off = 0
                 for inp in n.input[:j]:
@@ -244,19 +317,58 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                         flow.blocked = f"cannot infer the channels of Concat {n.name}'s inputs"
                         return flow
                     off += int(s[1])
-                frontier.append((n.output[0], spatial, offset + off))
+                frontier.append((n.output[0], spatial, offset + off, False))
+            elif op in ("Add", "Sum") and spatial == 1 and offset == 0 and stream:
+                others = [x for x in n.input if x and x != t]
+                if any(g.is_const(x) for x in others):
+                    flow.blocked = (f"channels of {layer.name} meet a constant in {op} {n.name} "
+                                    f"(a bias the trace does not rewrite)")
+                    return flow
+                shapes = [g.shape(x) for x in n.input if x]
+                if all(s is not None for s in shapes) and any(s != shapes[0] for s in shapes):
+                    flow.blocked = f"{op} {n.name} broadcasts its inputs (not a residual join)"
+                    return flow
+                flow.residual.append(n.name or n.output[0])
+                for x in others:
+                    frontier.append((x, 1, 0, True))
+                frontier.append((n.output[0], 1, 0, True))
             elif op in ("Add", "Sum", "Sub", "Mul", "Div"):
-                flow.blocked = f"channels of {layer.name} meet another branch in {op} {n.name} (residual)"
+                flow.blocked = (f"channels of {layer.name} meet another branch in {op} {n.name}"
+                                + (" after a Flatten/Concat" if op in ("Add", "Sum") else ""))
                 return flow
             else:
                 flow.blocked = f"channels of {layer.name} go into {op} {n.name}, which the trace does not follow"
                 return flow
+    for lay in flow.group:
+        d = g.dims(lay.weight)
+        if int(d[lay.out_axis]) != C:
+            flow.blocked = f"{lay.name} writes {d[lay.out_axis]} channels into the stream of {layer.name} ({C})"
+            return flow
+    # a BatchNorm belongs to the writer it follows (through per-channel ops, before any Add);
+    # otherwise it sits on the stream itself
+    by_out = {w.layer.node.output[0]: w for w in flow.writers}
+    for _, bn in sorted(bns, key=lambda x: x[0]):
+        x = bn.input[0]
+        owner = None
+        for _ in range(16):
+            if x in by_out:
+                owner = by_out[x]
+                break
+            p = g.producer.get(x)
+            if p is None or p[1].op_type not in _PER_CHANNEL_BACK:
+                break
+            x = p[1].input[0]
+        if owner is None:
+            flow.stream_batchnorms.append(bn)
+        else:
+            owner.batchnorms.append(bn)
+    flow.batchnorms = list(flow.writers[0].batchnorms)
     if not flow.consumers:
         flow.blocked = flow.blocked or f"no layer reads the channels of {layer.name}"
     return flow
 
 
-_BACK = HOMOGENEOUS | ELEMENTWISE | {"BatchNormalization", "QuantizeLinear", "DequantizeLinear"}
+_BACK = _PER_CHANNEL_BACK
 
 
 def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Layer | None:
@@ -275,4 +387,32 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
             t = n.input[0]
             continue
         return None
+    return None
+
+
+def input_flow(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow | None:
+    """The flow of the channels `layer` reads: its producer's, or, when it reads a residual
+    stream, the flow of a layer writing into that stream (None: graph input, or not traceable)."""
+    g = g or _Graph(model)
+    p = producer(model, layer, g)
+    if p is not None:
+        return trace(model, p, g)
+    t = layer.node.input[0]
+    todo, seen = [t], set()
+    while todo:
+        t = todo.pop()
+        if t in seen or t not in g.producer:
+            continue
+        seen.add(t)
+        i, n = g.producer[t]
+        lay = _layer_of(g, i, n)
+        if lay is not None:
+            f = trace(model, lay, g)
+            if f.blocked or not any(c.layer.node is layer.node for c in f.consumers):
+                return None
+            return f
+        if n.op_type in ("Add", "Sum"):
+            todo.extend(x for x in n.input if x)
+        elif n.op_type in _BACK:
+            todo.append(n.input[0])
     return None
