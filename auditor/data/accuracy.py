@@ -51,7 +51,8 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0):
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else (
+        model if isinstance(model, bytes) else str(model))
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -59,7 +60,15 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0):
 
 
 def predict(model, inputs: np.ndarray, batch: int = 500, threads: int = 0) -> np.ndarray:
-    """Logits of the model's first output for every row of inputs."""
+    """Logits of the model's first output for every row of inputs (onnxruntime in an isolated
+    process: auditor.backends.isolate)."""
+    from auditor.backends import isolate
+
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return isolate.call(_predict, src, inputs, batch, threads, what="onnxruntime")
+
+
+def _predict(model, inputs: np.ndarray, batch: int, threads: int) -> np.ndarray:
     sess = session(model, threads)
     feeds = [i for i in sess.get_inputs()]
     if len(feeds) != 1:

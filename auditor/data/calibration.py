@@ -212,23 +212,37 @@ class Calibration:
             return path
 
     def _compute(self, model: onnx.ModelProto, method: str, path: Path) -> None:
-        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+        from auditor.backends import isolate
 
-        cal = _ort_calibration()
         name = model_input_name(model)
         if self.data.inputs.ndim < 1:
             raise AuditError("calibration inputs have no example axis")
-        with tempfile.TemporaryDirectory(prefix="wmaudit-calib-run-") as d:
-            mpath = Path(d) / "model.onnx"
-            onnx.save_model(model, str(mpath))
-            # The same operator set quantize_static calibrates by default.
-            ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+        isolate.call(_compute_ranges, model, method, str(path), name, self.data.inputs, self.data.batch_size,
+                     self.data.source, what="onnxruntime's calibrator")
+
+
+def _compute_ranges(model: onnx.ModelProto, method: str, path: str, name: str, inputs: np.ndarray,
+                    batch_size: int, source: str) -> None:
+    """onnxruntime's calibrator on model -> ranges saved at path (run in an isolated process)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    cal = _ort_calibration()
+    with tempfile.TemporaryDirectory(prefix="wmaudit-calib-run-") as d:
+        mpath = Path(d) / "model.onnx"
+        onnx.save_model(model, str(mpath))
+        # The same operator set quantize_static calibrates by default.
+        ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+        try:
             calibrator = cal.create_calibrator(mpath, ops, augmented_model_path=str(Path(d) / "augmented.onnx"),
                                                calibrate_method=ort_method(method))
-            try:
-                calibrator.collect_data(ArrayReader(name, self.data.inputs, self.data.batch_size))
-            except Exception as e:
-                raise AuditError(f"calibration failed on {self.data.source}: {type(e).__name__}: {e}") from None
+            calibrator.collect_data(ArrayReader(name, inputs, batch_size))
             tensors = calibrator.compute_data()
-            del calibrator
-        cal.save_tensors_data(tensors, path)
+        except AuditError:
+            raise
+        except Exception as e:
+            text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise AuditError(f"calibration failed on {source}: {type(e).__name__}: {text}") from None
+        del calibrator
+    tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
+    cal.save_tensors_data(tensors, tmp)
+    os.replace(tmp, path)

@@ -241,8 +241,15 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     cal_data = _get(cal, "data", (str,), "calibration", "fashion-mnist")
     if cal_data != "fashion-mnist" and not cal_data.endswith(".npy"):
         raise AuditError(f"'calibration.data' must be \"fashion-mnist\" or a .npy file, got {cal_data!r}")
-    if cal_data.endswith(".npy") and path is not None and not Path(cal_data).is_absolute():
-        cal_data = str(Path(path).parent / cal_data)  # relative to the policy file, as a reader expects
+    if cal_data.endswith(".npy"):
+        # relative to the policy file, and inside its folder: a policy may come with the model
+        from auditor.marks.keys import safe_sidecar
+
+        try:
+            cal_data = str(safe_sidecar(Path(path).parent if path is not None else Path("."), cal_data))
+        except AuditError as e:
+            raise AuditError(f"'calibration.data': {e}".replace("key's folder", "policy's folder")
+                             .replace("next to the key", "next to the policy")) from None
     cal_samples = _get(cal, "samples", (int,), "calibration", 128)
     if cal_samples <= 0:
         raise AuditError(f"'calibration.samples' must be a positive integer, got {cal_samples}")
@@ -298,6 +305,8 @@ def load_policy(path: str | Path) -> Policy:
         raise AuditError(f"policy {p} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise AuditError(f"policy {p} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise AuditError(f"policy {p} is not valid TOML: nested too deep") from None
     try:
         return parse_policy(doc, path=str(p))
     except AuditError as e:

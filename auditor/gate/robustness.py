@@ -85,6 +85,9 @@ def _cross(rates, mode: str, quants) -> list[Config]:
     return out
 
 
+MAX_CONFIGS = 256  # a grid is run in one go; larger sweeps are several grids
+
+
 def default_grid() -> Grid:
     """Pruning rates x quantization modes x fp16 (the unattacked model is the baseline)."""
     return Grid(tuple(_cross(DEFAULT_PRUNE_RATES, "magnitude", DEFAULT_QUANTIZE)))
@@ -117,12 +120,17 @@ def grid_from_dict(doc: dict, where: str = "grid") -> Grid:
         raise AuditError(f"{where}: duplicate config name {dup[0]!r}")
     if not configs:
         raise AuditError(f"{where}: no configs")
+    if len(configs) > MAX_CONFIGS:
+        raise AuditError(f"{where}: {len(configs)} configs, more than {MAX_CONFIGS}; split the grid")
     method = g.get("calibration", "minmax")
     from auditor.data.calibration import METHODS
 
     if method not in METHODS:
         raise AuditError(f"{where}: calibration must be one of {', '.join(METHODS)}")
-    return Grid(tuple(configs), method, int(g.get("prune_seed", 0)))
+    seed = g.get("prune_seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise AuditError(f"{where}: prune_seed must be an integer in [0, 2^63), got {seed!r}")
+    return Grid(tuple(configs), method, seed)
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -133,6 +141,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise AuditError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise AuditError(f"{path}: not valid TOML: nested too deep") from None
     return grid_from_dict(doc, str(path))
 
 

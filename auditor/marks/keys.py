@@ -157,11 +157,17 @@ def safe_sidecar(base: Path, rel: str) -> Path:
     if os.path.isabs(rel):
         raise AuditError(f"sidecar path {rel!r} is absolute; it must be relative to the key's folder")
     base = Path(base).resolve()
+    if ".." in rel.replace("\\", "/").split("/"):
+        raise AuditError(f"sidecar path {rel!r} leaves the key's folder")
     p = (base / rel).resolve()
     if base != p and base not in p.parents:
         raise AuditError(f"sidecar path {rel!r} leaves the key's folder")
-    if not p.is_file():
+    if (base / rel).is_symlink():
+        raise AuditError(f"sidecar path {rel!r} is a symbolic link; refusing it")
+    if not p.exists():
         raise AuditError(f"sidecar file {rel!r} not found next to the key")
+    if not p.is_file():
+        raise AuditError(f"sidecar {rel!r} is not a regular file")
     return p
 
 
@@ -174,12 +180,23 @@ def sha256_file(path: Path) -> str:
 
 
 def _load_npy(path: Path, sha: str | None) -> np.ndarray:
-    if sha is not None and sha256_file(path) != sha:
+    """A sidecar array read once from a regular file of bounded size (the sha256 checked on the
+    bytes that are parsed; numpy's own reader then never touches the file)."""
+    import io
+
+    from auditor.read.limits import Limits, read_model_bytes, limits
+
+    try:
+        raw = read_model_bytes(path, Limits(max_model_bytes=limits().max_model_bytes))
+    except AuditError as e:
+        raise AuditError(f"sidecar: {e}") from None
+    if sha is not None and hashlib.sha256(raw).hexdigest() != sha:
         raise AuditError(f"sidecar {path.name} does not match the sha256 recorded in the key")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as e:  # numpy raises several types for corrupt files
-        raise AuditError(f"cannot read {path.name} as .npy: {e}") from None
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise AuditError(f"cannot read {path.name} as .npy: {msg}") from None
 
 
 def _schema() -> dict[str, Any]:
@@ -212,18 +229,53 @@ def parse_key(doc: dict[str, Any], base: Path, verify_commitment: bool = True) -
     for m in marks:
         if m.reduce == "mean" and len(m.shape) < 2:
             raise AuditError(f"mark {m.id!r}: reduce 'mean' needs a weight with >= 2 axes")
+        _check_numbers(m)
     return Key(whitebox=marks, blackbox=doc.get("blackbox"), model=doc.get("model", {}),
                commitment=doc.get("commitment") or commitment_of(doc), path=None)
+
+
+MAX_KEY_BYTES = 256 << 20        # a key (bits and anchors as text) is far smaller
+MAX_PROJECTION_VALUES = 1 << 27  # T x N of one mark: 1 GiB of float64
+
+
+def _not_a_number(token: str):
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON document from a regular file of bounded size; NaN / Infinity (not JSON) refused."""
+    from auditor.read.limits import Limits, read_model_bytes
+
+    try:
+        raw = read_model_bytes(path, Limits(max_model_bytes=MAX_KEY_BYTES))
+    except AuditError as e:
+        raise AuditError(f"{what}: {e}") from None
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_not_a_number)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        msg = "nested too deep" if isinstance(e, RecursionError) else str(e)
+        raise AuditError(f"{what} {path} is not valid JSON: {msg}") from None
+
+
+def _check_numbers(m: "WhiteboxMark") -> None:
+    """Limits the schema cannot state: projection size, a finite positive scale."""
+    if m.n_coeffs <= 0 or any(d <= 0 for d in m.shape):
+        raise AuditError(f"mark {m.id!r}: shape {list(m.shape)} has an empty or negative dimension")
+    if m.n_bits * m.n_coeffs > MAX_PROJECTION_VALUES:
+        raise AuditError(f"mark {m.id!r}: projection of {m.n_bits} x {m.n_coeffs} values is over the limit of "
+                         f"{MAX_PROJECTION_VALUES}")
+    p = m.projection
+    if isinstance(p, dict) and p.get("kind") == "generator":
+        sc = p.get("scale", 1.0)
+        if not isinstance(sc, (int, float)) or isinstance(sc, bool) or not np.isfinite(sc) or sc <= 0:
+            raise AuditError(f"mark {m.id!r}: projection scale {sc!r} must be a finite positive number")
 
 
 def load_key(path: str | os.PathLike) -> Key:
     path = Path(path)
     if not path.is_file():
         raise AuditError(f"key file not found: {path}")
-    try:
-        doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AuditError(f"key file {path} is not valid JSON: {e}") from None
+    doc = read_json(path, "key file")
     key = parse_key(doc, path.parent)
     key.path = path
     return key

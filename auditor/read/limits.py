@@ -22,7 +22,8 @@ symbolic link, the file is a regular file with one hard link, opened with
 O_NOFOLLOW, and offset + length lie inside it.
 
 Defaults can be changed with environment variables ``WMAUDIT_MAX_MODEL_BYTES``,
-``WMAUDIT_MAX_TENSOR_BYTES``, ``WMAUDIT_MAX_NODES``, ``WMAUDIT_MAX_DEPTH``.
+``WMAUDIT_MAX_TENSOR_BYTES``, ``WMAUDIT_MAX_NODES``, ``WMAUDIT_MAX_DEPTH``,
+``WMAUDIT_MAX_FOLDED_BYTES`` (one tensor computed by constant folding).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class Limits:
     max_nodes: int = 1_000_000           # nodes in all graphs together
     max_tensors: int = 1_000_000         # stored tensors in all graphs together
     max_depth: int = 32                  # subgraph nesting (If / Loop / Scan bodies)
+    max_folded_bytes: int = 1 * GiB      # one tensor computed by constant folding (at 8 bytes a value)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -72,7 +74,8 @@ def limits() -> Limits:
                   max_tensor_bytes=_env_int("WMAUDIT_MAX_TENSOR_BYTES", d.max_tensor_bytes),
                   max_nodes=_env_int("WMAUDIT_MAX_NODES", d.max_nodes),
                   max_tensors=_env_int("WMAUDIT_MAX_NODES", d.max_tensors),
-                  max_depth=_env_int("WMAUDIT_MAX_DEPTH", d.max_depth))
+                  max_depth=_env_int("WMAUDIT_MAX_DEPTH", d.max_depth),
+                  max_folded_bytes=_env_int("WMAUDIT_MAX_FOLDED_BYTES", d.max_folded_bytes))
 
 
 # ---------------------------------------------------------------------------- files
@@ -337,6 +340,13 @@ def _subgraphs(node: onnx.NodeProto):
             yield from a.graphs
 
 
+def _texts(where: str, *values) -> None:
+    """Protobuf hands back bytes for a string field that is not UTF-8: refuse the model there."""
+    for v in values:
+        if not isinstance(v, str):
+            raise AuditError(f"{where}: a name or string field is not valid UTF-8 text ({bytes(v)[:40]!r})")
+
+
 def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, where: str = "model",
                 lim: Limits | None = None) -> None:
     """Validate structure, tensors and external data in one linear pass; AuditError on the first problem."""
@@ -345,8 +355,10 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
         raise AuditError(f"{where}: not an ONNX model (no graph)")
     if not model.opset_import:
         raise AuditError(f"{where}: no opset_import (which operator set the graph uses is unknown)")
+    _texts(where, model.producer_name, model.producer_version, model.domain, model.graph.name)
     seen_domains = set()
     for o in model.opset_import:
+        _texts(where, o.domain)
         d = o.domain or "ai.onnx"
         if d in seen_domains:
             raise AuditError(f"{where}: opset for domain {d!r} imported twice")
@@ -362,6 +374,8 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
         if depth > lim.max_depth:
             raise AuditError(f"{where}: subgraphs nested more than {lim.max_depth} deep (WMAUDIT_MAX_DEPTH)")
         defined: set[str] = set()
+        for vi in list(g.input) + list(g.output):
+            _texts(where, vi.name)
         for vi in g.input:
             if vi.name in defined:
                 raise AuditError(f"{where}: {gname}: input {vi.name!r} declared twice")
@@ -369,6 +383,7 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
         init_names: set[str] = set()
         for t in g.initializer:
             tensors += 1
+            _texts(where, t.name)
             if not t.name:
                 raise AuditError(f"{where}: {gname}: an initializer has no name")
             if t.name in init_names:
@@ -387,6 +402,7 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
             nodes += 1
             if nodes > lim.max_nodes:
                 raise AuditError(f"{where}: more than {lim.max_nodes} nodes (WMAUDIT_MAX_NODES)")
+            _texts(where, n.name, n.op_type, n.domain, *n.input, *n.output, *(a.name for a in n.attribute))
             label = n.name or n.op_type or "<unnamed node>"
             for x in n.input:
                 if x and x not in defined and not any(x in s for s in outer):
