@@ -47,6 +47,10 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
 _MS = "com.microsoft"
 
 
+class MalformedAttribute(AuditError):
+    """A node attribute of the wrong type, or missing where the operator requires it."""
+
+
 class MalformedQuantization(AuditError):
     """Quantization parameters onnxruntime would reject (types, axis, lengths, scale values)."""
 
@@ -122,8 +126,20 @@ def constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
         if a.name == name:
-            return helper.get_attribute_value(a)
+            try:
+                return helper.get_attribute_value(a)
+            except Exception:
+                raise AuditError(f"node {node.name or node.op_type!r}: attribute {name!r} has no readable value") from None
     return default
+
+
+def _int(node: onnx.NodeProto, name: str, default: Any = None) -> int:
+    """An integer attribute (AuditError when it is missing without a default or of another type)."""
+    v = _attr(node, name, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        what = "missing" if v is None else f"a {type(v).__name__}"
+        raise MalformedAttribute(f"node {node.name or node.op_type!r}: attribute {name!r} must be an integer, is {what}")
+    return v
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
@@ -325,8 +341,8 @@ class WeightStore:
         if known is None or known[1] is None:
             return None
         dims = known[1]
-        start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
-        sel = dims[start:] if end is None else dims[start:int(end)]
+        start, end = _int(node, "start", 0), (_int(node, "end") if _attr(node, "end") is not None else None)
+        sel = dims[start:] if end is None else dims[start:end]
         return None if any(d is None for d in sel) else tuple(sel)
 
     def _value(self, key: str) -> np.ndarray:
@@ -492,8 +508,8 @@ class WeightStore:
                     x, s, z = ck(0), ck(1), ck(2)
                     if x is None or s is None:
                         continue
-                    axis = int(_attr(node, "axis", 1))
-                    block = int(_attr(node, "block_size", 0) or 0)
+                    axis = _int(node, "axis", 1)
+                    block = _int(node, "block_size", 0)
                     shape = self._shape(x)
                     self._check_qparams(nname, x, s, z, axis, block)
                     if shape and axis < 0:
@@ -526,7 +542,7 @@ class WeightStore:
                         continue
                     shape = self._shape(w)
                     # Per-column scales run along N: axis 1 of B [K,N], axis 0 of B^T [N,K].
-                    axis = 0 if (op == "QGemm" and int(_attr(node, "transB", 0))) else len(shape) - 1
+                    axis = 0 if (op == "QGemm" and _int(node, "transB", 0)) else len(shape) - 1
                     self._check_qparams(nname, w, s, z, axis, 0)
                     fn = lambda w=w, s=s, z=z, axis=axis: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, axis)  # noqa: E731
                     extra = [ck(1), ck(2)] + ([ck(6), ck(7)] if op == "QLinearMatMul" else [ck(7), ck(8)])
@@ -559,10 +575,10 @@ class WeightStore:
                         continue
                     z = ck(3)
                     self._check_nbits(nname, b, s, z)
-                    K, N = int(_attr(node, "K")), int(_attr(node, "N"))
+                    K, N = _int(node, "K"), _int(node, "N")
                     fn = lambda nname=nname, b=b, s=s, z=z: self._dequantize_nbits(nname, b, s, z)  # noqa: E731
                     add(b, "MatMulNBits", fn, (K, N), [(op, nname, 1)], [s, z, ck(4)])
-            except MalformedQuantization:
+            except (MalformedQuantization, MalformedAttribute):
                 raise
             except AuditError:
                 continue  # a quantized form whose constants cannot be evaluated stays unlisted
@@ -670,9 +686,9 @@ class WeightStore:
         node = self._nodes[nname]
         where = f"MatMulNBits node {nname!r}"
         try:
-            K, N = int(_attr(node, "K")), int(_attr(node, "N"))
-            bits, block = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
-        except (TypeError, ValueError):
+            K, N = _int(node, "K"), _int(node, "N")
+            bits, block = _int(node, "bits", 4), _int(node, "block_size")
+        except (TypeError, ValueError, AuditError):
             raise MalformedQuantization(f"{where}: attributes K, N, block_size must be integers") from None
         if K <= 0 or N <= 0:
             raise MalformedQuantization(f"{where}: K={K}, N={N} must be positive")
@@ -805,9 +821,9 @@ class WeightStore:
     def _dequantize_nbits(self, node_name: str, b: str, s: str, z: str | None) -> np.ndarray:
         """com.microsoft MatMulNBits: B [N, n_blocks, blob] packed low nibble first -> float [K, N]."""
         node = self._nodes[node_name]
-        K, N = int(_attr(node, "K")), int(_attr(node, "N"))
-        bits = int(_attr(node, "bits", 4))
-        block = int(_attr(node, "block_size"))
+        K, N = _int(node, "K"), _int(node, "N")
+        bits = _int(node, "bits", 4)
+        block = _int(node, "block_size")
         if bits != 4:
             raise AuditError(f"MatMulNBits with bits={bits} is not supported (4-bit only)")
         packed = self._value(b).astype(np.uint8)
