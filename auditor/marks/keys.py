@@ -235,7 +235,7 @@ def parse_key(doc: dict[str, Any], base: Path, verify_commitment: bool = True) -
 
 
 MAX_KEY_BYTES = 256 << 20        # a key (bits and anchors as text) is far smaller
-MAX_PROJECTION_VALUES = 1 << 27  # T x N of one mark: 1 GiB of float64
+MAX_PROJECTION_VALUES = 1 << 26  # T x N of one mark: 512 MiB of float64
 
 
 def _not_a_number(token: str):
@@ -261,6 +261,9 @@ def _check_numbers(m: "WhiteboxMark") -> None:
     """Limits the schema cannot state: projection size, a finite positive scale."""
     if m.n_coeffs <= 0 or any(d <= 0 for d in m.shape):
         raise AuditError(f"mark {m.id!r}: shape {list(m.shape)} has an empty or negative dimension")
+    if m.n_bits > m.n_coeffs:
+        raise AuditError(f"mark {m.id!r}: {m.n_bits} bits on {m.n_coeffs} coefficients; a projection cannot "
+                         f"carry more independent bits than the weight has coefficients")
     if m.n_bits * m.n_coeffs > MAX_PROJECTION_VALUES:
         raise AuditError(f"mark {m.id!r}: projection of {m.n_bits} x {m.n_coeffs} values is over the limit of "
                          f"{MAX_PROJECTION_VALUES}")
