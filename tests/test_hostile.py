@@ -33,7 +33,7 @@ def test_corpus_is_large_and_deterministic(cases):
     for c in cases:
         counts[c["category"]] = counts.get(c["category"], 0) + 1
     assert len(cases) >= 1000
-    assert set(counts) >= {"bytes", "proto", "external", "quant", "key", "policy", "grid", "regression"}
+    assert set(counts) >= {"bytes", "proto", "external", "quant", "key", "manifest", "policy", "grid", "regression"}
     assert min(counts.values()) >= 1
     assert hostile.base_model().SerializeToString() == hostile.base_model().SerializeToString()
     assert sum(len(c["runs"]) for c in cases) > 2500

@@ -303,11 +303,10 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration, heldou
 
 
 def load_manifest(model_path: Path) -> dict | None:
-    """manifest.json next to the model, when there is one."""
+    """manifest.json next to the model, when there is one (checked as `wmaudit extract --manifest` does)."""
+    from auditor.commands.extract import load_manifest as load_manifest_file
+
     p = Path(model_path).parent / "manifest.json"
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         return None
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AuditError(f"{p}: not valid JSON: {e}") from None
+    return load_manifest_file(str(p))
