@@ -232,8 +232,8 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     acc = _get(doc, "accuracy", (dict,), "", {})
     _check_keys(acc, {"samples", "seed"}, set(), "accuracy")
     samples = _get(acc, "samples", (int,), "accuracy", 1000)
-    if samples <= 0:
-        raise AuditError(f"'accuracy.samples' must be a positive integer, got {samples}")
+    if not 0 < samples <= MAX_SAMPLES:
+        raise AuditError(f"'accuracy.samples' must be an integer in 1..{MAX_SAMPLES}, got {samples}")
     acc_seed = _get(acc, "seed", (int,), "accuracy", 0)
 
     cal = _get(doc, "calibration", (dict,), "", {})
@@ -251,8 +251,8 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
             raise AuditError(f"'calibration.data': {e}".replace("key's folder", "policy's folder")
                              .replace("next to the key", "next to the policy")) from None
     cal_samples = _get(cal, "samples", (int,), "calibration", 128)
-    if cal_samples <= 0:
-        raise AuditError(f"'calibration.samples' must be a positive integer, got {cal_samples}")
+    if not 0 < cal_samples <= MAX_SAMPLES:
+        raise AuditError(f"'calibration.samples' must be an integer in 1..{MAX_SAMPLES}, got {cal_samples}")
     cal_seed = _get(cal, "seed", (int,), "calibration", 0)
 
     raw_attacks = _get(doc, "attacks", (list,), "")
@@ -290,15 +290,21 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
                   calibration_seed=cal_seed, seed=seed, description=description, path=path)
 
 
+MAX_POLICY_BYTES = 16 << 20
+MAX_SAMPLES = 1_000_000  # more examples than any data set the gate reads
+
+
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy TOML file (AuditError on any problem)."""
+    from auditor.read.limits import Limits, read_model_bytes
+
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise AuditError(f"policy file not found: {p}") from None
-    except OSError as e:
-        raise AuditError(f"cannot read policy {p}: {e.strerror}") from None
+    if not p.exists() and not p.is_symlink():
+        raise AuditError(f"policy file not found: {p}")
+    try:  # a regular file of bounded size (a FIFO or device cannot stall the gate)
+        raw = read_model_bytes(p, Limits(max_model_bytes=MAX_POLICY_BYTES))
+    except AuditError as e:
+        raise AuditError(f"policy: {e}") from None
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -93,10 +93,22 @@ def default_grid() -> Grid:
     return Grid(tuple(_cross(DEFAULT_PRUNE_RATES, "magnitude", DEFAULT_QUANTIZE)))
 
 
+_GRID_KEYS = {"prune_rates", "prune_mode", "prune_seed", "quantize", "calibration"}
+
+
 def grid_from_dict(doc: dict, where: str = "grid") -> Grid:
+    # unknown fields are errors: a typo must not silently shrink the grid
+    unknown = sorted(set(doc) - {"grid", "config"})
+    if unknown:
+        raise AuditError(f"{where}: unknown field {unknown[0]!r} (expected [grid] and [[config]])")
     g = doc.get("grid", {})
     if not isinstance(g, dict):
         raise AuditError(f"{where}: [grid] must be a table")
+    unknown = sorted(set(g) - _GRID_KEYS)
+    if unknown:
+        raise AuditError(f"{where}: unknown field grid.{unknown[0]} (expected {', '.join(sorted(_GRID_KEYS))})")
+    if not isinstance(doc.get("config", []), list):
+        raise AuditError(f"{where}: config must be an array of tables ([[config]])")
     configs = []
     if g:
         rates = g.get("prune_rates", [0.0])
@@ -110,6 +122,8 @@ def grid_from_dict(doc: dict, where: str = "grid") -> Grid:
     for i, c in enumerate(doc.get("config", [])):
         if not isinstance(c, dict) or "steps" not in c:
             raise AuditError(f"{where}: [[config]] #{i + 1} needs steps = \"...\"")
+        if set(c) - {"name", "steps"} or not isinstance(c["steps"], str):
+            raise AuditError(f"{where}: [[config]] #{i + 1} takes name and steps (a string) only")
         compose_mod.parse_steps(c["steps"])  # validate now, not inside a worker
         configs.append(Config(str(c.get("name", c["steps"])), str(c["steps"])))
     for c in configs:

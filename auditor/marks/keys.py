@@ -102,9 +102,13 @@ class WhiteboxMark:
             else:
                 path = safe_sidecar(self._base or Path("."), p["path"])
                 X = _load_npy(path, p.get("sha256"))
+                if X.dtype.kind not in "biuf":
+                    raise AuditError(f"mark {self.id!r}: the projection sidecar holds {X.dtype}, not numbers")
                 if p.get("transposed"):
                     X = X.T
                 X = np.asarray(X, dtype=np.float64)
+            if X.dtype.kind not in "biuf" or not np.isfinite(X).all():
+                raise AuditError(f"mark {self.id!r}: the projection sidecar must hold finite numbers")
             if X.shape != (self.n_bits, self.n_coeffs):
                 raise AuditError(
                     f"mark {self.id!r}: projection is {X.shape[0]}x{X.shape[1]}, expected "
@@ -226,6 +230,7 @@ def parse_key(doc: dict[str, Any], base: Path, verify_commitment: bool = True) -
             reduce=e["reduce"], bits=bits.astype(np.uint8), projection=e["projection"],
             batchnorm=e.get("batchnorm"), extra={k: v for k, v in e.items() if k not in known},
             _base=base))
+    _check_paths(doc.get("blackbox"), "blackbox")
     for m in marks:
         if m.reduce == "mean" and len(m.shape) < 2:
             raise AuditError(f"mark {m.id!r}: reduce 'mean' needs a weight with >= 2 axes")
@@ -272,6 +277,23 @@ def _check_numbers(m: "WhiteboxMark") -> None:
         sc = p.get("scale", 1.0)
         if not isinstance(sc, (int, float)) or isinstance(sc, bool) or not np.isfinite(sc) or sc <= 0:
             raise AuditError(f"mark {m.id!r}: projection scale {sc!r} must be a finite positive number")
+
+
+def _check_paths(node: Any, where: str) -> None:
+    """Every sidecar path in a key section stays inside the key's folder (checked on the text,
+    before anything is opened: a key must not point outside however it is used later)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "path":
+                if not isinstance(v, str) or not v:
+                    raise AuditError(f"key {where}.path must be a non-empty string")
+                if os.path.isabs(v) or v.startswith(("/", "\\")) or ".." in v.replace("\\", "/").split("/"):
+                    raise AuditError(f"sidecar path {v!r} at {where} leaves the key's folder")
+            else:
+                _check_paths(v, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_paths(v, f"{where}[{i}]")
 
 
 def load_key(path: str | os.PathLike) -> Key:

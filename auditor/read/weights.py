@@ -654,6 +654,8 @@ class WeightStore:
             n_z = int(np.prod(zshape, dtype=np.int64)) if zshape else 1
             if n_z != n_s and not (scale_any_length and 1 in (n_z, n_s)):
                 raise MalformedQuantization(f"{where}: {n_z} zero points for {n_s} scales")
+            if n_z == n_s and n_s > 1 and list(zshape) != list(sshape):
+                raise MalformedQuantization(f"{where}: zero points of shape {list(zshape)}, scales of shape {list(sshape)}")
         if block:
             if block < 0:
                 raise MalformedQuantization(f"{where}: block_size {block} is negative")
@@ -692,8 +694,8 @@ class WeightStore:
             raise MalformedQuantization(f"{where}: attributes K, N, block_size must be integers") from None
         if K <= 0 or N <= 0:
             raise MalformedQuantization(f"{where}: K={K}, N={N} must be positive")
-        if bits not in (2, 3, 4, 5, 6, 7, 8):
-            raise MalformedQuantization(f"{where}: bits={bits} (2 to 8)")
+        if bits not in (2, 4, 8):
+            raise MalformedQuantization(f"{where}: bits={bits}; MatMulNBits packs 2, 4 or 8 bits")
         if block < 16 or block & (block - 1):
             raise MalformedQuantization(f"{where}: block_size={block} must be a power of two >= 16")
         n_blocks = -(-K // block)
