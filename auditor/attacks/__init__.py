@@ -76,8 +76,9 @@ __all__ = ["AttackResult", "copy_model", "cap_ir_version", "workdir", "save", "l
 
 def load_model(path) -> onnx.ModelProto:
     """A user's model with its external data, after auditor.read.graph's safety checks."""
-    from auditor.read.graph import model_dir, open_model
+    from auditor.read.graph import load_external, model_dir, open_model
+    from auditor.read.weights import WeightStore
 
     m = open_model(path)
-    onnx.load_external_data_for_model(m, str(model_dir(path)))
-    return m
+    WeightStore(m, model_dir(path))  # quantization parameters checked before any attack runs
+    return load_external(m, model_dir(path))

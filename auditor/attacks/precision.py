@@ -61,10 +61,20 @@ def _matmul_with_constant_weight(model: onnx.ModelProto) -> int:
     return sum(n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits for n in model.graph.node)
 
 
-def to_int4(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bool = True) -> AttackResult:
-    """int4 weight-only quantization of MatMul weights (MatMulNBits, QOperator form)."""
+def _int4_model(m: onnx.ModelProto, block_size: int, symmetric: bool) -> onnx.ModelProto:
+    """onnxruntime's MatMulNBitsQuantizer on m (run in an isolated process)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
+
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=4)
+    with _quiet():
+        q = MatMulNBitsQuantizer(m, algo_config=cfg)
+        q.process()
+    return q.model.model
+
+
+def to_int4(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bool = True) -> AttackResult:
+    """int4 weight-only quantization of MatMul weights (MatMulNBits, QOperator form)."""
 
     if block_size < 16 or block_size & (block_size - 1):
         raise AuditError(f"int4 block size must be a power of two >= 16, got {block_size}")
@@ -74,11 +84,9 @@ def to_int4(model: onnx.ModelProto, *, block_size: int = 32, symmetric: bool = T
     if n == 0:
         return AttackResult(m, params, ["int4: no MatMul with a constant weight; model unchanged "
                                         "(Conv and Gemm weights are not quantized by MatMulNBits)"])
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=4)
-    with _quiet():
-        q = MatMulNBitsQuantizer(m, algo_config=cfg)
-        q.process()
-    out = q.model.model
+    from auditor.backends import isolate
+
+    out = isolate.call(_int4_model, m, block_size, symmetric, what="onnxruntime's MatMulNBitsQuantizer")
     done = sum(nd.op_type == "MatMulNBits" for nd in out.graph.node)
     return AttackResult(cap_ir_version(out), params,
                         [f"int4 MatMulNBits: {done} of {n} MatMul weights quantized (block {block_size})"])

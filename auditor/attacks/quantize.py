@@ -33,6 +33,7 @@ import onnx
 
 from auditor.errors import AuditError
 from auditor.attacks import AttackResult, cap_ir_version, copy_model, load, save, workdir
+from auditor.backends import isolate
 
 DYNAMIC = "dynamic"
 STATIC_MODES = {
@@ -140,10 +141,65 @@ def _inside(folder):
         os.chdir(old)
 
 
-def preprocess(model: onnx.ModelProto, keep_batchnorm: bool = True) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` ready for quantization, and what was done to it."""
+def _pre_process_files(src: str, dst: str, keep_batchnorm: bool, folder: str) -> str | None:
+    """quant_pre_process src -> dst (in an isolated process); a note when it fell back to ONNX shape inference."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    with _quiet(), _inside(folder):
+        try:
+            quant_pre_process(src, dst, skip_optimization=keep_batchnorm)
+            return None
+        except Exception as e:
+            # Unoptimised dynamo graphs (Shape of weights, symbolic Reshape chains) defeat
+            # onnxruntime's symbolic shape inference; its own switch falls back to ONNX's.
+            try:
+                quant_pre_process(src, dst, skip_optimization=keep_batchnorm, skip_symbolic_shape=True)
+            except Exception as e2:
+                raise AuditError(f"quant_pre_process failed: {type(e2).__name__}: {_line(e2)}") from None
+            return (f"symbolic shape inference failed ({type(e).__name__}: {_line(e)}); "
+                    f"used ONNX shape inference (skip_symbolic_shape=True)")
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _quantize_dynamic_files(src: str, dst: str, weight_type: str, per_channel: bool, reduce_range: bool) -> None:
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    with _quiet():
+        try:
+            ort_quantize_dynamic(src, dst, weight_type=_qtype(weight_type), per_channel=per_channel,
+                                 reduce_range=reduce_range)
+        except AuditError:
+            raise
+        except Exception as e:
+            raise AuditError(f"quantize_dynamic failed: {type(e).__name__}: {_line(e)}") from None
+
+
+def _quantize_static_files(src: str, dst: str, quant_format: str, per_channel: bool, reduce_range: bool,
+                           activation_type: str, weight_type: str, method: str, ranges: str) -> None:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    from auditor.data.calibration import ort_method
+
+    fmt = QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator
+    with _quiet():
+        try:
+            ort_quantize_static(src, dst, None, quant_format=fmt, per_channel=per_channel,
+                                reduce_range=reduce_range, activation_type=_qtype(activation_type),
+                                weight_type=_qtype(weight_type), calibrate_method=ort_method(method),
+                                calibration_cache_path=ranges)
+        except AuditError:
+            raise
+        except Exception as e:
+            raise AuditError(f"quantize_static failed: {type(e).__name__}: {_line(e)}") from None
+
+
+def preprocess(model: onnx.ModelProto, keep_batchnorm: bool = True) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` ready for quantization, and what was done to it."""
     m = copy_model(model)
     notes = []
     m, n_folded = fold_constant_subgraphs(m)
@@ -155,20 +211,12 @@ def preprocess(model: onnx.ModelProto, keep_batchnorm: bool = True) -> tuple[onn
     if len(m.graph.value_info):
         notes.append(f"dropped {len(m.graph.value_info)} graph.value_info entries before shape inference")
         del m.graph.value_info[:]
-    with workdir() as d, _quiet(), _inside(d):
+    with workdir() as d:
         src, dst = save(m, d / "in.onnx"), d / "pre.onnx"
-        try:
-            quant_pre_process(str(src), str(dst), skip_optimization=keep_batchnorm)
-        except Exception as e:
-            # Unoptimised dynamo graphs (Shape of weights, symbolic Reshape chains) defeat
-            # onnxruntime's symbolic shape inference; its own switch falls back to ONNX's.
-            try:
-                quant_pre_process(str(src), str(dst), skip_optimization=keep_batchnorm,
-                                  skip_symbolic_shape=True)
-            except Exception as e2:
-                raise AuditError(f"quant_pre_process failed: {type(e2).__name__}: {e2}") from None
-            notes.append(f"symbolic shape inference failed ({type(e).__name__}: {e}); "
-                         f"used ONNX shape inference (skip_symbolic_shape=True)")
+        fallback = isolate.call(_pre_process_files, str(src), str(dst), keep_batchnorm, str(d),
+                                what="onnxruntime's quant_pre_process")
+        if fallback:
+            notes.append(fallback)
         out = load(dst)
     n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
     if keep_batchnorm:
@@ -183,20 +231,17 @@ def preprocess(model: onnx.ModelProto, keep_batchnorm: bool = True) -> tuple[onn
 def quantize_dynamic(model: onnx.ModelProto, *, weight_type: str = "int8", per_channel: bool = False,
                      reduce_range: bool = False, pre_process: bool = True,
                      keep_batchnorm: bool = True) -> AttackResult:
-    """``onnxruntime.quantization.quantize_dynamic`` on a copy of ``model``."""
-    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+    """``onnxruntime.quantization.quantize_dynamic`` on a copy of ``model`` (in an isolated process)."""
 
     params = {"mode": DYNAMIC, "weight_type": weight_type, "per_channel": bool(per_channel),
               "reduce_range": bool(reduce_range), "pre_process": bool(pre_process),
               "keep_batchnorm": bool(keep_batchnorm)}
     m, notes = preprocess(model, keep_batchnorm) if pre_process else (copy_model(model), [])
-    with workdir() as d, _quiet():
+    _qtype(weight_type)
+    with workdir() as d:
         src, dst = save(m, d / "float.onnx"), d / "int8.onnx"
-        try:
-            ort_quantize_dynamic(src, dst, weight_type=_qtype(weight_type), per_channel=per_channel,
-                                 reduce_range=reduce_range)
-        except Exception as e:
-            raise AuditError(f"quantize_dynamic failed: {type(e).__name__}: {e}") from None
+        isolate.call(_quantize_dynamic_files, str(src), str(dst), weight_type, bool(per_channel), bool(reduce_range),
+                     what="onnxruntime's quantize_dynamic")
         out = load(dst)
     if per_channel and any(n.op_type == "ConvInteger" for n in out.graph.node):
         notes.append("onnxruntime's dynamic mode quantizes Conv weights per tensor even with per_channel")
@@ -212,9 +257,6 @@ def quantize_static(model: onnx.ModelProto, calibration, *, quant_format: str = 
     ``calibration`` is an ``auditor.data.calibration.Calibration``; ranges are computed once
     per (pre-processed float model, method) and reused through onnxruntime's cache file.
     """
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization import quantize_static as ort_quantize_static
-
     if quant_format not in ("qdq", "qop"):
         raise AuditError(f"unknown quantization format {quant_format!r} (qdq or qop)")
     if calibration is None:
@@ -229,18 +271,11 @@ def quantize_static(model: onnx.ModelProto, calibration, *, quant_format: str = 
               "keep_batchnorm": bool(keep_batchnorm)}
     m, notes = preprocess(model, keep_batchnorm) if pre_process else (copy_model(model), [])
     ranges = calibration.ranges(m, method)
-    fmt = QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator
-    with workdir() as d, _quiet():
+    _qtype(weight_type), _qtype(activation_type), ort_method(method)
+    with workdir() as d:
         src, dst = save(m, d / "float.onnx"), d / "int8.onnx"
-        try:
-            ort_quantize_static(src, dst, None, quant_format=fmt, per_channel=per_channel,
-                                reduce_range=reduce_range, activation_type=_qtype(activation_type),
-                                weight_type=_qtype(weight_type), calibrate_method=ort_method(method),
-                                calibration_cache_path=ranges)
-        except AuditError:
-            raise
-        except Exception as e:
-            raise AuditError(f"quantize_static failed: {type(e).__name__}: {e}") from None
+        isolate.call(_quantize_static_files, str(src), str(dst), quant_format, bool(per_channel), bool(reduce_range),
+                     activation_type, weight_type, method, str(ranges), what="onnxruntime's quantize_static")
         out = load(dst)
     notes.append(f"activation ranges: {method} calibration on {calibration.data.source} "
                  f"({calibration.data.n} samples, seed {calibration.data.seed}), cached"

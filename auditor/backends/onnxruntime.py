@@ -35,6 +35,22 @@ def provider_available(provider: str) -> tuple[bool, str]:
     return True, ""
 
 
+def _load_session(path: str, providers: list[str], threads: int | None, keep: bool = False):
+    """An InferenceSession on path (keep=False: only prove that it loads, return nothing)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    try:
+        sess = ort.InferenceSession(path, sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AuditError(f"onnxruntime cannot load {Path(path).name}: {msg}") from None
+    return sess if keep else None
+
+
 class SessionFromOnnx:
     """Loader: ``loader()`` -> onnxruntime.InferenceSession on the given providers.
 
@@ -49,19 +65,15 @@ class SessionFromOnnx:
         self.intra_op_threads = intra_op_threads
 
     def __call__(self):
-        import onnxruntime as ort
-
         if not self.model_path.is_file():
             raise AuditError(f"model not found: {self.model_path}")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.intra_op_threads:
-            opts.intra_op_num_threads = int(self.intra_op_threads)
-        try:
-            sess = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AuditError(f"onnxruntime cannot load {self.model_path.name}: {msg}") from None
+        from auditor.backends import isolate
+
+        # First in an isolated process: a graph that crashes, hangs or exhausts onnxruntime
+        # while loading does it there (the session used below is then built from a file that loads).
+        isolate.call(_load_session, str(self.model_path), self.providers, self.intra_op_threads,
+                     what="onnxruntime")
+        sess = _load_session(str(self.model_path), self.providers, self.intra_op_threads, keep=True)
         used = sess.get_providers()
         if used[0] != self.providers[0]:
             raise AuditError(f"onnxruntime did not start {self.providers[0]} for {self.model_path.name} "

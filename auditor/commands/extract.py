@@ -39,17 +39,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_manifest(path: str | None) -> dict | None:
+    """The exporter's manifest: a JSON object whose 'params' maps torch names to
+    {"onnx": str, "transform": str, ...}; AuditError (one line) otherwise."""
     if path is None:
         return None
+    from auditor.marks.keys import read_json
+
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise AuditError(f"manifest not found: {path}")
-    try:
-        doc = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AuditError(f"manifest {path} is not valid JSON: {e}") from None
+    doc = read_json(p, "manifest")
+    return check_manifest(doc, str(path))
+
+
+def check_manifest(doc, where: str) -> dict:
     if not isinstance(doc, dict) or not isinstance(doc.get("params", {}), dict):
-        raise AuditError(f"manifest {path} has no 'params' mapping")
+        raise AuditError(f"manifest {where} has no 'params' mapping")
+    for name, entry in doc.get("params", {}).items():
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k, ""), str) for k in ("onnx", "transform")):
+            raise AuditError(f"manifest {where}: params[{name!r}] must be an object with string 'onnx' and 'transform'")
     return doc
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -39,14 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def default_manifest(model: str | os.PathLike) -> dict | None:
     """manifest.json beside the model, when it names this model file."""
+    from auditor.commands.extract import load_manifest
+
     m = Path(model).with_name("manifest.json")
     if not m.is_file():
         return None
     try:
-        doc = json.loads(m.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if isinstance(doc, dict) and doc.get("onnx") in (None, Path(model).name) and isinstance(doc.get("params"), dict):
+        doc = load_manifest(str(m))
+    except AuditError:
+        return None  # not a manifest of ours: the gate locates weights without it
+    if doc.get("onnx") in (None, Path(model).name) and isinstance(doc.get("params"), dict):
         return doc
     return None
 

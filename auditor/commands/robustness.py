@@ -55,6 +55,9 @@ def run(args) -> int:
         raise AuditError(f"model not found: {model}")
     key = load_key(args.key)
     grid = load_grid(args.grid) if args.grid else default_grid()
+    from auditor.read.weights import WeightStore
+
+    WeightStore.open(model)  # a malformed model is refused before any data set is loaded
     manifest = load_manifest_file(args.manifest) if args.manifest else load_manifest(model)
     out = Path(args.output)
     if out.exists() and not out.is_dir():

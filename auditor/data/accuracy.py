@@ -1,8 +1,9 @@
 """Running a model over a ``Dataset`` (auditor.data.inputs) and its top-1 accuracy.
 
 ``outputs(model, data)`` feeds the data set's batches (every input of a
-multi-input model; a fixed batch dimension honoured) through onnxruntime CPU,
-or through an ``auditor.backends`` runner for any other backend, and returns
+multi-input model; a fixed batch dimension honoured) through onnxruntime CPU
+in an isolated process (``auditor.backends.isolate``: a crash, hang or memory
+blow-up of onnxruntime on a stranger's graph is one line), or through an ``auditor.backends`` runner for any other backend, and returns
 every output, examples first, as float32 where the model returns floats.
 ``accuracy(model, data)`` is the top-1 accuracy of the first output against the
 data set's labels. Label-free measures live in ``auditor.data.fidelity``.
@@ -28,7 +29,8 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0):
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else (
+        model if isinstance(model, bytes) else str(model))
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -39,29 +41,38 @@ def _as_float(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) if a.dtype == np.float16 else a
 
 
+def _ort_outputs(model, data, threads: int) -> dict[str, np.ndarray]:
+    """The onnxruntime CPU run of ``outputs`` (in an isolated process: auditor.backends.isolate)."""
+    sess = session(model, threads)
+    names = [o.name for o in sess.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {}
+    for feed in data.batches():
+        try:
+            res = sess.run(None, feed)
+        except Exception as e:
+            msg = " ".join(str(e).split()) or type(e).__name__
+            raise AuditError(f"onnxruntime cannot run the model on {data.source}: {msg[:300]}") from None
+        for n, r in zip(names, res):
+            parts.setdefault(n, []).append(_as_float(np.asarray(r)))
+    return {n: np.concatenate(p) for n, p in parts.items()}
+
+
 def outputs(model, data, threads: int = 0, backend: str = "ort-cpu") -> dict[str, np.ndarray]:
     """{output name: array} over every example of ``data``, in order."""
-    parts: dict[str, list[np.ndarray]] = {}
     if backend == "ort-cpu":
-        sess = session(model, threads)
-        names = [o.name for o in sess.get_outputs()]
-        for feed in data.batches():
-            try:
-                res = sess.run(None, feed)
-            except Exception as e:
-                msg = " ".join(str(e).split()) or type(e).__name__
-                raise AuditError(f"onnxruntime cannot run the model on {data.source}: {msg[:300]}") from None
-            for n, r in zip(names, res):
-                parts.setdefault(n, []).append(_as_float(np.asarray(r)))
-    else:
-        from auditor.backends import open_runner
+        from auditor.backends import isolate
 
-        if isinstance(model, onnx.ModelProto):
-            raise AuditError(f"backend {backend} runs model files")
-        with open_runner(model, backend) as runner:
-            for feed in data.batches():
-                for n, r in runner.infer(feed).items():
-                    parts.setdefault(n, []).append(_as_float(np.asarray(r)))
+        src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        return isolate.call(_ort_outputs, src, data, threads, what="onnxruntime")
+    from auditor.backends import open_runner
+
+    if isinstance(model, onnx.ModelProto):
+        raise AuditError(f"backend {backend} runs model files")
+    parts: dict[str, list[np.ndarray]] = {}
+    with open_runner(model, backend) as runner:
+        for feed in data.batches():
+            for n, r in runner.infer(feed).items():
+                parts.setdefault(n, []).append(_as_float(np.asarray(r)))
     return {n: np.concatenate(p) for n, p in parts.items()}
 
 

@@ -21,6 +21,7 @@ would for a real deployer.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -145,20 +146,34 @@ class Calibration:
             return path
 
     def _compute(self, model: onnx.ModelProto, method: str, path: Path) -> None:
-        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+        from auditor.backends import isolate
 
-        cal = _ort_calibration()
-        with tempfile.TemporaryDirectory(prefix="wmaudit-calib-run-") as d:
-            mpath = Path(d) / "model.onnx"
-            onnx.save_model(model, str(mpath))
-            # The same operator set quantize_static calibrates by default.
-            ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+        isolate.call(_compute_ranges, model, method, str(path), self.data, what="onnxruntime's calibrator")
+
+
+def _compute_ranges(model: onnx.ModelProto, method: str, path: str, data) -> None:
+    """onnxruntime's calibrator on model over ``data`` (a Dataset) -> ranges saved at path
+    (run in an isolated process: auditor.backends.isolate)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    cal = _ort_calibration()
+    source = data.source
+    with tempfile.TemporaryDirectory(prefix="wmaudit-calib-run-") as d:
+        mpath = Path(d) / "model.onnx"
+        onnx.save_model(model, str(mpath))
+        # The same operator set quantize_static calibrates by default.
+        ops = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+        try:
             calibrator = cal.create_calibrator(mpath, ops, augmented_model_path=str(Path(d) / "augmented.onnx"),
                                                calibrate_method=ort_method(method))
-            try:
-                calibrator.collect_data(DatasetReader(self.data))
-            except Exception as e:
-                raise AuditError(f"calibration failed on {self.data.source}: {type(e).__name__}: {e}") from None
+            calibrator.collect_data(DatasetReader(data))
             tensors = calibrator.compute_data()
-            del calibrator
-        cal.save_tensors_data(tensors, path)
+        except AuditError:
+            raise
+        except Exception as e:
+            text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise AuditError(f"calibration failed on {source}: {type(e).__name__}: {text}") from None
+        del calibrator
+    tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
+    cal.save_tensors_data(tensors, tmp)
+    os.replace(tmp, path)

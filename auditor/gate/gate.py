@@ -223,13 +223,9 @@ def apply_attack(model, spec: AttackSpec, policy: Policy, calibration=None) -> t
 
 def load_model_full(path: str | Path):
     """The model with its external data, after graph.open_model's safety checks."""
-    import onnx.external_data_helper as xdh
+    from auditor.attacks import load_model
 
-    from auditor.read.graph import model_dir, open_model
-
-    model = open_model(path)
-    xdh.load_external_data_for_model(model, str(model_dir(path)))
-    return model
+    return load_model(path)
 
 
 def _save(model, path: Path) -> Path:

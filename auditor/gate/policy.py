@@ -250,16 +250,24 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
         raise AuditError("'evidence.accuracy' is true but none of 'thresholds.max_accuracy_drop', "
                          "'thresholds.min_top1_agreement', 'thresholds.min_sqnr_db' is set")
 
-    def _rel(v: str | None) -> str | None:
-        # paths are relative to the policy file, as a reader expects; built-in names stay as they are
-        if v is None or v in ("fashion-mnist", "synthetic") or path is None or Path(v).is_absolute():
+    def _rel(v: str | None, name: str) -> str | None:
+        # paths are relative to the policy file, as a reader expects, and stay inside its folder (a
+        # policy may come with a model from a stranger); built-in names stay as they are
+        if v is None or v in ("fashion-mnist", "synthetic"):
             return v
-        return str(Path(path).parent / v)
+        base = (Path(path).parent if path is not None else Path(".")).resolve()
+        if "\0" in v or Path(v).is_absolute() or ".." in v.replace("\\", "/").split("/"):
+            raise AuditError(f"'{name}' = {v!r} leaves the policy's folder: data a policy names must lie "
+                             f"next to it (give other data with --data)")
+        resolved = (base / v).resolve()
+        if resolved != base and base not in resolved.parents:
+            raise AuditError(f"'{name}' = {v!r} leads outside the policy's folder through a symbolic link")
+        return str(base / v)
 
     dat = _get(doc, "data", (dict,), "", {})
     _check_keys(dat, {"source", "labels", "preprocess"}, set(), "data")
-    data_source = _rel(_get(dat, "source", (str,), "data"))
-    data_labels = _rel(_get(dat, "labels", (str,), "data"))
+    data_source = _rel(_get(dat, "source", (str,), "data"), "data.source")
+    data_labels = _rel(_get(dat, "labels", (str,), "data"), "data.labels")
     data_preprocess = _get(dat, "preprocess", (str,), "data")
     if data_preprocess:
         from auditor.data.inputs import parse_preprocess
@@ -271,16 +279,16 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     acc = _get(doc, "accuracy", (dict,), "", {})
     _check_keys(acc, {"samples", "seed"}, set(), "accuracy")
     samples = _get(acc, "samples", (int,), "accuracy", 1000)
-    if samples <= 0:
-        raise AuditError(f"'accuracy.samples' must be a positive integer, got {samples}")
+    if not 0 < samples <= MAX_SAMPLES:
+        raise AuditError(f"'accuracy.samples' must be an integer in 1..{MAX_SAMPLES}, got {samples}")
     acc_seed = _get(acc, "seed", (int,), "accuracy", 0)
 
     cal = _get(doc, "calibration", (dict,), "", {})
     _check_keys(cal, {"data", "samples", "seed"}, set(), "calibration")
-    cal_data = _rel(_get(cal, "data", (str,), "calibration"))
+    cal_data = _rel(_get(cal, "data", (str,), "calibration"), "calibration.data")
     cal_samples = _get(cal, "samples", (int,), "calibration", 128)
-    if cal_samples <= 0:
-        raise AuditError(f"'calibration.samples' must be a positive integer, got {cal_samples}")
+    if not 0 < cal_samples <= MAX_SAMPLES:
+        raise AuditError(f"'calibration.samples' must be an integer in 1..{MAX_SAMPLES}, got {cal_samples}")
     cal_seed = _get(cal, "seed", (int,), "calibration", 0)
 
     raw_attacks = _get(doc, "attacks", (list,), "")
@@ -319,21 +327,29 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
                   calibration_seed=cal_seed, seed=seed, description=description, path=path)
 
 
+MAX_POLICY_BYTES = 16 << 20
+MAX_SAMPLES = 1_000_000  # more examples than any data set the gate reads
+
+
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy TOML file (AuditError on any problem)."""
+    from auditor.read.limits import Limits, read_model_bytes
+
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise AuditError(f"policy file not found: {p}") from None
-    except OSError as e:
-        raise AuditError(f"cannot read policy {p}: {e.strerror}") from None
+    if not p.exists() and not p.is_symlink():
+        raise AuditError(f"policy file not found: {p}")
+    try:  # a regular file of bounded size (a FIFO or device cannot stall the gate)
+        raw = read_model_bytes(p, Limits(max_model_bytes=MAX_POLICY_BYTES))
+    except AuditError as e:
+        raise AuditError(f"policy: {e}") from None
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise AuditError(f"policy {p} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise AuditError(f"policy {p} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise AuditError(f"policy {p} is not valid TOML: nested too deep") from None
     try:
         return parse_policy(doc, path=str(p))
     except AuditError as e:

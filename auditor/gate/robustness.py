@@ -88,15 +88,30 @@ def _cross(rates, mode: str, quants) -> list[Config]:
     return out
 
 
+MAX_CONFIGS = 256  # a grid is run in one go; larger sweeps are several grids
+
+
 def default_grid() -> Grid:
     """Pruning rates x quantization modes x fp16 (the unattacked model is the baseline)."""
     return Grid(tuple(_cross(DEFAULT_PRUNE_RATES, "magnitude", DEFAULT_QUANTIZE)))
 
 
+_GRID_KEYS = {"prune_rates", "prune_mode", "prune_seed", "quantize", "calibration"}
+
+
 def grid_from_dict(doc: dict, where: str = "grid") -> Grid:
+    # unknown fields are errors: a typo must not silently shrink the grid
+    unknown = sorted(set(doc) - {"grid", "config"})
+    if unknown:
+        raise AuditError(f"{where}: unknown field {unknown[0]!r} (expected [grid] and [[config]])")
     g = doc.get("grid", {})
     if not isinstance(g, dict):
         raise AuditError(f"{where}: [grid] must be a table")
+    unknown = sorted(set(g) - _GRID_KEYS)
+    if unknown:
+        raise AuditError(f"{where}: unknown field grid.{unknown[0]} (expected {', '.join(sorted(_GRID_KEYS))})")
+    if not isinstance(doc.get("config", []), list):
+        raise AuditError(f"{where}: config must be an array of tables ([[config]])")
     configs = []
     if g:
         rates = g.get("prune_rates", [0.0])
@@ -110,6 +125,8 @@ def grid_from_dict(doc: dict, where: str = "grid") -> Grid:
     for i, c in enumerate(doc.get("config", [])):
         if not isinstance(c, dict) or "steps" not in c:
             raise AuditError(f"{where}: [[config]] #{i + 1} needs steps = \"...\"")
+        if set(c) - {"name", "steps"} or not isinstance(c["steps"], str):
+            raise AuditError(f"{where}: [[config]] #{i + 1} takes name and steps (a string) only")
         compose_mod.parse_steps(c["steps"])  # validate now, not inside a worker
         configs.append(Config(str(c.get("name", c["steps"])), str(c["steps"])))
     for c in configs:
@@ -120,12 +137,17 @@ def grid_from_dict(doc: dict, where: str = "grid") -> Grid:
         raise AuditError(f"{where}: duplicate config name {dup[0]!r}")
     if not configs:
         raise AuditError(f"{where}: no configs")
+    if len(configs) > MAX_CONFIGS:
+        raise AuditError(f"{where}: {len(configs)} configs, more than {MAX_CONFIGS}; split the grid")
     method = g.get("calibration", "minmax")
     from auditor.data.calibration import METHODS
 
     if method not in METHODS:
         raise AuditError(f"{where}: calibration must be one of {', '.join(METHODS)}")
-    return Grid(tuple(configs), method, int(g.get("prune_seed", 0)))
+    seed = g.get("prune_seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise AuditError(f"{where}: prune_seed must be an integer in [0, 2^63), got {seed!r}")
+    return Grid(tuple(configs), method, seed)
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
@@ -136,6 +158,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise AuditError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise AuditError(f"{path}: not valid TOML: nested too deep") from None
     return grid_from_dict(doc, str(path))
 
 
@@ -355,11 +379,10 @@ def _sha(path) -> str:
 
 
 def load_manifest(model_path: Path) -> dict | None:
-    """manifest.json next to the model, when there is one."""
+    """manifest.json next to the model, when there is one (checked as `wmaudit extract --manifest` does)."""
+    from auditor.commands.extract import load_manifest as load_manifest_file
+
     p = Path(model_path).parent / "manifest.json"
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         return None
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AuditError(f"{p}: not valid JSON: {e}") from None
+    return load_manifest_file(str(p))

@@ -117,9 +117,13 @@ class WhiteboxMark:
             else:
                 path = safe_sidecar(self._base or Path("."), p["path"])
                 X = _load_npy(path, p.get("sha256"))
+                if X.dtype.kind not in "biuf":
+                    raise AuditError(f"mark {self.id!r}: the projection sidecar holds {X.dtype}, not numbers")
                 if p.get("transposed"):
                     X = X.T
                 X = np.asarray(X, dtype=np.float64)
+            if X.dtype.kind not in "biuf" or not np.isfinite(X).all():
+                raise AuditError(f"mark {self.id!r}: the projection sidecar must hold finite numbers")
             if X.shape != (self.n_bits, self.n_coeffs):
                 raise AuditError(
                     f"mark {self.id!r}: projection is {X.shape[0]}x{X.shape[1]}, expected "
@@ -172,11 +176,17 @@ def safe_sidecar(base: Path, rel: str) -> Path:
     if os.path.isabs(rel):
         raise AuditError(f"sidecar path {rel!r} is absolute; it must be relative to the key's folder")
     base = Path(base).resolve()
+    if ".." in rel.replace("\\", "/").split("/"):
+        raise AuditError(f"sidecar path {rel!r} leaves the key's folder")
     p = (base / rel).resolve()
     if base != p and base not in p.parents:
         raise AuditError(f"sidecar path {rel!r} leaves the key's folder")
-    if not p.is_file():
+    if (base / rel).is_symlink():
+        raise AuditError(f"sidecar path {rel!r} is a symbolic link; refusing it")
+    if not p.exists():
         raise AuditError(f"sidecar file {rel!r} not found next to the key")
+    if not p.is_file():
+        raise AuditError(f"sidecar {rel!r} is not a regular file")
     return p
 
 
@@ -189,12 +199,23 @@ def sha256_file(path: Path) -> str:
 
 
 def _load_npy(path: Path, sha: str | None) -> np.ndarray:
-    if sha is not None and sha256_file(path) != sha:
+    """A sidecar array read once from a regular file of bounded size (the sha256 checked on the
+    bytes that are parsed; numpy's own reader then never touches the file)."""
+    import io
+
+    from auditor.read.limits import Limits, read_model_bytes, limits
+
+    try:
+        raw = read_model_bytes(path, Limits(max_model_bytes=limits().max_model_bytes))
+    except AuditError as e:
+        raise AuditError(f"sidecar: {e}") from None
+    if sha is not None and hashlib.sha256(raw).hexdigest() != sha:
         raise AuditError(f"sidecar {path.name} does not match the sha256 recorded in the key")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as e:  # numpy raises several types for corrupt files
-        raise AuditError(f"cannot read {path.name} as .npy: {e}") from None
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise AuditError(f"cannot read {path.name} as .npy: {msg}") from None
 
 
 def _schema() -> dict[str, Any]:
@@ -224,21 +245,77 @@ def parse_key(doc: dict[str, Any], base: Path, verify_commitment: bool = True) -
             reduce=e["reduce"], bits=bits.astype(np.uint8), projection=e["projection"],
             batchnorm=e.get("batchnorm"), extra={k: v for k, v in e.items() if k not in known},
             _base=base))
+    _check_paths(doc.get("blackbox"), "blackbox")
     for m in marks:
         if m.reduce == "mean" and len(m.shape) < 2:
             raise AuditError(f"mark {m.id!r}: reduce 'mean' needs a weight with >= 2 axes")
+        _check_numbers(m)
     return Key(whitebox=marks, blackbox=doc.get("blackbox"), model=doc.get("model", {}),
                commitment=doc.get("commitment") or commitment_of(doc), path=None)
+
+
+MAX_KEY_BYTES = 256 << 20        # a key (bits and anchors as text) is far smaller
+MAX_PROJECTION_VALUES = 1 << 26  # T x N of one mark: 512 MiB of float64
+
+
+def _not_a_number(token: str):
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON document from a regular file of bounded size; NaN / Infinity (not JSON) refused."""
+    from auditor.read.limits import Limits, read_model_bytes
+
+    try:
+        raw = read_model_bytes(path, Limits(max_model_bytes=MAX_KEY_BYTES))
+    except AuditError as e:
+        raise AuditError(f"{what}: {e}") from None
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_not_a_number)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        msg = "nested too deep" if isinstance(e, RecursionError) else str(e)
+        raise AuditError(f"{what} {path} is not valid JSON: {msg}") from None
+
+
+def _check_numbers(m: "WhiteboxMark") -> None:
+    """Limits the schema cannot state: projection size, a finite positive scale."""
+    if m.n_coeffs <= 0 or any(d <= 0 for d in m.shape):
+        raise AuditError(f"mark {m.id!r}: shape {list(m.shape)} has an empty or negative dimension")
+    if m.n_bits > m.n_coeffs:
+        raise AuditError(f"mark {m.id!r}: {m.n_bits} bits on {m.n_coeffs} coefficients; a projection cannot "
+                         f"carry more independent bits than the weight has coefficients")
+    if m.n_bits * m.n_coeffs > MAX_PROJECTION_VALUES:
+        raise AuditError(f"mark {m.id!r}: projection of {m.n_bits} x {m.n_coeffs} values is over the limit of "
+                         f"{MAX_PROJECTION_VALUES}")
+    p = m.projection
+    if isinstance(p, dict) and p.get("kind") == "generator":
+        sc = p.get("scale", 1.0)
+        if not isinstance(sc, (int, float)) or isinstance(sc, bool) or not np.isfinite(sc) or sc <= 0:
+            raise AuditError(f"mark {m.id!r}: projection scale {sc!r} must be a finite positive number")
+
+
+def _check_paths(node: Any, where: str) -> None:
+    """Every sidecar path in a key section stays inside the key's folder (checked on the text,
+    before anything is opened: a key must not point outside however it is used later)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "path":
+                if not isinstance(v, str) or not v:
+                    raise AuditError(f"key {where}.path must be a non-empty string")
+                if os.path.isabs(v) or v.startswith(("/", "\\")) or ".." in v.replace("\\", "/").split("/"):
+                    raise AuditError(f"sidecar path {v!r} at {where} leaves the key's folder")
+            else:
+                _check_paths(v, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_paths(v, f"{where}[{i}]")
 
 
 def load_key(path: str | os.PathLike) -> Key:
     path = Path(path)
     if not path.is_file():
         raise AuditError(f"key file not found: {path}")
-    try:
-        doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AuditError(f"key file {path} is not valid JSON: {e}") from None
+    doc = read_json(path, "key file")
     key = parse_key(doc, path.parent)
     key.path = path
     return key

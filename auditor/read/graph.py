@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from auditor.errors import AuditError
+from auditor.read import limits
 
 __all__ = [
     "open_model",
@@ -29,32 +30,48 @@ __all__ = [
     "external_files",
     "tensor_array",
     "tensor_shape",
+    "load_external",
 ]
 
 
 def open_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse `path` as an ONNX model, external data not loaded, references checked.
+    """Parse `path` as an ONNX model, external data not loaded, everything checked.
 
-    Raises AuditError (one line) for a missing file, a directory, a file that
-    is not an ONNX protobuf, or an external-data reference that is unsafe or
-    points at a missing / too short file.
+    The file is read under auditor.read.limits (a regular file, not too large),
+    parsed, then validated in one linear pass (graph and opset present, tensor
+    sizes backed by their bytes, names defined once and before use, subgraph
+    depth and node count bounded, external data under onnx's rules). Raises
+    AuditError (one line) on the first problem.
     """
     p = Path(path)
-    if not p.exists():
-        raise AuditError(f"{p}: no such file")
-    if p.is_dir():
-        raise AuditError(f"{p}: is a directory, expected an .onnx file")
+    data = limits.read_model_bytes(p)
+    model = onnx.ModelProto()
     try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError and friends
-        raise AuditError(f"{p}: not an ONNX model ({type(e).__name__})") from None
-    if not model.opset_import and len(model.graph.node) == 0 and len(model.graph.initializer) == 0:
+        model.ParseFromString(data)
+    except Exception as e:  # protobuf raises DecodeError and friends (nesting too deep included)
+        raise AuditError(f"{p}: not an ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+    if not model.HasField("graph") and not model.opset_import:
         # Protobuf parsing is permissive: random bytes can decode to an empty message.
         raise AuditError(f"{p}: not an ONNX model (no graph, no opset)")
-    base = model_dir(p)
-    for tensor, _where in iter_tensors(model.graph):
+    limits.check_model(model, model_dir(p), where=str(p))
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def load_external(model: onnx.ModelProto, base_dir: str | os.PathLike) -> onnx.ModelProto:
+    """Bring every external tensor of an opened model into memory (in place), through the same
+    checked reader as `tensor_array`: no path outside the folder, no link, no device, exact bytes."""
+    for tensor, _ in iter_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            resolve_external(tensor, base, check_size=True)
+            path, offset, length = resolve_external(tensor, base_dir, check_size=True)
+            raw = _read_exact(path, offset, length, tensor.name or "<unnamed>")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw.tobytes()
     return model
 
 
@@ -96,43 +113,35 @@ def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 
 
-def resolve_external(tensor: onnx.TensorProto, base_dir: str | os.PathLike, *, check_size: bool = False) -> tuple[Path, int, int | None]:
-    """(file, offset, length) of an external tensor, the file proven to lie inside base_dir.
+def resolve_external(tensor: onnx.TensorProto, base_dir: str | os.PathLike, *, check_size: bool = False) -> tuple[Path, int, int]:
+    """(file, offset, length in bytes) of an external tensor, checked under onnx's rules
+    (auditor.read.limits.check_external): relative, inside base_dir, no symlink on the way,
+    a regular file with one link, offset + length inside it. The length is always the
+    tensor's exact size in bytes."""
+    offset, length = limits.check_external(tensor, base_dir)
+    loc, _, _ = limits.external_ranges(tensor)
+    return ExternalFile(Path(base_dir), loc), offset, length
 
-    Refuses absolute locations, locations that climb out of the folder, and
-    locations whose real path (symlinks resolved) is outside it.
-    """
-    info = external_info(tensor)
-    loc = info.get("location", "")
-    name = tensor.name or "<unnamed>"
-    if not loc:
-        raise AuditError(f"tensor {name!r}: external data without a location")
-    # Windows-style absolute paths are refused too: the file may travel.
-    if os.path.isabs(loc) or loc.startswith(("/", "\\")) or (len(loc) > 1 and loc[1] == ":"):
-        raise AuditError(f"tensor {name!r}: external data location {loc!r} is absolute; refusing to read outside the model's folder")
-    parts = loc.replace("\\", "/").split("/")
-    if ".." in parts:
-        raise AuditError(f"tensor {name!r}: external data location {loc!r} contains '..'; refusing to read outside the model's folder")
-    base = Path(base_dir).resolve()
-    target = (base / loc)
-    real = target.resolve()
-    if real != base and base not in real.parents:
-        raise AuditError(f"tensor {name!r}: external data location {loc!r} resolves to {real}, outside the model's folder {base}")
-    if not real.is_file():
-        raise AuditError(f"tensor {name!r}: external data file {loc!r} not found next to the model")
-    try:
-        offset = int(info.get("offset", "0") or 0)
-        length = int(info["length"]) if info.get("length") else None
-    except ValueError:
-        raise AuditError(f"tensor {name!r}: external data offset/length are not integers") from None
-    if offset < 0 or (length is not None and length < 0):
-        raise AuditError(f"tensor {name!r}: negative external data offset/length")
-    if check_size:
-        size = real.stat().st_size
-        need = offset + (length if length is not None else 0)
-        if need > size:
-            raise AuditError(f"tensor {name!r}: external data {loc!r} is {size} bytes, tensor needs bytes up to {need}")
-    return real, offset, length
+
+class ExternalFile:
+    """An external-data file named by the model's folder and the relative location inside it
+    (every read reopens it from the folder, component by component, without following links)."""
+
+    def __init__(self, base: Path, loc: str):
+        self.base, self.loc = base, loc
+
+    @property
+    def name(self) -> str:
+        return self.loc
+
+    def __fspath__(self) -> str:
+        return str(self.base / self.loc)
+
+    def __str__(self) -> str:
+        return self.__fspath__()
+
+    def __repr__(self) -> str:
+        return f"ExternalFile({str(self)!r})"
 
 
 def external_files(model: onnx.ModelProto) -> list[str]:
@@ -148,18 +157,6 @@ def tensor_shape(tensor: onnx.TensorProto) -> tuple[int, ...]:
     return tuple(int(d) for d in tensor.dims)
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes of the raw little-endian encoding, or None for packed sub-byte types."""
-    n = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except Exception:
-        return None
-    if tensor.data_type in _PACKED:
-        return None
-    return n * itemsize
-
-
 # 4-bit (and 2-bit) types are packed in raw data; numpy_helper unpacks them.
 _PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
 # Types numpy reads directly from raw bytes (everything else goes through numpy_helper).
@@ -171,10 +168,11 @@ _PLAIN = {
 }
 
 
-def _read_exact(path: Path, offset: int, nbytes: int, name: str) -> np.ndarray:
-    """Read nbytes at offset into a fresh uint8 buffer (no mmap kept open)."""
+def _read_exact(path: "ExternalFile", offset: int, nbytes: int, name: str) -> np.ndarray:
+    """Read nbytes at offset into a fresh uint8 buffer, the file opened under onnx's rules
+    (auditor.read.limits.open_external: no symlink, regular file, one hard link)."""
     buf = np.empty(nbytes, dtype=np.uint8)
-    with open(path, "rb", buffering=0) as f:
+    with limits.open_external(path.base, path.loc, name) as f:
         if nbytes >= (8 << 20) and hasattr(os, "posix_fadvise"):
             try:  # ask the kernel to read the whole range ahead: faster on a cold cache
                 os.posix_fadvise(f.fileno(), offset, nbytes, os.POSIX_FADV_WILLNEED)
@@ -202,22 +200,16 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None = 
         try:
             return numpy_helper.to_array(tensor)
         except Exception as e:
-            raise AuditError(f"tensor {name!r}: cannot decode ({type(e).__name__}: {e})") from None
+            raise AuditError(f"tensor {name!r}: cannot decode ({type(e).__name__}: {_first_line(e)})") from None
     if base_dir is None:
         raise AuditError(f"tensor {name!r}: external data needs the model's folder")
     path, offset, length = resolve_external(tensor, base_dir)
-    expected = _nbytes(tensor)
-    if tensor.data_type in _PLAIN and expected is not None:
-        if length is not None and length != expected:
-            raise AuditError(f"tensor {name!r}: external data length {length} != {expected} bytes for shape {list(tensor.dims)}")
-        raw = _read_exact(path, offset, expected, name)
+    raw = _read_exact(path, offset, length, name)
+    if tensor.data_type in _PLAIN:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
         arr = raw.view(dtype).reshape(tensor_shape(tensor))
         return arr.astype(arr.dtype.newbyteorder("="), copy=False)
     # Packed / exotic types: hand exactly the tensor's bytes to numpy_helper.
-    if length is None:
-        length = path.stat().st_size - offset
-    raw = _read_exact(path, offset, length, name)
     t = onnx.TensorProto()
     t.CopyFrom(tensor)
     del t.external_data[:]
@@ -226,4 +218,4 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None = 
     try:
         return numpy_helper.to_array(t)
     except Exception as e:
-        raise AuditError(f"tensor {name!r}: cannot decode external data ({type(e).__name__}: {e})") from None
+        raise AuditError(f"tensor {name!r}: cannot decode external data ({type(e).__name__}: {_first_line(e)})") from None

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from auditor.errors import AuditError
 from auditor.read.weights import Weight, WeightStore
 
 __all__ = ["TorchView", "torch_views", "views_of", "following_batchnorm", "GATE_ORDER", "apply_transform"]
@@ -61,10 +62,17 @@ class TorchView:
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+    from auditor.read.weights import _attr as attr
+
+    return attr(node, name, default)
+
+
+def _number(node: onnx.NodeProto, name: str, default, kind=int):
+    """A numeric attribute; AuditError (one line) when the file gives another type."""
+    v = _attr(node, name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise AuditError(f"node {node.name or node.op_type!r}: attribute {name!r} must be a number")
+    return kind(v)
 
 
 def _reorder_gates(a: np.ndarray, op: str) -> np.ndarray:
@@ -114,7 +122,7 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
         elif op == "ConvTranspose" and idx == 1:
             kinds.append(("identity", "conv_transpose"))
         elif op in _GEMM_OPS and idx == _GEMM_OPS[op]:
-            kinds.append(("identity" if int(_attr(node, "transB", 0)) else "transpose", "linear"))
+            kinds.append(("identity" if _number(node, "transB", 0) else "transpose", "linear"))
         elif op in _MATMUL_OPS and idx == _MATMUL_OPS[op] and len(shape) == 2:
             kinds.append(("transpose", "linear"))
         elif op in _RNN_OPS and idx in (1, 2) and len(shape) == 3:
@@ -213,7 +221,7 @@ def following_batchnorm(store: WeightStore, weight_name: str) -> dict | None:
                 if any(k is None for k in keys):
                     return None
                 vals = [np.asarray(store._value(k), dtype=np.float32) for k in keys]
-                eps = float(_attr(nxt, "epsilon", 1e-5))
+                eps = _number(nxt, "epsilon", 1e-5, float)
                 # ONNX names and the key file's anchor names (gamma, beta, running_mean, running_var)
                 return {"node": nxt_name, "scale": vals[0], "bias": vals[1], "mean": vals[2], "var": vals[3], "eps": eps,
                         "gamma": vals[0], "beta": vals[1], "running_mean": vals[2], "running_var": vals[3]}

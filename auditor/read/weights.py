@@ -51,13 +51,24 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
 _MS = "com.microsoft"
 
 
+class MalformedAttribute(AuditError):
+    """A node attribute of the wrong type, or missing where the operator requires it."""
+
+
+class MalformedQuantization(AuditError):
+    """Quantization parameters onnxruntime would reject (types, axis, lengths, scale values)."""
+
+
 def dtype_name(data_type: int) -> str:
     """ONNX element type as a short lower-case name (float32, float16, int8, uint8, int4, ...)."""
     if data_type == onnx.TensorProto.FLOAT:
         return "float32"
     if data_type == onnx.TensorProto.DOUBLE:
         return "float64"
-    return onnx.TensorProto.DataType.Name(data_type).lower()
+    try:
+        return onnx.TensorProto.DataType.Name(data_type).lower()
+    except ValueError:
+        return f"unknown type {data_type}"
 
 
 @dataclass
@@ -119,8 +130,20 @@ def constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
         if a.name == name:
-            return helper.get_attribute_value(a)
+            try:
+                return helper.get_attribute_value(a)
+            except Exception:
+                raise AuditError(f"node {node.name or node.op_type!r}: attribute {name!r} has no readable value") from None
     return default
+
+
+def _int(node: onnx.NodeProto, name: str, default: Any = None) -> int:
+    """An integer attribute (AuditError when it is missing without a default or of another type)."""
+    v = _attr(node, name, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        what = "missing" if v is None else f"a {type(v).__name__}"
+        raise MalformedAttribute(f"node {node.name or node.op_type!r}: attribute {name!r} must be an integer, is {what}")
+    return v
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
@@ -199,9 +222,16 @@ class WeightStore:
         return name in self._by_name
 
     def array(self, name: str) -> np.ndarray:
-        """The weight as float32 in ONNX layout, dequantized; reads only this tensor's bytes."""
+        """The weight as float32 in ONNX layout, dequantized; reads only this tensor's bytes.
+
+        A weight holding NaN or infinite values is refused (AuditError): no verdict can rest on it."""
         w = self.get(name)
-        return np.asarray(self._recipes[w.name](), dtype=np.float32)
+        a = np.asarray(self._recipes[w.name](), dtype=np.float32)
+        if a.size and not np.isfinite(a).all():
+            n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+            raise AuditError(f"weight {w.name!r} holds {n_nan} NaN and {n_inf} infinite values "
+                             f"of {a.size}; refusing to judge a mark on it")
+        return a
 
     def node(self, node_name: str) -> onnx.NodeProto:
         """A node by name (unnamed nodes are called `<OpType>#<index>`)."""
@@ -315,8 +345,8 @@ class WeightStore:
         if known is None or known[1] is None:
             return None
         dims = known[1]
-        start, end = int(_attr(node, "start", 0)), _attr(node, "end", None)
-        sel = dims[start:] if end is None else dims[start:int(end)]
+        start, end = _int(node, "start", 0), (_int(node, "end") if _attr(node, "end") is not None else None)
+        sel = dims[start:] if end is None else dims[start:end]
         return None if any(d is None for d in sel) else tuple(sel)
 
     def _value(self, key: str) -> np.ndarray:
@@ -333,6 +363,7 @@ class WeightStore:
             names.append(x)
             if x:
                 feeds[x] = self._value(k)
+        self._check_fold_size(node, key, feeds)
         try:
             opset = self._opset("")
             outs = ReferenceEvaluator(node, opsets={"": opset} if opset else None).run(None, feeds)
@@ -342,6 +373,40 @@ class WeightStore:
             if kk is not None and kk in self._consts:
                 self._folded_cache[kk] = np.asarray(outs[k2])
         return self._folded_cache[key]
+
+    def _check_fold_size(self, node: onnx.NodeProto, key: str, feeds: dict[str, np.ndarray]) -> None:
+        """Refuse to evaluate a constant node whose output would be larger than the folding limit
+        (a ConstantOfShape / Expand / Tile / Range asking for terabytes is a hostile file)."""
+        from auditor.read.limits import limits
+
+        cap = limits().max_folded_bytes
+        est: int | None = None
+        known = self._inferred.get(key)
+        if known is not None and known[1] is not None and None not in known[1]:
+            est = int(np.prod([max(0, int(d)) for d in known[1]], dtype=object)) if known[1] else 1
+        try:
+            ins = [feeds.get(x) if x else None for x in node.input]
+            op = node.op_type
+            if op == "ConstantOfShape" and ins and ins[0] is not None:
+                est = int(np.prod([int(d) for d in np.asarray(ins[0]).reshape(-1)], dtype=object))
+            elif op == "Expand" and len(ins) > 1 and ins[0] is not None and ins[1] is not None:
+                shp = [int(d) for d in np.asarray(ins[1]).reshape(-1)]
+                a = list(np.shape(ins[0]))
+                n = max(len(a), len(shp))
+                a, shp = [1] * (n - len(a)) + a, [1] * (n - len(shp)) + shp
+                est = int(np.prod([max(x, y) for x, y in zip(a, shp)], dtype=object))
+            elif op == "Tile" and len(ins) > 1 and ins[0] is not None and ins[1] is not None:
+                est = int(np.size(ins[0])) * int(np.prod([int(d) for d in np.asarray(ins[1]).reshape(-1)], dtype=object))
+            elif op == "Range" and len(ins) > 2 and all(v is not None for v in ins[:3]):
+                start, limit_, delta = (float(np.asarray(v).reshape(-1)[0]) for v in ins[:3])
+                est = 0 if delta == 0 else int(max(0.0, np.ceil((limit_ - start) / delta)))
+                if not np.isfinite((limit_ - start) / delta if delta else 0.0):
+                    est = None if delta == 0 else cap + 1
+        except (ValueError, TypeError, OverflowError):
+            est = None
+        if est is not None and est * 8 > cap:
+            raise AuditError(f"constant {node.op_type} node producing {key!r} would hold {est} values, over the "
+                             f"folding limit of {cap} bytes (WMAUDIT_MAX_FOLDED_BYTES)")
 
     def _opset(self, domain: str) -> int | None:
         for o in self.model.opset_import:
@@ -447,9 +512,10 @@ class WeightStore:
                     x, s, z = ck(0), ck(1), ck(2)
                     if x is None or s is None:
                         continue
-                    axis = int(_attr(node, "axis", 1))
-                    block = int(_attr(node, "block_size", 0) or 0)
+                    axis = _int(node, "axis", 1)
+                    block = _int(node, "block_size", 0)
                     shape = self._shape(x)
+                    self._check_qparams(nname, x, s, z, axis, block)
                     if shape and axis < 0:
                         axis += len(shape)
                     out = self._output_key(nname)
@@ -466,6 +532,7 @@ class WeightStore:
                     w, s, z = ck(3), ck(4), ck(5)
                     if w is None or s is None:
                         continue
+                    self._check_qparams(nname, w, s, z, 0, 0)
                     fn = lambda w=w, s=s, z=z: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, 0)  # noqa: E731
                     add(w, "QLinearConv", fn, self._shape(w), [(op, nname, 3)], [s, z, ck(1), ck(2), ck(6), ck(7)])
                     b, xs = ck(8), ck(1)
@@ -479,7 +546,8 @@ class WeightStore:
                         continue
                     shape = self._shape(w)
                     # Per-column scales run along N: axis 1 of B [K,N], axis 0 of B^T [N,K].
-                    axis = 0 if (op == "QGemm" and int(_attr(node, "transB", 0))) else len(shape) - 1
+                    axis = 0 if (op == "QGemm" and _int(node, "transB", 0)) else len(shape) - 1
+                    self._check_qparams(nname, w, s, z, axis, 0)
                     fn = lambda w=w, s=s, z=z, axis=axis: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, axis)  # noqa: E731
                     extra = [ck(1), ck(2)] + ([ck(6), ck(7)] if op == "QLinearMatMul" else [ck(7), ck(8)])
                     add(w, op, fn, shape, [(op, nname, wi)], [s, z] + extra)
@@ -495,6 +563,7 @@ class WeightStore:
                     s = self._trace_integer_scale(nname, w)
                     shape = self._shape(w)
                     axis = 0 if op == "ConvInteger" else len(shape) - 1
+                    self._check_qparams(nname, w, s, z, axis, 0, scale_any_length=True)
                     fn = lambda w=w, s=s, z=z, axis=axis: self._dequantize_integer(w, s, z, axis)  # noqa: E731
                     add(w, op, fn, shape, [(op, nname, 1)], [s, z, ck(2)])
                 elif op == "Gather" and dom in ("", "ai.onnx"):
@@ -528,9 +597,12 @@ class WeightStore:
                     if b is None or s is None:
                         continue
                     z = ck(3)
-                    K, N = int(_attr(node, "K")), int(_attr(node, "N"))
+                    self._check_nbits(nname, b, s, z)
+                    K, N = _int(node, "K"), _int(node, "N")
                     fn = lambda nname=nname, b=b, s=s, z=z: self._dequantize_nbits(nname, b, s, z)  # noqa: E731
                     add(b, "MatMulNBits", fn, (K, N), [(op, nname, 1)], [s, z, ck(4)])
+            except (MalformedQuantization, MalformedAttribute):
+                raise
             except AuditError:
                 continue  # a quantized form whose constants cannot be evaluated stays unlisted
 
@@ -577,6 +649,96 @@ class WeightStore:
             weights.append(Weight(name=name, stored_name=key, shape=tuple(int(d) for d in shape),
                                   stored_dtype=stored_dtype, location=c.location, quant=label, uses=list(uses)))
         return weights
+
+    # ------------------------------------------------------------------ quantization parameters
+    def _check_qparams(self, nname: str, x: str, s: str | None, z: str | None, axis: int, block: int,
+                       scale_any_length: bool = False) -> None:
+        """Types, axis, lengths and values of a weight's scale / zero point, as onnxruntime requires
+        them; MalformedQuantization (one line) otherwise. Scales are small: their values are read."""
+        where = f"node {nname!r}"
+        xt = self._elem_type(x)
+        if xt in _FLOAT_TYPES:
+            raise MalformedQuantization(f"{where}: the quantized tensor {x!r} is {dtype_name(xt)}, not an integer type")
+        shape = self._shape(x)
+        rank = len(shape)
+        if s is None:
+            return
+        st = self._elem_type(s)
+        if st not in _FLOAT_TYPES:
+            raise MalformedQuantization(f"{where}: scale {s!r} is {dtype_name(st) if st else 'untyped'}, not a float type")
+        sshape = self._shape(s)
+        n_s = int(np.prod(sshape, dtype=np.int64)) if sshape else 1
+        if z is not None:
+            zt = self._elem_type(z)
+            if zt != xt:
+                raise MalformedQuantization(f"{where}: zero point {z!r} is {dtype_name(zt) if zt else 'untyped'}, "
+                                            f"the quantized tensor is {dtype_name(xt)}")
+            zshape = self._shape(z)
+            n_z = int(np.prod(zshape, dtype=np.int64)) if zshape else 1
+            if n_z != n_s and not (scale_any_length and 1 in (n_z, n_s)):
+                raise MalformedQuantization(f"{where}: {n_z} zero points for {n_s} scales")
+            if n_z == n_s and n_s > 1 and list(zshape) != list(sshape):
+                raise MalformedQuantization(f"{where}: zero points of shape {list(zshape)}, scales of shape {list(sshape)}")
+        if block:
+            if block < 0:
+                raise MalformedQuantization(f"{where}: block_size {block} is negative")
+            if not -rank <= axis < rank or len(sshape) != rank:
+                raise MalformedQuantization(f"{where}: blocked scales {list(sshape)} do not fit a tensor of shape "
+                                            f"{list(shape)} along axis {axis}")
+            a = axis % rank
+            want = [(-(-d // block) if i == a else d) for i, d in enumerate(shape)]
+            if list(sshape) != want:
+                raise MalformedQuantization(f"{where}: blocked scales have shape {list(sshape)}, blocks of {block} "
+                                            f"along axis {a} of {list(shape)} need {want}")
+        elif n_s != 1:
+            if not rank or not -rank <= axis < rank:
+                raise MalformedQuantization(f"{where}: axis {axis} is out of range for a tensor of rank {rank}")
+            if len(sshape) != 1 and not scale_any_length:
+                raise MalformedQuantization(f"{where}: per-channel scales must be 1-D, got shape {list(sshape)}")
+            if n_s != shape[axis % rank]:
+                raise MalformedQuantization(f"{where}: {n_s} scales for {shape[axis % rank]} channels along axis "
+                                            f"{axis % rank} of {list(shape)}")
+        if n_s <= (1 << 20):
+            vals = np.asarray(self._value(s), dtype=np.float64)
+            bad = ~np.isfinite(vals) | (vals <= 0)
+            if bad.any():
+                v = vals[bad].flat[0]
+                raise MalformedQuantization(f"{where}: scale {s!r} holds {int(bad.sum())} value(s) that are not "
+                                            f"finite and positive (e.g. {v!r})")
+
+    def _check_nbits(self, nname: str, b: str, s: str, z: str | None) -> None:
+        """MatMulNBits attributes against the shapes of B, scales and zero points."""
+        node = self._nodes[nname]
+        where = f"MatMulNBits node {nname!r}"
+        try:
+            K, N = _int(node, "K"), _int(node, "N")
+            bits, block = _int(node, "bits", 4), _int(node, "block_size")
+        except (TypeError, ValueError, AuditError):
+            raise MalformedQuantization(f"{where}: attributes K, N, block_size must be integers") from None
+        if K <= 0 or N <= 0:
+            raise MalformedQuantization(f"{where}: K={K}, N={N} must be positive")
+        if bits not in (2, 4, 8):
+            raise MalformedQuantization(f"{where}: bits={bits}; MatMulNBits packs 2, 4 or 8 bits")
+        if block < 16 or block & (block - 1):
+            raise MalformedQuantization(f"{where}: block_size={block} must be a power of two >= 16")
+        n_blocks = -(-K // block)
+        blob = block * bits // 8
+        bshape = list(self._shape(b))
+        if bshape != [N, n_blocks, blob]:
+            raise MalformedQuantization(f"{where}: B has shape {bshape}; K={K}, N={N}, bits={bits}, "
+                                        f"block_size={block} need {[N, n_blocks, blob]}")
+        n_s = int(np.prod(self._shape(s), dtype=np.int64))
+        if n_s != N * n_blocks:
+            raise MalformedQuantization(f"{where}: {n_s} scales, need N x blocks = {N * n_blocks}")
+        if z is not None:
+            n_z = int(np.prod(self._shape(z), dtype=np.int64))
+            packed = N * (-(-n_blocks * bits // 8))
+            if n_z not in (packed, N * n_blocks):
+                raise MalformedQuantization(f"{where}: {n_z} zero points, need {packed} (packed) or {N * n_blocks}")
+        vals = np.asarray(self._value(s), dtype=np.float64) if n_s <= (1 << 20) else None
+        # (blockwise scales may be zero or negative: onnxruntime's 4-bit quantizer writes such blocks)
+        if vals is not None and (~np.isfinite(vals)).any():
+            raise MalformedQuantization(f"{where}: {int((~np.isfinite(vals)).sum())} scales are NaN or infinite")
 
     def _derives_from_weight(self, key: str, _memo: dict | None = None) -> bool:
         """True when a folded constant reads (transitively) a stored float tensor of rank >= 1."""
@@ -690,9 +852,9 @@ class WeightStore:
     def _dequantize_nbits(self, node_name: str, b: str, s: str, z: str | None) -> np.ndarray:
         """com.microsoft MatMulNBits: B [N, n_blocks, blob] packed low nibble first -> float [K, N]."""
         node = self._nodes[node_name]
-        K, N = int(_attr(node, "K")), int(_attr(node, "N"))
-        bits = int(_attr(node, "bits", 4))
-        block = int(_attr(node, "block_size"))
+        K, N = _int(node, "K"), _int(node, "N")
+        bits = _int(node, "bits", 4)
+        block = _int(node, "block_size")
         if bits != 4:
             raise AuditError(f"MatMulNBits with bits={bits} is not supported (4-bit only)")
         packed = self._value(b).astype(np.uint8)

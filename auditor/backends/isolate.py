@@ -1,0 +1,123 @@
+"""Run onnxruntime on an untrusted graph where it cannot take the audit down.
+
+onnxruntime is C++: a hostile graph can crash it (a segfault is not an
+exception), make it run forever or allocate without bound. Every place that
+hands a model to onnxruntime (sessions, its calibration, its quantization
+tools and their shape inference) goes through ``call``: the function runs in
+a fresh process (multiprocessing, spawn: nothing inherited from the parent's
+threads), under a memory limit (RLIMIT_AS) and a time limit; the parent gets
+the return value, or an AuditError with one line::
+
+    onnxruntime crashed (SIGSEGV) on this model
+    onnxruntime ran out of time (20 s) on this model
+    onnxruntime ran out of memory (limit 8.0 GiB) on this model
+
+An AuditError raised in the child comes back as itself; any other exception
+of the child comes back as a one-line AuditError naming its type.
+
+Limits: ``WMAUDIT_ISOLATE_TIMEOUT`` (seconds, default 600: real static
+quantization of a large model takes minutes), ``WMAUDIT_ISOLATE_MEMORY``
+(bytes of address space, default 8 GiB). ``bench/bench_isolation.py``
+measures the cost per call (one process start and onnxruntime import).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from typing import Any, Callable
+
+from auditor.errors import AuditError
+
+__all__ = ["call", "timeout_s", "memory_bytes"]
+
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_MEMORY = 8 << 30
+
+
+def timeout_s() -> float:
+    v = os.environ.get("WMAUDIT_ISOLATE_TIMEOUT")
+    try:
+        return float(v) if v else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise AuditError(f"WMAUDIT_ISOLATE_TIMEOUT={v!r} is not a number of seconds") from None
+
+
+def memory_bytes() -> int:
+    v = os.environ.get("WMAUDIT_ISOLATE_MEMORY")
+    try:
+        return int(v) if v else DEFAULT_MEMORY
+    except ValueError:
+        raise AuditError(f"WMAUDIT_ISOLATE_MEMORY={v!r} is not a number of bytes") from None
+
+
+def _child(conn, fn: Callable, args: tuple, kwargs: dict, memory: int) -> None:
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = memory if hard == resource.RLIM_INFINITY else min(memory, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    except (ValueError, OSError):
+        pass
+    try:
+        result = ("ok", fn(*args, **kwargs))
+    except AuditError as e:
+        result = ("audit", str(e))
+    except MemoryError:
+        result = ("memory", "")
+    except BaseException as e:  # noqa: BLE001 - everything the child raises is reported as one line
+        text = str(e).strip()
+        result = ("error", f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": "))
+    try:
+        conn.send(result)
+    except Exception as e:  # an unpicklable result
+        conn.send(("error", f"result cannot be sent back ({type(e).__name__})"))
+    conn.close()
+
+
+def call(fn: Callable[..., Any], *args: Any, what: str = "onnxruntime", timeout: float | None = None,
+         memory: int | None = None, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) in a fresh process under time and memory limits (see the module doc).
+
+    fn must be a module-level function; arguments and result are pickled. In a daemonic
+    process (which may not start children) fn runs in-process.
+    """
+    if multiprocessing.current_process().daemon:
+        return fn(*args, **kwargs)
+    timeout = timeout_s() if timeout is None else timeout
+    memory = memory_bytes() if memory is None else memory
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, fn, args, kwargs, memory), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout):
+            raise AuditError(f"{what} ran out of time ({timeout:g} s) on this model")
+        try:
+            status, value = recv.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            code = proc.exitcode
+            if code is not None and code < 0:
+                try:
+                    name = signal.Signals(-code).name
+                except ValueError:
+                    name = f"signal {-code}"
+                if -code == signal.SIGKILL:
+                    raise AuditError(f"{what} was killed (out of memory?) on this model") from None
+                raise AuditError(f"{what} crashed ({name}) on this model") from None
+            raise AuditError(f"{what} exited without a result (exit {code}) on this model") from None
+    finally:
+        recv.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+    if status == "ok":
+        return value
+    if status == "audit":
+        raise AuditError(value)
+    if status == "memory":
+        raise AuditError(f"{what} ran out of memory (limit {memory / (1 << 30):.1f} GiB) on this model")
+    raise AuditError(f"{what} failed on this model: {value}")
