@@ -8,6 +8,7 @@ the marked conv nearly cancel: without the owner's BN the folded export reads 50
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,8 +153,11 @@ steps = "fp16"
 
 @pytest.fixture(scope="module")
 def policy(resnet, tmp_path_factory):
-    p = tmp_path_factory.mktemp("resnet-gate") / "policy.toml"
-    p.write_text(POLICY.format(calib=resnet / "calib.npy"))
+    # data a policy names lies next to it (paths leaving the policy's folder are refused)
+    d = tmp_path_factory.mktemp("resnet-gate")
+    shutil.copyfile(resnet / "calib.npy", d / "calib.npy")
+    p = d / "policy.toml"
+    p.write_text(POLICY.format(calib="calib.npy"))
     return p
 
 

@@ -361,15 +361,19 @@ def test_dynamic_int8_dequantizes_within_one_step(name, tmp_path):
     assert all(np.isfinite(np.asarray(o, dtype=np.float64)).all() for o in outs)
 
 
-def test_dynamic_int8_upstream_failure_is_one_line(monkeypatch):
+def test_dynamic_int8_upstream_failure_is_one_line(monkeypatch, tmp_path):
     """If onnxruntime's quantize_dynamic raises (as 1.31 did on captcha_crnn), the attack
-    reports it as one AuditError line naming the tool, whatever the upstream message."""
+    reports it as one AuditError line naming the tool, whatever the upstream message. This is
+    the function the attack runs in its isolated process; auditor.backends.isolate hands an
+    AuditError of the child back as itself (tests/test_backends_isolate.py)."""
     import onnxruntime.quantization as oq
+
+    from auditor.attacks.quantize import _quantize_dynamic_files
 
     def broken(*a, **k):
         raise RuntimeError("[ShapeInferenceError] first line\nsecond line")
 
     monkeypatch.setattr(oq, "quantize_dynamic", broken)
     with pytest.raises(AuditError) as e:
-        quantize(onnx.load(str(_path("ppocr_cls.onnx"))), "dynamic")
-    assert str(e.value) == "quantize_dynamic failed: RuntimeError: [ShapeInferenceError] first line second line"
+        _quantize_dynamic_files(str(_path("ppocr_cls.onnx")), str(tmp_path / "q.onnx"), "int8", False, False)
+    assert str(e.value) == "quantize_dynamic failed: RuntimeError: [ShapeInferenceError] first line"

@@ -4,9 +4,8 @@ onnxruntime is C++: a hostile graph can crash it (a segfault is not an
 exception), make it run forever or allocate without bound. Every place that
 hands a model to onnxruntime (sessions, its calibration, its quantization
 tools and their shape inference) goes through ``call``: the function runs in
-a fresh process (multiprocessing, spawn: nothing inherited from the parent's
-threads), under a memory limit (RLIMIT_AS) and a time limit; the parent gets
-the return value, or an AuditError with one line::
+a fresh process under a memory limit (RLIMIT_AS) and a time limit; the parent
+gets the return value, or an AuditError with one line::
 
     onnxruntime crashed (SIGSEGV) on this model
     onnxruntime ran out of time (20 s) on this model
@@ -18,7 +17,15 @@ of the child comes back as a one-line AuditError naming its type.
 Limits: ``WMAUDIT_ISOLATE_TIMEOUT`` (seconds, default 600: real static
 quantization of a large model takes minutes), ``WMAUDIT_ISOLATE_MEMORY``
 (bytes of address space, default 8 GiB). ``bench/bench_isolation.py``
-measures the cost per call (one process start and onnxruntime import).
+measures the cost per call.
+
+The child is forked from multiprocessing's ``forkserver``: a single-threaded
+server process that imported onnx, onnxruntime and the auditor modules that
+call onnxruntime once (``PRELOAD``), so a child pays a fork instead of an
+interpreter start and those imports, and inherits none of the parent's
+threads or sessions. The child takes the caller's environment and working
+directory, as a spawned process would. ``forkserver_context`` is the one
+context; ``auditor.forensics.sweep`` starts its per-file children from it too.
 """
 from __future__ import annotations
 
@@ -29,7 +36,26 @@ from typing import Any, Callable
 
 from auditor.errors import AuditError
 
-__all__ = ["call", "timeout_s", "memory_bytes"]
+__all__ = ["call", "timeout_s", "memory_bytes", "forkserver_context"]
+
+# Imported once by the forkserver (module names only: nothing is imported here).
+PRELOAD = ["numpy", "numpy.random", "numpy.ma", "onnx", "onnxruntime", "onnxruntime.quantization",
+           "auditor.backends.isolate", "auditor.data.accuracy", "auditor.data.calibration",
+           "auditor.attacks.quantize", "auditor.attacks.precision"]
+_CTX = None
+
+
+def forkserver_context(extra_preload=()):
+    """multiprocessing's forkserver context with ``PRELOAD`` (+ ``extra_preload``) imported by
+    the server. The server starts with the first child; modules named after that are
+    imported by the children that need them."""
+    global _CTX
+    ctx = multiprocessing.get_context("forkserver")
+    wanted = list(dict.fromkeys(PRELOAD + list(extra_preload)))
+    if _CTX is None or extra_preload:
+        ctx.set_forkserver_preload(wanted)
+        _CTX = ctx
+    return _CTX
 
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MEMORY = 8 << 30
@@ -51,8 +77,18 @@ def memory_bytes() -> int:
         raise AuditError(f"WMAUDIT_ISOLATE_MEMORY={v!r} is not a number of bytes") from None
 
 
-def _child(conn, fn: Callable, args: tuple, kwargs: dict, memory: int) -> None:
+def _child(conn, fn: Callable, args: tuple, kwargs: dict, memory: int, env: dict | None = None,
+           cwd: str | None = None) -> None:
     import resource
+
+    if env is not None:  # the caller's, as a spawned process would have it
+        os.environ.clear()
+        os.environ.update(env)
+    if cwd is not None:
+        try:
+            os.chdir(cwd)
+        except OSError:
+            pass
 
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -87,9 +123,10 @@ def call(fn: Callable[..., Any], *args: Any, what: str = "onnxruntime", timeout:
         return fn(*args, **kwargs)
     timeout = timeout_s() if timeout is None else timeout
     memory = memory_bytes() if memory is None else memory
-    ctx = multiprocessing.get_context("spawn")
+    ctx = forkserver_context()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, args, kwargs, memory), daemon=True)
+    proc = ctx.Process(target=_child, args=(send, fn, args, kwargs, memory, dict(os.environ), os.getcwd()),
+                       daemon=True)
     proc.start()
     send.close()
     try:

@@ -312,23 +312,19 @@ def _child_main(conn, task: Task) -> None:
         pass
 
 
-_CTX = None
-# Imported once by the forkserver, so a child pays a fork, not the imports (numpy's
-# random and masked-array modules are imported lazily on first use otherwise).
-_PRELOAD = ["auditor.forensics.sweep", "auditor.marks.whitebox", "auditor.read.weights", "auditor.read.layout",
-            "numpy.random", "numpy.ma"]
+# Imported once by the forkserver (auditor.backends.isolate.forkserver_context, shared with
+# the isolated onnxruntime calls), so a child pays a fork, not the imports.
+_PRELOAD = ["auditor.forensics.sweep", "auditor.forensics.scan", "auditor.marks.whitebox", "auditor.read.weights",
+            "auditor.read.layout"]
 
 
 def _context():
     """The forkserver context; its server imports the audit modules once."""
-    global _CTX
-    if _CTX is None:
-        ctx = multiprocessing.get_context("forkserver")
-        # In a Ray worker the child re-imports the worker's main script; having ray
-        # imported in the server makes that cheap.
-        ctx.set_forkserver_preload(_PRELOAD + (["ray"] if "ray" in sys.modules else []))
-        _CTX = ctx
-    return _CTX
+    from auditor.backends.isolate import forkserver_context
+
+    # In a Ray worker the child re-imports the worker's main script; having ray
+    # imported in the server makes that cheap.
+    return forkserver_context(_PRELOAD + (["ray"] if "ray" in sys.modules else []))
 
 
 class Child:
