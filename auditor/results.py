@@ -94,3 +94,16 @@ def write_result(path: str | os.PathLike, doc: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(dumps(doc))
     os.replace(tmp, path)
+
+
+def emit(doc: dict[str, Any], *, output: str | os.PathLike | None, as_json: bool, render) -> None:
+    """What every result command does with its document: write it to ``output`` (atomically)
+    when asked, then print it as JSON (``as_json``) or as ``render(doc)`` text."""
+    import sys
+
+    if output:
+        write_result(output, doc)
+    if as_json:
+        sys.stdout.write(dumps(doc))
+    else:
+        print(render(doc))

@@ -15,6 +15,7 @@ quantize), ``compose`` (a sequence of the above).
 from __future__ import annotations
 
 import contextlib
+import os
 import copy
 import tempfile
 from dataclasses import dataclass, field
@@ -66,12 +67,28 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
+def write_model(model: onnx.ModelProto, out: str | os.PathLike) -> Path:
+    """Write ``model`` to the user's path atomically: a temporary name in the same folder, then
+    renamed (external data, for a model over protobuf's 2 GB, is renamed first), so an
+    interrupted write never leaves a partial file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as d:
+        tmp = save(model, Path(d) / out.name)
+        data = tmp.with_name(tmp.name + ".data")
+        if data.exists():
+            os.replace(data, out.with_name(out.name + ".data"))
+        os.replace(tmp, out)
+    return out
+
+
 def load(path: Path) -> onnx.ModelProto:
     """Load a model written in a work folder, external data included (the folder is temporary)."""
     return onnx.load(str(path), load_external_data=True)
 
 
-__all__ = ["AttackResult", "copy_model", "cap_ir_version", "workdir", "save", "load", "MAX_IR_VERSION"]
+__all__ = ["AttackResult", "copy_model", "cap_ir_version", "workdir", "save", "write_model", "load",
+           "MAX_IR_VERSION"]
 
 
 def load_model(path) -> onnx.ModelProto:

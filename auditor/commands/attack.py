@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 from auditor import results
 from auditor.errors import AuditError
@@ -70,9 +68,7 @@ def steps_from_args(args) -> str:
 
 
 def run(args) -> int:
-    import onnx
-
-    from auditor.attacks import load_model
+    from auditor.attacks import load_model, write_model
     from auditor.attacks.compose import compose
     from auditor.data.calibration import Calibration
     from auditor.data.inputs import load_data, preprocess_from_args
@@ -89,15 +85,7 @@ def run(args) -> int:
     r = compose(model, steps, calibration, calibration_method=args.calibration, prune_seed=args.prune_seed,
                 reduce_range=args.reduce_range, weight_type=args.weight_type,
                 keep_batchnorm=not args.fold_batchnorm)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        onnx.save_model(r.model, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    out = write_model(r.model, args.output)
     doc = results.envelope("attack", model_path=args.model, output={"path": str(out),
                            "sha256": results.file_sha256(out)}, steps=steps, params=r.params,
                            notes=r.notes, simulated=r.simulated,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from auditor.commands import _types
@@ -74,12 +73,7 @@ def run(args) -> int:
                   reference=args.reference, marks=args.mark, null_corpus=args.null_corpus)
     doc = results.envelope("extract", model_path=args.model, key=key,
                            result=res.to_json(reveal_bits=args.reveal_bits))
-    if args.output:
-        results.write_result(args.output, doc)
-    if args.json:
-        sys.stdout.write(results.dumps(doc))
-    else:
-        print(render(doc))
+    results.emit(doc, output=args.output, as_json=args.json, render=render)
     return res.exit_code
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from auditor import results
+from auditor.commands import _types
 from auditor.errors import AuditError
 
 HELP = "keyed models: block-wise image encryption and key-transformed ViTs"
@@ -41,34 +42,14 @@ def _size(s: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return v
-
-
-def _nonneg(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = p.add_subparsers(dest="keyed_command", metavar="ACTION", parser_class=type(p))
     g = sub.add_parser("keygen", help="make a client key (generator + seed)")
     g.add_argument("--image-size", type=_size, required=True, help="S or HxW")
-    g.add_argument("--channels", type=_positive, required=True)
-    g.add_argument("--block", type=_positive, required=True, help="block size = the ViT's patch size")
-    g.add_argument("--seed", type=_nonneg, required=True, help="block permutation seed; the matrix uses seed + 1")
+    g.add_argument("--channels", type=_types.positive_int, required=True)
+    g.add_argument("--block", type=_types.positive_int, required=True, help="block size = the ViT's patch size")
+    g.add_argument("--seed", type=_types.non_negative_int, required=True, help="block permutation seed; the matrix uses seed + 1")
     g.add_argument("--variant", choices=("orthogonal", "permutation"), default="orthogonal")
     g.add_argument("--client", help="name of the client the key is issued to (stored in the key)")
     g.add_argument("-o", "--output", required=True)
@@ -77,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("model")
     e.add_argument("--key", required=True)
     e.add_argument("--data", help="inputs for the parity check (default: 32 seeded N(0,1) inputs)")
-    e.add_argument("--samples", type=_positive, default=256, help="at most this many inputs from --data")
+    e.add_argument("--samples", type=_types.positive_int, default=256, help="at most this many inputs from --data")
     e.add_argument("--atol", type=float, default=1e-4, help="largest allowed |logit difference|")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--json", action="store_true")
@@ -92,13 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--key", required=True)
     v.add_argument("--plain", required=True, help="the plain ONNX model")
     v.add_argument("--data", default="fashion-mnist:test", help="labelled inputs")
-    v.add_argument("--samples", type=_positive, default=1000, help="seeded subset of --data")
-    v.add_argument("--wrong-keys", type=_nonneg, default=5)
-    v.add_argument("--seed", type=_nonneg, default=0, help="seed of the subset and of the wrong keys")
+    v.add_argument("--samples", type=_types.positive_int, default=1000, help="seeded subset of --data")
+    v.add_argument("--wrong-keys", type=_types.non_negative_int, default=5)
+    v.add_argument("--seed", type=_types.non_negative_int, default=0, help="seed of the subset and of the wrong keys")
     v.add_argument("--attacks", default="none",
                    help="'all', 'none' or steps separated by ';' (e.g. 'quantize:dynamic;fp16;prune:0.5')")
     v.add_argument("--calibration", default="fashion-mnist:train", help="plain calibration inputs for static int8")
-    v.add_argument("--calibration-samples", type=_positive, default=128)
+    v.add_argument("--calibration-samples", type=_types.positive_int, default=128)
     v.add_argument("--atol", type=float, default=1e-4)
     v.add_argument("--json", action="store_true")
     t = sub.add_parser("trace", help="which issued key a leaked keyed file carries")
@@ -152,8 +133,6 @@ def _parity_inputs(args, key, name: str):
 
 
 def _encrypt_model(args) -> int:
-    import onnx
-
     from auditor.attacks import load_model
     from auditor.keyed import keys
     from auditor.keyed import model as km
@@ -168,13 +147,9 @@ def _encrypt_model(args) -> int:
     out = Path(args.output)
     written = None
     if par["holds"]:
-        tmp = _tmp(out)
-        try:
-            onnx.save_model(keyed, str(tmp))
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        from auditor.attacks import write_model
+
+        write_model(keyed, out)
         written = {"path": str(out), "sha256": results.file_sha256(out)}
     doc = results.envelope("keyed-encrypt-model", model_path=args.model, key=key, embeddings=emb.describe(),
                            parity=par, output=written, key_summary=key.describe())

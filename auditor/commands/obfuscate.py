@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 from auditor import results
 
@@ -28,22 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import onnx
-
-    from auditor.attacks import load_model
+    from auditor.attacks import load_model, write_model
     from auditor.attacks.obfuscate import obfuscate
 
     model = load_model(args.model)
     r = obfuscate(model, args.steps, layer=args.layer, seed=args.seed)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        onnx.save_model(r.model, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    out = write_model(r.model, args.output)
     doc = results.envelope("obfuscate", model_path=args.model,
                            output={"path": str(out), "sha256": results.file_sha256(out)},
                            steps=args.steps, params=r.params, notes=r.notes)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from auditor import results
+from auditor.commands import _types
 from auditor.errors import AuditError
 
 HELP = "perceptual hashes from an intermediate layer: build, match, survive deployment, fingerprint a model"
@@ -15,26 +16,6 @@ DESCRIPTION = """Perceptual hashes (centroid + radius R of a Signal image set's 
   survive      decisions, flips and centroid drift under int8 / fp16 / pruning of MODEL
   fingerprint  is SUSPECT derived from --reference? (features of a probe set; exit 0 derived)
 DATA is a .npy / .npz of model inputs or a folder of PNG/JPEG images. Exit 2 on bad input."""
-
-
-def _fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError("must be in (0, 1)")
-    return v
-
-
-def _quantile(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError("must be in (0, 1]")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--layer", help="tensor to read features from (default: the model's first output)")
     b.add_argument("--reduce", default="none", help="none (default) or pca:K")
     b.add_argument("--encoder", help="ONNX encoder (e.g. a VAE encoder or a PCA Gemm) in the output's folder")
-    b.add_argument("--quantile", type=_quantile, default=0.95, help="R = this quantile of held-out Signal distances")
-    b.add_argument("--holdout", type=_fraction, default=0.5, help="held-out fraction of --signal without --heldout")
+    b.add_argument("--quantile", type=_types.fraction_to_one, default=0.95, help="R = this quantile of held-out Signal distances")
+    b.add_argument("--holdout", type=_types.open_fraction, default=0.5, help="held-out fraction of --signal without --heldout")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("-o", "--output", required=True, help="hash file (JSON, written atomically)")
     b.add_argument("--json", action="store_true")

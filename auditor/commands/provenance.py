@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from auditor import results
@@ -42,12 +41,7 @@ def run(args) -> int:
     doc = results.envelope("provenance", model_path=args.model,
                            reference={"path": args.reference, "sha256": results.file_sha256(args.reference)},
                            result=body)
-    if args.output:
-        results.write_result(args.output, doc)
-    if args.json:
-        sys.stdout.write(results.dumps(doc))
-    else:
-        print(render(doc))
+    results.emit(doc, output=args.output, as_json=args.json, render=render)
     return 0 if body["verdict"] == "derived" else 1
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from auditor import results
@@ -62,12 +61,7 @@ def run(args) -> int:
     doc = results.envelope("scan", model_path=args.model, key_commitments=[k.commitment for k in keys],
                            references=[{"path": r, "sha256": results.file_sha256(r)} for r in args.reference],
                            result=body)
-    if args.output:
-        results.write_result(args.output, doc)
-    if args.json:
-        sys.stdout.write(results.dumps(doc))
-    else:
-        print(render(doc))
+    results.emit(doc, output=args.output, as_json=args.json, render=render)
     return 0 if body["verdict"] == stats.DETECTED else 1
 
 
