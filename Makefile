@@ -8,6 +8,8 @@ DATA := $(BUILD)/data
 FIX := $(BUILD)/fixtures
 export WMAUDIT_DATA := $(abspath $(DATA))
 export WMAUDIT_FIXTURES := $(abspath $(FIX))
+# fixtures and tests use every core (pytest-xdist; one test file stays on one worker)
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: env lock data fixtures demo test test-all bench bench-quick report gate browser hostile fuzz clean
 
@@ -43,7 +45,7 @@ $(DATA)/thirdparty/.stamp: scripts/fetch_thirdparty.sh
 	touch $@
 
 fixtures: env data
-	$(PY) -m fixtures.build --out $(FIX)
+	$(PY) -m fixtures.build --out $(FIX) --jobs $(JOBS)
 
 demo: env data
 	$(PY) -m exporters.demo --out $(BUILD)/demo
@@ -55,10 +57,10 @@ browser:
 	  echo "note: chromium not installed; the headless-browser report test will be skipped"; }
 
 test: env fixtures browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
 
 test-all: env fixtures
-	$(PY) -m pytest -q -m '' tests
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m '' tests
 
 bench: env fixtures
 	$(PY) bench/run.py --out $(BUILD)/bench
