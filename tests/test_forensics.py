@@ -332,3 +332,22 @@ def test_filters_removed_by_structured_pruning(fx, tmp_path):
     assert p["verdict"] == "derived"
     conv2 = next(l for l in p["layers"] if l["weight"] == "features.conv2.weight")
     assert conv2["unmatched"] == 4 and conv2["rows_above_rho0"] == 28
+
+
+def test_copy_pairs_equal_brute_force_in_high_dimension():
+    """The pruned search for copied neurons finds exactly the pairs a full Gram matrix finds,
+    also for wide layers (N = 1024), where one random direction separates nothing."""
+    from auditor.forensics import canon
+
+    rng = np.random.default_rng(3)
+    for C, N in [(64, 9), (300, 128), (1500, 1024)]:
+        rows = rng.standard_normal((C, N))
+        rows[5], rows[11], rows[40] = rows[7] * 2.0, rows[12] * 0.5, rows[12] * 3.0
+        unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        dummy = np.zeros(C, bool)
+        dummy[40] = True
+        G = unit @ unit.T
+        brute = {(i, j) for i in range(C) for j in range(C)
+                 if i != j and not dummy[i] and not dummy[j] and G[i, j] >= canon.COS_EQUAL}
+        found = {(i, j) for i, js in canon.copy_pairs(unit, dummy).items() for j in js}
+        assert found == brute == {(5, 7), (7, 5), (11, 12), (12, 11)}

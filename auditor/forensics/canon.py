@@ -35,6 +35,7 @@ from auditor.read import channels as ch
 
 COS_EQUAL = 1.0 - 1e-5     # rows this close in cosine are copies of one neuron
 ZERO_REL = 1e-6            # outgoing columns this small (relative) are zero
+PRUNE_DIRECTIONS = 8       # random directions that must all agree before a cosine is computed
 
 
 class GraphValues:
@@ -159,6 +160,37 @@ def effective_rows(gv: GraphValues, flow: ch.Flow) -> np.ndarray:
     return np.concatenate([W * f[:, None], (bias * f + sh)[:, None]], axis=1)
 
 
+def copy_pairs(unit: np.ndarray, dummy: np.ndarray) -> dict[int, set[int]]:
+    """{row: rows it copies}: pairs of non-dummy unit rows whose cosine is >= COS_EQUAL."""
+    # copies lie within sqrt(2 (1 - COS_EQUAL)) of each other on the unit sphere, so within that
+    # distance along every unit direction. Sort by one random direction, take the window of rows
+    # within tol along it (searchsorted), keep those within tol along PRUNE_DIRECTIONS - 1 more
+    # directions (one vectorised test), and verify the cosine of the few that remain. Exact (no
+    # pair of copies is missed) and close to O(C N): a single direction is not enough in high
+    # dimension, where projections of unit rows spread only about 1/sqrt(N).
+    tol = float(np.sqrt(2.0 * (1.0 - COS_EQUAL))) * 1.01
+    C = unit.shape[0]
+    partners: dict[int, set[int]] = {}
+    if C > 1 and unit.shape[1] > 0:
+        dirs = np.random.default_rng(0).standard_normal((unit.shape[1], PRUNE_DIRECTIONS))
+        dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
+        order = np.argsort(unit @ dirs[:, 0], kind="stable")
+        ps = (unit @ dirs)[order]
+        ends = np.searchsorted(ps[:, 0], ps[:, 0] + tol, side="right")
+        for a in range(C):
+            lo, hi = a + 1, int(ends[a])
+            if hi <= lo:
+                continue
+            close = np.all(np.abs(ps[lo:hi, 1:] - ps[a, 1:]) <= tol, axis=1)
+            i = int(order[a])
+            for b in np.flatnonzero(close) + lo:
+                j = int(order[b])
+                if not dummy[i] and not dummy[j] and float(unit[i] @ unit[j]) >= COS_EQUAL:
+                    partners.setdefault(i, set()).add(j)
+                    partners.setdefault(j, set()).add(i)
+    return partners
+
+
 def neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
     """Dummy, clique and split neurons of a layer, from its rows and next-layer columns."""
     C = flow.channels
@@ -169,22 +201,7 @@ def neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
     dummy = cn <= ZERO_REL * max(scale, 1e-30)
     rn = np.linalg.norm(rows, axis=1)
     unit = rows / np.where(rn > 0, rn, 1.0)[:, None]
-    # copies lie within sqrt(2 (1 - COS_EQUAL)) of each other on the unit sphere, so within that
-    # distance on a random unit direction: sort by it and verify neighbours only (O(C N), not O(C^2 N))
-    tol = float(np.sqrt(2.0 * (1.0 - COS_EQUAL))) * 1.01
-    direction = np.random.default_rng(0).standard_normal(unit.shape[1])
-    proj = unit @ (direction / np.linalg.norm(direction))
-    order = np.argsort(proj, kind="stable")
-    partners: dict[int, set[int]] = {}
-    for a in range(C):
-        i = int(order[a])
-        for b in range(a + 1, C):
-            j = int(order[b])
-            if proj[j] - proj[i] > tol:
-                break
-            if not dummy[i] and not dummy[j] and float(unit[i] @ unit[j]) >= COS_EQUAL:
-                partners.setdefault(i, set()).add(j)
-                partners.setdefault(j, set()).add(i)
+    partners = copy_pairs(unit, dummy)
     assigned = np.full(C, -1)
     groups: list[list[tuple[int, float]]] = []
     for i in range(C):
