@@ -73,6 +73,21 @@ class GraphValues:
             self._cache[name] = np.asarray(v, dtype=np.float64)
         return self._cache[name]
 
+    def raw(self, name: str) -> np.ndarray:
+        """A weight's values as stored-and-dequantized float32 (WeightStore.array: read once when the
+        store keeps arrays, see WeightStore.keep_arrays); other graph tensors as `value` gives them."""
+        wn = self._alias.get(name)
+        if wn is None:
+            return self.value(name)
+        return self.store.array(wn)
+
+    def flow(self, lay: ch.Layer) -> ch.Flow:
+        """ch.trace of a layer, cached."""
+        cache = self.__dict__.setdefault("_flows", {})
+        if lay.weight not in cache:
+            cache[lay.weight] = ch.trace(self.model, lay, self.graph)
+        return cache[lay.weight]
+
     def weight_name(self, graph_tensor: str) -> str | None:
         return self._alias.get(graph_tensor)
 
@@ -100,19 +115,55 @@ def bn_affine(gv: GraphValues, flow: ch.Flow) -> tuple[np.ndarray, np.ndarray] |
     return f, b - m * f
 
 
-def outgoing(gv: GraphValues, flow: ch.Flow, depth: int = 3) -> np.ndarray:
-    """C x K matrix: for each output channel, its columns in every next layer, concatenated,
-    restricted to the next layer's live outputs (a dummy neuron's column may be non-zero where
-    it feeds only other dummy neurons: an attacker adding dummies to consecutive layers)."""
+def _consumer_rows(gv: GraphValues, c: ch.Consumer, channels: int) -> np.ndarray:
+    """The consumer's weight block read by the traced channels: [channels * spatial, out, k...]
+    (a view of the stored float32 array where the layout allows)."""
+    V = np.moveaxis(gv.raw(c.layer.weight), c.layer.in_axis, 0)
+    return V[c.offset: c.offset + channels * c.spatial]
+
+
+def _consumer_rowsq(gv: GraphValues, c: ch.Consumer, channels: int, live: np.ndarray | None) -> np.ndarray:
+    """[channels * spatial]: per row of the consumer's block, the sum of squares over its live
+    outputs and kernel axes (one pass, no copy of the weight; cached when every output is live)."""
+    blk = _consumer_rows(gv, c, channels)
+    V3 = blk.reshape(blk.shape[0], blk.shape[1] if blk.ndim > 1 else 1, -1)
+    if live is not None and not live.all():
+        V3 = V3[:, live]
+        return np.einsum("iok,iok->i", V3, V3).astype(np.float64)
+    key = (c.layer.weight, c.offset, c.spatial, channels)
+    cache = gv.__dict__.setdefault("_rowsq", {})
+    if key not in cache:
+        cache[key] = np.einsum("iok,iok->i", V3, V3).astype(np.float64)
+    return cache[key]
+
+
+def outgoing_norms(gv: GraphValues, flow: ch.Flow, depth: int = 3) -> np.ndarray:
+    """Per output channel, the norm of its columns in every next layer (as `outgoing` builds them),
+    computed from sums of squares without building the columns."""
+    tot = np.zeros(flow.channels)
+    for c in flow.consumers:
+        live = live_outputs(gv, c.layer, depth - 1) if depth > 0 else None
+        per = _consumer_rowsq(gv, c, flow.channels, live)
+        tot += per.reshape(flow.channels, c.spatial).sum(axis=1)
+    return np.sqrt(tot)
+
+
+def outgoing(gv: GraphValues, flow: ch.Flow, depth: int = 3, rows=None) -> np.ndarray:
+    """C x K matrix (or len(rows) x K for the channels in `rows`): for each output channel, its
+    columns in every next layer, concatenated, restricted to the next layer's live outputs (a dummy
+    neuron's column may be non-zero where it feeds only other dummy neurons: an attacker adding
+    dummies to consecutive layers)."""
+    idx = np.arange(flow.channels) if rows is None else np.asarray(rows, dtype=int)
     parts = []
     for c in flow.consumers:
-        V = np.moveaxis(gv.value(c.layer.weight), c.layer.in_axis, 0)
-        if depth > 0:
+        V = _consumer_rows(gv, c, flow.channels)
+        sel = (idx[:, None] * c.spatial + np.arange(c.spatial)[None, :]).reshape(-1)
+        blk = np.asarray(V[sel], dtype=np.float64)
+        if depth > 0 and blk.ndim >= 2:
             live = live_outputs(gv, c.layer, depth - 1)
-            if live is not None and V.ndim >= 2:
-                V = V[:, live]
-        blk = V[c.offset: c.offset + flow.channels * c.spatial].reshape(flow.channels, -1)
-        parts.append(blk)
+            if live is not None:
+                blk = blk[:, live]
+        parts.append(blk.reshape(len(idx), -1))
     return np.concatenate(parts, axis=1)
 
 
@@ -121,12 +172,11 @@ def live_outputs(gv: GraphValues, lay: ch.Layer, depth: int) -> np.ndarray | Non
     key = (lay.weight, depth)
     cache = gv.__dict__.setdefault("_live", {})
     if key not in cache:
-        flow = ch.trace(gv.model, lay, gv.graph)
+        flow = gv.flow(lay)
         if flow.blocked:
             cache[key] = None
         else:
-            cols = outgoing(gv, flow, depth)
-            cn = np.linalg.norm(cols, axis=1)
+            cn = outgoing_norms(gv, flow, depth)
             cache[key] = cn > ZERO_REL * max(float(cn.max()) if cn.size else 0.0, 1e-30)
     return cache[key]
 
@@ -144,64 +194,113 @@ class Groups:
     channels: int = 0
 
 
-def effective_rows(gv: GraphValues, flow: ch.Flow) -> np.ndarray:
-    """Incoming rows as the next layers see them: W * BN factor, with the BN shift and bias."""
-    W = torch_rows(gv, flow.layer).reshape(flow.channels, -1)
+def _row_affine(gv: GraphValues, flow: ch.Flow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(W2, f, shift): the layer's incoming rows [C, N] (stored float32, possibly a view), and the
+    per-row factor and constant with which the next layers see them: effective row c is
+    [W2[c] * f[c], shift[c]] (BN factor, BN shift and bias folded in)."""
+    lay = flow.layer
+    w = gv.raw(lay.weight)
+    W2 = (np.moveaxis(w, lay.out_axis, 0) if lay.out_axis else w).reshape(flow.channels, -1)
     bias = np.zeros(flow.channels)
-    if flow.layer.bias and gv.graph.is_const(flow.layer.bias):
+    if lay.bias and gv.graph.is_const(lay.bias):
         try:
-            bias = gv.value(flow.layer.bias).reshape(-1)
+            bias = gv.value(lay.bias).reshape(-1)
         except KeyError:
             pass
     aff = bn_affine(gv, flow)
     if aff is None:
-        return np.concatenate([W, bias[:, None]], axis=1)
+        return W2, np.ones(flow.channels), bias
     f, sh = aff
-    return np.concatenate([W * f[:, None], (bias * f + sh)[:, None]], axis=1)
+    return W2, f, bias * f + sh
 
 
-def copy_pairs(unit: np.ndarray, dummy: np.ndarray) -> dict[int, set[int]]:
-    """{row: rows it copies}: pairs of non-dummy unit rows whose cosine is >= COS_EQUAL."""
+def effective_rows(gv: GraphValues, flow: ch.Flow) -> np.ndarray:
+    """Incoming rows as the next layers see them: W * BN factor, with the BN shift and bias."""
+    W2, f, sh = _row_affine(gv, flow)
+    return np.concatenate([np.asarray(W2, np.float64) * f[:, None], sh[:, None]], axis=1)
+
+
+def _directions(dim: int) -> np.ndarray:
+    dirs = np.random.default_rng(0).standard_normal((dim, PRUNE_DIRECTIONS))
+    return dirs / np.linalg.norm(dirs, axis=0, keepdims=True)
+
+
+def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray) -> dict[int, set[int]]:
+    """Copies among rows whose unit vectors project to `ps` (C x PRUNE_DIRECTIONS) on
+    `_directions`; cosine(i, j) verifies a candidate pair."""
     # copies lie within sqrt(2 (1 - COS_EQUAL)) of each other on the unit sphere, so within that
-    # distance along every unit direction. Sort by one random direction, take the window of rows
+    # distance along every unit direction. Sort by the first direction, take the window of rows
     # within tol along it (searchsorted), keep those within tol along PRUNE_DIRECTIONS - 1 more
     # directions (one vectorised test), and verify the cosine of the few that remain. Exact (no
     # pair of copies is missed) and close to O(C N): a single direction is not enough in high
     # dimension, where projections of unit rows spread only about 1/sqrt(N).
     tol = float(np.sqrt(2.0 * (1.0 - COS_EQUAL))) * 1.01
-    C = unit.shape[0]
+    C = ps.shape[0]
     partners: dict[int, set[int]] = {}
-    if C > 1 and unit.shape[1] > 0:
-        dirs = np.random.default_rng(0).standard_normal((unit.shape[1], PRUNE_DIRECTIONS))
-        dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
-        order = np.argsort(unit @ dirs[:, 0], kind="stable")
-        ps = (unit @ dirs)[order]
-        ends = np.searchsorted(ps[:, 0], ps[:, 0] + tol, side="right")
-        for a in range(C):
-            lo, hi = a + 1, int(ends[a])
-            if hi <= lo:
-                continue
-            close = np.all(np.abs(ps[lo:hi, 1:] - ps[a, 1:]) <= tol, axis=1)
-            i = int(order[a])
-            for b in np.flatnonzero(close) + lo:
-                j = int(order[b])
-                if not dummy[i] and not dummy[j] and float(unit[i] @ unit[j]) >= COS_EQUAL:
-                    partners.setdefault(i, set()).add(j)
-                    partners.setdefault(j, set()).add(i)
+    order = np.argsort(ps[:, 0], kind="stable")
+    ps = ps[order]
+    ends = np.searchsorted(ps[:, 0], ps[:, 0] + tol, side="right")
+    chunk = 256
+    for a0 in range(0, C, chunk):      # rows a0..a1-1 against their windows, one array test per chunk
+        a1 = min(C, a0 + chunk)
+        lo, hi = a0 + 1, int(ends[a1 - 1])
+        if hi <= lo:
+            continue
+        b_idx, a_idx = np.nonzero(np.abs(ps[lo:hi, None, 1] - ps[None, a0:a1, 1]) <= tol)  # [window, chunk]
+        b_idx, a_idx = b_idx + lo, a_idx + a0
+        keep = (b_idx > a_idx) & (b_idx < ends[a_idx])
+        b_idx, a_idx = b_idx[keep], a_idx[keep]
+        keep = np.all(np.abs(ps[b_idx, 2:] - ps[a_idx, 2:]) <= tol, axis=1)
+        for a, b in zip(a_idx[keep], b_idx[keep]):
+            i, j = int(order[a]), int(order[b])
+            if not dummy[i] and not dummy[j] and cosine(i, j) >= COS_EQUAL:
+                partners.setdefault(i, set()).add(j)
+                partners.setdefault(j, set()).add(i)
     return partners
 
 
+def copy_pairs(unit: np.ndarray, dummy: np.ndarray) -> dict[int, set[int]]:
+    """{row: rows it copies}: pairs of non-dummy unit rows whose cosine is >= COS_EQUAL."""
+    if unit.shape[0] < 2 or unit.shape[1] == 0:
+        return {}
+    return _pairs(unit @ _directions(unit.shape[1]), lambda i, j: float(unit[i] @ unit[j]), dummy)
+
+
+def _flow_key(flow: ch.Flow) -> tuple:
+    return (flow.layer.weight, flow.channels, tuple(b.name or b.output[0] for b in flow.batchnorms),
+            tuple((c.layer.weight, c.offset, c.spatial) for c in flow.consumers))
+
+
 def neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
-    """Dummy, clique and split neurons of a layer, from its rows and next-layer columns."""
+    """Dummy, clique and split neurons of a layer, from its rows and next-layer columns
+    (cached per layer and trace: a layer's output side is the next layer's input side)."""
+    cache = gv.__dict__.setdefault("_groups", {})
+    key = _flow_key(flow)
+    if key not in cache:
+        cache[key] = _neuron_groups(gv, flow)
+    return cache[key]
+
+
+def _neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
     C = flow.channels
-    rows = effective_rows(gv, flow)
-    cols = outgoing(gv, flow)
-    cn = np.linalg.norm(cols, axis=1)
+    W2, f, sh = _row_affine(gv, flow)
+    cn = outgoing_norms(gv, flow)
     scale = float(cn.max()) if cn.size else 0.0
     dummy = cn <= ZERO_REL * max(scale, 1e-30)
-    rn = np.linalg.norm(rows, axis=1)
-    unit = rows / np.where(rn > 0, rn, 1.0)[:, None]
-    partners = copy_pairs(unit, dummy)
+    sq = np.einsum("ij,ij->i", W2, W2).astype(np.float64)
+    rn = np.sqrt(f * f * sq + sh * sh)
+    safe = np.where(rn > 0, rn, 1.0)
+    partners: dict[int, set[int]] = {}
+    if C > 1:
+        dirs = _directions(W2.shape[1] + 1)
+        ps = ((W2 @ dirs[:-1].astype(W2.dtype)).astype(np.float64) * f[:, None] + sh[:, None] * dirs[-1]) / safe[:, None]
+
+        def cosine(i: int, j: int) -> float:
+            a = np.append(np.asarray(W2[i], np.float64) * f[i], sh[i]) / safe[i]
+            b = np.append(np.asarray(W2[j], np.float64) * f[j], sh[j]) / safe[j]
+            return float(a @ b)
+
+        partners = _pairs(ps, cosine, dummy)
     assigned = np.full(C, -1)
     groups: list[list[tuple[int, float]]] = []
     for i in range(C):
@@ -212,12 +311,15 @@ def neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
             assigned[j] = len(groups)
         groups.append([(j, float(rn[j] / rn[i]) if rn[i] > 0 else 1.0) for j in same])
     out = Groups([], [], dummies=int(dummy.sum()), channels=C)
+    multi = sorted({j for g in groups if len(g) > 1 for j, _ in g})
+    cols = dict(zip(multi, outgoing(gv, flow, rows=multi))) if multi else {}
     for g in groups:
-        merged = sum(f * cols[j] for j, f in g)
-        total = sum(abs(f) * cn[j] for j, f in g)
-        if len(g) > 1 and np.linalg.norm(merged) <= 1e-4 * max(total, 1e-30):
-            out.cliques += len(g)
-            continue
+        if len(g) > 1:
+            merged = sum(fj * cols[j] for j, fj in g)
+            total = sum(abs(fj) * cn[j] for j, fj in g)
+            if np.linalg.norm(merged) <= 1e-4 * max(total, 1e-30):
+                out.cliques += len(g)
+                continue
         out.splits += len(g) - 1
         out.keep.append(g[0][0])
         out.members.append(g)
@@ -242,9 +344,10 @@ class Cleaned:
 def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
     """Remove dummy / clique neurons and merge split neurons of `lay` (outputs) and of the
     layer feeding it (this layer's inputs)."""
-    W = torch_rows(gv, lay)
+    w = gv.raw(lay.weight)
+    W = np.moveaxis(w, lay.out_axis, 0) if lay.out_axis else w   # a view: copied only when changed
     res = Cleaned(W, lay)
-    flow = ch.trace(gv.model, lay, gv.graph)
+    flow = gv.flow(lay)
     res.flow = flow
     if flow.blocked:
         res.blocked.append(f"output side: {flow.blocked}")

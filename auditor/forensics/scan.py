@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ class Variant:
     log10_family: float = 0.0     # log10 of how many hypotheses this variant stands for
     source: str = "suspect"
     out_fixed: bool = False       # output channels already in the key's order (anchors)
+    reduced: dict = field(default_factory=dict)   # reduce -> reduced vector (float64), cached
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Candidate:
     array: Any = None             # its values (float32), read once
     cleaned: Any = None           # canon.Cleaned or None
     notes: list[str] = field(default_factory=list)
+    bases: Any = None             # mark-independent variants, built on first use
 
 
 def _log10_sum(values: list[float]) -> float:
@@ -83,22 +86,45 @@ def _log10_sum(values: list[float]) -> float:
     return m + math.log10(sum(10.0 ** (v - m) for v in values))
 
 
+def _threads_ok() -> bool:
+    """Threads only where the address space is not limited (a sweep child under RLIMIT_AS): each
+    thread's malloc arena reserves tens of MB of it."""
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):
+        return False
+
+
+def _fingerprint(a: np.ndarray) -> bytes:
+    """A cheap digest of an array's values (a strided sample of at most ~64k entries); equal
+    digests are confirmed by comparing the arrays."""
+    k = max(1, int(65536 ** (1.0 / max(a.ndim, 1))))
+    sample = np.ascontiguousarray(a[tuple(slice(None, None, max(1, d // k)) for d in a.shape)])
+    return hashlib.sha256(sample.tobytes()).digest()
+
+
 def candidates(store, gv) -> list[Candidate]:
     """Distinct weights of rank >= 2 in every torch view, each cleaned of dummy / split neurons
     where its layer's neighbours can be traced."""
     from auditor.forensics import canon
     from auditor.read.layout import torch_views
 
-    seen: dict[tuple, int] = {}
+    # each weight read once (in a background thread, unless the address space is limited), shared
+    # by the views, the cleaning and the alignment
+    store.keep_arrays(prefetch=_threads_ok())
+    seen: dict[tuple, list[int]] = {}
     out: list[Candidate] = []
     for v in torch_views(store):
         if len(v.shape) < 2 or v.kind in ("rnn",) and v.transform.startswith("rnn:") and ":B" in v.transform:
             continue
-        a = np.ascontiguousarray(v.array(), dtype=np.float32)
-        h = (a.shape, hashlib.sha256(a.tobytes()).hexdigest())
-        if h in seen:
+        # a transposed view stays a view of the stored array (no copy of a large weight)
+        a = store.array(v.weight.name).T if v.transform == "transpose" else np.asarray(v.array(), np.float32)
+        h = (a.shape, _fingerprint(a))
+        if any(np.array_equal(out[j].array, a) for j in seen.get(h, ())):
             continue
-        seen[h] = len(out)
+        seen.setdefault(h, []).append(len(out))
         cand = Candidate(v, a)
         if v.kind in ("conv", "linear") and v.transform in ("identity", "transpose"):
             lay = gv.layer_of_weight(v.weight.name)
@@ -121,7 +147,7 @@ def _fits(mark: WhiteboxMark, shape: tuple[int, ...]) -> bool:
 
 def _fit_input_perm(mark: WhiteboxMark, W: np.ndarray, sx: np.ndarray) -> np.ndarray:
     I = W.shape[1]
-    w = W.mean(axis=0).reshape(I, -1)
+    w = W.mean(axis=0, dtype=np.float64).reshape(I, -1)
     S = sx.reshape(I, -1)
     r, c = linear_sum_assignment(-(S @ w.T))
     return W[:, c]
@@ -148,54 +174,101 @@ def _fit_both_perms(mark: WhiteboxMark, W: np.ndarray, sx: np.ndarray, rounds: i
     return W[pout][:, pin]
 
 
-def mark_variants(mark: WhiteboxMark, cands: list[Candidate], gv, extra: list[Variant]) -> list[Variant]:
-    """Every variant of every candidate that fits `mark` (and the aligned ones in `extra`)."""
-    from auditor.forensics import canon
+def search_reachable(n_bits: int, log10_family: float, alpha: float) -> bool:
+    """Whether a key-fitted search over 10^log10_family permutations could ever be detected with
+    `n_bits` bits: even every bit read (p = 2^-T) times its share of the correction (at least
+    2 x the permutations searched) must stay below alpha. Decided from shapes and T alone, before
+    any weight is looked at, so leaving a search out changes no null distribution: it is neither
+    run nor paid for, and the finding says so."""
+    return stats.log10_binom_tail_half(n_bits, n_bits) + log10_family + math.log10(2.0) < math.log10(alpha)
 
-    s = 2.0 * mark.bits.astype(np.float64) - 1.0
-    sx = s @ mark.matrix()
-    out: list[Variant] = []
-    for i, c in enumerate(cands):
-        base = [Variant(np.asarray(c.array, np.float64), i, [])]
+
+def _bases(c: Candidate, i: int) -> list[Variant]:
+    """The mark-independent variants of candidate `i` (as stored, neurons cleaned, input scales
+    canonicalised), built once per candidate and shared by every mark."""
+    if c.bases is None:
+        base = [Variant(c.array, i, [])]
         cl = c.cleaned
         if cl is not None and cl.undone:
             base.append(Variant(cl.weight, i, list(cl.undone)))
+        c.bases = base + _gamma_variants(c, i, base)
+    return c.bases
+
+
+def _gamma_variants(c: Candidate, i: int, base: list[Variant]) -> list[Variant]:
+    cl = c.cleaned
+    out = []
+    if cl is not None and cl.in_gamma is not None:
+        for b in base:
+            if b.weight.ndim >= 2 and b.weight.shape[1] == cl.in_gamma.size:
+                g = cl.in_gamma.reshape((1, -1) + (1,) * (b.weight.ndim - 2))
+                out.append(Variant(b.weight * g, i, b.undone + [
+                    "input scales canonicalised: columns times the feeding BatchNorm's |gamma|"], out_fixed=b.out_fixed))
+    return out
+
+
+def mark_variants(mark: WhiteboxMark, cands: list[Candidate], gv, extra: list[Variant],
+                  alpha: float = stats.DEFAULT_ALPHA, skipped: list[str] | None = None) -> list[Variant]:
+    """Every variant of every candidate that fits `mark` (and the aligned ones in `extra`).
+    Permutation searches that could not reach `alpha` with the mark's bits are left out and
+    described in `skipped`."""
+    from auditor.forensics import canon
+
+    sx = None
+    out: list[Variant] = []
+    skip: dict[str, int] = {}
+    for i, c in enumerate(cands):
+        base = [b for b in _bases(c, i) if _fits(mark, b.weight.shape)]
+        cl = c.cleaned
         if cl is not None and mark.batchnorm and c.view.kind == "conv" and _fits(mark, cl.weight.shape):
             try:
                 un = canon.anchor_unfold(gv, cl, mark.batchnorm)
             except (KeyError, ValueError):
                 un = None
             if un is not None:
-                base.append(Variant(un[0], i, list(cl.undone) + [un[1]], out_fixed=True))
-        if cl is not None and cl.in_gamma is not None:
-            for b in list(base):
-                if b.weight.ndim >= 2 and b.weight.shape[1] == cl.in_gamma.size:
-                    g = cl.in_gamma.reshape((1, -1) + (1,) * (b.weight.ndim - 2))
-                    base.append(Variant(b.weight * g, i, b.undone + [
-                        "input scales canonicalised: columns times the feeding BatchNorm's |gamma|"], out_fixed=b.out_fixed))
+                anch = Variant(un[0], i, list(cl.undone) + [un[1]], out_fixed=True)
+                base += [anch] + _gamma_variants(c, i, [anch])
         for b in base:
-            if not _fits(mark, b.weight.shape):
-                continue
             out.append(b)
             O, I = b.weight.shape[0], b.weight.shape[1]
             if mark.reduce == "mean" and I > 1:
-                out.append(Variant(_fit_input_perm(mark, b.weight, sx), i,
-                                   b.undone + [f"input permutation fitted to the key ({I}! tried)"],
-                                   log10_factorial(I)))
+                what, fam = f"input permutation fitted to the key ({I}! tried)", log10_factorial(I)
+                fit = lambda W, sx: _fit_input_perm(mark, W, sx)  # noqa: E731
             elif mark.reduce == "flatten" and b.out_fixed and I > 1:
-                out.append(Variant(_fit_input_perm_flat(b.weight, sx), i,
-                                   b.undone + [f"input permutation fitted to the key ({I}! tried)"],
-                                   log10_factorial(I)))
-            elif mark.reduce == "flatten" and b.weight.ndim >= 2:
-                out.append(Variant(_fit_both_perms(mark, b.weight, sx), i,
-                                   b.undone + [f"output and input permutations fitted to the key ({O}! x {I}! tried)"],
-                                   log10_factorial(O) + log10_factorial(I)))
+                what, fam = f"input permutation fitted to the key ({I}! tried)", log10_factorial(I)
+                fit = _fit_input_perm_flat
+            elif mark.reduce == "flatten" and b.weight.ndim >= 2 and (O > 1 or I > 1):
+                what = f"output and input permutations fitted to the key ({O}! x {I}! tried)"
+                fam = log10_factorial(O) + log10_factorial(I)
+                fit = lambda W, sx: _fit_both_perms(mark, W, sx)  # noqa: E731
+            else:
+                continue
+            if not search_reachable(mark.n_bits, fam, alpha):
+                label = what.replace(" tried)", ")").replace("fitted to the key ", "")
+                skip[f"{label}: 10^{fam:.1f} permutations"] = skip.get(f"{label}: 10^{fam:.1f} permutations", 0) + 1
+                continue
+            if sx is None:
+                sx = (2.0 * mark.bits.astype(np.float64) - 1.0) @ mark.matrix()
+            out.append(Variant(fit(b.weight, sx), i, b.undone + [what], fam))
     out.extend(v for v in extra if _fits(mark, v.weight.shape))
+    if skipped is not None:
+        T = mark.n_bits
+        for what, n in skip.items():
+            skipped.append(f"{what} x {n} view(s) not searched: with {T} bits even a perfect read "
+                           f"(p = 10^{stats.log10_binom_tail_half(T, T):.1f}) times the permutations searched "
+                           f"stays above alpha = {alpha:g}")
     return out
 
 
-def _reduce(mark: WhiteboxMark, W: np.ndarray) -> np.ndarray:
-    return W.mean(axis=0).reshape(-1) if mark.reduce == "mean" else W.reshape(-1)
+def _reduce(mark: WhiteboxMark, v: Variant) -> np.ndarray:
+    """The variant's reduced vector (float64), cached on the variant: marks of one shape share it."""
+    r = v.reduced.get(mark.reduce)
+    if r is None:
+        W = v.weight
+        r = (W.mean(axis=0, dtype=np.float64).reshape(-1) if mark.reduce == "mean"
+             else np.asarray(W, np.float64).reshape(-1))
+        v.reduced[mark.reduce] = r
+    return r
 
 
 def _evidence(key: Key, mark: WhiteboxMark) -> dict[str, Any]:
@@ -216,6 +289,7 @@ def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAUL
     marks = [(k, m) for k in keys for m in k.whitebox]
     if not marks:
         raise AuditError("the keys hold no white-box mark")
+    had_matrix = {id(m) for _, m in marks if m._X is not None}
     store = WeightStore.open(model_path)
     gv = canon.GraphValues(store)
     cands = candidates(store, gv)
@@ -233,18 +307,26 @@ def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAUL
                 extra.append(Variant(a["weight"], a["candidate"], a["undone"], 0.0, source=f"reference {Path(ref).name}"))
             if not al:
                 ref_notes.append(f"{Path(ref).name}: no layer of this file aligns with the marked layer")
-        vs = mark_variants(mark, cands, gv, extra)
-        per_mark.append((key, mark, vs, ref_notes))
-    direct = sum(1 for _, _, vs, _ in per_mark for v in vs if v.log10_family == 0.0)
-    searched = [v.log10_family for _, _, vs, _ in per_mark for v in vs if v.log10_family > 0.0]
+        skipped: list[str] = []
+        vs = mark_variants(mark, cands, gv, extra, alpha, skipped)
+        per_mark.append((key, mark, vs, ref_notes, skipped))
+    direct = sum(1 for _, _, vs, _, _ in per_mark for v in vs if v.log10_family == 0.0)
+    searched = [v.log10_family for _, _, vs, _, _ in per_mark for v in vs if v.log10_family > 0.0]
     corr = _corrections(direct, searched)
+    for _, mark, vs, _, _ in per_mark:          # reduced vectors, shared by marks of one shape
+        for v in vs:
+            _reduce(mark, v)
     findings = []
-    for key, mark, vs, ref_notes in per_mark:
-        findings.append(_judge(key, mark, vs, cands, corr, alpha, ref_notes))
+    for (key, mark, vs, ref_notes, skipped), Y in zip(per_mark, _projections(per_mark, had_matrix)):
+        f = _judge(key, mark, vs, cands, corr, alpha, ref_notes, Y)
+        if skipped:
+            f["not_searched"] = skipped
+        findings.append(f)
     detected = [f for f in findings if f["verdict"] == stats.DETECTED]
     best = min((f.get("log10_p_corrected", 0.0) for f in findings), default=0.0)
     tried = {"keys": len(keys), "marks": len(marks), "candidate_tensors": len(cands),
-             "variants": sum(len(vs) for _, _, vs, _ in per_mark),
+             "variants": sum(len(vs) for _, _, vs, _, _ in per_mark),
+             "search_kinds_left_out": sum(len(sk) for *_, sk in per_mark),
              "direct_variants": direct, "searched_hypotheses_log10": _log10_sum(searched) if searched else None,
              "correction": corr["how"]}
     verdict = stats.DETECTED if detected else (stats.INSUFFICIENT if all(f["verdict"] == stats.INSUFFICIENT
@@ -281,7 +363,29 @@ def _limits(cands, references) -> list[str]:
     return out
 
 
-def _judge(key, mark, vs, cands, corr, alpha, ref_notes) -> dict[str, Any]:
+def _projections(per_mark, had_matrix: set[int]):
+    """Y = X R for every mark (T x variants), in a small thread pool (generating a key's X and the
+    product release the GIL). A projection the caller had not generated is dropped again once used,
+    so memory stays at a few keys' X however many keys are scanned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item):
+        _, mark, vs, _, _ = item
+        if not vs:
+            return None
+        Y = mark.matrix() @ np.stack([_reduce(mark, v) for v in vs], axis=1)
+        if id(mark) not in had_matrix:
+            mark._X = None
+        return Y
+
+    workers = max(1, min(len(per_mark), os.cpu_count() or 1, 4)) if _threads_ok() else 1
+    if workers == 1:
+        return [one(it) for it in per_mark]
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(one, per_mark))
+
+
+def _judge(key, mark, vs, cands, corr, alpha, ref_notes, Y=None) -> dict[str, Any]:
     T = mark.n_bits
     base = {"key_commitment": key.commitment, "mark": mark.id, "param": mark.param, "shape": list(mark.shape),
             "reduce": mark.reduce, "n_bits": T, "evidence": _evidence(key, mark), "alpha": alpha}
@@ -302,8 +406,8 @@ def _judge(key, mark, vs, cands, corr, alpha, ref_notes) -> dict[str, Any]:
         return {**base, "verdict": stats.INSUFFICIENT if dec.verdict == stats.INSUFFICIENT else stats.NOT_DETECTED,
                 "reason": "no weight of this file fits the mark's shape, even after undoing transformations",
                 "variants": 0, "notes": ref_notes}
-    R = np.stack([_reduce(mark, v.weight) for v in vs], axis=1)
-    Y = mark.matrix() @ R                        # T x V: one product for every variant
+    if Y is None:
+        Y = mark.matrix() @ np.stack([_reduce(mark, v) for v in vs], axis=1)   # T x V: one product
     k = ((Y > 0) == mark.bits[:, None].astype(bool)).sum(axis=0)
     factor = np.array([corr["searched"] + v.log10_family if v.log10_family > 0 else corr["direct"] for v in vs])
     l10s = np.array([stats.log10_binom_tail_half(T, int(kk)) for kk in k])

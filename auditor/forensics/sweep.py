@@ -299,7 +299,11 @@ def _child_main(conn, task: Task) -> None:
     except MemoryError:
         msg = {"error": f"memory limit of {task.limits.memory_mb} MB exceeded"}
     except Exception as e:  # noqa: BLE001 - anything a hostile file provokes is this file's result
-        msg = {"error": one_line(e)}
+        # a library loaded late cannot be mapped once the address space is spent: the same limit
+        mapped = isinstance(e, (ImportError, OSError)) and any(
+            s in str(e) for s in ("failed to map segment", "Cannot allocate memory"))
+        msg = {"error": f"memory limit of {task.limits.memory_mb} MB exceeded" if mapped and task.limits.memory_mb
+               else one_line(e)}
     msg.update(sha256=sha, size=size, audit_s=time.perf_counter() - t0)
     try:
         try:
@@ -314,8 +318,9 @@ def _child_main(conn, task: Task) -> None:
 
 # Imported once by the forkserver (auditor.backends.isolate.forkserver_context, shared with
 # the isolated onnxruntime calls), so a child pays a fork, not the imports.
-_PRELOAD = ["auditor.forensics.sweep", "auditor.forensics.scan", "auditor.marks.whitebox", "auditor.read.weights",
-            "auditor.read.layout"]
+_PRELOAD = ["auditor.forensics.sweep", "auditor.forensics.scan", "auditor.forensics.canon", "auditor.forensics.align",
+            "auditor.marks.evidence", "auditor.marks.whitebox", "auditor.read.weights", "auditor.read.layout",
+            "scipy.optimize", "scipy.linalg"]
 
 
 def _context():

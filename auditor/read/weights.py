@@ -194,6 +194,8 @@ class WeightStore:
         self._consumers: dict[str, list[tuple[str, int]]] = {}  # tensor key -> (node name, input index)
         self._folded_cache: dict[str, np.ndarray] = {}
         self._recipes: dict[str, Callable[[], np.ndarray]] = {}
+        self._kept: dict[str, np.ndarray] | None = None   # see keep_arrays
+        self._prefetch: dict | None = None
         self._inferred = self._infer_types(model)
         self._scan(model.graph, {}, None)
         self.weights: list[Weight] = self._classify()
@@ -221,11 +223,40 @@ class WeightStore:
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 
+    def keep_arrays(self, prefetch: bool = False) -> None:
+        """From now on every weight is read once: `array` keeps what it returns (read-only), for
+        callers (the forensic scan) that visit each weight from several places. With `prefetch`, one
+        background thread reads the plainly stored float weights (initializers and external data,
+        in file order) while the caller computes; `array` waits for a weight not read yet and
+        raises its error as its own."""
+        if self._kept is None:
+            self._kept = {}
+        if prefetch and self._prefetch is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            plain = [w for w in self.weights if w.quant is None and w.size >= 4096
+                     and (w.location == "initializer" or w.location.startswith("external:"))]
+            if plain:
+                ex = ThreadPoolExecutor(1, thread_name_prefix="wmaudit-read")
+                self._prefetch = {w.name: ex.submit(self._read, w) for w in plain}
+                ex.shutdown(wait=False)
+
     def array(self, name: str) -> np.ndarray:
         """The weight as float32 in ONNX layout, dequantized; reads only this tensor's bytes.
 
         A weight holding NaN or infinite values is refused (AuditError): no verdict can rest on it."""
         w = self.get(name)
+        if self._kept is not None:
+            a = self._kept.get(w.name)
+            if a is None:
+                fut = self._prefetch.pop(w.name, None) if self._prefetch else None
+                a = fut.result() if fut is not None else self._read(w)
+                a.flags.writeable = False
+                self._kept[w.name] = a
+            return a
+        return self._read(w)
+
+    def _read(self, w: Weight) -> np.ndarray:
         a = np.asarray(self._recipes[w.name](), dtype=np.float32)
         if a.size and not np.isfinite(a).all():
             n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
