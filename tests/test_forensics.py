@@ -351,3 +351,31 @@ def test_copy_pairs_equal_brute_force_in_high_dimension():
                  if i != j and not dummy[i] and not dummy[j] and G[i, j] >= canon.COS_EQUAL}
         found = {(i, j) for i, js in canon.copy_pairs(unit, dummy).items() for j in js}
         assert found == brute == {(5, 7), (7, 5), (11, 12), (12, 11)}
+
+
+def test_outgoing_norms_and_rows_equal_the_built_columns(fx):
+    """The cleaning measures outgoing columns by sums of squares (no copy of the next layer's
+    weight) and builds columns only for a few rows: both equal the full column matrix, on files
+    with dummy neurons in consecutive layers (whose columns are restricted to live outputs)."""
+    from auditor.forensics import canon
+    from auditor.read import channels as ch
+    from auditor.read.weights import WeightStore
+
+    checked = 0
+    for name in ("all", "dummy-4", "split-4"):
+        store = WeightStore.open(fx["forensics-obfuscated"] / "mean" / f"{name}.onnx")
+        store.keep_arrays(prefetch=True)
+        gv = canon.GraphValues(store)
+        for lay in ch.layers(gv.model, gv.graph):
+            flow = gv.flow(lay)
+            if flow.blocked:
+                continue
+            full = canon.outgoing(gv, flow)
+            assert np.allclose(canon.outgoing_norms(gv, flow), np.linalg.norm(full, axis=1), rtol=1e-5, atol=1e-7)
+            rows = [flow.channels - 1, 0, flow.channels // 2]
+            assert np.array_equal(canon.outgoing(gv, flow, rows=rows), full[rows])
+            live = canon.live_outputs(gv, lay, 2)
+            checked += 1
+            if name == "dummy-4" and live is not None:
+                assert int((~live).sum()) in (0, 4)
+    assert checked >= 9

@@ -306,3 +306,35 @@ def test_nested_subgraphs_and_unevaluable_constants(tmp_path):
     # its Reshape is a branch output (no consumer): folded and listed
     assert by["flat2"].location == "folded:Reshape" and np.array_equal(store.array("flat2"), np.ones((2, 3), np.float32))
     assert "A" in by and "bad" not in by  # Reshape 24 -> 25 elements cannot be evaluated: left out
+
+
+def test_kept_arrays_are_read_once_read_only_and_prefetch_errors_are_the_weights_own(tmp_path, monkeypatch):
+    """keep_arrays: every weight read from the file once however often it is asked for, returned
+    read-only (callers share it); with prefetch a background thread reads them, and a weight that
+    cannot be judged (NaN) raises its AuditError when asked for, as without prefetch."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((128, 64)).astype(np.float32)
+    b = rng.standard_normal((64, 32)).astype(np.float32)
+    b[3, 4] = np.nan
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("MatMul", ["h", "B"], ["y"])]
+    m = _model(nodes, [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])])
+    p = tmp_path / "m.onnx"
+    onnx.save_model(m, p, save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data",
+                    size_threshold=0)
+    reads = []
+    real = graph_mod._read_exact
+    monkeypatch.setattr(graph_mod, "_read_exact", lambda path, off, n, name: reads.append(name) or real(path, off, n, name))
+    for prefetch in (False, True):
+        reads.clear()
+        store = WeightStore.open(p)
+        store.keep_arrays(prefetch=prefetch)
+        got = [store.array("A") for _ in range(3)]
+        assert all(g is got[0] for g in got) and np.array_equal(got[0], a) and not got[0].flags.writeable
+        for _ in range(2):
+            with pytest.raises(AuditError, match="'B' holds 1 NaN"):
+                store.array("B")
+        assert reads.count("A") == 1
+    plain = WeightStore.open(p)
+    assert plain.array("A").flags.writeable and plain.array("A") is not plain.array("A")

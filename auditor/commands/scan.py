@@ -89,6 +89,8 @@ def render(doc: dict) -> str:
                          f"signed min {f['signed_margin_min']:.4g}")
         for n in f.get("notes", []):
             lines.append(f"  note      {n}")
+        for n in f.get("not_searched", []):
+            lines.append(f"  skipped   {n}")
         lines.append(f"  verdict   {f['verdict']} ({f['reason']})")
     for c in r.get("cannot_recover", []):
         lines.append(f"limit  {c}")

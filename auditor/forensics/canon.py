@@ -92,10 +92,16 @@ class GraphValues:
         return self._alias.get(graph_tensor)
 
     def layer_of_weight(self, weight_name: str) -> ch.Layer | None:
-        for lay in ch.layers(self.model, self.graph):
-            if self._alias.get(lay.weight) == weight_name or lay.weight == weight_name:
-                return lay
-        return None
+        """The first layer (graph order) reading `weight_name` (float or graph tensor name)."""
+        if "_by_weight" not in self.__dict__:
+            by: dict[str, ch.Layer] = {}
+            for lay in ch.layers(self.model, self.graph):
+                by.setdefault(lay.weight, lay)
+                a = self._alias.get(lay.weight)
+                if a is not None:
+                    by.setdefault(a, lay)
+            self._by_weight = by
+        return self._by_weight.get(weight_name)
 
 
 def torch_rows(gv: GraphValues, lay: ch.Layer) -> np.ndarray:
