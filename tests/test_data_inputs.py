@@ -94,13 +94,27 @@ def test_two_inputs_synthetic_and_fixed_batch(tmp_path):
     assert d.digest == inputs.load_data("synthetic", two, samples=6, seed=3).digest
     out = outputs(str(two), d)["y"]
     np.testing.assert_array_equal(out[:, 0], (d.inputs["input_ids"] + 1).sum(axis=1))
-    # a fixed batch of 4: 10 examples -> 2 batches of 4, 2 dropped and counted
+    # a fixed batch of 4: 10 examples -> 3 batches of 4, the last padded with repeats of its own
+    # 2 examples; every example gets its own output, the padding's are discarded
     fixed = _model(tmp_path / "b4.onnx", [("x", TensorProto.FLOAT, [4, 3])])
-    np.save(tmp_path / "x.npy", np.ones((10, 3), np.float32))
+    x = np.arange(30, dtype=np.float32).reshape(10, 3)
+    np.save(tmp_path / "x.npy", x)
     d = inputs.load_data(str(tmp_path / "x.npy"), fixed)
-    assert (d.n, d.batch_size, d.dropped) == (8, 4, 2) and [len(b["x"]) for b in d.batches()] == [4, 4]
-    assert d.describe()["remainder"] == "dropped"
-    assert outputs(str(fixed), d)["y"].shape == (8, 3)
+    assert (d.n, d.batch_size, d.dropped, d.padded) == (10, 4, 0, 2)
+    assert [len(b["x"]) for b in d.batches()] == [4, 4, 4]
+    assert [n for _, n in d.counted_batches()] == [4, 4, 2]
+    last = list(d.batches())[-1]["x"]
+    np.testing.assert_array_equal(last, x[[8, 9, 8, 9]])
+    assert d.describe()["padded"] == 2 and d.describe()["remainder"].startswith("padded")
+    np.testing.assert_array_equal(outputs(str(fixed), d)["y"], x)   # Identity: each example its own row
+    # calibration does not pad (repeats would weigh examples twice): 8 examples, 2 dropped
+    c = d.without_remainder()
+    assert (c.n, c.dropped, c.padded) == (8, 2, 0) and c.describe()["remainder"] == "none"
+    # fewer examples than one batch: padded, never refused
+    np.save(tmp_path / "x3.npy", x[:3])
+    d3 = inputs.load_data(str(tmp_path / "x3.npy"), fixed)
+    assert (d3.n, d3.padded) == (3, 1) and d3.without_remainder() is d3
+    np.testing.assert_array_equal(outputs(str(fixed), d3)["y"], x[:3])
 
 
 @pytest.mark.parametrize("case", ["shape", "dtype", "nan", "empty", "labels", "image", "npz-missing", "npy-two"])

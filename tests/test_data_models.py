@@ -113,8 +113,9 @@ def test_fixed_batch_export_calibrates_and_measures(digits, tmp_path, capsys):
     assert code == 0
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     ev, cal = doc["evaluation"], doc["calibration"]
-    assert (ev["samples"], ev["batch_size"], ev["dropped"], ev["remainder"]) == (356, 4, 2, "dropped")
-    assert (cal["samples"], cal["batch_size"], cal["dropped"]) == (28, 4, 2)
+    assert (ev["samples"], ev["batch_size"], ev["dropped"], ev["padded"]) == (358, 4, 0, 2)
+    assert ev["remainder"].startswith("padded")
+    assert (cal["samples"], cal["batch_size"], cal["dropped"], cal["padded"]) == (28, 4, 2, 0)
     row = doc["configs"][0]
     assert row["marks"][0]["ber"] == 0.0 and row["fidelity"]["top1_agreement"] >= 0.98
     assert doc["baseline"]["accuracy"] == pytest.approx(0.972, abs=0.01)

@@ -46,15 +46,26 @@ def _ort_outputs(model, data, threads: int) -> dict[str, np.ndarray]:
     sess = session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {}
-    for feed in data.batches():
+    for feed, count in data.counted_batches():
         try:
             res = sess.run(None, feed)
         except Exception as e:
             msg = " ".join(str(e).split()) or type(e).__name__
             raise AuditError(f"onnxruntime cannot run the model on {data.source}: {msg[:300]}") from None
         for n, r in zip(names, res):
-            parts.setdefault(n, []).append(_as_float(np.asarray(r)))
+            parts.setdefault(n, []).append(_unpad(n, _as_float(np.asarray(r)), count, data))
     return {n: np.concatenate(p) for n, p in parts.items()}
+
+
+def _unpad(name: str, r: np.ndarray, count: int, data) -> np.ndarray:
+    """The rows of a padded batch's output that belong to real examples."""
+    if not data.fixed_batch or count == data.batch_size:
+        return r
+    if r.ndim == 0 or r.shape[0] != data.batch_size:
+        raise AuditError(f"output {name!r} of shape {list(r.shape)} has no batch axis first, so the padding of "
+                         f"the last batch cannot be removed: give a number of examples divisible by the "
+                         f"model's fixed batch size {data.batch_size}")
+    return r[:count]
 
 
 def outputs(model, data, threads: int = 0, backend: str = "ort-cpu") -> dict[str, np.ndarray]:
@@ -70,9 +81,9 @@ def outputs(model, data, threads: int = 0, backend: str = "ort-cpu") -> dict[str
         raise AuditError(f"backend {backend} runs model files")
     parts: dict[str, list[np.ndarray]] = {}
     with open_runner(model, backend) as runner:
-        for feed in data.batches():
+        for feed, count in data.counted_batches():
             for n, r in runner.infer(feed).items():
-                parts.setdefault(n, []).append(_as_float(np.asarray(r)))
+                parts.setdefault(n, []).append(_unpad(n, _as_float(np.asarray(r)), count, data))
     return {n: np.concatenate(p) for n, p in parts.items()}
 
 

@@ -115,6 +115,9 @@ class Calibration:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
+        # a fixed batch is not padded for calibration (repeats would weigh some examples twice):
+        # the remainder is dropped and counted, unless not even one batch is full
+        self.data = self.data.without_remainder()
         if self.folder is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="wmaudit-calib-")
             self.folder = Path(self._tmp.name)

@@ -19,9 +19,9 @@ before anything runs. Sources (``spec``):
   non-batch dimensions: ``SYNTHETIC_DIM``). Flagged ``synthetic`` in every
   output: its activation ranges do not reflect deployment.
 
-A fixed batch dimension is honoured: batches have exactly that size, and a
-remainder of examples that does not fill a batch is dropped and counted
-(``dropped`` in ``describe()``). Bad data (shape or dtype mismatch, NaN/Inf,
+A fixed batch dimension is honoured: batches have exactly that size; a last
+batch that the examples do not fill is padded with repeats of its own examples,
+whose outputs are discarded (``padded`` in ``describe()``; nothing is dropped). Bad data (shape or dtype mismatch, NaN/Inf,
 an empty file, a label count that does not match, an unreadable image, an
 ``.npz`` missing an input) is an ``AuditError`` with one line.
 """
@@ -226,7 +226,9 @@ class Dataset:
         if self.fixed_batch:
             d["fixed_batch"] = True
             d["dropped"] = int(self.dropped)
-            d["remainder"] = "dropped"
+            d["padded"] = int(self.padded)
+            d["remainder"] = ("padded: the last batch is filled with repeats of its own examples, whose "
+                              "outputs are discarded" if self.padded else "none")
         if self.synthetic:
             d["synthetic"] = True
             d["caveat"] = SYNTHETIC_CAVEAT
@@ -234,10 +236,36 @@ class Dataset:
             d["preprocess"] = self.preprocess
         return d
 
+    @property
+    def padded(self) -> int:
+        """Examples repeated to fill the last batch of a fixed-batch model (0 otherwise)."""
+        return (-self.n) % self.batch_size if self.fixed_batch else 0
+
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds of ``batch_size`` examples, in order (a fixed batch never gets a short one)."""
+        """Feeds of ``batch_size`` examples, in order. A fixed batch never gets a short one: its last
+        batch is filled with repeats of that batch's own examples (see ``counted_batches``)."""
+        for feed, _ in self.counted_batches():
+            yield feed
+
+    def counted_batches(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """(feed, n): the feeds of ``batches`` with how many of their first rows are real examples."""
         for s in range(0, self.n, self.batch_size):
-            yield {k: v[s: s + self.batch_size] for k, v in self.inputs.items()}
+            feed = {k: v[s: s + self.batch_size] for k, v in self.inputs.items()}
+            n = len(next(iter(feed.values())))
+            if self.fixed_batch and n < self.batch_size:
+                idx = np.arange(self.batch_size) % n
+                feed = {k: v[idx] for k, v in feed.items()}
+            yield feed, n
+
+    def without_remainder(self) -> "Dataset":
+        """For a fixed batch: the examples that fill whole batches (the rest dropped and counted in
+        ``dropped``), or the data set itself when it fills none or has no fixed batch."""
+        keep = self.n - self.n % self.batch_size
+        if not self.fixed_batch or keep in (0, self.n):
+            return self
+        return replace(self, inputs={k: v[:keep] for k, v in self.inputs.items()},
+                       labels=self.labels[:keep] if self.labels is not None else None,
+                       dropped=self.dropped + self.n - keep)
 
     def with_batch(self, batch_size: int) -> "Dataset":
         """The same data fed in batches of ``batch_size`` (ignored for a fixed batch)."""
@@ -315,14 +343,7 @@ def bind(arrays: dict[str, np.ndarray], labels, specs: list[InputSpec], *, sourc
     fb = next(iter(fixed)) if len(fixed) == 1 else None
     dropped = 0
     if fb is not None:
-        total = next(iter(checked.values())).shape[0]
-        keep = total - total % fb
-        if keep == 0:
-            raise AuditError(f"{source}: {total} examples cannot fill one batch of the model's fixed batch size {fb}")
-        dropped = total - keep
-        checked = {k: v[:keep] for k, v in checked.items()}
-        labels = labels[:keep] if labels is not None else None
-        batch_size = fb
+        batch_size = fb   # a short last batch is padded (Dataset.counted_batches), nothing dropped
     return Dataset(checked, labels, source, seed, synthetic, batch_size, fb is not None, dropped, tuple(specs),
                    preprocess)
 
