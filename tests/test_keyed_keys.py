@@ -134,3 +134,25 @@ def test_fixed_points_tail_exact():
         want = sum(counts[m:]) / math.factorial(n) if m <= n else 0.0
         assert stats.fixed_points_tail(n, m) == pytest.approx(want, rel=1e-12)
     assert stats.log10_fixed_points_tail(49, 49) == pytest.approx(-math.log10(math.factorial(49)))
+
+
+def test_key_and_hash_files_are_read_like_every_key(tmp_path):
+    """The keyed key and the perceptual-hash file go through the same hardened reader as white-box
+    keys: a FIFO, a directory, NaN (not JSON) and broken JSON each give one line, never a hang."""
+    import os
+
+    from auditor.phash import hashfile
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"variant": NaN}')
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"variant": ')
+    for load in (keys.load, hashfile.load_hash):
+        for path, msg in ((fifo, "is a FIFO, expected a (key|hash) file"), (tmp_path, "is a directory, expected a (key|hash) file"),
+                          (nan, "NaN is not a JSON number"), (broken, "is not valid JSON"),
+                          (tmp_path / "absent.json", "not found|no such hash file")):
+            with pytest.raises(AuditError, match=msg) as e:
+                load(path)
+            assert "\n" not in str(e.value)

@@ -339,7 +339,8 @@ def load_policy(path: str | Path) -> Policy:
     if not p.exists() and not p.is_symlink():
         raise AuditError(f"policy file not found: {p}")
     try:  # a regular file of bounded size (a FIFO or device cannot stall the gate)
-        raw = read_model_bytes(p, Limits(max_model_bytes=MAX_POLICY_BYTES))
+        raw = read_model_bytes(p, Limits(max_model_bytes=MAX_POLICY_BYTES), expected="a policy file (TOML)",
+                               limit_name="the largest policy read")
     except AuditError as e:
         raise AuditError(f"policy: {e}") from None
     try:

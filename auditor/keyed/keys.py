@@ -175,13 +175,12 @@ def parse(doc: dict[str, Any], verify_commitment: bool = True) -> KeyedKey:
 
 
 def load(path: str | os.PathLike) -> KeyedKey:
+    from auditor.marks.keys import read_json
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise AuditError(f"key file not found: {path}")
-    try:
-        doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AuditError(f"key file {path} is not valid JSON: {e}") from None
+    doc = read_json(path, "key file")   # a bounded regular file; NaN / Infinity refused
     if not isinstance(doc, dict):
         raise AuditError(f"key file {path} is not a JSON object")
     try:

@@ -206,7 +206,7 @@ def _load_npy(path: Path, sha: str | None) -> np.ndarray:
     from auditor.read.limits import Limits, read_model_bytes, limits
 
     try:
-        raw = read_model_bytes(path, Limits(max_model_bytes=limits().max_model_bytes))
+        raw = read_model_bytes(path, Limits(max_model_bytes=limits().max_model_bytes), expected="a .npy sidecar")
     except AuditError as e:
         raise AuditError(f"sidecar: {e}") from None
     if sha is not None and hashlib.sha256(raw).hexdigest() != sha:
@@ -267,7 +267,8 @@ def read_json(path: Path, what: str) -> Any:
     from auditor.read.limits import Limits, read_model_bytes
 
     try:
-        raw = read_model_bytes(path, Limits(max_model_bytes=MAX_KEY_BYTES))
+        raw = read_model_bytes(path, Limits(max_model_bytes=MAX_KEY_BYTES), expected=f"a {what} (JSON)",
+                               limit_name=f"the largest {what} read")
     except AuditError as e:
         raise AuditError(f"{what}: {e}") from None
     try:

@@ -97,13 +97,12 @@ def validate(doc: Any) -> None:
 
 
 def load_hash(path: str | os.PathLike) -> PerceptualHash:
+    from auditor.marks.keys import read_json
+
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise AuditError(f"{p}: no such hash file")
-    try:
-        doc = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AuditError(f"{p}: not JSON ({type(e).__name__})") from None
+    doc = read_json(p, "hash file")   # a bounded regular file; NaN / Infinity refused
     validate(doc)
     h = PerceptualHash(model_sha256=doc["model"]["sha256"], input_name=doc["model"]["input"],
                        input_shape=doc["model"]["input_shape"], layer=doc["layer"], reduce=doc["reduce"],

@@ -92,8 +92,10 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_model_bytes(path: str | os.PathLike, lim: Limits | None = None) -> bytes:
-    """The bytes of a model file: a regular file no larger than the limit.
+def read_model_bytes(path: str | os.PathLike, lim: Limits | None = None, expected: str = "an .onnx file",
+                     limit_name: str = "WMAUDIT_MAX_MODEL_BYTES") -> bytes:
+    """The bytes of a model file (or of any file named by `expected`: a key, a policy): a regular
+    file no larger than the limit.
 
     The file is opened non-blocking (a FIFO cannot stall the audit) and checked
     with fstat on the open descriptor, so what is checked is what is read.
@@ -105,18 +107,18 @@ def read_model_bytes(path: str | os.PathLike, lim: Limits | None = None) -> byte
     except FileNotFoundError:
         raise AuditError(f"{p}: no such file") from None
     except IsADirectoryError:
-        raise AuditError(f"{p}: is a directory, expected an .onnx file") from None
+        raise AuditError(f"{p}: is a directory, expected {expected}") from None
     except OSError as e:
         raise AuditError(f"{p}: cannot open ({e.strerror or type(e).__name__})") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise AuditError(f"{p}: is a directory, expected an .onnx file")
+            raise AuditError(f"{p}: is a directory, expected {expected}")
         if not stat.S_ISREG(st.st_mode):
-            raise AuditError(f"{p}: is {_kind(st.st_mode)}, expected an .onnx file")
+            raise AuditError(f"{p}: is {_kind(st.st_mode)}, expected {expected}")
         if st.st_size > lim.max_model_bytes:
             raise AuditError(f"{p}: {st.st_size} bytes, over the limit of {lim.max_model_bytes} "
-                             f"(WMAUDIT_MAX_MODEL_BYTES)")
+                             f"({limit_name})")
         chunks, left = [], st.st_size
         while left > 0:
             b = os.read(fd, min(left, 64 << 20))
