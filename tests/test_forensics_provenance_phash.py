@@ -22,6 +22,7 @@ import sys
 import numpy as np
 import pytest
 
+from auditor.cli import main
 from auditor.forensics import provenance_phash as pp
 
 DERIVED = {"forensics-derived/finetuned.onnx": 0.826, "forensics-derived/pruned50.onnx": 0.624,
@@ -121,7 +122,7 @@ def test_cli_exit_codes_and_json(fx, noise, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["shape", "nan", "missing", "few", "no-probes", "layer-with-weights", "units"])
-def test_bad_probes_one_line_exit_2(fx, noise, tmp_path, case):
+def test_bad_probes_one_line_exit_2(fx, noise, tmp_path, capsys, case):
     root = fx["cnn-small-mean"].parent
     ref, sus = fx["cnn-small-mean"] / "model.onnx", root / "forensics-derived" / "int8.onnx"
     args = ["--method", "phash", "--probes"]
@@ -143,5 +144,6 @@ def test_bad_probes_one_line_exit_2(fx, noise, tmp_path, case):
         args = ["--layer", "relu_3"]
     elif case == "units":
         args += [noise, "--layer", "relu_3", "--suspect-layer", "output"]
-    rc, out, err = _wmaudit("provenance", sus, "--reference", ref, *args)
+    rc = main(["provenance", str(sus), "--reference", str(ref), *map(str, args)])
+    out, err = capsys.readouterr()
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (case, err)
