@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--null", action="append", default=[], help="independently trained model (repeatable)")
     p.add_argument("--alpha", type=_types.alpha, default=DEFAULT_ALPHA, help="threshold on the combined p (1e-6)")
     p.add_argument("--rho0", type=float, default=RHO0, help="row correlation independent training stays below")
+    p.add_argument("--all-layers", action="store_true",
+                   help="weights: also test every layer off the deepest chain (other residual branches, the classifier)")
     p.add_argument("--method", choices=("weights", "phash"), default="weights",
                    help="weights (align layers, default) or phash (behaviour on --probes)")
     p.add_argument("--probes", help="phash: probe inputs (.npy / .npz / image folder / IDX), checked against each model")
@@ -47,6 +49,8 @@ def run(args) -> int:
     for f in [args.model, args.reference] + args.null:
         if not Path(f).is_file():
             raise AuditError(f"model not found: {f}")
+    if args.method == "phash" and args.all_layers:
+        raise AuditError("--all-layers: only with --method weights")
     ref = {"path": args.reference, "sha256": results.file_sha256(args.reference)}
     if args.method == "phash":
         from auditor.forensics import provenance_phash as pp
@@ -67,7 +71,7 @@ def run(args) -> int:
         if not 0.0 <= args.rho0 < 1.0:
             raise AuditError("--rho0 must be in [0, 1)")
         body = {"method": "weights", **provenance(args.model, args.reference, null_models=tuple(args.null),
-                                                  alpha=args.alpha, rho0=args.rho0)}
+                                                  alpha=args.alpha, rho0=args.rho0, all_layers=args.all_layers)}
     doc = results.envelope("provenance", model_path=args.model, reference=ref, result=body)
     results.emit(doc, output=args.output, as_json=args.json, render=render)
     return 0 if body["verdict"] == "derived" else 1
@@ -85,7 +89,22 @@ def render(doc: dict) -> str:
         lines.append(f"  {l['weight']:<28} rows {l['rows_above_rho0']:>4}/{l['rows']:<4} above rho0  "
                      f"median r {l['median_r']:+.3f}  p {fmt_p(l['p_value'], l['log10_p'])}  ({l['matching']})")
     lines.append("")
-    lines.append(f"Fisher X2 = {r['fisher_x2']:.1f} (df {r['df']}), combined p {fmt_p(r['p_combined'], r['log10_p_combined'])}")
+    if "branches" in r:
+        lines.append(f"deepest chain: Fisher X2 = {r['fisher_x2']:.1f} (df {r['df']}), p 10^{r['log10_p_main_chain']:.1f} "
+                     f"(Bonferroni over {r['candidates']} suspect chains)")
+        for b in r["branches"]:
+            lines.append(f"chain to {b['last']}:")
+            for l in b["layers"]:
+                lines.append(f"  {l['weight']:<28} rows {l['rows_above_rho0']:>4}/{l['rows']:<4} above rho0  "
+                             f"median r {l['median_r']:+.3f}  p {fmt_p(l['p_value'], l['log10_p'])}  ({l['matching']})")
+            lines.append(f"  chain p 10^{b['log10_p_combined']:.1f} (Bonferroni over {b['candidates']} suspect chains)")
+        for u in r["untested"]:
+            lines.append(f"untested: {u['weight']}: {u['reason']}")
+        lines.append(f"{r['chains']} chains, Fisher X2 = {r['fisher_x2_chains']:.1f} (df {r['df_chains']}), "
+                     f"combined p {fmt_p(r['p_combined'], r['log10_p_combined'])}")
+    else:
+        lines.append(f"Fisher X2 = {r['fisher_x2']:.1f} (df {r['df']}), combined p "
+                     f"{fmt_p(r['p_combined'], r['log10_p_combined'])}")
     cal = r.get("calibration")
     if cal:
         lines.append(f"calibration: {cal['false_positives']}/{cal['n']} independent models called derived "

@@ -397,12 +397,17 @@ def provenance_section(doc: dict[str, Any]) -> str:
         return _provenance_phash(r)
     rows = [[("mono", _e(l.get("weight"))), ("", _e(f"{l.get('rows_above_rho0')}/{l.get('rows')}")),
              ("", _e(f"{l.get('median_r', 0):+.3f}")), ("", _e(fmt_p(l.get("p_value"), l.get("log10_p")))),
-             ("", _e(l.get("matching")))] for l in r.get("layers", [])]
+             ("", _e(l.get("matching")))]
+            for l in r.get("layers", []) + [l for b in r.get("branches", []) for l in b.get("layers", [])]]
     out = ['<p class="note">Method: weights (layers aligned to the reference).</p>',
            _table(["layer", "rows above rho0", "median held-out r", "p (sign test)", "matching"], rows),
            f'<p class="note">{_e(r.get("null"))}; {_e(r.get("fit"))}. Fisher X² = {r.get("fisher_x2", 0):.1f} '
            f'(df {_e(r.get("df"))}), combined p {_e(fmt_p(r.get("p_combined"), r.get("log10_p_combined")))}, '
            f'alpha {_e(r.get("alpha"))}.</p>']
+    if r.get("branches") is not None:
+        untested = "; ".join(f"{u['weight']}: {u['reason']}" for u in r.get("untested", [])) or "none"
+        out.append(f'<p class="note">Every layer (--all-layers): {_e(r.get("chains"))} chains, each Bonferroni-corrected '
+                   f'for its suspect chains, combined by Fisher; untested: {_e(untested)}.</p>')
     cal = r.get("calibration")
     if cal:
         out.append(f'<p class="note">False-positive rate measured on {cal["n"]} independently trained models: '
