@@ -71,15 +71,18 @@ def read_probes(path: str | os.PathLike, model) -> tuple[np.ndarray, dict[str, A
     return x, desc
 
 
-def features(model_path, x: np.ndarray, layer: str | None) -> tuple[np.ndarray, str]:
-    """[N, D] features of ``x`` at ``layer`` (None: the model's first output) and the tensor's name."""
+def features(model, x: np.ndarray, layer: str | None) -> tuple[np.ndarray, str]:
+    """[N, D] features of ``x`` at ``layer`` (None: the model's first output) and the tensor's name;
+    ``model`` is a path or a loaded ModelProto."""
+    import onnx
+
     from auditor.attacks import load_model
     from auditor.phash import features as F
 
-    m = load_model(model_path)
+    m = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = layer if layer is not None else (m.graph.output[0].name if m.graph.output else None)
     if name is None:
-        raise AuditError(f"{model_path}: the model has no outputs")
+        raise AuditError("the model has no outputs")
     return F.features(m, x, layer), name
 
 
@@ -100,11 +103,12 @@ def agreement(fr: np.ndarray, fs: np.ndarray) -> np.ndarray:
 
 
 def score_one(model_path, ref_feats: np.ndarray, x: np.ndarray, layer: str | None,
-              threshold: float) -> dict[str, Any]:
-    """The per-probe agreement of one model with the reference's features, its score and sign test."""
+              threshold: float, model=None) -> dict[str, Any]:
+    """The per-probe agreement of one model with the reference's features, its score and sign test
+    (``model``: the loaded ModelProto of ``model_path``, when the caller has it)."""
     from auditor.marks import stats
 
-    fs, name = features(model_path, x, layer)
+    fs, name = features(model if model is not None else model_path, x, layer)
     if fs.shape[1] != ref_feats.shape[1]:
         raise AuditError(f"{model_path}: tensor {name!r} has {fs.shape[1]} values per probe, the reference's "
                          f"{ref_feats.shape[1]}; compare the outputs (no --layer) or name a tensor of the same "
@@ -126,12 +130,12 @@ def provenance(suspect_path, reference_path, probes_path, *, layer: str | None =
 
     if not -1.0 <= threshold < 1.0:
         raise AuditError(f"--threshold must be in [-1, 1), got {threshold}")
-    ref_model = load_model(reference_path)
+    ref_model, sus_model = load_model(reference_path), load_model(suspect_path)
     x_ref, probes = read_probes(probes_path, ref_model)
-    x_sus, _ = read_probes(probes_path, load_model(suspect_path))
-    fr, r_name = features(reference_path, x_ref, layer)
+    x_sus, _ = read_probes(probes_path, sus_model)
+    fr, r_name = features(ref_model, x_ref, layer)
     s_layer = suspect_layer if suspect_layer is not None else layer
-    sus = score_one(suspect_path, fr, x_sus, s_layer, threshold)
+    sus = score_one(suspect_path, fr, x_sus, s_layer, threshold, model=sus_model)
     out: dict[str, Any] = {
         "method": "phash", "probes": {**probes, "fit": int((np.arange(probes["count"]) % 2 == 0).sum()),
                                       "tested": sus["per_probe"]["tested"],
@@ -142,8 +146,9 @@ def provenance(suspect_path, reference_path, probes_path, *, layer: str | None =
     if null_models:
         nulls = []
         for m in null_models:
-            x_m, _ = read_probes(probes_path, load_model(m))
-            r = score_one(m, fr, x_m, s_layer, threshold)
+            null_model = load_model(m)
+            x_m, _ = read_probes(probes_path, null_model)
+            r = score_one(m, fr, x_m, s_layer, threshold, model=null_model)
             nulls.append({"path": str(m), "layer": r["layer"], "score": r["score"]})
         n = len(nulls)
         ge = sum(1 for v in nulls if v["score"] >= sus["score"])
