@@ -49,8 +49,13 @@ def run(args) -> int:
     for f in [args.model, args.reference] + args.null:
         if not Path(f).is_file():
             raise AuditError(f"model not found: {f}")
-    if args.method == "phash" and args.all_layers:
-        raise AuditError("--all-layers: only with --method weights")
+    if args.method == "phash":
+        from auditor.forensics.provenance import DEFAULT_ALPHA, RHO0
+
+        given = [o for o, v in (("--all-layers", args.all_layers), ("--alpha", args.alpha != DEFAULT_ALPHA),
+                                ("--rho0", args.rho0 != RHO0)) if v]
+        if given:
+            raise AuditError(f"{', '.join(given)}: only with --method weights")
     ref = {"path": args.reference, "sha256": results.file_sha256(args.reference)}
     if args.method == "phash":
         from auditor.forensics import provenance_phash as pp
