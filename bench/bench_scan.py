@@ -7,7 +7,7 @@
    random generator keys (random bits, random seeds) with marks of the same shape; the
    count of random keys detected is reported (should be 0).
 2. Provenance ROC on the forensic fixtures (the SmallCNN's, and the residual CNN's in
-   `provenance_residual`): positives are the marked model's attacked
+   `provenance_residual`, and its `all_layers` block: every layer tested): positives are the marked model's attacked
    descendants (fine-tuned, pruned, int8, obfuscated with every step, BN-folded, int8),
    negatives the independently trained twins and their obfuscated copies; the score is
    -log10 of the combined p. Reports AUC, the largest negative score and the smallest
@@ -214,6 +214,14 @@ def main(argv=None) -> int:
         out["provenance_residual"] = {**roc(pos, neg), "seconds": time.perf_counter() - t0,
                                       "scores_positive": dict(zip([str(p.relative_to(p.parents[1])) for p in pos_files], pos)),
                                       "scores_negative": dict(zip([str(p.relative_to(p.parents[1])) for p in neg_files], neg))}
+        # the same files, every layer tested (--all-layers: the other residual branches and fc as well)
+        t0 = time.perf_counter()
+        pos = [-test(f, rref, all_layers=True)["log10_p_combined"] for f in pos_files]
+        neg = [-test(f, rref, all_layers=True)["log10_p_combined"] for f in neg_files]
+        out["provenance_residual"]["all_layers"] = {
+            **roc(pos, neg), "seconds": time.perf_counter() - t0,
+            "scores_positive": dict(zip([str(p.relative_to(p.parents[1])) for p in pos_files], pos)),
+            "scores_negative": dict(zip([str(p.relative_to(p.parents[1])) for p in neg_files], neg))}
     # third-party files nobody marked x random keys of their own weights' shapes
     import importlib.util
 

@@ -223,6 +223,8 @@ def activation_match(probe_models, s_layer: ch.Layer, r_layer: ch.Layer, keep) -
         a = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
         acts.append(a)
     a_s, a_r = acts
+    if a_s.shape[1] != a_r.shape[1]:
+        return None  # layers at different resolutions (another position in the network): no pairing of values
     if keep is not None:
         a_s = a_s[keep]
     zs = (a_s - a_s.mean(1, keepdims=True)) / np.maximum(a_s.std(1, keepdims=True), 1e-12)

@@ -13,7 +13,9 @@ correlate, but weakly; measured below). Under H0, with rows independent, each ro
 exceeds RHO0 with probability <= 1/2, so p = P[Bin(n, 1/2) >= #{c_o > RHO0}] (exact,
 integers); a reference row with no partner (pruned filter) counts as not exceeding.
 Layers are combined with Fisher's method (X^2 = -2 sum ln p_l, chi-square with 2L
-degrees of freedom). Derived when the combined p < alpha (default 1e-6).
+degrees of freedom). When several suspect layers could end the chain (layers of the reference's
+last layer's shape), every one is aligned and tested and the best is kept, its combined p
+multiplied by their number (Bonferroni). Derived when the combined p < alpha (default 1e-6).
 
 A relabelling (permutation) null was tried first and rejected: after alignment,
 independently trained twins have held-out correlations of 0.03-0.2, small but far
@@ -61,12 +63,18 @@ def _layer_test(al: align.LayerAlignment, rho0: float) -> dict[str, Any]:
 
 
 def _fisher(log10_ps: list[float]) -> tuple[float, float, float]:
-    from scipy.stats import chi2
+    """Fisher's X^2 and its chi-square tail. With df = 2L even the tail is exact in closed form,
+    sf(x) = exp(-x/2) sum_{i<L} (x/2)^i / i!, summed in logs (scipy's logsf gives -inf past ~1e-300)."""
+    from scipy.special import gammaln, logsumexp
 
     x2 = -2.0 * math.log(10.0) * sum(log10_ps)
     df = 2 * len(log10_ps)
-    lp = float(chi2.logsf(x2, df)) / math.log(10.0)
-    return x2, df, lp
+    h = x2 / 2.0
+    if h <= 0.0:
+        return x2, df, 0.0
+    i = np.arange(len(log10_ps))
+    lp = float(-h + logsumexp(i * math.log(h) - gammaln(i + 1))) / math.log(10.0)
+    return x2, df, min(0.0, lp)
 
 
 def _deepest(gv: canon.GraphValues) -> ch.Layer:
@@ -76,49 +84,96 @@ def _deepest(gv: canon.GraphValues) -> ch.Layer:
     return max(lays, key=lambda l: (align.depth(gv, l), l.index))
 
 
-def test(suspect, reference, *, rho0: float = RHO0) -> dict[str, Any]:
-    """The per-layer tests and their Fisher combination for one suspect (paths or WeightStores)."""
-    from auditor.read.weights import WeightStore
-
-    s_store = suspect if not isinstance(suspect, (str, Path)) else WeightStore.open(suspect)
-    r_store = reference if not isinstance(reference, (str, Path)) else WeightStore.open(reference)
-    sgv, rgv = canon.GraphValues(s_store), canon.GraphValues(r_store)
-    r_last = _deepest(rgv)
+def _best_chain(sgv, rgv, r_last: ch.Layer, rho0: float, probe, skip=frozenset()) -> dict[str, Any] | None:
+    """The chain ending at r_last aligned from every suspect layer that could end it; the layers not in
+    `skip` tested; the best chain kept, its Fisher p multiplied by the number of chains tried (Bonferroni).
+    None when every aligned layer is in `skip`."""
     cands = align.suspect_layers_like(sgv, rgv, r_last)
     if not cands:
         raise AuditError("the suspect has no layer chain like the reference's (different architecture?)")
-    probe = (sgv.model, rgv.model) if align._inline(sgv.model) and align._inline(rgv.model) else None
-    best = None
+    best, err, tested = None, "", False
     for sl in cands:
         try:
             als = align.align_chain(sgv, sl, rgv, r_last, fit_half=True, probe_models=probe, streams=True)
         except AuditError as e:
             err = str(e)
             continue
-        layers = [_layer_test(a, rho0) for a in als]
+        layers = [_layer_test(a, rho0) for a in als if a.ref_layer.weight not in skip]
+        tested = True
+        if not layers:
+            continue
         x2, df, lp = _fisher([l["log10_p"] for l in layers])
         if best is None or lp < best["log10_p_combined"]:
             best = {"layers": layers, "fisher_x2": x2, "df": df, "log10_p_combined": lp}
-    if best is None:
+    if not tested:
         raise AuditError(f"cannot align the suspect to the reference: {err}")
+    if best is None:
+        return None
+    # the best of several suspect chains is kept: Bonferroni over every chain tried
+    best["candidates"] = len(cands)
+    best["log10_p_best_chain"] = best["log10_p_combined"]
+    best["log10_p_combined"] = min(0.0, best["log10_p_combined"] + math.log10(len(cands)))
     return best
 
 
+def test(suspect, reference, *, rho0: float = RHO0, all_layers: bool = False) -> dict[str, Any]:
+    """The per-layer tests and their Fisher combination for one suspect (paths or WeightStores).
+
+    Default: the deepest chain of the reference (streams included). ``all_layers``: then every
+    reference layer that chain leaves out (other branches of residual blocks, the classifier),
+    deepest first, each as the chain ending at it (layers already tested are aligned again, for
+    the input order, but not tested twice); each chain's p is Bonferroni-corrected for its
+    suspect candidates and the chains are combined by Fisher's method."""
+    from auditor.read.weights import WeightStore
+
+    s_store = suspect if not isinstance(suspect, (str, Path)) else WeightStore.open(suspect)
+    r_store = reference if not isinstance(reference, (str, Path)) else WeightStore.open(reference)
+    sgv, rgv = canon.GraphValues(s_store), canon.GraphValues(r_store)
+    r_last = _deepest(rgv)
+    probe = (sgv.model, rgv.model) if align._inline(sgv.model) and align._inline(rgv.model) else None
+    best = _best_chain(sgv, rgv, r_last, rho0, probe)
+    if not all_layers:
+        return best
+    covered = {l["weight"] for l in best["layers"]}
+    branches, untested = [], []
+    order = sorted(ch.layers(rgv.model, rgv.graph), key=lambda l: (-align.depth(rgv, l), l.index))
+    for r in order:
+        if r.weight in covered:
+            continue
+        try:
+            b = _best_chain(sgv, rgv, r, rho0, probe, skip=frozenset(covered))
+        except AuditError as e:
+            untested.append({"weight": r.weight, "reason": str(e)})
+            covered.add(r.weight)
+            continue
+        covered.add(r.weight)
+        if b is None:
+            continue
+        covered |= {l["weight"] for l in b["layers"]}
+        branches.append({"last": r.weight, **b})
+    chains = [best["log10_p_combined"]] + [b["log10_p_combined"] for b in branches]
+    x2, df, lp = _fisher(chains)
+    return {**best, "log10_p_main_chain": best["log10_p_combined"], "branches": branches, "untested": untested,
+            "chains": len(chains), "fisher_x2_chains": x2, "df_chains": df, "log10_p_combined": lp}
+
+
 def provenance(suspect_path, reference_path, *, null_models=(), alpha: float = DEFAULT_ALPHA,
-               rho0: float = RHO0) -> dict[str, Any]:
+               rho0: float = RHO0, all_layers: bool = False) -> dict[str, Any]:
     """Result body: per-layer tests, combined p, verdict, and the measured false-positive rate."""
-    res = test(suspect_path, reference_path, rho0=rho0)
+    res = test(suspect_path, reference_path, rho0=rho0, all_layers=all_layers)
     lp = res["log10_p_combined"]
     derived = lp < math.log10(alpha)
     out = {"verdict": "derived" if derived else "not derived", "alpha": alpha, **res,
            "p_combined": 10.0 ** lp, "rho0": rho0,
            "null": (f"per layer: the median held-out row correlation is at most {rho0:g} (exact sign test); "
-                    "layers combined by Fisher's method"),
+                    f"layers combined by Fisher's method; Bonferroni over the {res['candidates']} suspect "
+                    f"chain(s) tried" + (f"; {res['chains']} chains (every layer) combined by Fisher's method, "
+                                          f"each Bonferroni-corrected for its suspect chains" if all_layers else "")),
            "fit": "rows matched on even coefficient positions, tested on the odd ones (held out)"}
     if null_models:
         nulls = []
         for m in null_models:
-            r = test(m, reference_path, rho0=rho0)
+            r = test(m, reference_path, rho0=rho0, all_layers=all_layers)
             nulls.append({"path": str(m), "log10_p_combined": r["log10_p_combined"],
                           "derived": r["log10_p_combined"] < math.log10(alpha)})
         fp = sum(1 for n in nulls if n["derived"])

@@ -66,6 +66,12 @@ def verdict_of(doc: dict[str, Any]) -> tuple[str, str]:
     v = inner.get("verdict", v)
     if isinstance(v, dict):  # query results: {"verdict": ..., "reason": ..., "p_value": ...}
         inner, v = v, v.get("verdict")
+    if kind == "provenance" and v in ("derived", "not derived") and inner.get("method") == "phash":
+        p = inner.get("p_value")
+        return ("pass" if v == "derived" else "fail"), (
+            f"provenance (phash): {v} from the reference (score {inner.get('score', 0):+.3f}, threshold "
+            f"{inner.get('threshold', 0):g}; " + (f"rank p {p:.3g} among {inner['calibration']['n']} null models)"
+                                                 if p is not None else "decision rule, no p-value without null models)"))
     if kind == "provenance" and v in ("derived", "not derived"):
         return ("pass" if v == "derived" else "fail"), (f"provenance: {v} from the reference "
                                                         f"(combined p 10^{inner.get('log10_p_combined', 0):.1f})")
@@ -387,18 +393,46 @@ def scan_section(doc: dict[str, Any]) -> str:
 def provenance_section(doc: dict[str, Any]) -> str:
     """Per-layer tests of `wmaudit provenance`, their Fisher combination and the calibration."""
     r = doc.get("result") or {}
+    if r.get("method") == "phash":
+        return _provenance_phash(r)
     rows = [[("mono", _e(l.get("weight"))), ("", _e(f"{l.get('rows_above_rho0')}/{l.get('rows')}")),
              ("", _e(f"{l.get('median_r', 0):+.3f}")), ("", _e(fmt_p(l.get("p_value"), l.get("log10_p")))),
-             ("", _e(l.get("matching")))] for l in r.get("layers", [])]
-    out = [_table(["layer", "rows above rho0", "median held-out r", "p (sign test)", "matching"], rows),
+             ("", _e(l.get("matching")))]
+            for l in r.get("layers", []) + [l for b in r.get("branches", []) for l in b.get("layers", [])]]
+    out = ['<p class="note">Method: weights (layers aligned to the reference).</p>',
+           _table(["layer", "rows above rho0", "median held-out r", "p (sign test)", "matching"], rows),
            f'<p class="note">{_e(r.get("null"))}; {_e(r.get("fit"))}. Fisher X² = {r.get("fisher_x2", 0):.1f} '
            f'(df {_e(r.get("df"))}), combined p {_e(fmt_p(r.get("p_combined"), r.get("log10_p_combined")))}, '
            f'alpha {_e(r.get("alpha"))}.</p>']
+    if r.get("branches") is not None:
+        untested = "; ".join(f"{u['weight']}: {u['reason']}" for u in r.get("untested", [])) or "none"
+        out.append(f'<p class="note">Every layer (--all-layers): {_e(r.get("chains"))} chains, each Bonferroni-corrected '
+                   f'for its suspect chains, combined by Fisher; untested: {_e(untested)}.</p>')
     cal = r.get("calibration")
     if cal:
         out.append(f'<p class="note">False-positive rate measured on {cal["n"]} independently trained models: '
                    f'{cal["false_positives"]} called derived (smallest combined p 10^{cal["min_log10_p"]:.1f}).</p>')
     return "\n".join(out)
+
+
+def _provenance_phash(r: dict[str, Any]) -> str:
+    """`wmaudit provenance --method phash`: probes, tensors, score, agreement test, calibration."""
+    pr, pp, at, cal = r.get("probes", {}), r.get("per_probe", {}), r.get("agreement_test", {}), r.get("calibration", {})
+    lay = r.get("layers", {})
+    rows = [[("", "method"), ("", "phash (behaviour: perceptual hashes of one tensor on probe inputs)")],
+            [("", "probes"), ("mono", _e(f"{pr.get('path')}: {pr.get('count')} ({pr.get('fit')} fit, "
+                                          f"{pr.get('tested')} tested), {pr.get('sha256')}"))],
+            [("", "tensor (reference / suspect)"), ("mono", _e(f"{lay.get('reference')} / {lay.get('suspect')}"))],
+            [("", "score"), ("", _e(f"{r.get('score', 0):+.4f} (threshold {r.get('threshold')}; "
+                                    f"{pp.get('above_threshold')}/{pp.get('tested')} probes above)"))],
+            [("", "agreement test"), ("", _e(f"p {fmt_p(at.get('p_value'), at.get('log10_p'))}: {at.get('null')}"))],
+            [("", "null"), ("", _e(r.get("null")))]]
+    if cal.get("n"):
+        rows.append([("", "calibration"), ("", _e(
+            f"rank p {r.get('p_value'):.3g} (resolution {r.get('p_resolution'):.3g}); false positives at the "
+            f"threshold {cal.get('false_positives')}/{cal.get('n')}; largest null score {cal.get('max_null_score'):+.4f}"))])
+    rows.append([("", "verdict"), ("", _e(f"{r.get('verdict')}: {r.get('decision')}"))])
+    return _table(["", ""], rows)
 
 
 # ------------------------------------------------------------------ the page
