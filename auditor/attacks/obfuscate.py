@@ -21,6 +21,10 @@ layer whose channels can be traced to their consumers; see auditor.read.channels
 * ``clique:K``: K/2 pairs of new neurons with identical random incoming rows and
   outgoing columns v and -v (NeuronClique), which cancel.
 
+Through a depthwise conv (a per-channel op, see auditor.read.channels) its kernel rows,
+bias, ``group`` and the BatchNorm after it are rewritten with the channel map; a scale passes
+it (bias times the scale), not a ReLU6 (``Clip``) after it.
+
 The result is checked function-preserving before it is returned: the original and
 the obfuscated model run in onnxruntime on seeded standard-normal inputs of the
 model's input shape (dynamic axes = 2); max |difference| must be <= 1e-4 + 1e-4 max |y|.
