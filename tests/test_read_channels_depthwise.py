@@ -165,12 +165,24 @@ def residual_exports(tmp_path_factory):
     torch.manual_seed(0)
     torch.set_num_threads(1)
 
+    class DepthwiseFirst(nn.Module):   # EfficientNet's MBConv1 / MobileNetV1 block, residual: no expansion
+        def __init__(self, c):
+            super().__init__()
+            self.depthwise = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+            self.bn_depthwise = nn.BatchNorm2d(c)
+            self.project = nn.Conv2d(c, c, 1, bias=False)
+            self.bn_project = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return x + self.bn_project(self.project(nn.functional.relu(self.bn_depthwise(self.depthwise(x)))))
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.stem = nn.Conv2d(1, 8, 3, 2, 1, bias=False)
             self.bn = nn.BatchNorm2d(8)
-            self.blocks = nn.Sequential(arch.InvertedResidual(8, 8, 4, 1), arch.InvertedResidual(8, 16, 4, 2))
+            self.blocks = nn.Sequential(arch.InvertedResidual(8, 8, 4, 1), DepthwiseFirst(8),
+                                        arch.InvertedResidual(8, 16, 4, 2))
             self.fc = nn.Linear(16, 10)
 
         def forward(self, x):
@@ -193,24 +205,79 @@ def residual_exports(tmp_path_factory):
 
 @pytest.mark.parametrize("src", ["default", "kept"])
 def test_residual_inverted_block(residual_exports, src):
-    """Block 0 has the residual Add (stem + project): the stem and blocks.0.project write into one
-    stream read by blocks.0.expand (feeding a depthwise conv) and blocks.1.expand."""
+    """blocks.0 (inverted residual) and blocks.1 (depthwise first, residual) add into one stream
+    written by the stem, blocks.0.project and blocks.1.project; it is read by blocks.0.expand
+    (feeding a depthwise conv), by blocks.1's depthwise conv after the Add (so by blocks.1.project)
+    and by blocks.2.expand."""
     m = onnx.load(str(residual_exports[src]))
     flows = {l.weight: ch.trace(m, l) for l in ch.layers(m)}
-    proj = flows["blocks.0.project.weight"]
-    assert not proj.blocked and proj.residual and {w.layer.weight for w in proj.writers} == {
-        "blocks.0.project.weight", "stem.weight"}
-    assert {c.layer.weight for c in proj.consumers} == {"blocks.0.expand.weight", "blocks.1.expand.weight"}
-    for e in ("blocks.0.expand.weight", "blocks.1.expand.weight"):
-        assert not flows[e].blocked and len(flows[e].depthwise) == 1
-    for layer in ("blocks.0.expand.weight", "blocks.0.project.weight", "blocks.1.expand.weight"):
+    assert [w for w, f in flows.items() if not f.blocked] == [
+        "stem.weight", "blocks.0.expand.weight", "blocks.0.project.weight", "blocks.1.project.weight",
+        "blocks.2.expand.weight", "blocks.2.project.weight"]
+    stream = flows["blocks.0.project.weight"]
+    assert len(stream.residual) == 2 and {w.layer.weight for w in stream.writers} == {
+        "blocks.0.project.weight", "blocks.1.project.weight", "stem.weight"}
+    assert {c.layer.weight for c in stream.consumers} == {
+        "blocks.0.expand.weight", "blocks.1.project.weight", "blocks.2.expand.weight"}
+    assert [d.input[1] for d in stream.stream_depthwise] == ["blocks.1.depthwise.weight"]
+    assert len(stream.stream_batchnorms) == (1 if src == "kept" else 0)    # blocks.1.bn_depthwise
+    for e in ("blocks.0.expand.weight", "blocks.2.expand.weight"):
+        assert len(flows[e].depthwise) == 1 and not flows[e].stream_depthwise
+    for layer in ("blocks.0.expand.weight", "blocks.0.project.weight", "blocks.1.project.weight",
+                  "blocks.2.expand.weight"):
         r = ob.obfuscate(m, "perm-in," + ALL, layer=layer, seed=5)
         assert r.params["max_abs_diff"] < 1e-5 * r.params["output_max_abs"], (layer, r.params)
     r = ob.obfuscate(m, ALL, seed=5)   # every traceable layer
     assert r.params["max_abs_diff"] < 1e-5 * r.params["output_max_abs"]
-    assert len(r.params["layers"]) == 5
-    w = _arrays(r.model)["blocks.0.depthwise.weight"]
-    assert w.shape == (32 + 6, 1, 3, 3) and _group(_node(r.model, "blocks.0.depthwise.weight")) == 38
+    assert len(r.params["layers"]) == 6
+    a = _arrays(r.model)
+    assert a["blocks.0.depthwise.weight"].shape == (32 + 6, 1, 3, 3)
+    assert _group(_node(r.model, "blocks.0.depthwise.weight")) == 38
+    # the stream (8 channels) was grown by the stem, blocks.0.project and blocks.1.project in turn
+    assert a["blocks.1.depthwise.weight"].shape == (8 + 18, 1, 3, 3)
+    assert a["blocks.1.project.weight"].shape == (26, 26, 1, 1)       # a writer and a reader of the stream
+    assert _group(_node(r.model, "blocks.1.depthwise.weight")) == 26
+    # a scale on the stream: absorbed by every writer's BatchNorm when kept; refused through the
+    # ReLU6 after the stem when folded; with ReLU instead, it passes the blocks.1 depthwise conv
+    # after the Add (bias times s, kernel unchanged)
+    lay = "blocks.0.project.weight"
+    if src == "kept":
+        r = ob.obfuscate(m, "scale", layer=lay, seed=6)
+        assert r.params["max_abs_diff"] < 1e-5 * r.params["output_max_abs"]
+    else:
+        with pytest.raises(AuditError, match=r"\(Clip: a positive scale does not pass it\)"):
+            ob.obfuscate(m, "scale", layer=lay, seed=6)
+        m = _relu_instead_of_relu6(m)
+        r = ob.obfuscate(m, "scale", layer=lay, seed=6)
+        assert r.params["max_abs_diff"] < 1e-5 * r.params["output_max_abs"]
+        before, after = _arrays(m), _arrays(r.model)
+        s = after[lay + "_bias"] / before[lay + "_bias"]
+        assert s.std() > 0.3
+        np.testing.assert_allclose(after["blocks.1.depthwise.weight_bias"],
+                                   before["blocks.1.depthwise.weight_bias"] * s, rtol=1e-5)
+        assert np.array_equal(after["blocks.1.depthwise.weight"], before["blocks.1.depthwise.weight"])
+
+
+def test_stream_copies_need_equal_depthwise_kernels(residual_exports):
+    """Split copies of a residual stream are one neuron only if the depthwise conv reading the
+    stream after the Add has equal kernels for them."""
+    from auditor.forensics import canon
+    from auditor.read.weights import WeightStore
+
+    m = ob.obfuscate(onnx.load(str(residual_exports["kept"])), "split:2,dummy:2", layer="blocks.0.project.weight",
+                     seed=3).model
+
+    def groups(model):
+        gv = canon.GraphValues(WeightStore(model))
+        g = canon.neuron_groups(gv, gv.flow(gv.layer_of_weight("blocks.0.project.weight")))
+        return g.splits, g.dummies
+
+    assert groups(m) == (2, 2)
+    t = next(t for t in m.graph.initializer if t.name == "blocks.1.depthwise.weight")
+    k = numpy_helper.to_array(t).copy()
+    k[8, 0, 0, 0] *= 1.01
+    t.CopyFrom(numpy_helper.from_array(k, t.name))
+    assert groups(m) == (1, 2)
 
 
 # ------------------------------------------------------------------ scan

@@ -91,6 +91,7 @@ def _unshare(model: onnx.ModelProto, flow: ch.Flow) -> None:
     nodes = {id(w.layer.node) for w in flow.writers} | {id(c.layer.node) for c in flow.consumers}
     nodes |= {id(b) for w in flow.writers for b in w.batchnorms} | {id(b) for b in flow.stream_batchnorms}
     nodes |= {id(d) for w in flow.writers for d in w.depthwise + w.depthwise_batchnorms}
+    nodes |= {id(d) for d in flow.stream_depthwise}
     inits = {t.name: t for t in model.graph.initializer}
     uses: dict[str, int] = {}
     for n in model.graph.node:
@@ -100,7 +101,7 @@ def _unshare(model: onnx.ModelProto, flow: ch.Flow) -> None:
             if x in inits:
                 uses[x] = uses.get(x, 0) + 1
     weights = {w.layer.weight for w in flow.writers} | {c.layer.weight for c in flow.consumers}
-    weights |= {d.input[1] for w in flow.writers for d in w.depthwise}
+    weights |= {d.input[1] for w in flow.writers for d in w.depthwise} | {d.input[1] for d in flow.stream_depthwise}
     for w in weights:
         if uses.get(w, 0) > 1:
             raise AuditError(f"weight {w} is shared by several nodes; rewriting it for one would change the others")
@@ -183,6 +184,8 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
             _edit_bn(consts, bn, src, out_scale, out_scale)
     for bn in flow.stream_batchnorms:
         _edit_bn(consts, bn, src, ones, ones)
+    for dw in flow.stream_depthwise:    # sees the stream times out_scale
+        _edit_depthwise(consts, dw, src, out_scale, rng, clique)
     pair_cols: dict[tuple[int, int], np.ndarray] = {}
     for ci, cons in enumerate(flow.consumers):
         cname = _current(cons.layer, consts)[0]

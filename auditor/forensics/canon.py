@@ -279,14 +279,15 @@ def _path_params(gv: GraphValues, flow: ch.Flow) -> list[tuple[np.ndarray, bool]
     """The per-channel parameters between the layer and its readers after its first BatchNorm:
     each depthwise conv's kernel rows [C, k] (multiplicative) and bias (additive), each
     BatchNorm after one as factor (multiplicative) and shift (additive). None: no depthwise conv."""
-    if not flow.depthwise:
+    dws = [d for w in flow.writers for d in w.depthwise] + flow.stream_depthwise   # a stream: every writer's
+    if not dws:
         return None
     out: list[tuple[np.ndarray, bool]] = []
-    for dw in flow.depthwise:
+    for dw in dws:
         out.append((gv.value(dw.input[1]).reshape(flow.channels, -1), True))
         if len(dw.input) > 2 and dw.input[2]:
             out.append((gv.value(dw.input[2]).reshape(flow.channels, 1), False))
-    for bn in flow.depthwise_batchnorms:
+    for bn in [b for w in flow.writers for b in w.depthwise_batchnorms]:
         eps = float(next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5))
         g, b, m, v = (gv.value(t).reshape(-1) for t in bn.input[1:5])
         f = g / np.sqrt(v + eps)

@@ -22,8 +22,9 @@ layer writing into the stream (`Flow.writers`) and forward to every reader.
 A depthwise Conv (group == channels, weight [C, 1, k..], channel multiplier 1,
 constant weight and bias) is a per-channel op with parameters: the trace records it on the
 writer it follows (`Writer.depthwise`, with the BatchNorms after it in
-`Writer.depthwise_batchnorms`) and goes on from its output; `producer` and `input_flow` walk
-back through it. Other grouped Convs (1 < group < C, or a channel multiplier > 1) end the trace.
+`Writer.depthwise_batchnorms`), or, when it reads the channels after a residual Add, on the
+stream (`Flow.stream_depthwise`, the BatchNorms after it in `stream_batchnorms`), and goes on
+from its output; `producer` and `input_flow` walk back through it. Other grouped Convs (1 < group < C, or a channel multiplier > 1) end the trace.
 Any other op mixing channels of two tensors (Mul, Sub, Div, an Add with a
 constant or after a Flatten/Concat), a stream reaching the graph input or
 written by anything but a plain layer, ends the trace with a reason.
@@ -125,6 +126,7 @@ class Flow:
     residual: list[str] = field(default_factory=list)     # the Adds joining the stream
     depthwise: list[onnx.NodeProto] = field(default_factory=list)   # the traced layer's own (Writer.depthwise)
     depthwise_batchnorms: list[onnx.NodeProto] = field(default_factory=list)
+    stream_depthwise: list[onnx.NodeProto] = field(default_factory=list)   # depthwise Convs after an Add
 
     @property
     def group(self) -> list[Layer]:
@@ -420,7 +422,8 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
 
 def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list) -> bool:
     """Give each depthwise Conv, and each BatchNorm after one, to the writer it follows (through
-    per-channel ops, before any Add); removes those BatchNorms from `bns`. True when blocked."""
+    per-channel ops, before any Add), removing those BatchNorms from `bns`; a depthwise Conv that
+    follows no single writer (after an Add) sits on the stream. True when blocked."""
     dw_ids = {id(n) for _, n in dws}
     dw_bns = []
     for i, node in sorted(dws + bns, key=lambda x: x[0]):
@@ -436,10 +439,9 @@ def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list)
             x = p[1].input[0]
         if id(node) in dw_ids:
             if owner is None:
-                flow.blocked = (f"depthwise Conv {node.name} sits on the residual stream of {flow.layer.name} "
-                                f"(after an Add), which the trace does not rewrite")
-                return True
-            owner.depthwise.append(node)
+                flow.stream_depthwise.append(node)
+            else:
+                owner.depthwise.append(node)
         elif after and owner is not None:
             owner.depthwise_batchnorms.append(node)
             dw_bns.append(node)
