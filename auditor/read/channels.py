@@ -24,7 +24,8 @@ constant weight and bias) is a per-channel op with parameters: the trace records
 writer it follows (`Writer.depthwise`, with the BatchNorms after it in
 `Writer.depthwise_batchnorms`), or, when it reads the channels after a residual Add, on the
 stream (`Flow.stream_depthwise`, the BatchNorms after it in `stream_batchnorms`), and goes on
-from its output; `producer` and `input_flow` walk back through it. Other grouped Convs (1 < group < C, or a channel multiplier > 1) end the trace.
+from its output; `producer` and `input_flow` walk back through it. Other grouped Convs
+(1 < group < C, or a channel multiplier > 1) end the trace.
 Any other op mixing channels of two tensors (Mul, Sub, Div, an Add with a
 constant or after a Flatten/Concat), a stream reaching the graph input or
 written by anything but a plain layer, ends the trace with a reason.
@@ -395,8 +396,8 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
     # a BatchNorm belongs to the writer it follows (through per-channel ops, before any Add);
     # otherwise it sits on the stream itself
     by_out = {w.layer.node.output[0]: w for w in flow.writers}
-    if dws and _assign_depthwise(g, flow, by_out, dws, bns):
-        return flow
+    if dws:
+        _assign_depthwise(g, flow, by_out, dws, bns)
     for _, bn in sorted(bns, key=lambda x: x[0]):
         x = bn.input[0]
         owner = None
@@ -420,10 +421,10 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
     return flow
 
 
-def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list) -> bool:
+def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list) -> None:
     """Give each depthwise Conv, and each BatchNorm after one, to the writer it follows (through
     per-channel ops, before any Add), removing those BatchNorms from `bns`; a depthwise Conv that
-    follows no single writer (after an Add) sits on the stream. True when blocked."""
+    follows no single writer (after an Add) sits on the stream."""
     dw_ids = {id(n) for _, n in dws}
     dw_bns = []
     for i, node in sorted(dws + bns, key=lambda x: x[0]):
@@ -447,7 +448,6 @@ def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list)
             dw_bns.append(node)
     ids = {id(b) for b in dw_bns}
     bns[:] = [(i, b) for i, b in bns if id(b) not in ids]
-    return False
 
 
 _BACK = _PER_CHANNEL_BACK
