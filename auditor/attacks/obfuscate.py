@@ -21,6 +21,10 @@ layer whose channels can be traced to their consumers; see auditor.read.channels
 * ``clique:K``: K/2 pairs of new neurons with identical random incoming rows and
   outgoing columns v and -v (NeuronClique), which cancel.
 
+Through a depthwise conv (a per-channel op, see auditor.read.channels) its kernel rows,
+bias, ``group`` and the BatchNorm after it are rewritten with the channel map; a scale passes
+it (bias times the scale), not a ReLU6 (``Clip``) after it.
+
 The result is checked function-preserving before it is returned: the original and
 the obfuscated model run in onnxruntime on seeded standard-normal inputs of the
 model's input shape (dynamic axes = 2); max |difference| must be <= 1e-4 + 1e-4 max |y|.
@@ -86,6 +90,8 @@ def _unshare(model: onnx.ModelProto, flow: ch.Flow) -> None:
     (an exporter may share identical BatchNorm biases), its own copy, so each is rewritten once."""
     nodes = {id(w.layer.node) for w in flow.writers} | {id(c.layer.node) for c in flow.consumers}
     nodes |= {id(b) for w in flow.writers for b in w.batchnorms} | {id(b) for b in flow.stream_batchnorms}
+    nodes |= {id(d) for w in flow.writers for d in w.depthwise + w.depthwise_batchnorms}
+    nodes |= {id(d) for d in flow.stream_depthwise}
     inits = {t.name: t for t in model.graph.initializer}
     uses: dict[str, int] = {}
     for n in model.graph.node:
@@ -95,6 +101,7 @@ def _unshare(model: onnx.ModelProto, flow: ch.Flow) -> None:
             if x in inits:
                 uses[x] = uses.get(x, 0) + 1
     weights = {w.layer.weight for w in flow.writers} | {c.layer.weight for c in flow.consumers}
+    weights |= {d.input[1] for w in flow.writers for d in w.depthwise} | {d.input[1] for d in flow.stream_depthwise}
     for w in weights:
         if uses.get(w, 0) > 1:
             raise AuditError(f"weight {w} is shared by several nodes; rewriting it for one would change the others")
@@ -139,7 +146,9 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
     out_scale = ones if absorbed else a     # the readers see the stream times out_scale
     if not np.allclose(out_scale, 1.0):
         if not flow.homogeneous:
-            raise AuditError(f"cannot scale {flow.layer.name}: its channels pass a non-homogeneous activation")
+            act = next((o for o in flow.ops if o in ch.ELEMENTWISE or o == "PRelu"), None)
+            raise AuditError(f"cannot scale {flow.layer.name}: its channels pass a non-homogeneous activation"
+                             + (f" ({act}: a positive scale does not pass it)" if act else ""))
         if flow.stream_batchnorms:
             raise AuditError(f"cannot scale {flow.layer.name}: a BatchNorm sits on the residual stream after "
                              f"{flow.residual[0]} (its shift does not scale)")
@@ -169,8 +178,14 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
         bn_out = ones if absorbed else a
         for bn in w.batchnorms:
             _edit_bn(consts, bn, src, row_a, bn_out)
+        for dw in w.depthwise:      # sees the writer's output times out_scale
+            _edit_depthwise(consts, dw, src, out_scale, rng, clique)
+        for bn in w.depthwise_batchnorms:
+            _edit_bn(consts, bn, src, out_scale, out_scale)
     for bn in flow.stream_batchnorms:
         _edit_bn(consts, bn, src, ones, ones)
+    for dw in flow.stream_depthwise:    # sees the stream times out_scale
+        _edit_depthwise(consts, dw, src, out_scale, rng, clique)
     pair_cols: dict[tuple[int, int], np.ndarray] = {}
     for ci, cons in enumerate(flow.consumers):
         cname = _current(cons.layer, consts)[0]
@@ -200,6 +215,40 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
                 raise AuditError(f"cannot update the target shape of Reshape {node.name} "
                                  f"(no constant holding {flat} on its shape input)")
     del model.graph.value_info[:]  # shapes changed; onnxruntime infers them again
+
+
+def _edit_depthwise(consts, dw: onnx.NodeProto, src: np.ndarray, s: np.ndarray, rng: np.random.Generator,
+                    clique: list[int] | None) -> None:
+    """Reindex a depthwise Conv's channels (kernel rows and bias) by src and set its group to the
+    new channel count. Its input channel j is scaled by s[j] (positive): conv is linear per channel,
+    so the kernel stays and the bias is multiplied by s[j], and its output is scaled by s[j] too.
+    A new channel gets a random kernel (a clique pair one kernel) and bias 0; a split copy the
+    kernel and bias of the channel it copies."""
+    new = src < 0
+    if dw.input[1] not in consts:
+        raise AuditError(f"depthwise Conv {dw.name}: its weight is not a stored constant")
+    K = numpy_helper.to_array(consts[dw.input[1]]).astype(np.float64)
+    std = float(K.std()) or 1.0
+    rows = np.empty((len(src),) + K.shape[1:])
+    rows[~new] = K[src[~new]]
+    pair: dict[int, np.ndarray] = {}
+    for j in np.flatnonzero(new):
+        pid = clique[j] if clique is not None else -1
+        if pid >= 0 and pid in pair:
+            rows[j] = pair[pid]
+        else:
+            rows[j] = rng.standard_normal(K.shape[1:]) * std
+            if pid >= 0:
+                pair[pid] = rows[j]
+    _set(consts, dw.input[1], rows)
+    if len(dw.input) > 2 and dw.input[2] and dw.input[2] in consts:
+        b = numpy_helper.to_array(consts[dw.input[2]]).astype(np.float64)
+        nb = np.zeros(len(src))
+        nb[~new] = b[src[~new]] * s[~new]
+        _set(consts, dw.input[2], nb)
+    for a in dw.attribute:
+        if a.name == "group":
+            a.i = len(src)
 
 
 def _current(lay: ch.Layer, consts) -> tuple[str, str | None]:

@@ -12,6 +12,8 @@ marks): perm-in, perm-out, scale, split:K, dummy:K, clique:K, in the order given
 (a Conv/Gemm/MatMul node or weight name; default every layer whose channels can be traced).
 A layer writing into a residual Add rewrites the whole stream: every layer writing into it and
 every layer reading it.
+A depthwise conv on the way (MobileNet/EfficientNet blocks) is rewritten with the channels
+(kernel, bias, group); a scale does not pass a ReLU6 (Clip) and is refused there.
 The result is checked function-preserving with onnxruntime (max |diff| on seeded inputs)
 before it is written. Exit 0 written, 2 error (nothing written)."""
 

@@ -272,24 +272,89 @@ def copy_pairs(unit: np.ndarray, dummy: np.ndarray) -> dict[int, set[int]]:
     return _pairs(unit @ _directions(unit.shape[1]), lambda i, j: float(unit[i] @ unit[j]), dummy)
 
 
+PATH_REL = 1e-4    # per-channel parameters this close (relative) are equal
+
+
+def _path_params(gv: GraphValues, flow: ch.Flow) -> list[tuple[np.ndarray, bool]] | None:
+    """The per-channel parameters between the layer and its readers after its first BatchNorm:
+    each depthwise conv's kernel rows [C, k] (multiplicative) and bias (additive), each
+    BatchNorm after one as factor (multiplicative) and shift (additive). None: no depthwise conv."""
+    dws = [d for w in flow.writers for d in w.depthwise] + flow.stream_depthwise   # a stream: every writer's
+    if not dws:
+        return None
+    out: list[tuple[np.ndarray, bool]] = []
+    for dw in dws:
+        out.append((gv.value(dw.input[1]).reshape(flow.channels, -1), True))
+        if len(dw.input) > 2 and dw.input[2]:
+            out.append((gv.value(dw.input[2]).reshape(flow.channels, 1), False))
+    for bn in [b for w in flow.writers for b in w.depthwise_batchnorms]:
+        eps = float(next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5))
+        g, b, m, v = (gv.value(t).reshape(-1) for t in bn.input[1:5])
+        f = g / np.sqrt(v + eps)
+        out += [(f.reshape(-1, 1), True), ((b - m * f).reshape(-1, 1), False)]
+    return out
+
+
+def _same_path(path: list[tuple[np.ndarray, bool]], i: int, j: int, r: float) -> bool:
+    """Channel j's activation is r times channel i's before the depthwise stages; it still is after
+    them when every multiplicative parameter is equal and every additive one is r times i's."""
+    for arr, mult in path:
+        a, b = arr[i], arr[j]
+        ref = a if mult else r * a
+        tol = PATH_REL * (float(np.abs(ref).max()) + float(np.abs(b).max())) + 1e-6 * PATH_REL * float(
+            np.abs(arr).max())
+        if float(np.abs(b - ref).max()) > tol:
+            return False
+    return True
+
+
 def _flow_key(flow: ch.Flow) -> tuple:
     return (flow.layer.weight, flow.channels, tuple(b.name or b.output[0] for b in flow.batchnorms),
             tuple((c.layer.weight, c.offset, c.spatial) for c in flow.consumers))
 
 
-def neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
+def neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = None) -> Groups:
     """Dummy, clique and split neurons of a layer, from its rows and next-layer columns
-    (cached per layer and trace: a layer's output side is the next layer's input side)."""
+    (cached per layer and trace: a layer's output side is the next layer's input side).
+    `cols`: compare rows on these columns only (see `input_columns`)."""
     cache = gv.__dict__.setdefault("_groups", {})
-    key = _flow_key(flow)
+    key = _flow_key(flow) + (None if cols is None else cols.tobytes(),)
     if key not in cache:
-        cache[key] = _neuron_groups(gv, flow)
+        cache[key] = _neuron_groups(gv, flow, cols)
     return cache[key]
 
 
-def _neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
+def input_columns(gv: GraphValues, lay: ch.Layer) -> np.ndarray | None:
+    """Mask over the layer's flattened rows: False for the input columns of channels that the
+    feeding layer's cleaning drops (dummy, clique, split copies). When both layers were obfuscated,
+    the feeding layer's new channels get a column of their own in every row of this layer
+    (a clique pair random ones), which makes this layer's copies differ there. None: keep all."""
+    pflow = ch.input_flow(gv.model, lay, gv.graph)
+    if pflow is None or pflow.blocked or pflow.layer.node is lay.node:
+        return None
+    cons = [c for c in pflow.consumers if c.layer.node is lay.node]
+    if len(cons) != 1 or cons[0].offset != 0:
+        return None
+    n_in = int(gv.graph.dims(lay.weight)[lay.in_axis]) if lay.op == "Conv" else None
+    if n_in is not None and n_in != pflow.channels:
+        return None
+    g = neuron_groups(gv, pflow)
+    if len(g.keep) == pflow.channels:
+        return None
+    live = np.zeros(pflow.channels, bool)
+    live[g.keep] = True
+    dims = gv.graph.dims(lay.weight)
+    per_row = int(np.prod(dims)) // int(dims[lay.out_axis])
+    if per_row % pflow.channels or (n_in is None and per_row != pflow.channels * cons[0].spatial):
+        return None
+    return np.repeat(live, per_row // pflow.channels)
+
+
+def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = None) -> Groups:
     C = flow.channels
     W2, f, sh = _row_affine(gv, flow)
+    if cols is not None and cols.size == W2.shape[1]:
+        W2 = W2[:, cols]
     cn = outgoing_norms(gv, flow)
     scale = float(cn.max()) if cn.size else 0.0
     dummy = cn <= ZERO_REL * max(scale, 1e-30)
@@ -305,6 +370,14 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
             a = np.append(np.asarray(W2[i], np.float64) * f[i], sh[i]) / safe[i]
             b = np.append(np.asarray(W2[j], np.float64) * f[j], sh[j]) / safe[j]
             return float(a @ b)
+
+        path = _path_params(gv, flow)
+        if path is not None:   # copies through a depthwise conv: its per-channel parameters agree too
+            row_cos = cosine
+
+            def cosine(i: int, j: int) -> float:
+                c = row_cos(i, j)
+                return c if c < COS_EQUAL or _same_path(path, i, j, rn[j] / rn[i] if rn[i] > 0 else 1.0) else -1.0
 
         partners = _pairs(ps, cosine, dummy)
     assigned = np.full(C, -1)
@@ -358,7 +431,7 @@ def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
     if flow.blocked:
         res.blocked.append(f"output side: {flow.blocked}")
     else:
-        g = neuron_groups(gv, flow)
+        g = neuron_groups(gv, flow, input_columns(gv, lay))
         res.out_groups = g
         if g.dummies or g.cliques or g.splits:
             W = W[g.keep]
@@ -379,7 +452,8 @@ def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
             res.in_groups = g
             res.in_spatial = sp
             if pflow.batchnorms and sp == 1 and not pflow.residual:  # a stream sums several writers
-                res.in_gamma = np.abs(gv.value(pflow.batchnorms[0].input[1]))[g.keep]
+                last = (pflow.depthwise_batchnorms or pflow.batchnorms)[-1 if pflow.depthwise_batchnorms else 0]
+                res.in_gamma = np.abs(gv.value(last.input[1]))[g.keep]
             if g.dummies or g.cliques or g.splits:
                 Wv = W.reshape(W.shape[0], pflow.channels, -1) if W.ndim == 2 else W
                 cols = [sum(f * Wv[:, j] for j, f in mem) for mem in g.members]

@@ -19,6 +19,13 @@ over the spatial axes, Identity, Dropout, Flatten/Reshape, Concat (axis 1).
 A residual Add / Sum (non-constant operands of one shape) joins the channels
 into one stream with its other inputs: the trace walks those back to every
 layer writing into the stream (`Flow.writers`) and forward to every reader.
+A depthwise Conv (group == channels, weight [C, 1, k..], channel multiplier 1,
+constant weight and bias) is a per-channel op with parameters: the trace records it on the
+writer it follows (`Writer.depthwise`, with the BatchNorms after it in
+`Writer.depthwise_batchnorms`), or, when it reads the channels after a residual Add, on the
+stream (`Flow.stream_depthwise`, the BatchNorms after it in `stream_batchnorms`), and goes on
+from its output; `producer` and `input_flow` walk back through it. Other grouped Convs
+(1 < group < C, or a channel multiplier > 1) end the trace.
 Any other op mixing channels of two tensors (Mul, Sub, Div, an Add with a
 constant or after a Flatten/Concat), a stream reaching the graph input or
 written by anything but a plain layer, ends the trace with a reason.
@@ -101,6 +108,8 @@ class Writer:
 
     layer: Layer
     batchnorms: list[onnx.NodeProto] = field(default_factory=list)
+    depthwise: list[onnx.NodeProto] = field(default_factory=list)   # depthwise Convs after it, in order
+    depthwise_batchnorms: list[onnx.NodeProto] = field(default_factory=list)  # BatchNorms after one
 
 
 @dataclass
@@ -116,6 +125,9 @@ class Flow:
     writers: list[Writer] = field(default_factory=list)   # every layer writing these channels, traced one first
     stream_batchnorms: list[onnx.NodeProto] = field(default_factory=list)  # BatchNorms after an Add
     residual: list[str] = field(default_factory=list)     # the Adds joining the stream
+    depthwise: list[onnx.NodeProto] = field(default_factory=list)   # the traced layer's own (Writer.depthwise)
+    depthwise_batchnorms: list[onnx.NodeProto] = field(default_factory=list)
+    stream_depthwise: list[onnx.NodeProto] = field(default_factory=list)   # depthwise Convs after an Add
 
     @property
     def group(self) -> list[Layer]:
@@ -185,6 +197,32 @@ def _layer_of(g: _Graph, i: int, n: onnx.NodeProto) -> Layer | None:
     return Layer(n, i, n.input[1], None, 1, 0)
 
 
+def _is_depthwise(g: _Graph, n: onnx.NodeProto) -> bool:
+    """A Conv with group == its channels, weight [C, 1, k..] (multiplier 1), constant weight and bias."""
+    return n.op_type == "Conv" and _depthwise_refusal(g, n) is None
+
+
+def _depthwise_refusal(g: _Graph, n: onnx.NodeProto, channels: int | None = None) -> str | None:
+    """Why the grouped Conv `n` cannot be traced as a per-channel op (None: it can)."""
+    group = int(_attr(n, "group", 1))
+    name = n.name or n.output[0]
+    if len(n.input) < 2 or not g.is_const(n.input[1]):
+        return f"depthwise Conv {name} has a non-constant weight"
+    dims = g.dims(n.input[1])
+    if len(dims) < 3 or group < 2:
+        return f"Conv {name} is not a depthwise conv"
+    if int(dims[1]) != 1:
+        return (f"grouped Conv {name} (group {group}, {dims[1]} input channels per group) mixes channels "
+                f"within its groups")
+    if int(dims[0]) != group:
+        return f"depthwise Conv {name} has channel multiplier {int(dims[0]) // group} (only 1 is traced)"
+    if len(n.input) > 2 and n.input[2] and not g.is_const(n.input[2]):
+        return f"depthwise Conv {name} has a non-constant bias"
+    if channels is not None and group != channels:
+        return f"depthwise Conv {name} reads {group} channels, the traced layer writes {channels}"
+    return None
+
+
 def layers(model: onnx.ModelProto, g: _Graph | None = None) -> list[Layer]:
     """Every Conv / Gemm / MatMul of the main graph with a constant float weight, in graph order."""
     g = g or _Graph(model)
@@ -221,6 +259,7 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
     seen = set()
     seen_nodes: set[tuple[int, int]] = set()
     bns: list[tuple[int, onnx.NodeProto]] = []
+    dws: list[tuple[int, onnx.NodeProto]] = []
     while frontier:
         t, spatial, offset, stream = frontier.pop()
         if (t, offset) in seen:
@@ -240,7 +279,7 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
             if lay is not None:
                 writer_nodes[t] = lay
                 flow.writers.append(Writer(lay))
-            elif n.op_type in ("Add", "Sum") or n.op_type in _PER_CHANNEL_BACK:
+            elif n.op_type in ("Add", "Sum") or n.op_type in _PER_CHANNEL_BACK or _is_depthwise(g, n):
                 ins = n.input if n.op_type in ("Add", "Sum") else n.input[:1]
                 for x in ins:
                     frontier.append((x, 1, 0, True))
@@ -262,6 +301,16 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                     flow.blocked = f"{lay.name} reads flattened channels of {layer.name}"
                     return flow
                 flow.consumers.append(Consumer(lay, spatial, offset))
+                continue
+            if op == "Conv" and j == 0 and int(_attr(n, "group", 1)) != 1:
+                why = _depthwise_refusal(g, n, C)
+                if why is None and (spatial != 1 or offset != 0):
+                    why = f"depthwise Conv {n.name} reads the channels of {layer.name} flattened or at an offset"
+                if why is not None:
+                    flow.blocked = why
+                    return flow
+                dws.append((i, n))
+                frontier.append((n.output[0], spatial, offset, stream))
                 continue
             if op == "BatchNormalization" and j == 0 and spatial == 1:
                 if any(not g.is_const(x) for x in n.input[1:5]):
@@ -347,6 +396,8 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
     # a BatchNorm belongs to the writer it follows (through per-channel ops, before any Add);
     # otherwise it sits on the stream itself
     by_out = {w.layer.node.output[0]: w for w in flow.writers}
+    if dws:
+        _assign_depthwise(g, flow, by_out, dws, bns)
     for _, bn in sorted(bns, key=lambda x: x[0]):
         x = bn.input[0]
         owner = None
@@ -363,9 +414,40 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
         else:
             owner.batchnorms.append(bn)
     flow.batchnorms = list(flow.writers[0].batchnorms)
+    flow.depthwise = list(flow.writers[0].depthwise)
+    flow.depthwise_batchnorms = list(flow.writers[0].depthwise_batchnorms)
     if not flow.consumers:
         flow.blocked = flow.blocked or f"no layer reads the channels of {layer.name}"
     return flow
+
+
+def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list) -> None:
+    """Give each depthwise Conv, and each BatchNorm after one, to the writer it follows (through
+    per-channel ops, before any Add), removing those BatchNorms from `bns`; a depthwise Conv that
+    follows no single writer (after an Add) sits on the stream."""
+    dw_ids = {id(n) for _, n in dws}
+    dw_bns = []
+    for i, node in sorted(dws + bns, key=lambda x: x[0]):
+        x, owner, after = node.input[0], None, id(node) in dw_ids
+        for _ in range(64):
+            if x in by_out:
+                owner = by_out[x]
+                break
+            p = g.producer.get(x)
+            if p is None or not (p[1].op_type in _PER_CHANNEL_BACK or id(p[1]) in dw_ids):
+                break
+            after = after or id(p[1]) in dw_ids
+            x = p[1].input[0]
+        if id(node) in dw_ids:
+            if owner is None:
+                flow.stream_depthwise.append(node)
+            else:
+                owner.depthwise.append(node)
+        elif after and owner is not None:
+            owner.depthwise_batchnorms.append(node)
+            dw_bns.append(node)
+    ids = {id(b) for b in dw_bns}
+    bns[:] = [(i, b) for i, b in bns if id(b) not in ids]
 
 
 _BACK = _PER_CHANNEL_BACK
@@ -383,7 +465,7 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
         lay = _layer_of(g, i, n)
         if lay is not None:
             return lay
-        if n.op_type in _BACK or n.op_type in ("Flatten", "Reshape"):
+        if n.op_type in _BACK or n.op_type in ("Flatten", "Reshape") or _is_depthwise(g, n):
             t = n.input[0]
             continue
         return None
@@ -413,6 +495,6 @@ def input_flow(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) ->
             return f
         if n.op_type in ("Add", "Sum"):
             todo.extend(x for x in n.input if x)
-        elif n.op_type in _BACK:
+        elif n.op_type in _BACK or _is_depthwise(g, n):
             todo.append(n.input[0])
     return None
