@@ -38,10 +38,16 @@ from auditor.errors import AuditError
 
 __all__ = ["call", "timeout_s", "memory_bytes", "forkserver_context"]
 
-# Imported once by the forkserver (module names only: nothing is imported here).
-PRELOAD = ["numpy", "numpy.random", "numpy.ma", "onnx", "onnxruntime", "onnxruntime.quantization",
-           "auditor.backends.isolate", "auditor.data.accuracy", "auditor.data.calibration",
-           "auditor.attacks.quantize", "auditor.attacks.precision"]
+# Imported once by the forkserver (module names only: nothing is imported here). One list for
+# every user of the server (isolated onnxruntime calls and the sweep's per-file children): the
+# server starts with its first child and cannot import more afterwards, so a module missing here
+# would be imported by each child, under that child's memory limit.
+PRELOAD = ["numpy", "numpy.random", "numpy.ma", "scipy.linalg", "scipy.optimize", "onnx", "onnxruntime",
+           "onnxruntime.quantization", "auditor.backends.isolate", "auditor.data.accuracy",
+           "auditor.data.calibration", "auditor.attacks.quantize", "auditor.attacks.precision",
+           "auditor.read.weights", "auditor.read.layout", "auditor.marks.whitebox", "auditor.marks.evidence",
+           "auditor.forensics.canon", "auditor.forensics.align", "auditor.forensics.scan",
+           "auditor.forensics.sweep"]
 _CTX = None
 
 

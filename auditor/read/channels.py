@@ -465,11 +465,16 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
         lay = _layer_of(g, i, n)
         if lay is not None:
             return lay
-        if n.op_type in _BACK or n.op_type in ("Flatten", "Reshape") or _is_depthwise(g, n):
+        if n.op_type in _BACK or n.op_type in _SHAPE_BACK or _is_depthwise(g, n):
             t = n.input[0]
             continue
         return None
     return None
+
+
+# Walked back through when looking for the layer whose channels a layer reads (the forward
+# trace from that layer then checks that it really reaches the reader, and how).
+_SHAPE_BACK = frozenset({"Flatten", "Reshape", "ReduceMean", "ReduceMax", "Squeeze"})
 
 
 def input_flow(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow | None:
@@ -495,6 +500,6 @@ def input_flow(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) ->
             return f
         if n.op_type in ("Add", "Sum"):
             todo.extend(x for x in n.input if x)
-        elif n.op_type in _BACK or _is_depthwise(g, n):
+        elif n.op_type in _BACK or n.op_type in _SHAPE_BACK or _is_depthwise(g, n):
             todo.append(n.input[0])
     return None
