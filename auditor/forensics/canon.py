@@ -197,7 +197,7 @@ class Groups:
 def _row_affine(gv: GraphValues, flow: ch.Flow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(W2, f, shift): the layer's incoming rows [C, N] (stored float32, possibly a view), and the
     per-row factor and constant with which the next layers see them: effective row c is
-    [W2[c] * f[c], shift[c]] (BN factor, BN shift and bias folded in)."""
+    [W2[c] * f[c], shift[c]] (BN factor, BN shift, the bias and any bias Add folded in)."""
     lay = flow.layer
     w = gv.raw(lay.weight)
     W2 = (np.moveaxis(w, lay.out_axis, 0) if lay.out_axis else w).reshape(flow.channels, -1)
@@ -207,6 +207,12 @@ def _row_affine(gv: GraphValues, flow: ch.Flow) -> tuple[np.ndarray, np.ndarray,
             bias = gv.value(lay.bias).reshape(-1)
         except KeyError:
             pass
+    for b in flow.writers[0].biases:    # a converter's bias Add (before any BatchNorm)
+        try:
+            v = gv.value(b.const).reshape(-1)
+        except KeyError:
+            continue
+        bias = bias + (v if v.size == flow.channels else float(v[0]))
     aff = bn_affine(gv, flow)
     if aff is None:
         return W2, np.ones(flow.channels), bias
