@@ -477,6 +477,14 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                         return flow
                 flow.consumers.append(Consumer(lay, spatial, offset))
                 continue
+            if flow.last_axis and op in ("ReduceMean", "ReduceMax") and j == 0 and spatial == 1:
+                axes, shp = _reduce_axes(g, n), g.shape(t)
+                rk = len(shp) if shp else None
+                if axes is None or rk is None or any(a % rk in (0, rk - 1) for a in axes):
+                    flow.blocked = f"{op} {n.name} does not reduce over the axes between batch and channels only"
+                    return flow
+                frontier.append((n.output[0], 1, offset, False))   # the channels stay on the last axis
+                continue
             if op in _AXIS_OPS and axis_issue(op, n):
                 flow.blocked = axis_issue(op, n)
                 return flow
