@@ -168,7 +168,10 @@ def outgoing(gv: GraphValues, flow: ch.Flow, depth: int = 3, rows=None) -> np.nd
 
 
 def live_outputs(gv: GraphValues, lay: ch.Layer, depth: int) -> np.ndarray | None:
-    """Boolean mask of the layer's output channels that reach anything (None: all, or unknown)."""
+    """Boolean mask of the layer's output channels that reach anything (None: all, or unknown):
+    neither dummy (zero outgoing columns) nor a clique member (copies whose columns cancel). A
+    clique added to the next layer has random columns on this layer's dummy channels too, so
+    counting clique neurons as live would hide those dummies."""
     key = (lay.weight, depth)
     cache = gv.__dict__.setdefault("_live", {})
     if key not in cache:
@@ -176,8 +179,11 @@ def live_outputs(gv: GraphValues, lay: ch.Layer, depth: int) -> np.ndarray | Non
         if flow.blocked:
             cache[key] = None
         else:
-            cn = outgoing_norms(gv, flow, depth)
-            cache[key] = cn > ZERO_REL * max(float(cn.max()) if cn.size else 0.0, 1e-30)
+            g = neuron_groups(gv, flow, depth)
+            live = np.zeros(flow.channels, dtype=bool)
+            for mem in g.members:
+                live[[j for j, _ in mem]] = True
+            cache[key] = live
     return cache[key]
 
 
@@ -277,20 +283,21 @@ def _flow_key(flow: ch.Flow) -> tuple:
             tuple((c.layer.weight, c.offset, c.spatial) for c in flow.consumers))
 
 
-def neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
-    """Dummy, clique and split neurons of a layer, from its rows and next-layer columns
-    (cached per layer and trace: a layer's output side is the next layer's input side)."""
+def neuron_groups(gv: GraphValues, flow: ch.Flow, depth: int = 3) -> Groups:
+    """Dummy, clique and split neurons of a layer, from its rows and next-layer columns, the
+    columns restricted to the next layers' live outputs `depth` layers on (cached per layer,
+    trace and depth: a layer's output side is the next layer's input side)."""
     cache = gv.__dict__.setdefault("_groups", {})
-    key = _flow_key(flow)
+    key = _flow_key(flow) + (depth,)
     if key not in cache:
-        cache[key] = _neuron_groups(gv, flow)
+        cache[key] = _neuron_groups(gv, flow, depth)
     return cache[key]
 
 
-def _neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
+def _neuron_groups(gv: GraphValues, flow: ch.Flow, depth: int) -> Groups:
     C = flow.channels
     W2, f, sh = _row_affine(gv, flow)
-    cn = outgoing_norms(gv, flow)
+    cn = outgoing_norms(gv, flow, depth)
     scale = float(cn.max()) if cn.size else 0.0
     dummy = cn <= ZERO_REL * max(scale, 1e-30)
     sq = np.einsum("ij,ij->i", W2, W2).astype(np.float64)
@@ -318,7 +325,7 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow) -> Groups:
         groups.append([(j, float(rn[j] / rn[i]) if rn[i] > 0 else 1.0) for j in same])
     out = Groups([], [], dummies=int(dummy.sum()), channels=C)
     multi = sorted({j for g in groups if len(g) > 1 for j, _ in g})
-    cols = dict(zip(multi, outgoing(gv, flow, rows=multi))) if multi else {}
+    cols = dict(zip(multi, outgoing(gv, flow, depth, rows=multi))) if multi else {}
     for g in groups:
         if len(g) > 1:
             merged = sum(fj * cols[j] for j, fj in g)
