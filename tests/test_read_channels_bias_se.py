@@ -424,3 +424,36 @@ def test_scan_through_a_squeeze_excitation_block(fx, tmp_path):
     f = _scan(p, d / "key.json")
     assert f["verdict"] == "detected" and f["matches"] == 128
     assert "input neurons (via node_Conv_36): 2 dummy and 2 clique removed, 2 split copies merged (22 -> 16)" in f["undone"]
+
+
+def test_bias_add_through_qdq(tmp_path):
+    """onnxruntime's static QDQ quantization puts Q/DQ between the MatMul and its bias Add and
+    quantizes the bias: the trace still records it, canon reads it dequantized, obfuscate refuses
+    to rewrite a quantized constant with one line."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from auditor.forensics import canon
+    from auditor.read.weights import WeightStore
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": np.random.default_rng(i).standard_normal((2, 5, 6)).astype(np.float32)}
+                            for i in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    m0 = matmul_bias_add()
+    onnx.save(m0, str(src))
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ)
+    m = onnx.load(str(dst))
+    fc1 = ch.layers(m)[0]
+    f = ch.trace(m, fc1)
+    assert f.blocked is None and [b.name for b in f.writers[0].biases] == ["bias1"]
+    gv = canon.GraphValues(WeightStore(m))
+    b0 = numpy_helper.to_array(ch.constant_tensors(m0)["b1"])
+    shift = canon.effective_rows(gv, gv.flow(fc1))[:, -1]
+    assert shift.shape == (8,) and np.abs(shift - b0).max() <= np.abs(b0).max() / 100
+    with pytest.raises(AuditError, match="^the bias constant of bias1 is not a plain constant"):
+        obfuscate(m, "perm-out", layer="fc1")

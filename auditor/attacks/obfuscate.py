@@ -139,6 +139,11 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
     BatchNorm when every writer has one, otherwise applied to every writer's output (rows and
     bias, or gamma and beta) and divided out of the readers' columns (the stream must then be
     positively homogeneous, with no BatchNorm after the Add)."""
+    consts = ch.constant_tensors(model)
+    for b in [b for w in flow.writers for b in w.biases] + [b for gt in flow.gates for b in gt.biases]:
+        if b.const not in consts:   # checked before anything is rewritten
+            raise AuditError(f"the bias constant of {b.name} is not a plain constant (quantized?); "
+                             f"it cannot be rewritten")
     _unshare(model, flow)
     consts = ch.constant_tensors(model)
     src = np.asarray(src)
@@ -224,8 +229,6 @@ def _edit_rows(consts, lay: ch.Layer, biases: list[ch.Bias], src: np.ndarray, ro
         nb[~new] = b[src[~new]] * row_a[~new]
         _set(consts, bname, nb)
     for bias in biases:
-        if bias.const not in consts:
-            raise AuditError(f"the bias of {lay.name} in {bias.name} is not a plain constant (quantized?)")
         arr = numpy_helper.to_array(consts[bias.const]).astype(np.float64)
         v = arr.reshape(-1) if arr.size == channels else np.full(channels, float(arr.reshape(-1)[0]))
         nb = np.zeros(len(src))
