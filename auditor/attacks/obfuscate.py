@@ -88,13 +88,15 @@ def _unshare(model: onnx.ModelProto, flow: ch.Flow) -> None:
     nodes |= {id(b) for w in flow.writers for b in w.batchnorms} | {id(b) for b in flow.stream_batchnorms}
     nodes |= {id(gt.layer.node) for gt in flow.gates}
     biases = [b for w in flow.writers for b in w.biases] + [b for gt in flow.gates for b in gt.biases]
-    nodes |= {id(b.node) for b in biases}
+    nodes |= {id(b.node) for b in biases} | {id(b.reshape) for b in biases if b.reshape is not None}
     inits = {t.name: t for t in model.graph.initializer}
-    # a bias Add's constant may be a Constant node's output: copied as an initializer when shared
+    # a bias Add's constant (and the shape of a Reshape of it) may be a Constant node's output:
+    # copied as an initializer when shared
     consts = ch.constant_tensors(model)
-    for b in biases:
-        if b.const in consts and b.const not in inits:
-            inits[b.const] = consts[b.const]
+    for x in [b.const for b in biases] + [b.reshape.input[1] for b in biases
+                                          if b.reshape is not None and len(b.reshape.input) > 1]:
+        if x in consts and x not in inits:
+            inits[x] = consts[x]
     uses: dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type in ("Shape", "Size"):
@@ -195,6 +197,9 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
         for gt in flow.gates:
             for node in gt.reshapes:   # a target of -1 needs nothing
                 _resize_reshape(model, node, flow.channels, len(src))
+        for b in [b for w in flow.writers for b in w.biases] + [b for gt in flow.gates for b in gt.biases]:
+            if b.reshape is not None and b.reshape.op_type == "Reshape":
+                _resize_reshape(model, b.reshape, flow.channels, len(src))
         for node, flat in flow.reshapes:
             sp = next(cc.spatial for cc in flow.consumers)
             if not _resize_reshape(model, node, flat, flat + delta * sp):
@@ -234,7 +239,9 @@ def _edit_rows(consts, lay: ch.Layer, biases: list[ch.Bias], src: np.ndarray, ro
         nb = np.zeros(len(src))
         nb[~new] = v[src[~new]] * row_a[~new]
         dims, k = list(arr.shape), arr.ndim
-        if k > bias.from_end:
+        if bias.reshape is not None:   # a 1-D constant; its Reshape target follows in _edit
+            dims = [len(src)]
+        elif k > bias.from_end:
             dims[k - 1 - bias.from_end] = len(src)
         else:   # a scalar becomes one value per channel, broadcast along the channel axis
             dims = [len(src)] + [1] * bias.from_end

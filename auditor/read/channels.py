@@ -105,10 +105,11 @@ class Bias:
     node: onnx.NodeProto
     index: int          # which input of the Add is the constant
     from_end: int
+    reshape: onnx.NodeProto | None = None   # a Reshape / Unsqueeze of a 1-D constant [C] (Paddle2ONNX)
 
     @property
     def const(self) -> str:
-        return self.node.input[self.index]
+        return self.reshape.input[0] if self.reshape is not None else self.node.input[self.index]
 
     @property
     def name(self) -> str:
@@ -261,12 +262,24 @@ def _out_rank(g: _Graph, lay: Layer) -> int | None:
     return None if s is None else len(s)
 
 
+def _reshaped_const(g: _Graph, x: str) -> onnx.NodeProto | None:
+    """The Reshape / Unsqueeze producing x from a stored constant and constant shape or axes."""
+    p = g.producer.get(x)
+    if p is None or p[1].op_type not in ("Reshape", "Unsqueeze"):
+        return None
+    n = p[1]
+    if n.input[0] not in g.consts or any(not g.is_const(y) for y in n.input[1:] if y):
+        return None
+    return n
+
+
 def _const_operand(g: _Graph, n: onnx.NodeProto) -> tuple[str, str] | None:
-    """(constant, other) of a two-input Add with exactly one constant operand."""
+    """(constant, other) of a two-input Add with exactly one constant operand (a stored constant,
+    a DequantizeLinear of one, or a constant reshaped by a constant shape)."""
     ins = [x for x in n.input if x]
     if n.op_type != "Add" or len(ins) != 2:
         return None
-    a, b = (g.is_const(x) for x in ins)
+    a, b = (g.is_const(x) or _reshaped_const(g, x) is not None for x in ins)
     if a == b:
         return None
     return (ins[0], ins[1]) if a else (ins[1], ins[0])
@@ -296,7 +309,14 @@ def _bias(g: _Graph, n: onnx.NodeProto, t: str, channels: int, rank: int | None,
     if rank is None:
         return None, f"cannot infer the rank of {t!r}"
     from_end = 0 if last_axis else rank - 2
-    dims = g.dims(co[0])
+    reshape = None if g.is_const(co[0]) else _reshaped_const(g, co[0])
+    if reshape is not None:
+        src = list(g.consts[reshape.input[0]].dims)
+        dims = g.shape(co[0])
+        if len(src) != 1 or src[0] != channels or dims is None or None in dims:
+            return None, f"the reshaped constant {src} is not one value per channel"
+    else:
+        dims = g.dims(co[0])
     if len(dims) > rank:
         return None, f"the constant {list(dims)} has more axes than the channels' tensor (rank {rank})"
     for i, d in enumerate(dims):
@@ -304,7 +324,7 @@ def _bias(g: _Graph, n: onnx.NodeProto, t: str, channels: int, rank: int | None,
         if not (d == 1 or (pos == from_end and d == channels)):
             return None, (f"the constant {list(dims)} does not broadcast one value per channel along "
                           f"axis {rank - 1 - from_end} ({channels} channels)")
-    return Bias(n, list(n.input).index(co[0]), from_end), ""
+    return Bias(n, list(n.input).index(co[0]), from_end, reshape), ""
 
 
 def _se_gate(g: _Graph, mul: onnx.NodeProto, x: str, channels: int, rank: int | None) -> tuple[Gate | None, str]:
