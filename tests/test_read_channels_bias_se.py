@@ -481,3 +481,23 @@ def test_third_party_mobilenet_squeeze_layers_traced():
     consts = ch.constant_tensors(r.model)
     assert list(consts[b.const].dims) == [C + 6]
     assert list(numpy_helper.to_array(consts[b.reshape.input[1]])) == [1, C + 6, 1, 1]
+
+
+@pytest.mark.parametrize("name,layers", [("channels-mlp", 3), ("channels-se", 2)])
+def test_provenance_through_bias_adds_and_se(fx, tmp_path, name, layers):
+    """The chain to the marked layer is followed back through bias Adds and the SE Mul: the
+    obfuscated marked model is derived (every layer's rows matched at r = 1), the twin not."""
+    from auditor.forensics.provenance import provenance
+
+    d = fx[name]
+    m = onnx.load(str(d / "model.onnx"))
+    first, second = ((l.node.name for l in ch.layers(m)[:2]) if name == "channels-mlp"
+                     else ("conv1.weight", "conv2.weight"))
+    for src in ("model.onnx", "twin.onnx"):
+        p = _obfuscated(tmp_path, d / src, first, second, ALL, src)
+        r = provenance(p, d / "model.onnx")
+        assert len(r["layers"]) == layers
+        if src == "model.onnx":
+            assert r["verdict"] == "derived" and r["log10_p_combined"] < -12
+        else:
+            assert r["verdict"] == "not derived" and r["log10_p_combined"] > -2
