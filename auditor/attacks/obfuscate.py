@@ -7,7 +7,8 @@ layer whose channels can be traced to their consumers; see auditor.read.channels
 * ``perm-out``: permute the layer's output channels (rows, bias, the BatchNorm
   after it, the input columns of the next layers, through pooling, Flatten/Reshape
   and Concat; through a residual Add, the rows of every layer writing into the
-  stream and the columns of every layer reading it).
+  stream and the columns of every layer reading it; a bias Add's constant with the
+  rows; through a squeeze-excitation Mul, the gate layer's rows and bias too).
 * ``perm-in``: permute the output channels of the layer feeding it (or of the residual
   stream it reads), which permutes this layer's input channels.
 * ``scale``: multiply each output channel of the layer by a positive factor in

@@ -19,9 +19,16 @@ over the spatial axes, Identity, Dropout, Flatten/Reshape, Concat (axis 1).
 A residual Add / Sum (non-constant operands of one shape) joins the channels
 into one stream with its other inputs: the trace walks those back to every
 layer writing into the stream (`Flow.writers`) and forward to every reader.
+A constant Add right after a layer (through Q/DQ at most) with one value per
+channel or a scalar along the channel axis is the layer's bias (`Writer.biases`;
+converters write Conv/MatMul biases so). A Mul of the channels by a
+squeeze-excitation gate computed from them alone passes them (`Flow.gates`: the
+gate's layer follows their index map). Channels on the last axis (a MatMul on
+[B, T, C], `Flow.last_axis`) pass per-channel ops, bias and residual Adds and a
+ReduceMean over the middle axes; ops working on axis 1 end the trace there.
 Any other op mixing channels of two tensors (Mul, Sub, Div, an Add with a
-constant or after a Flatten/Concat), a stream reaching the graph input or
-written by anything but a plain layer, ends the trace with a reason.
+constant that is not a bias, or after a Flatten/Concat), a stream reaching the
+graph input or written by anything but a plain layer, ends the trace with a reason.
 """
 from __future__ import annotations
 
