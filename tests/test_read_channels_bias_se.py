@@ -243,6 +243,13 @@ def test_last_axis_channels_are_refused_where_an_op_works_on_axis_1():
         m.graph.initializer.append(numpy_helper.from_array(np.full(5, v, np.float32), k))
     assert _refusal(m, "fc1") == ("the channels of fc1 are the last axis of a rank-3 tensor; BatchNormalization "
                                   "bn works on axis 1")
+    # Flatten of [N, T, C] interleaves the channels (c + C t), not blocks of T
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+             helper.make_node("Flatten", ["h1"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w2"], ["y"], name="head", transB=1)]
+    m = _model(nodes, {"w1": _w(rng, 6, 8), "w2": _w(rng, 4, 40)}, ["N", 5, 6], ["N", 4])
+    assert _refusal(m, "fc1") == "the channels of fc1 are the last axis of a rank-3 tensor; Flatten flat works on axis 1"
     # a MatMul reading the last axis of a conv output reads columns, not channels
     rng = np.random.default_rng(5)
     nodes = [helper.make_node("Conv", ["x", "w1"], ["h1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -409,6 +416,9 @@ def test_scan_through_a_squeeze_excitation_block(fx, tmp_path):
     for src in ("model.onnx", "twin.onnx"):
         p = _obfuscated(tmp_path, d / src, "conv1.weight", "conv2.weight", ALL, src)
         no_ref, ref = _scan(p, d / "key.json"), _scan(p, d / "key.json", (d / "model.onnx",))
+        rc = subprocess.run([sys.executable, "-m", "auditor", "scan", str(p), "--key", str(d / "key.json"),
+                             "--reference", str(d / "model.onnx")], capture_output=True, text=True).returncode
+        assert rc == (0 if src == "model.onnx" else 1)     # the CLI: 0 found, 1 not found
         if src == "twin.onnx":
             for f in (no_ref, ref):
                 assert f["verdict"] == "not detected" and f["matches"] <= 80, f
