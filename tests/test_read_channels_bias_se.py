@@ -511,3 +511,20 @@ def test_provenance_through_bias_adds_and_se(fx, tmp_path, name, layers):
             assert r["verdict"] == "derived" and r["log10_p_combined"] < -12
         else:
             assert r["verdict"] == "not derived" and r["log10_p_combined"] > -2
+
+
+def test_prune_filters_through_bias_adds_and_se(fx):
+    """Structured pruning (not function-preserving) removes the filters with their bias Add
+    entries and SE gate rows; the files still load and run in onnxruntime."""
+    from auditor.attacks.obfuscate import remove_filters
+
+    m = onnx.load(str(fx["channels-se"] / "model.onnx"))
+    r = remove_filters(m, 3, layer="conv1.weight")
+    d = _dims(r.model)
+    assert (d["conv1.weight"], d["se.fc1.weight"], d["se.fc2.weight"], d["se.fc2.bias"], d["conv2.weight"]) == (
+        [13, 1, 3, 3], [8, 13, 1, 1], [13, 8, 1, 1], [13], [32, 13, 3, 3])
+    m = onnx.load(str(fx["channels-mlp"] / "model.onnx"))
+    r = remove_filters(m, 3, layer=ch.layers(m)[0].node.name)
+    assert _dims(r.model)["fc1.bias"] == [61]
+    diff, scale = function_diff(m, r.model)     # runs in onnxruntime; the removed neurons are missed
+    assert 0 < diff < scale
