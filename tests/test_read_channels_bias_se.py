@@ -469,10 +469,10 @@ def test_bias_add_through_qdq(tmp_path):
 
 def test_third_party_mobilenet_squeeze_layers_traced():
     """ppocr_cls.onnx (PaddlePaddle MobileNetV3): every bias is Add(conv, Reshape(1-D constant,
-    [1, C, 1, 1])). The 9 squeeze layers of its SE blocks are now traced through that bias
-    (20 of 43 layers traced, 11 before), obfuscated function-preservingly with every step (the
-    reshaped constant and the Reshape target grow together); the 9 excitation layers are refused
-    as gates (their gated channels come from grouped convs, which the trace does not rewrite)."""
+    [1, C, 1, 1])). The 9 squeeze layers of its SE blocks (`conv*_se_1`) are traced through that
+    bias and obfuscated function-preservingly with every step (the reshaped constant and the
+    Reshape target grow together); the 9 excitation layers (`conv*_se_2`) are refused alone, as
+    gates (they are rewritten with the channels they gate)."""
     import os
     from pathlib import Path
 
@@ -481,10 +481,16 @@ def test_third_party_mobilenet_squeeze_layers_traced():
         pytest.skip(f"{p} is missing: run `bash scripts/fetch_thirdparty.sh`")
     m = onnx.load(str(p))
     flows = {l.name: ch.trace(m, l) for l in ch.layers(m)}
-    assert len(flows) == 43 and sum(f.blocked is None for f in flows.values()) == 20
-    squeeze = sorted(n for n, f in flows.items() if f.blocked is None and any(w.biases for w in f.writers))
-    assert len(squeeze) == 9 and all(flows[n].writers[0].biases[0].reshape is not None for n in squeeze)
-    assert sum("gate of a squeeze-excitation block" in (f.blocked or "") for f in flows.values()) == 9
+    squeeze = {n for n, f in flows.items() if f.layer.weight.endswith("_se_1_weights")}
+    excite = {n for n, f in flows.items() if f.layer.weight.endswith("_se_2_weights")}
+    assert len(flows) == 43 and len(squeeze) == len(excite) == 9
+    for n in squeeze:
+        f = flows[n]
+        assert f.blocked is None and [b.reshape.op_type for b in f.writers[0].biases] == ["Reshape"]
+        assert [c.layer.name for c in f.consumers] == [next(e for e in excite if flows[e].layer.weight ==
+                                                             f.layer.weight.replace("_se_1_", "_se_2_"))]
+    for n in excite:
+        assert "gate of a squeeze-excitation block" in flows[n].blocked
     b = flows["Conv@3"].writers[0].biases[0]
     C = flows["Conv@3"].channels
     r = _check(m, "perm-out,scale,split:2,dummy:2,clique:2", "Conv@3", seed=2)
