@@ -201,6 +201,8 @@ def test_what_is_not_a_bias_or_a_gate_stays_refused():
     m.graph.node.extend(nodes)
     assert _refusal(m, "conv1") == ("channels of conv1 meet a constant in Add bias1 (a bias the trace does not "
                                     "rewrite: it is not directly after the layer)")
+    assert ch.producer(m, next(l for l in ch.layers(m) if l.name == "conv2")) is None
+    assert ch.producer(conv_bias_add(), ch.layers(conv_bias_add())[1]).name == "conv1"
     # one value per column, not per channel (W = C = 8: a shape check on sizes alone would pass it)
     assert _refusal(conv_bias_add(bias_shape=(1, 1, 1, 8)), "conv1") == (
         "channels of conv1 meet a constant in Add bias1 (a bias the trace does not rewrite: the constant "

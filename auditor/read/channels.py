@@ -616,17 +616,18 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
         if int(d[lay.out_axis]) != C:
             flow.blocked = f"{lay.name} writes {d[lay.out_axis]} channels into the stream of {layer.name} ({C})"
             return flow
-    by_out = {w.layer.node.output[0]: w for w in flow.writers}
     # a bias belongs to the writer whose output it reads (through Q/DQ)
+    writer_of = {w.layer.node.output[0]: w for w in flow.writers}
     for _, b in sorted(biases.items()):
-        x = next(y for y in b.node.input if y and y != b.const)
+        x = _const_operand(g, b.node)[1]
         for _ in range(8):
-            if x in by_out:
-                by_out[x].biases.append(b)
+            if x in writer_of:
+                writer_of[x].biases.append(b)
                 break
             x = g.producer[x][1].input[0]
-    # a BatchNorm belongs to the writer it follows (through per-channel ops, bias Adds and
-    # squeeze-excitation Muls, before any residual Add); otherwise it sits on the stream itself
+    # a BatchNorm belongs to the writer it follows (through per-channel ops, before any Add);
+    # otherwise it sits on the stream itself
+    by_out = {w.layer.node.output[0]: w for w in flow.writers}
     for _, bn in sorted(bns, key=lambda x: x[0]):
         x = bn.input[0]
         owner = None
@@ -635,7 +636,7 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                 owner = by_out[x]
                 break
             p = g.producer.get(x)
-            if p is not None and p[0] in biases:
+            if p is not None and p[0] in biases:   # through bias Adds and squeeze-excitation Muls
                 x = _const_operand(g, p[1])[1]
                 continue
             if p is not None and any(gt.mul is p[1] for gt in flow.gates):
@@ -672,8 +673,12 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
         if n.op_type in _BACK or n.op_type in ("Flatten", "Reshape"):
             t = n.input[0]
             continue
-        if _const_operand(g, n) is not None:    # a bias Add
+        if _const_operand(g, n) is not None:    # a bias Add: right after a layer (through Q/DQ)
             t = _const_operand(g, n)[1]
+            while t in g.producer and g.producer[t][1].op_type in _QDQ:
+                t = g.producer[t][1].input[0]
+            if t not in g.producer or _layer_of(g, *g.producer[t]) is None:
+                return None
             continue
         x = _se_input(g, n)
         if x is not None:
