@@ -267,8 +267,8 @@ def test_every_layer_of_the_residual_cnn_obfuscated(fx):
 
 def test_third_party_mobilenet_residual_streams_obfuscated():
     """ppocr_cls.onnx (PaddlePaddle MobileNetV3, BN folded, weights in Constant nodes): 10 of its
-    43 layers write into residual Adds and are now traced (the rest stop at a bias Add, a
-    broadcast Add (squeeze-excitation) or a grouped conv); the last stream has 5 writers. Those
+    43 layers write into residual Adds and are now traced (the SE squeeze layers are traced through
+    their Reshape bias Adds, see tests/test_read_channels_bias_se.py); the last stream has 5 writers. Those
     layers are obfuscated function-preservingly, scale included (Relu / Identity on the stream)."""
     import os
     from pathlib import Path

@@ -7,7 +7,8 @@ layer whose channels can be traced to their consumers; see auditor.read.channels
 * ``perm-out``: permute the layer's output channels (rows, bias, the BatchNorm
   after it, the input columns of the next layers, through pooling, Flatten/Reshape
   and Concat; through a residual Add, the rows of every layer writing into the
-  stream and the columns of every layer reading it).
+  stream and the columns of every layer reading it; a bias Add's constant with the
+  rows; through a squeeze-excitation Mul, the gate layer's rows and bias too).
 * ``perm-in``: permute the output channels of the layer feeding it (or of the residual
   stream it reads), which permutes this layer's input channels.
 * ``scale``: multiply each output channel of the layer by a positive factor in
@@ -92,7 +93,17 @@ def _unshare(model: onnx.ModelProto, flow: ch.Flow) -> None:
     nodes |= {id(b) for w in flow.writers for b in w.batchnorms} | {id(b) for b in flow.stream_batchnorms}
     nodes |= {id(d) for w in flow.writers for d in w.depthwise + w.depthwise_batchnorms}
     nodes |= {id(d) for d in flow.stream_depthwise}
+    nodes |= {id(gt.layer.node) for gt in flow.gates}
+    biases = [b for w in flow.writers for b in w.biases] + [b for gt in flow.gates for b in gt.biases]
+    nodes |= {id(b.node) for b in biases} | {id(b.reshape) for b in biases if b.reshape is not None}
     inits = {t.name: t for t in model.graph.initializer}
+    # a bias Add's constant (and the shape of a Reshape of it) may be a Constant node's output:
+    # copied as an initializer when shared
+    consts = ch.constant_tensors(model)
+    for x in [b.const for b in biases] + [b.reshape.input[1] for b in biases
+                                          if b.reshape is not None and len(b.reshape.input) > 1]:
+        if x in consts and x not in inits:
+            inits[x] = consts[x]
     uses: dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type in ("Shape", "Size"):
@@ -100,7 +111,8 @@ def _unshare(model: onnx.ModelProto, flow: ch.Flow) -> None:
         for x in n.input:
             if x in inits:
                 uses[x] = uses.get(x, 0) + 1
-    weights = {w.layer.weight for w in flow.writers} | {c.layer.weight for c in flow.consumers}
+    weights = ({w.layer.weight for w in flow.writers} | {c.layer.weight for c in flow.consumers}
+               | {gt.layer.weight for gt in flow.gates})
     weights |= {d.input[1] for w in flow.writers for d in w.depthwise} | {d.input[1] for d in flow.stream_depthwise}
     for w in weights:
         if uses.get(w, 0) > 1:
@@ -137,6 +149,11 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
     BatchNorm when every writer has one, otherwise applied to every writer's output (rows and
     bias, or gamma and beta) and divided out of the readers' columns (the stream must then be
     positively homogeneous, with no BatchNorm after the Add)."""
+    consts = ch.constant_tensors(model)
+    for b in [b for w in flow.writers for b in w.biases] + [b for gt in flow.gates for b in gt.biases]:
+        if b.const not in consts:   # checked before anything is rewritten
+            raise AuditError(f"the bias constant of {b.name} is not a plain constant (quantized?); "
+                             f"it cannot be rewritten")
     _unshare(model, flow)
     consts = ch.constant_tensors(model)
     src = np.asarray(src)
@@ -153,28 +170,8 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
             raise AuditError(f"cannot scale {flow.layer.name}: a BatchNorm sits on the residual stream after "
                              f"{flow.residual[0]} (its shift does not scale)")
     for w in flow.writers:
-        lay = w.layer
         row_a = ones if (post and w.batchnorms) else a
-        wname, bname = _current(lay, consts)
-        W = np.moveaxis(numpy_helper.to_array(consts[wname]).astype(np.float64), lay.out_axis, 0)
-        std = float(W.std()) or 1.0
-        rows = np.empty((len(src),) + W.shape[1:])
-        rows[~new] = W[src[~new]] * row_a[~new].reshape((-1,) + (1,) * (W.ndim - 1))
-        pair_rows: dict[int, np.ndarray] = {}
-        for j in np.flatnonzero(new):
-            pid = clique[j] if clique is not None else -1
-            if pid >= 0 and pid in pair_rows:
-                rows[j] = pair_rows[pid]
-            else:
-                rows[j] = rng.standard_normal(W.shape[1:]) * std
-                if pid >= 0:
-                    pair_rows[pid] = rows[j]
-        _set(consts, wname, np.moveaxis(rows, 0, lay.out_axis))
-        if bname and bname in consts:
-            b = numpy_helper.to_array(consts[bname]).astype(np.float64)
-            nb = np.zeros(len(src))
-            nb[~new] = b[src[~new]] * row_a[~new]
-            _set(consts, bname, nb)
+        _edit_rows(consts, w.layer, w.biases, src, row_a, flow.channels, rng, clique)
         bn_out = ones if absorbed else a
         for bn in w.batchnorms:
             _edit_bn(consts, bn, src, row_a, bn_out)
@@ -182,6 +179,10 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
             _edit_depthwise(consts, dw, src, out_scale, rng, clique)
         for bn in w.depthwise_batchnorms:
             _edit_bn(consts, bn, src, out_scale, out_scale)
+    for gt in flow.gates:
+        # the gate's channels follow x's (a split copy's gate equals the original's, a clique
+        # pair's are equal); x's scale passes the product, so the gate is not scaled
+        _edit_rows(consts, gt.layer, gt.biases, src, ones, flow.channels, rng, clique)
     for bn in flow.stream_batchnorms:
         _edit_bn(consts, bn, src, ones, ones)
     for dw in flow.stream_depthwise:    # sees the stream times out_scale
@@ -209,6 +210,12 @@ def _edit(model: onnx.ModelProto, flow: ch.Flow, src: list[int], a: np.ndarray, 
         _set(consts, cname, np.moveaxis(NV, 0, cons.layer.in_axis))
     delta = len(src) - flow.channels
     if delta:
+        for gt in flow.gates:
+            for node in gt.reshapes:   # a target of -1 needs nothing
+                _resize_reshape(model, node, flow.channels, len(src))
+        for b in [b for w in flow.writers for b in w.biases] + [b for gt in flow.gates for b in gt.biases]:
+            if b.reshape is not None and b.reshape.op_type == "Reshape":
+                _resize_reshape(model, b.reshape, flow.channels, len(src))
         for node, flat in flow.reshapes:
             sp = next(cc.spatial for cc in flow.consumers)
             if not _resize_reshape(model, node, flat, flat + delta * sp):
@@ -249,6 +256,46 @@ def _edit_depthwise(consts, dw: onnx.NodeProto, src: np.ndarray, s: np.ndarray, 
     for a in dw.attribute:
         if a.name == "group":
             a.i = len(src)
+
+
+def _edit_rows(consts, lay: ch.Layer, biases: list[ch.Bias], src: np.ndarray, row_a: np.ndarray, channels: int,
+               rng: np.random.Generator, clique: list[int] | None) -> None:
+    """Reindex a layer's output rows, its bias and its bias Adds' constants by src, scaled by row_a;
+    new rows random (equal within a clique pair), new biases 0."""
+    new = src < 0
+    wname, bname = _current(lay, consts)
+    W = np.moveaxis(numpy_helper.to_array(consts[wname]).astype(np.float64), lay.out_axis, 0)
+    std = float(W.std()) or 1.0
+    rows = np.empty((len(src),) + W.shape[1:])
+    rows[~new] = W[src[~new]] * row_a[~new].reshape((-1,) + (1,) * (W.ndim - 1))
+    pair_rows: dict[int, np.ndarray] = {}
+    for j in np.flatnonzero(new):
+        pid = clique[j] if clique is not None else -1
+        if pid >= 0 and pid in pair_rows:
+            rows[j] = pair_rows[pid]
+        else:
+            rows[j] = rng.standard_normal(W.shape[1:]) * std
+            if pid >= 0:
+                pair_rows[pid] = rows[j]
+    _set(consts, wname, np.moveaxis(rows, 0, lay.out_axis))
+    if bname and bname in consts:
+        b = numpy_helper.to_array(consts[bname]).astype(np.float64)
+        nb = np.zeros(len(src))
+        nb[~new] = b[src[~new]] * row_a[~new]
+        _set(consts, bname, nb)
+    for bias in biases:
+        arr = numpy_helper.to_array(consts[bias.const]).astype(np.float64)
+        v = arr.reshape(-1) if arr.size == channels else np.full(channels, float(arr.reshape(-1)[0]))
+        nb = np.zeros(len(src))
+        nb[~new] = v[src[~new]] * row_a[~new]
+        dims, k = list(arr.shape), arr.ndim
+        if bias.reshape is not None:   # a 1-D constant; its Reshape target follows in _edit
+            dims = [len(src)]
+        elif k > bias.from_end:
+            dims[k - 1 - bias.from_end] = len(src)
+        else:   # a scalar becomes one value per channel, broadcast along the channel axis
+            dims = [len(src)] + [1] * bias.from_end
+        _set(consts, bias.const, nb.reshape(dims))
 
 
 def _current(lay: ch.Layer, consts) -> tuple[str, str | None]:

@@ -10,6 +10,8 @@ HELP = "permute / scale / split / pad neurons of a layer without changing what t
 DESCRIPTION = """Apply function-preserving obfuscation steps to MODEL (the attacks that defeat white-box
 marks): perm-in, perm-out, scale, split:K, dummy:K, clique:K, in the order given, on --layer
 (a Conv/Gemm/MatMul node or weight name; default every layer whose channels can be traced).
+A per-channel constant Add right after a layer is its bias (MatMul + Add, Conv + Add) and a
+squeeze-excitation gate follows the channels it gates; both are rewritten with them.
 A layer writing into a residual Add rewrites the whole stream: every layer writing into it and
 every layer reading it.
 A depthwise conv on the way (MobileNet/EfficientNet blocks) is rewritten with the channels

@@ -220,7 +220,8 @@ def activation_match(probe_models, s_layer: ch.Layer, r_layer: ch.Layer, keep) -
 
         feeds = _inputs(m, 0, PROBES)
         a = sess.run([t], feeds)[0]
-        a = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+        ax = a.ndim - 1 if lay.op == "MatMul" else 1   # MatMul on [B, T, C]: channels last
+        a = np.moveaxis(a, ax, 0).reshape(a.shape[ax], -1)
         acts.append(a)
     a_s, a_r = acts
     if a_s.shape[1] != a_r.shape[1]:

@@ -174,7 +174,10 @@ def outgoing(gv: GraphValues, flow: ch.Flow, depth: int = 3, rows=None) -> np.nd
 
 
 def live_outputs(gv: GraphValues, lay: ch.Layer, depth: int) -> np.ndarray | None:
-    """Boolean mask of the layer's output channels that reach anything (None: all, or unknown)."""
+    """Boolean mask of the layer's output channels that reach anything (None: all, or unknown):
+    neither dummy (zero outgoing columns) nor a clique member (copies whose columns cancel). A
+    clique added to the next layer has random columns on this layer's dummy channels too, so
+    counting clique neurons as live would hide those dummies."""
     key = (lay.weight, depth)
     cache = gv.__dict__.setdefault("_live", {})
     if key not in cache:
@@ -182,8 +185,11 @@ def live_outputs(gv: GraphValues, lay: ch.Layer, depth: int) -> np.ndarray | Non
         if flow.blocked:
             cache[key] = None
         else:
-            cn = outgoing_norms(gv, flow, depth)
-            cache[key] = cn > ZERO_REL * max(float(cn.max()) if cn.size else 0.0, 1e-30)
+            g = neuron_groups(gv, flow, depth=depth)
+            live = np.zeros(flow.channels, dtype=bool)
+            for mem in g.members:
+                live[[j for j, _ in mem]] = True
+            cache[key] = live
     return cache[key]
 
 
@@ -203,7 +209,7 @@ class Groups:
 def _row_affine(gv: GraphValues, flow: ch.Flow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(W2, f, shift): the layer's incoming rows [C, N] (stored float32, possibly a view), and the
     per-row factor and constant with which the next layers see them: effective row c is
-    [W2[c] * f[c], shift[c]] (BN factor, BN shift and bias folded in)."""
+    [W2[c] * f[c], shift[c]] (BN factor, BN shift, the bias and any bias Add folded in)."""
     lay = flow.layer
     w = gv.raw(lay.weight)
     W2 = (np.moveaxis(w, lay.out_axis, 0) if lay.out_axis else w).reshape(flow.channels, -1)
@@ -213,6 +219,12 @@ def _row_affine(gv: GraphValues, flow: ch.Flow) -> tuple[np.ndarray, np.ndarray,
             bias = gv.value(lay.bias).reshape(-1)
         except KeyError:
             pass
+    for b in flow.writers[0].biases:    # a converter's bias Add (before any BatchNorm)
+        try:
+            v = gv.value(b.const).reshape(-1)
+        except KeyError:
+            continue
+        bias = bias + (v if v.size == flow.channels else float(v[0]))
     aff = bn_affine(gv, flow)
     if aff is None:
         return W2, np.ones(flow.channels), bias
@@ -313,14 +325,15 @@ def _flow_key(flow: ch.Flow) -> tuple:
             tuple((c.layer.weight, c.offset, c.spatial) for c in flow.consumers))
 
 
-def neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = None) -> Groups:
-    """Dummy, clique and split neurons of a layer, from its rows and next-layer columns
-    (cached per layer and trace: a layer's output side is the next layer's input side).
+def neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = None, depth: int = 3) -> Groups:
+    """Dummy, clique and split neurons of a layer, from its rows and next-layer columns, the
+    columns restricted to the next layers' live outputs `depth` layers on (cached per layer,
+    trace, columns and depth: a layer's output side is the next layer's input side).
     `cols`: compare rows on these columns only (see `input_columns`)."""
     cache = gv.__dict__.setdefault("_groups", {})
-    key = _flow_key(flow) + (None if cols is None else cols.tobytes(),)
+    key = _flow_key(flow) + (None if cols is None else cols.tobytes(), depth)
     if key not in cache:
-        cache[key] = _neuron_groups(gv, flow, cols)
+        cache[key] = _neuron_groups(gv, flow, cols, depth)
     return cache[key]
 
 
@@ -350,14 +363,10 @@ def input_columns(gv: GraphValues, lay: ch.Layer) -> np.ndarray | None:
     return np.repeat(live, per_row // pflow.channels)
 
 
-def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = None) -> Groups:
+def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: np.ndarray):
+    """(row norms, {row: rows it copies}) of the effective rows [W2 * f, sh], every channel taken as
+    live (the caller drops the dummies)."""
     C = flow.channels
-    W2, f, sh = _row_affine(gv, flow)
-    if cols is not None and cols.size == W2.shape[1]:
-        W2 = W2[:, cols]
-    cn = outgoing_norms(gv, flow)
-    scale = float(cn.max()) if cn.size else 0.0
-    dummy = cn <= ZERO_REL * max(scale, 1e-30)
     sq = np.einsum("ij,ij->i", W2, W2).astype(np.float64)
     rn = np.sqrt(f * f * sq + sh * sh)
     safe = np.where(rn > 0, rn, 1.0)
@@ -379,7 +388,26 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = Non
                 c = row_cos(i, j)
                 return c if c < COS_EQUAL or _same_path(path, i, j, rn[j] / rn[i] if rn[i] > 0 else 1.0) else -1.0
 
-        partners = _pairs(ps, cosine, dummy)
+        partners = _pairs(ps, cosine, np.zeros(C, dtype=bool))
+    return rn, partners
+
+
+def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = None, depth: int = 3) -> Groups:
+    C = flow.channels
+    W2, f, sh = _row_affine(gv, flow)
+    if cols is not None and cols.size == W2.shape[1]:
+        W2 = W2[:, cols]
+    cn = outgoing_norms(gv, flow, depth)
+    scale = float(cn.max()) if cn.size else 0.0
+    dummy = cn <= ZERO_REL * max(scale, 1e-30)
+    # the rows' copies do not depend on `depth` (only which channels are dummies does): found once
+    # per layer and columns, then restricted to the non-dummy channels
+    ckey = _flow_key(flow) + (None if cols is None else cols.tobytes(),)
+    cache = gv.__dict__.setdefault("_copies", {})
+    if ckey not in cache:
+        cache[ckey] = _copies(gv, flow, W2, f, sh)
+    rn, all_partners = cache[ckey]
+    partners = {i: {j for j in js if not dummy[j]} for i, js in all_partners.items() if not dummy[i]}
     assigned = np.full(C, -1)
     groups: list[list[tuple[int, float]]] = []
     for i in range(C):
@@ -391,7 +419,7 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = Non
         groups.append([(j, float(rn[j] / rn[i]) if rn[i] > 0 else 1.0) for j in same])
     out = Groups([], [], dummies=int(dummy.sum()), channels=C)
     multi = sorted({j for g in groups if len(g) > 1 for j, _ in g})
-    cols = dict(zip(multi, outgoing(gv, flow, rows=multi))) if multi else {}
+    cols = dict(zip(multi, outgoing(gv, flow, depth, rows=multi))) if multi else {}
     for g in groups:
         if len(g) > 1:
             merged = sum(fj * cols[j] for j, fj in g)

@@ -26,9 +26,16 @@ writer it follows (`Writer.depthwise`, with the BatchNorms after it in
 stream (`Flow.stream_depthwise`, the BatchNorms after it in `stream_batchnorms`), and goes on
 from its output; `producer` and `input_flow` walk back through it. Other grouped Convs
 (1 < group < C, or a channel multiplier > 1) end the trace.
+A constant Add right after a layer (through Q/DQ at most) with one value per
+channel or a scalar along the channel axis is the layer's bias (`Writer.biases`;
+converters write Conv/MatMul biases so). A Mul of the channels by a
+squeeze-excitation gate computed from them alone passes them (`Flow.gates`: the
+gate's layer follows their index map). Channels on the last axis (a MatMul on
+[B, T, C], `Flow.last_axis`) pass per-channel ops, bias and residual Adds and a
+ReduceMean over the middle axes; ops working on axis 1 end the trace there.
 Any other op mixing channels of two tensors (Mul, Sub, Div, an Add with a
-constant or after a Flatten/Concat), a stream reaching the graph input or
-written by anything but a plain layer, ends the trace with a reason.
+constant that is not a bias, or after a Flatten/Concat), a stream reaching the
+graph input or written by anything but a plain layer, ends the trace with a reason.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["Layer", "Consumer", "Flow", "Writer", "layers", "trace", "producer", "input_flow", "constant_tensors", "HOMOGENEOUS"]
+__all__ = ["Layer", "Consumer", "Flow", "Writer", "Bias", "Gate", "layers", "trace", "producer", "input_flow", "constant_tensors", "HOMOGENEOUS"]
 
 # Positively homogeneous: f(s x) = s f(x) for s > 0 (a per-channel scale passes through).
 HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
@@ -103,13 +110,49 @@ class Consumer:
 
 
 @dataclass
+class Bias:
+    """A constant Add reading a layer's output directly (through Q/DQ at most): the layer's bias
+    as converters write it (MatMul + Add, Conv without bias + Add). `const` is the constant input;
+    it broadcasts one value per channel (or one scalar) along the channel axis, which is
+    `from_end` axes before the last one of the Add's output."""
+
+    node: onnx.NodeProto
+    index: int          # which input of the Add is the constant
+    from_end: int
+    reshape: onnx.NodeProto | None = None   # a Reshape / Unsqueeze of a 1-D constant [C] (Paddle2ONNX)
+
+    @property
+    def const(self) -> str:
+        return self.reshape.input[0] if self.reshape is not None else self.node.input[self.index]
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.output[0]
+
+
+@dataclass
 class Writer:
-    """A layer writing into the traced channels, with the BatchNorms between it and the first Add."""
+    """A layer writing into the traced channels, with its bias Adds and the BatchNorms between it
+    and the first residual Add."""
 
     layer: Layer
     batchnorms: list[onnx.NodeProto] = field(default_factory=list)
     depthwise: list[onnx.NodeProto] = field(default_factory=list)   # depthwise Convs after it, in order
     depthwise_batchnorms: list[onnx.NodeProto] = field(default_factory=list)  # BatchNorms after one
+    biases: list[Bias] = field(default_factory=list)
+
+
+@dataclass
+class Gate:
+    """The excitation layer of a squeeze-excitation block on the traced channels: y = x * gate,
+    gate = Sigmoid/HardSigmoid(layer(...GlobalAveragePool(x))) of shape [N, C, 1, 1]. Its output
+    rows (and bias) follow x's channels (same index map, no scale); `reshapes` are Reshape nodes
+    between it and the Mul whose target holds C."""
+
+    layer: Layer
+    mul: onnx.NodeProto
+    biases: list[Bias] = field(default_factory=list)
+    reshapes: list[onnx.NodeProto] = field(default_factory=list)
 
 
 @dataclass
@@ -128,6 +171,8 @@ class Flow:
     depthwise: list[onnx.NodeProto] = field(default_factory=list)   # the traced layer's own (Writer.depthwise)
     depthwise_batchnorms: list[onnx.NodeProto] = field(default_factory=list)
     stream_depthwise: list[onnx.NodeProto] = field(default_factory=list)   # depthwise Convs after an Add
+    gates: list[Gate] = field(default_factory=list)       # squeeze-excitation gates on the channels
+    last_axis: bool = False         # channels on the last axis of a rank > 2 tensor (MatMul on [B, T, C])
 
     @property
     def group(self) -> list[Layer]:
@@ -242,17 +287,184 @@ def _reduce_axes(g: _Graph, n: onnx.NodeProto) -> list[int] | None:
     return None if axes is None else list(axes)
 
 
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+# ops whose meaning depends on which axis holds the channels (axis 1 here)
+_AXIS_OPS = frozenset({"BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+                       "ReduceMean", "ReduceMax", "Flatten", "Reshape", "Concat", "Mul"})
+_GATE_ACT = ("Sigmoid", "HardSigmoid")
+_GATE_PASS = ("Identity", "QuantizeLinear", "DequantizeLinear", "Unsqueeze", "Reshape")
+_SQUEEZE_PASS = HOMOGENEOUS | ELEMENTWISE | {"Flatten", "Reshape", "Squeeze", "QuantizeLinear", "DequantizeLinear",
+                                             "BatchNormalization"}
+
+
+def _out_rank(g: _Graph, lay: Layer) -> int | None:
+    """Rank of a layer's output (None: unknown)."""
+    if lay.op == "Conv":
+        return len(g.dims(lay.weight))
+    if lay.op == "Gemm":
+        return 2
+    s = g.shape(lay.node.output[0]) or g.shape(lay.node.input[0])
+    return None if s is None else len(s)
+
+
+def _reshaped_const(g: _Graph, x: str) -> onnx.NodeProto | None:
+    """The Reshape / Unsqueeze producing x from a stored constant and constant shape or axes."""
+    p = g.producer.get(x)
+    if p is None or p[1].op_type not in ("Reshape", "Unsqueeze"):
+        return None
+    n = p[1]
+    if n.input[0] not in g.consts or any(not g.is_const(y) for y in n.input[1:] if y):
+        return None
+    return n
+
+
+def _const_operand(g: _Graph, n: onnx.NodeProto) -> tuple[str, str] | None:
+    """(constant, other) of a two-input Add with exactly one constant operand (a stored constant,
+    a DequantizeLinear of one, or a constant reshaped by a constant shape)."""
+    ins = [x for x in n.input if x]
+    if n.op_type != "Add" or len(ins) != 2:
+        return None
+    a, b = (g.is_const(x) or _reshaped_const(g, x) is not None for x in ins)
+    if a == b:
+        return None
+    return (ins[0], ins[1]) if a else (ins[1], ins[0])
+
+
+def _reads_directly(g: _Graph, t: str, outs) -> bool:
+    """t is one of `outs` or reaches one through QuantizeLinear / DequantizeLinear only."""
+    for _ in range(8):
+        if t in outs:
+            return True
+        p = g.producer.get(t)
+        if p is None or p[1].op_type not in _QDQ:
+            return False
+        t = p[1].input[0]
+    return False
+
+
+def _bias(g: _Graph, n: onnx.NodeProto, t: str, channels: int, rank: int | None, last_axis: bool,
+          outs) -> tuple[Bias | None, str]:
+    """(Bias, "") when Add n adds to t, a layer output in `outs` read directly, a constant with one
+    value per channel (or one scalar) along the channel axis; else (None, why not)."""
+    co = _const_operand(g, n)
+    if co is None or co[1] != t:
+        return None, "not a two-input Add of the channels and one constant"
+    if not _reads_directly(g, t, outs):
+        return None, "it is not directly after the layer"
+    if rank is None:
+        return None, f"cannot infer the rank of {t!r}"
+    from_end = 0 if last_axis else rank - 2
+    reshape = None if g.is_const(co[0]) else _reshaped_const(g, co[0])
+    if reshape is not None:
+        src = list(g.consts[reshape.input[0]].dims)
+        dims = g.shape(co[0])
+        if len(src) != 1 or src[0] != channels or dims is None or None in dims:
+            return None, f"the reshaped constant {src} is not one value per channel"
+    else:
+        dims = g.dims(co[0])
+    if len(dims) > rank:
+        return None, f"the constant {list(dims)} has more axes than the channels' tensor (rank {rank})"
+    for i, d in enumerate(dims):
+        pos = len(dims) - 1 - i
+        if not (d == 1 or (pos == from_end and d == channels)):
+            return None, (f"the constant {list(dims)} does not broadcast one value per channel along "
+                          f"axis {rank - 1 - from_end} ({channels} channels)")
+    return Bias(n, list(n.input).index(co[0]), from_end, reshape), ""
+
+
+def _se_gate(g: _Graph, mul: onnx.NodeProto, x: str, channels: int, rank: int | None) -> tuple[Gate | None, str]:
+    """(Gate, "") when Mul `mul` multiplies x by a squeeze-excitation gate computed from x alone:
+    x -> GlobalAveragePool / ReduceMean -> layer(s) and per-channel ops -> a layer with `channels`
+    outputs (its bias Add) -> Sigmoid / HardSigmoid, shape [N, channels, 1, ...]; else (None, why)."""
+    ins = [y for y in mul.input if y]
+    if len(ins) != 2 or x not in ins or ins[0] == ins[1]:
+        return None, "not a product of the channels and one other tensor"
+    t = ins[1] if ins[0] == x else ins[0]
+    if g.is_const(t):
+        return None, "a constant factor"
+    gs = g.shape(t)
+    if rank is None or gs is None or len(gs) != rank or gs[1] != channels or any(d != 1 for d in gs[2:]):
+        return None, f"the other factor is not of shape [N, {channels}, 1, ...]"
+    act, adds, reshapes, fc2 = False, [], [], None
+    for _ in range(16):
+        if len([c for c in g.consumers.get(t, []) if c[1].op_type not in ("Shape", "Size")]) != 1:
+            return None, f"{t!r} on the gate's path has other readers"
+        p = g.producer.get(t)
+        if p is None:
+            return None, "the other factor is not computed from the channels"
+        i, n = p
+        lay = _layer_of(g, i, n)
+        if lay is not None:
+            fc2 = lay
+            break
+        if n.op_type in _GATE_ACT:
+            act = True
+        elif n.op_type == "Reshape":
+            reshapes.append(n)
+        elif n.op_type == "Add" and _const_operand(g, n) is not None:
+            adds.append(n)
+            t = _const_operand(g, n)[1]
+            continue
+        elif n.op_type not in _GATE_PASS:
+            return None, f"{n.op_type} {n.name} on the gate's path"
+        t = n.input[0]
+    if fc2 is None or not act:
+        return None, "no Sigmoid / HardSigmoid after the gate's layer"
+    if int(g.dims(fc2.weight)[fc2.out_axis]) != channels:
+        return None, f"the gate's layer {fc2.name} has {g.dims(fc2.weight)[fc2.out_axis]} outputs, not {channels}"
+    biases = []
+    frank = _out_rank(g, fc2)
+    for a in adds:
+        b, why = _bias(g, a, _const_operand(g, a)[1], channels, frank, False, {fc2.node.output[0]})
+        if b is None:
+            return None, f"Add {a.name} on the gate's path: {why}"
+        biases.append(b)
+    s = fc2.node.input[0]
+    for _ in range(32):
+        p = g.producer.get(s)
+        if p is None:
+            return None, "the gate is not computed from the channels"
+        i, n = p
+        if n.op_type in ("GlobalAveragePool", "ReduceMean"):
+            if n.op_type == "ReduceMean":
+                axes = _reduce_axes(g, n)
+                if axes is None or sorted(a % rank for a in axes) != list(range(2, rank)):
+                    return None, f"ReduceMean {n.name} does not pool over the spatial axes"
+            if not _reads_directly(g, n.input[0], {x}):
+                return None, "the gate is computed from another tensor"
+            return Gate(fc2, mul, biases, reshapes), ""
+        if _layer_of(g, i, n) is not None or n.op_type in _SQUEEZE_PASS:
+            s = n.input[0]
+        elif _const_operand(g, n) is not None:
+            s = _const_operand(g, n)[1]
+        else:
+            return None, f"{n.op_type} {n.name} between the pooling and the gate's layer"
+    return None, "the gate's path is too long"
+
+
+def _se_operand(g: _Graph, mul: onnx.NodeProto, channels: int, rank: int | None) -> str | None:
+    """The gated operand x of a squeeze-excitation Mul (None: not one)."""
+    for x in mul.input:
+        if x and _se_gate(g, mul, x, channels, rank)[0] is not None:
+            return x
+    return None
+
+
 def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow:
     """Follow `layer`'s output channels to the layers that read them.
 
     Through a residual Add (or Sum) the channels are one stream with the Add's other
     inputs: the trace walks those back to every layer writing into the stream
-    (`Flow.writers`, the traced layer first, each with the BatchNorms between it and the
-    first Add) and forward from every tensor of the stream to its readers."""
+    (`Flow.writers`, the traced layer first, each with its bias Adds and the BatchNorms
+    between it and the first Add) and forward from every tensor of the stream to its readers.
+    A constant Add right after a writer is its bias (`Writer.biases`); a squeeze-excitation
+    Mul on the channels passes them, its excitation layer listed in `Flow.gates`."""
     g = g or _Graph(model)
     C = int(g.dims(layer.weight)[layer.out_axis])
     flow = Flow(layer, C)
     flow.writers.append(Writer(layer))
+    rank = _out_rank(g, layer)
+    flow.last_axis = layer.op == "MatMul" and rank is not None and rank > 2
     writer_nodes = {layer.node.output[0]: layer}
     # (tensor, spatial block size, channel offset, in the stream: walk back to its producer too)
     frontier = [(layer.node.output[0], 1, 0, True)]
@@ -260,6 +472,16 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
     seen_nodes: set[tuple[int, int]] = set()
     bns: list[tuple[int, onnx.NodeProto]] = []
     dws: list[tuple[int, onnx.NodeProto]] = []
+    biases: dict[int, Bias] = {}
+
+    def axis_issue(op: str, n: onnx.NodeProto) -> str | None:
+        if flow.last_axis:
+            return (f"the channels of {layer.name} are the last axis of a rank-{rank} tensor; {op} {n.name} "
+                    f"works on axis 1")
+        if layer.op == "MatMul" and rank is None:
+            return f"cannot infer the rank of {layer.name}'s output (its channel axis) before {op} {n.name}"
+        return None
+
     while frontier:
         t, spatial, offset, stream = frontier.pop()
         if (t, offset) in seen:
@@ -277,8 +499,17 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
             i, n = p
             lay = _layer_of(g, i, n)
             if lay is not None:
+                r2 = _out_rank(g, lay)
+                if (lay.op == "MatMul" and r2 is not None and r2 > 2) != flow.last_axis:
+                    flow.blocked = (f"{lay.name} writes into the stream of {layer.name} along another "
+                                    f"channel axis")
+                    return flow
                 writer_nodes[t] = lay
                 flow.writers.append(Writer(lay))
+            elif n.op_type == "Add" and _const_operand(g, n) is not None:
+                frontier.append((_const_operand(g, n)[1], 1, 0, True))   # a bias: checked going forward
+            elif n.op_type == "Mul" and not flow.last_axis and _se_operand(g, n, C, rank) is not None:
+                frontier.append((_se_operand(g, n, C, rank), 1, 0, True))
             elif n.op_type in ("Add", "Sum") or n.op_type in _PER_CHANNEL_BACK or _is_depthwise(g, n):
                 ins = n.input if n.op_type in ("Add", "Sum") else n.input[:1]
                 for x in ins:
@@ -300,8 +531,29 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                 if op == "Conv" and spatial != 1:
                     flow.blocked = f"{lay.name} reads flattened channels of {layer.name}"
                     return flow
+                if op == "Conv" and axis_issue(op, n):
+                    flow.blocked = axis_issue(op, n)
+                    return flow
+                if op == "MatMul" and not flow.last_axis:
+                    shp = g.shape(t)
+                    if shp is None or len(shp) != 2:
+                        flow.blocked = (f"MatMul {lay.name} reads the last axis of {t!r}, which does not "
+                                        f"hold the channels of {layer.name}" if shp else
+                                        f"cannot infer the rank of {t!r} read by MatMul {lay.name}")
+                        return flow
                 flow.consumers.append(Consumer(lay, spatial, offset))
                 continue
+            if flow.last_axis and op in ("ReduceMean", "ReduceMax") and j == 0 and spatial == 1:
+                axes, shp = _reduce_axes(g, n), g.shape(t)
+                rk = len(shp) if shp else None
+                if axes is None or rk is None or any(a % rk in (0, rk - 1) for a in axes):
+                    flow.blocked = f"{op} {n.name} does not reduce over the axes between batch and channels only"
+                    return flow
+                frontier.append((n.output[0], 1, offset, False))   # the channels stay on the last axis
+                continue
+            if op in _AXIS_OPS and axis_issue(op, n):
+                flow.blocked = axis_issue(op, n)
+                return flow
             if op == "Conv" and j == 0 and int(_attr(n, "group", 1)) != 1:
                 why = _depthwise_refusal(g, n, C)
                 if why is None and (spatial != 1 or offset != 0):
@@ -330,12 +582,12 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
             elif op in ("ReduceMean", "ReduceMax") and j == 0 and spatial == 1:
                 axes = _reduce_axes(g, n)
                 shp = g.shape(t)
-                rank = len(shp) if shp else None
-                if axes is None or rank is None or any(a % rank in (0, 1) for a in axes):
+                rk = len(shp) if shp else None
+                if axes is None or rk is None or any(a % rk in (0, 1) for a in axes):
                     flow.blocked = f"{op} {n.name} does not reduce over spatial axes only"
                     return flow
                 keep = int(_attr(n, "keepdims", 1))
-                if not keep and sorted(a % rank for a in axes) != list(range(2, rank)):
+                if not keep and sorted(a % rk for a in axes) != list(range(2, rk)):
                     flow.blocked = f"{op} {n.name} drops some but not all spatial axes"
                     return flow
                 frontier.append((n.output[0], 1, offset, False))
@@ -367,6 +619,15 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                         return flow
                     off += int(s[1])
                 frontier.append((n.output[0], spatial, offset + off, False))
+            elif op == "Add" and _const_operand(g, n) is not None:
+                b, why = (None, "after a Flatten/Concat") if spatial != 1 or offset else \
+                    _bias(g, n, t, C, rank, flow.last_axis, writer_nodes)
+                if b is None:
+                    flow.blocked = (f"channels of {layer.name} meet a constant in {op} {n.name} "
+                                    f"(a bias the trace does not rewrite: {why})")
+                    return flow
+                biases[i] = b
+                frontier.append((n.output[0], spatial, offset, stream))
             elif op in ("Add", "Sum") and spatial == 1 and offset == 0 and stream:
                 others = [x for x in n.input if x and x != t]
                 if any(g.is_const(x) for x in others):
@@ -381,9 +642,20 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                 for x in others:
                     frontier.append((x, 1, 0, True))
                 frontier.append((n.output[0], 1, 0, True))
+            elif op == "Mul" and spatial == 1 and offset == 0:
+                gate, why = _se_gate(g, n, t, C, rank)
+                if gate is None and _se_input(g, n) not in (None, t):
+                    why = ("they are the gate of a squeeze-excitation block: rewritten with the channels "
+                           "it gates, not alone")
+                if gate is None:
+                    flow.blocked = f"channels of {layer.name} meet another branch in {op} {n.name} ({why})"
+                    return flow
+                if not any(x.mul is n for x in flow.gates):
+                    flow.gates.append(gate)
+                frontier.append((n.output[0], spatial, offset, stream))
             elif op in ("Add", "Sum", "Sub", "Mul", "Div"):
                 flow.blocked = (f"channels of {layer.name} meet another branch in {op} {n.name}"
-                                + (" after a Flatten/Concat" if op in ("Add", "Sum") else ""))
+                                + (" after a Flatten/Concat" if op in ("Add", "Sum", "Mul") else ""))
                 return flow
             else:
                 flow.blocked = f"channels of {layer.name} go into {op} {n.name}, which the trace does not follow"
@@ -393,11 +665,27 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
         if int(d[lay.out_axis]) != C:
             flow.blocked = f"{lay.name} writes {d[lay.out_axis]} channels into the stream of {layer.name} ({C})"
             return flow
+    # a bias belongs to the writer whose output it reads (through Q/DQ)
+    writer_of = {w.layer.node.output[0]: w for w in flow.writers}
+    for _, b in sorted(biases.items()):
+        x = _const_operand(g, b.node)[1]
+        for _ in range(8):
+            if x in writer_of:
+                writer_of[x].biases.append(b)
+                break
+            x = g.producer[x][1].input[0]
     # a BatchNorm belongs to the writer it follows (through per-channel ops, before any Add);
     # otherwise it sits on the stream itself
     by_out = {w.layer.node.output[0]: w for w in flow.writers}
+    def through(p) -> str | None:   # bias Adds and squeeze-excitation Muls pass the channels
+        if p[0] in biases:
+            return _const_operand(g, p[1])[1]
+        if any(gt.mul is p[1] for gt in flow.gates):
+            return _se_operand(g, p[1], C, rank)
+        return None
+
     if dws:
-        _assign_depthwise(g, flow, by_out, dws, bns)
+        _assign_depthwise(g, flow, by_out, dws, bns, through)
     for _, bn in sorted(bns, key=lambda x: x[0]):
         x = bn.input[0]
         owner = None
@@ -406,6 +694,12 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                 owner = by_out[x]
                 break
             p = g.producer.get(x)
+            if p is not None and p[0] in biases:   # through bias Adds and squeeze-excitation Muls
+                x = _const_operand(g, p[1])[1]
+                continue
+            if p is not None and any(gt.mul is p[1] for gt in flow.gates):
+                x = _se_operand(g, p[1], C, rank)
+                continue
             if p is None or p[1].op_type not in _PER_CHANNEL_BACK:
                 break
             x = p[1].input[0]
@@ -421,7 +715,7 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
     return flow
 
 
-def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list) -> None:
+def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list, through=None) -> None:
     """Give each depthwise Conv, and each BatchNorm after one, to the writer it follows (through
     per-channel ops, before any Add), removing those BatchNorms from `bns`; a depthwise Conv that
     follows no single writer (after an Add) sits on the stream."""
@@ -434,6 +728,9 @@ def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list)
                 owner = by_out[x]
                 break
             p = g.producer.get(x)
+            if p is not None and through is not None and through(p) is not None:
+                x = through(p)
+                continue
             if p is None or not (p[1].op_type in _PER_CHANNEL_BACK or id(p[1]) in dw_ids):
                 break
             after = after or id(p[1]) in dw_ids
@@ -468,6 +765,17 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
         if n.op_type in _BACK or n.op_type in _SHAPE_BACK or _is_depthwise(g, n):
             t = n.input[0]
             continue
+        if _const_operand(g, n) is not None:    # a bias Add: right after a layer (through Q/DQ)
+            t = _const_operand(g, n)[1]
+            while t in g.producer and g.producer[t][1].op_type in _QDQ:
+                t = g.producer[t][1].input[0]
+            if t not in g.producer or _layer_of(g, *g.producer[t]) is None:
+                return None
+            continue
+        x = _se_input(g, n)
+        if x is not None:
+            t = x
+            continue
         return None
     return None
 
@@ -475,6 +783,15 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
 # Walked back through when looking for the layer whose channels a layer reads (the forward
 # trace from that layer then checks that it really reaches the reader, and how).
 _SHAPE_BACK = frozenset({"Flatten", "Reshape", "ReduceMean", "ReduceMax", "Squeeze"})
+def _se_input(g: _Graph, n: onnx.NodeProto) -> str | None:
+    """The gated input x of a squeeze-excitation Mul (None: n is not one)."""
+    if n.op_type != "Mul":
+        return None
+    for x in n.input:
+        s = g.shape(x) if x else None
+        if s and len(s) > 2 and s[1] and _se_gate(g, n, x, int(s[1]), len(s))[0] is not None:
+            return x
+    return None
 
 
 def input_flow(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow | None:
@@ -502,4 +819,6 @@ def input_flow(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) ->
             todo.extend(x for x in n.input if x)
         elif n.op_type in _BACK or n.op_type in _SHAPE_BACK or _is_depthwise(g, n):
             todo.append(n.input[0])
+        elif _se_input(g, n) is not None:
+            todo.append(_se_input(g, n))
     return None
