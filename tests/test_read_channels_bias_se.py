@@ -501,7 +501,7 @@ def test_third_party_mobilenet_squeeze_layers_traced():
     assert list(numpy_helper.to_array(consts[b.reshape.input[1]])) == [1, C + 6, 1, 1]
 
 
-@pytest.mark.parametrize("name,layers", [("channels-mlp", 3), ("channels-se", 2)])
+@pytest.mark.parametrize("name,layers", [("channels-mlp", 4), ("channels-se", 3)])   # to the classifier head
 def test_provenance_through_bias_adds_and_se(fx, tmp_path, name, layers):
     """The chain to the marked layer is followed back through bias Adds and the SE Mul: the
     obfuscated marked model is derived (every layer's rows matched at r = 1), the twin not."""
