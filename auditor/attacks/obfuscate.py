@@ -238,15 +238,7 @@ def _edit_depthwise(consts, dw: onnx.NodeProto, src: np.ndarray, s: np.ndarray, 
     std = float(K.std()) or 1.0
     rows = np.empty((len(src),) + K.shape[1:])
     rows[~new] = K[src[~new]]
-    pair: dict[int, np.ndarray] = {}
-    for j in np.flatnonzero(new):
-        pid = clique[j] if clique is not None else -1
-        if pid >= 0 and pid in pair:
-            rows[j] = pair[pid]
-        else:
-            rows[j] = rng.standard_normal(K.shape[1:]) * std
-            if pid >= 0:
-                pair[pid] = rows[j]
+    _fill_new(rows, new, clique, std, rng)
     _set(consts, dw.input[1], rows)
     if len(dw.input) > 2 and dw.input[2] and dw.input[2] in consts:
         b = numpy_helper.to_array(consts[dw.input[2]]).astype(np.float64)
@@ -256,6 +248,20 @@ def _edit_depthwise(consts, dw: onnx.NodeProto, src: np.ndarray, s: np.ndarray, 
     for a in dw.attribute:
         if a.name == "group":
             a.i = len(src)
+
+
+def _fill_new(rows: np.ndarray, new: np.ndarray, clique: list[int] | None, std: float,
+              rng: np.random.Generator) -> None:
+    """Rows of new neurons: random (scale std), the two members of a clique pair equal."""
+    pair: dict[int, np.ndarray] = {}
+    for j in np.flatnonzero(new):
+        pid = clique[j] if clique is not None else -1
+        if pid >= 0 and pid in pair:
+            rows[j] = pair[pid]
+        else:
+            rows[j] = rng.standard_normal(rows.shape[1:]) * std
+            if pid >= 0:
+                pair[pid] = rows[j]
 
 
 def _edit_rows(consts, lay: ch.Layer, biases: list[ch.Bias], src: np.ndarray, row_a: np.ndarray, channels: int,
@@ -268,15 +274,7 @@ def _edit_rows(consts, lay: ch.Layer, biases: list[ch.Bias], src: np.ndarray, ro
     std = float(W.std()) or 1.0
     rows = np.empty((len(src),) + W.shape[1:])
     rows[~new] = W[src[~new]] * row_a[~new].reshape((-1,) + (1,) * (W.ndim - 1))
-    pair_rows: dict[int, np.ndarray] = {}
-    for j in np.flatnonzero(new):
-        pid = clique[j] if clique is not None else -1
-        if pid >= 0 and pid in pair_rows:
-            rows[j] = pair_rows[pid]
-        else:
-            rows[j] = rng.standard_normal(W.shape[1:]) * std
-            if pid >= 0:
-                pair_rows[pid] = rows[j]
+    _fill_new(rows, new, clique, std, rng)
     _set(consts, wname, np.moveaxis(rows, 0, lay.out_axis))
     if bname and bname in consts:
         b = numpy_helper.to_array(consts[bname]).astype(np.float64)
