@@ -338,3 +338,34 @@ def test_kept_arrays_are_read_once_read_only_and_prefetch_errors_are_the_weights
         assert reads.count("A") == 1
     plain = WeightStore.open(p)
     assert plain.array("A").flags.writeable and plain.array("A") is not plain.array("A")
+
+
+def test_stopping_the_prefetch_cancels_reads_not_started(tmp_path, monkeypatch):
+    """A scan that fails (or ends) early does not wait for the rest of the file: the reads the
+    prefetch thread has not started are cancelled, and a weight asked for afterwards is read then."""
+    import threading
+
+    rng = np.random.default_rng(6)
+    arrays = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(6)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"W{i}"], [f"h{i}"]) for i in range(6)]
+    m = _model(nodes, [numpy_helper.from_array(a, f"W{i}") for i, a in enumerate(arrays)],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+               [helper.make_tensor_value_info("h5", TensorProto.FLOAT, [1, 64])])
+    p = tmp_path / "m.onnx"
+    onnx.save_model(m, p, save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data",
+                    size_threshold=0)
+    gate, reads = threading.Event(), []
+    real = graph_mod._read_exact
+
+    def slow(path, off, n, name):
+        reads.append(name)
+        gate.wait(10)   # the first read holds the thread until the prefetch is stopped
+        return real(path, off, n, name)
+
+    monkeypatch.setattr(graph_mod, "_read_exact", slow)
+    store = WeightStore.open(p)
+    store.keep_arrays(prefetch=True)
+    store.stop_prefetch()
+    gate.set()
+    assert np.array_equal(store.array("W3"), arrays[3])
+    assert "W3" in reads and set(reads) <= {"W0", "W3"}   # at most the read already running, and W3

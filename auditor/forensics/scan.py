@@ -281,7 +281,6 @@ def _evidence(key: Key, mark: WhiteboxMark) -> dict[str, Any]:
 def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAULT_ALPHA) -> dict[str, Any]:
     """Scan `model_path` for every white-box mark of every key. Returns the result body:
     findings (one per mark), what was tried (counts), and the verdict."""
-    from auditor.forensics import align, canon
     from auditor.read.weights import WeightStore
 
     if not keys:
@@ -291,6 +290,15 @@ def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAUL
         raise AuditError("the keys hold no white-box mark")
     had_matrix = {id(m) for _, m in marks if m._X is not None}
     store = WeightStore.open(model_path)
+    try:
+        return _scan(store, keys, marks, had_matrix, references, alpha)
+    finally:
+        store.stop_prefetch()
+
+
+def _scan(store, keys, marks, had_matrix, references, alpha) -> dict[str, Any]:
+    from auditor.forensics import align, canon
+
     gv = canon.GraphValues(store)
     cands = candidates(store, gv)
     per_mark = []

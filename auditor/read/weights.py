@@ -241,6 +241,13 @@ class WeightStore:
                 self._prefetch = {w.name: ex.submit(self._read, w) for w in plain}
                 ex.shutdown(wait=False)
 
+    def stop_prefetch(self) -> None:
+        """Cancel the prefetch reads not started yet (a caller done early, or failing, does not wait
+        for the rest of the file)."""
+        for fut in (self._prefetch or {}).values():
+            fut.cancel()
+        self._prefetch = {}
+
     def array(self, name: str) -> np.ndarray:
         """The weight as float32 in ONNX layout, dequantized; reads only this tensor's bytes.
 
