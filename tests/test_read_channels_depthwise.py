@@ -344,20 +344,20 @@ def test_split_copies_need_equal_depthwise_kernels(mb):
 
 # ------------------------------------------------------------------ third party
 def test_third_party_mobilenetv3_depthwise():
-    """ppocr_cls.onnx (PaddlePaddle MobileNetV3, BN kept, ReLU and hard-swish blocks): 23 of its
-    43 layers trace (11 with neither depthwise convs nor bias Adds / SE gates followed). Three
-    expansion convs trace through their depthwise convs (conv2_expand's after an SE block's bias
-    Adds); the hard-swish blocks (x * relu6(x + 3) / 6) still stop at the constant Add after an
-    activation, and an SE gate layer alone is refused (it moves with the channels it gates)."""
+    """ppocr_cls.onnx (PaddlePaddle MobileNetV3, BN kept, ReLU and hard-swish blocks): 32 of its
+    43 layers trace (11 with neither depthwise convs, bias Adds / SE gates nor activations written
+    as several nodes followed). Every expansion conv traces through its depthwise conv (conv2's
+    after an SE block's bias Adds, conv5-12's after a hard-swish written as Add / Clip / Mul / Div);
+    an SE gate layer alone is refused (it moves with the channels it gates)."""
     p = Path(os.environ.get("WMAUDIT_DATA", "build/data")) / "thirdparty" / "ppocr_cls.onnx"
     if not p.is_file():
         pytest.skip(f"{p} is missing: run `bash scripts/fetch_thirdparty.sh`")
     m = onnx.load(str(p))
     flows = {l.weight: ch.trace(m, l) for l in ch.layers(m)}
     traced = [w for w, f in flows.items() if not f.blocked]
-    assert len(flows) == 43 and len(traced) == 23
-    assert [w for w in traced if flows[w].depthwise] == ["conv2_expand_weights", "conv3_expand_weights",
-                                                          "conv4_expand_weights"]
+    assert len(flows) == 43 and len(traced) == 32
+    assert [w for w in traced if flows[w].depthwise] == [f"conv{i}_expand_weights" for i in range(2, 13)]
+    assert not any(flows[w].stream_depthwise for w in traced)
     dw_name = flows["conv3_expand_weights"].depthwise[0].name
     for steps, after in (("perm-out,scale,split:3,dummy:2,clique:4", 24 + 9), ("perm-in", 24)):
         r = ob.obfuscate(m, steps, layer="conv3_expand_weights", seed=1)

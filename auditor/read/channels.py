@@ -506,6 +506,8 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                     return flow
                 writer_nodes[t] = lay
                 flow.writers.append(Writer(lay))
+            elif n.op_type in _REGION_OPS and _region_source(g, t) is not None:
+                frontier.append((_region_source(g, t), 1, 0, True))   # an activation of several nodes
             elif n.op_type == "Add" and _const_operand(g, n) is not None:
                 frontier.append((_const_operand(g, n)[1], 1, 0, True))   # a bias: checked going forward
             elif n.op_type == "Mul" and not flow.last_axis and _se_operand(g, n, C, rank) is not None:
@@ -526,6 +528,13 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                 continue
             seen_nodes.add((i, offset))
             flow.ops.append(op)
+            reg = _elementwise_region(g, t) if op in _REGION_OPS else None
+            if reg is not None and i in reg[0]:   # an activation written as several nodes
+                seen_nodes.update((k, offset) for k in reg[0])
+                flow.ops.extend(sorted({m.op_type for m in reg[0].values()} - {op}))
+                flow.homogeneous = False
+                frontier.append((reg[1], spatial, offset, stream))
+                continue
             lay = _layer_of(g, i, n)
             if lay is not None and j == 0:
                 if op == "Conv" and spatial != 1:
@@ -677,11 +686,13 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
     # a BatchNorm belongs to the writer it follows (through per-channel ops, before any Add);
     # otherwise it sits on the stream itself
     by_out = {w.layer.node.output[0]: w for w in flow.writers}
-    def through(p) -> str | None:   # bias Adds and squeeze-excitation Muls pass the channels
+    def through(x: str, p) -> str | None:   # bias Adds, SE Muls, activations of several nodes
         if p[0] in biases:
             return _const_operand(g, p[1])[1]
         if any(gt.mul is p[1] for gt in flow.gates):
             return _se_operand(g, p[1], C, rank)
+        if p[1].op_type in _REGION_OPS:
+            return _region_source(g, x)
         return None
 
     if dws:
@@ -728,8 +739,8 @@ def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list,
                 owner = by_out[x]
                 break
             p = g.producer.get(x)
-            if p is not None and through is not None and through(p) is not None:
-                x = through(p)
+            if p is not None and through is not None and through(x, p) is not None:
+                x = through(x, p)
                 continue
             if p is None or not (p[1].op_type in _PER_CHANNEL_BACK or id(p[1]) in dw_ids):
                 break
@@ -745,6 +756,73 @@ def _assign_depthwise(g: _Graph, flow: Flow, by_out: dict, dws: list, bns: list,
             dw_bns.append(node)
     ids = {id(b) for b in dw_bns}
     bns[:] = [(i, b) for i, b in bns if id(b) not in ids]
+
+
+# Elementwise ops that, with scalar constants, build an activation out of several nodes
+# (GELU as x * 0.5 * (1 + erf(x / sqrt 2)) or its tanh form, hard-swish as x * relu6(x + 3) / 6,
+# swish as x * sigmoid(x), as converters and older opsets write them).
+_REGION_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Sigmoid", "Relu", "Clip",
+                         "Exp", "Log", "Neg", "Abs", "Max", "Min", "HardSigmoid", "HardSwish", "Softplus",
+                         "Gelu", "Elu", "Selu", "LeakyRelu", "Identity", "Reciprocal"})
+
+
+def _scalar_const(g: _Graph, name: str) -> bool:
+    if not g.is_const(name):
+        return False
+    v = g.value(name)
+    return v is not None and np.asarray(v).size == 1
+
+
+def _elementwise_region(g: _Graph, t: str) -> tuple[dict[int, onnx.NodeProto], str] | None:
+    """An activation written as several elementwise nodes on `t`: the nodes reachable from t whose
+    inputs are t, their own outputs or scalar constants (so the result is one function applied to
+    every value of t alone: it passes a permutation, a copy or a new channel, not a scale), with
+    at least one node combining two of them (x * f(x)) and exactly one output leaving the region.
+    Returns ({node index: node}, exit tensor) or None."""
+    cache = g.__dict__.setdefault("_regions", {})
+    if t in cache:
+        return cache[t]
+    nodes: dict[int, onnx.NodeProto] = {}
+    tensors, todo = {t}, [t]
+    while todo:
+        x = todo.pop()
+        for i, n, _ in g.consumers.get(x, []):
+            if i in nodes or n.op_type not in _REGION_OPS:
+                continue
+            ins = [y for y in n.input if y]
+            if all(y in tensors or _scalar_const(g, y) for y in ins):
+                nodes[i] = n
+                for o in n.output:
+                    if o and o not in tensors:
+                        tensors.add(o)
+                        todo.append(o)
+    res = None
+    if any(sum(1 for y in n.input if y in tensors) >= 2 for n in nodes.values()):
+        exits = {o for n in nodes.values() for o in n.output if o and (
+            o in g.outputs or any(k not in nodes for k, _, _ in g.consumers.get(o, [])))}
+        if len(exits) == 1:
+            res = (nodes, exits.pop())
+    cache[t] = res
+    return res
+
+
+def _region_source(g: _Graph, exit_tensor: str) -> str | None:
+    """The tensor whose elementwise region (see `_elementwise_region`) ends at `exit_tensor`."""
+    x, seen = exit_tensor, []
+    for _ in range(32):
+        p = g.producer.get(x)
+        if p is None or p[1].op_type not in _REGION_OPS:
+            break
+        ins = [y for y in p[1].input if y and not _scalar_const(g, y)]
+        if not ins:
+            return None
+        x = ins[0]
+        seen.append(x)
+    for cand in seen:
+        r = _elementwise_region(g, cand)
+        if r is not None and r[1] == exit_tensor:
+            return cand
+    return None
 
 
 _BACK = _PER_CHANNEL_BACK
@@ -764,6 +842,10 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
             return lay
         if n.op_type in _BACK or n.op_type in _SHAPE_BACK or _is_depthwise(g, n):
             t = n.input[0]
+            continue
+        src = _region_source(g, t) if n.op_type in _REGION_OPS else None
+        if src is not None:                     # an activation written as several nodes
+            t = src
             continue
         if _const_operand(g, n) is not None:    # a bias Add: right after a layer (through Q/DQ)
             t = _const_operand(g, n)[1]
@@ -815,7 +897,9 @@ def input_flow(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) ->
             if f.blocked or not any(c.layer.node is layer.node for c in f.consumers):
                 return None
             return f
-        if n.op_type in ("Add", "Sum"):
+        if n.op_type in _REGION_OPS and _region_source(g, t) is not None:
+            todo.append(_region_source(g, t))
+        elif n.op_type in ("Add", "Sum"):
             todo.extend(x for x in n.input if x)
         elif n.op_type in _BACK or n.op_type in _SHAPE_BACK or _is_depthwise(g, n):
             todo.append(n.input[0])
