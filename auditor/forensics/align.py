@@ -109,8 +109,8 @@ def _stream_order(sus, s_first: ch.Layer, ref, r_first: ch.Layer, fit_half: bool
     scales) in the reference's terms, from aligning the chain of a layer writing into it."""
     if depth >= STREAM_DEPTH:
         return None
-    rf = ch.input_flow(ref.model, r_first, ref.graph)
-    sf = ch.input_flow(sus.model, s_first, sus.graph)
+    rf = ref.input_flow(r_first)
+    sf = sus.input_flow(s_first)
     if rf is None or sf is None or rf.blocked or sf.blocked or not rf.residual:
         return None
     try:
@@ -141,7 +141,7 @@ def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValue
             out.extend(sub)
     for rl, sl in zip(rch, sch):
         Wr = canon.torch_rows(ref, rl)
-        rflow = ch.trace(ref.model, rl, ref.graph)
+        rflow = ref.flow(rl)
         cl = canon.clean(sus, sl)
         Ws = cl.weight
         keep = cl.out_groups.keep if cl.out_groups else None
@@ -194,7 +194,7 @@ def align_chain(sus: canon.GraphValues, s_layer: ch.Layer, ref: canon.GraphValue
 
 
 def _n_channels_prev(gv, lay, W) -> int:
-    f = ch.input_flow(gv.model, lay, gv.graph)
+    f = gv.input_flow(lay)
     return W.shape[1] if f is None else f.channels
 
 
@@ -256,7 +256,7 @@ def depth(gv: canon.GraphValues, lay: ch.Layer, _streams: int = 0) -> int:
     ch_ = chain(gv, lay)
     if _streams >= STREAM_DEPTH:
         return len(ch_)
-    f = ch.input_flow(gv.model, ch_[0], gv.graph)
+    f = gv.input_flow(ch_[0])
     if f is None or f.blocked or not f.residual:
         return len(ch_)
     return len(ch_) + depth(gv, f.layer, _streams + 1)

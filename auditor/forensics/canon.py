@@ -88,6 +88,13 @@ class GraphValues:
             cache[lay.weight] = ch.trace(self.model, lay, self.graph)
         return cache[lay.weight]
 
+    def input_flow(self, lay: ch.Layer) -> ch.Flow | None:
+        """ch.input_flow of a layer (the flow of the channels it reads), cached."""
+        cache = self.__dict__.setdefault("_input_flows", {})
+        if lay.weight not in cache:
+            cache[lay.weight] = ch.input_flow(self.model, lay, self.graph)
+        return cache[lay.weight]
+
     def weight_name(self, graph_tensor: str) -> str | None:
         return self._alias.get(graph_tensor)
 
@@ -342,7 +349,7 @@ def input_columns(gv: GraphValues, lay: ch.Layer) -> np.ndarray | None:
     feeding layer's cleaning drops (dummy, clique, split copies). When both layers were obfuscated,
     the feeding layer's new channels get a column of their own in every row of this layer
     (a clique pair random ones), which makes this layer's copies differ there. None: keep all."""
-    pflow = ch.input_flow(gv.model, lay, gv.graph)
+    pflow = gv.input_flow(lay)
     if pflow is None or pflow.blocked or pflow.layer.node is lay.node:
         return None
     cons = [c for c in pflow.consumers if c.layer.node is lay.node]
@@ -465,7 +472,7 @@ def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
             W = W[g.keep]
             res.undone.append(f"output neurons: {g.dummies} dummy and {g.cliques} clique removed, "
                               f"{g.splits} split copies merged ({g.channels} -> {len(g.keep)})")
-    pflow = ch.input_flow(gv.model, lay, gv.graph)
+    pflow = gv.input_flow(lay)
     prev = pflow.layer if pflow is not None else None
     if prev is None:
         res.blocked.append("input side: no layer feeds this layer's input channels")
