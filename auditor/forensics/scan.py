@@ -244,8 +244,8 @@ def mark_variants(mark: WhiteboxMark, cands: list[Candidate], gv, extra: list[Va
             else:
                 continue
             if not search_reachable(mark.n_bits, fam, alpha):
-                label = what.replace(" tried)", ")").replace("fitted to the key ", "")
-                skip[f"{label}: 10^{fam:.1f} permutations"] = skip.get(f"{label}: 10^{fam:.1f} permutations", 0) + 1
+                label = what.replace(" tried)", ")").replace("fitted to the key ", "") + f": 10^{fam:.1f} permutations"
+                skip[label] = skip.get(label, 0) + 1
                 continue
             if sx is None:
                 sx = (2.0 * mark.bits.astype(np.float64) - 1.0) @ mark.matrix()
