@@ -14,7 +14,7 @@ from auditor.errors import AuditError
 
 # Order is the order of `wmaudit --help`.
 SUBCOMMANDS = ["inspect", "extract", "key", "attack", "robustness", "query", "gate", "report", "scan",
-               "provenance", "obfuscate", "sweep", "keyed", "phash"]
+               "provenance", "obfuscate", "sweep", "keyed", "phash", "targets"]
 
 
 class _Parser(argparse.ArgumentParser):

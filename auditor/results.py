@@ -52,6 +52,10 @@ def envelope(kind: str, *, model_path: str | os.PathLike | None = None, key=None
         doc["key_commitment"] = key.commitment
         doc["evidence"] = key_evidence(key)
     doc.update(body)
+    if doc.get("hardware") is None:  # where it was computed (auditor.backends.hardware)
+        from auditor.backends.hardware import process_record
+
+        doc["hardware"] = process_record()
     return doc
 
 

@@ -3,7 +3,9 @@
 Step syntax (comma separated, applied left to right):
 
 * ``prune:RATE`` or ``prune:RATE:MODE`` (MODE one of prune.MODES, default magnitude)
-* ``quantize:MODE`` (quantize.MODES) -- static modes use the shared calibration
+* ``quantize:MODE`` (quantize.MODES) -- static modes use the shared calibration;
+  ``quantize:MODE:reduce-range`` (7-bit weights) and ``quantize:MODE:uint8-weights`` (QUInt8
+  weights) are the remedies for int8 on x86 CPUs without VNNI
 * ``fp16``, ``int4``
 * ``simulate`` or ``simulate:per-tensor`` / ``simulate:per-channel`` (GRU/RNN int8 round-trip)
 * ``obfuscate:STEPS`` with STEPS joined by ``+`` (``obfuscate:perm-in+perm-out+split:4``):
@@ -24,6 +26,12 @@ import onnx
 
 from auditor.errors import AuditError
 from auditor.attacks import AttackResult, obfuscate, precision, prune, quantize, simulate
+
+
+# ``quantize:MODE:QUALIFIER``: the remedies for int8 on CPUs without VNNI, where onnxruntime's u8s8
+# kernels can saturate their 16-bit intermediate sums (7-bit weights, or unsigned 8-bit weights).
+QUANTIZE_QUALIFIERS: dict[str, dict[str, Any]] = {"reduce-range": {"reduce_range": True},
+                                                  "uint8-weights": {"weight_type": "uint8"}}
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,11 @@ def parse_steps(spec: str) -> list[Step]:
             if len(args) == 2 and args[1] not in prune.MODES:
                 raise AuditError(f"step {part!r}: pruning mode must be one of {', '.join(prune.MODES)}")
         elif kind == "quantize":
-            if len(args) != 1 or args[0] not in quantize.MODES:
-                raise AuditError(f"step {part!r}: expected quantize:MODE with MODE one of {', '.join(quantize.MODES)}")
+            if len(args) not in (1, 2) or args[0] not in quantize.MODES:
+                raise AuditError(f"step {part!r}: expected quantize:MODE[:QUALIFIER] with MODE one of "
+                                 f"{', '.join(quantize.MODES)}")
+            if len(args) == 2 and args[1] not in QUANTIZE_QUALIFIERS:
+                raise AuditError(f"step {part!r}: the qualifier must be one of {', '.join(QUANTIZE_QUALIFIERS)}")
         elif kind in ("fp16", "int4"):
             if args:
                 raise AuditError(f"step {part!r}: {kind} takes no arguments")
@@ -83,6 +94,8 @@ def apply_step(model: onnx.ModelProto, step: Step, calibration=None, **options: 
         mode = step.args[0]
         kw = {k: options[k] for k in ("reduce_range", "weight_type", "pre_process", "keep_batchnorm")
               if k in options}
+        if len(step.args) > 1:  # the step's own qualifier wins over the options
+            kw.update(QUANTIZE_QUALIFIERS[step.args[1]])
         if mode in quantize.STATIC_MODES:
             kw.update({k: options[k] for k in ("activation_type",) if k in options})
             kw["method"] = options.get("calibration_method", "minmax")

@@ -1,13 +1,12 @@
 """Inference backends: a loader builds a session/engine, a runner queries it.
 
-Backends (names used on the command line):
-
-* ``ort-cpu``  onnxruntime, CPUExecutionProvider (fp32, fp16 and int8 models);
-* ``ort-cuda`` onnxruntime, CUDAExecutionProvider;
-* ``ort-trt``  onnxruntime, TensorrtExecutionProvider (CUDA as fallback for
-  unsupported nodes);
-* ``tensorrt`` native TensorRT (``auditor/backends/tensorrt.py``, the only
-  module that imports ``tensorrt``, lazily).
+Runners are opened on a *target* (``auditor.backends.targets``: ``native``,
+the emulated CPUs ``x86-64-v3``, ``x86-64-v2`` and ``aarch64``, and the GPU
+targets ``ort-cuda``, ``ort-trt``, ``tensorrt``; the old backend name
+``ort-cpu`` is ``native``). Every onnxruntime target runs the model in a child
+process of its own (``targets.TargetRunner``), so a crash or hang during
+inference is one line; native TensorRT (``auditor/backends/tensorrt.py``, the
+only module that imports ``tensorrt``, lazily) runs in-process.
 
 Every runner is a context manager with ``infer(feed) -> {output name: array}``
 and ``infer_batches(x, batch_size) -> array`` (the first output, rows in the
@@ -24,44 +23,34 @@ import numpy as np
 
 from auditor.errors import AuditError
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
-
-_ORT_PROVIDERS = {
-    "ort-cpu": ["CPUExecutionProvider"],
-    "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-
+from auditor.backends.targets import CHOICES as BACKENDS  # targets, and ort-cpu (= native)
 
 def availability(backend: str) -> tuple[bool, str]:
     """(usable here, why not) without building anything."""
+    from auditor.backends import targets
+
     if backend not in BACKENDS:
-        return False, f"unknown backend (expected one of {', '.join(BACKENDS)})"
-    if backend == "tensorrt":
-        from auditor.backends.tensorrt import availability as trt_availability
-
-        return trt_availability()
-    from auditor.backends.onnxruntime import provider_available
-
-    return provider_available(_ORT_PROVIDERS[backend][0])
+        return False, f"unknown target (expected one of {', '.join(targets.NAMES)})"
+    ok, why, fix = targets.availability(backend)
+    return ok, why + (f" (run: {fix})" if fix and not ok else "")
 
 
-def open_runner(model_path: str | os.PathLike, backend: str = "ort-cpu", **options: Any):
-    """A runner (not yet entered) for ``model_path`` on ``backend``.
+def open_runner(model_path: str | os.PathLike, backend: str = "native", **options: Any):
+    """A runner (not yet entered) for ``model_path`` on the target ``backend``.
 
-    Raises AuditError for an unknown or unavailable backend.
+    Raises AuditError for an unknown or unavailable target.
     """
-    ok, why = availability(backend)
+    from auditor.backends import targets
+
+    t = targets.resolve(backend)
+    ok, why = availability(t.name)
     if not ok:
-        raise AuditError(f"backend {backend} is not available: {why}")
-    if backend == "tensorrt":
+        raise AuditError(f"target {t.name} is not available: {why}")
+    if t.name == "tensorrt":
         from auditor.backends.tensorrt import EngineFromOnnx, TrtRunner
 
-        return TrtRunner(EngineFromOnnx(model_path, **options), name=backend)
-    from auditor.backends.onnxruntime import OnnxrtRunner, SessionFromOnnx
-
-    return OnnxrtRunner(SessionFromOnnx(model_path, providers=_ORT_PROVIDERS[backend], **options),
-                        name=backend)
+        return TrtRunner(EngineFromOnnx(model_path, **options), name=t.name)
+    return targets.TargetRunner(model_path, t.name, threads=options.get("intra_op_threads"))
 
 
 def split_batches(n: int, batch_size: int):

@@ -53,3 +53,21 @@ def open_fraction(s: str) -> float:
 def fraction_to_one(s: str) -> float:
     """A fraction in (0, 1]."""
     return _number_in(s, 0.0, 1.0, True)
+
+
+def add_target_argument(p: argparse.ArgumentParser) -> None:
+    """``--target`` (repeatable; default native) and ``--backend``, its old name."""
+    from auditor.backends.targets import CHOICES, NAMES
+
+    p.add_argument("--target", action="append", choices=CHOICES, default=None, metavar="TARGET",
+                   help=f"where the model runs (repeatable): {', '.join(NAMES)}; default native. "
+                        "`wmaudit targets` lists which are available here")
+    p.add_argument("--backend", action="append", choices=CHOICES, dest="target", help=argparse.SUPPRESS)
+
+
+def targets_of(args) -> list[str]:
+    """The targets a command was given, in order, each once (aliases resolved)."""
+    from auditor.backends.targets import resolve
+
+    names = [resolve(t).name for t in (getattr(args, "target", None) or ["native"])]
+    return list(dict.fromkeys(names))

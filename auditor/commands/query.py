@@ -11,23 +11,24 @@ from auditor import results
 from auditor.marks import stats
 from auditor.errors import AuditError
 from auditor.report import fmt_p
+from auditor.backends.hardware import measured_on_lines
 
 HELP = "query a model with the key's trigger set / logo key images and test the answers"
-DESCRIPTION = """Query MODEL with the black-box key images of --key on --backend and judge the
+DESCRIPTION = """Query MODEL with the black-box key images of --key on each --target and judge the
 answers: trigger accuracy with an exact binomial p-value against a null rate (measured on
 --reference unmarked models, else the key's recorded one, else 1/C); logo decoded from 1, 3,
 5, 10, 20 key images per group, Pearson r and a seeded permutation p-value. Optional
 --query-attack processes every key image first (jpeg:Q, noise:S[:SEED], resize:F, crop:F,
-rotate:DEG, shift:DX,DY). Exit 0 = detected, 1 = not detected or insufficient evidence, 2 = error."""
+rotate:DEG, shift:DX,DY). With several --target, every target is queried and the mark counts as
+detected only where it is detected on all of them. Exit 0 = detected, 1 = not detected or
+insufficient evidence, 2 = error."""
 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from auditor.backends import BACKENDS
-
     p.add_argument("model", help="ONNX file to query")
     p.add_argument("--key", required=True, help="key.json with a blackbox section")
-    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
+    _types.add_target_argument(p)
     p.add_argument("--reference", action="append", default=[], metavar="UNMARKED.onnx",
                    help="unmarked reference model for the trigger null rate (repeatable)")
     p.add_argument("--query-attack", metavar="SPEC", help="process key images before querying, e.g. jpeg:50")
@@ -41,15 +42,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
 
 
-def query_model(model: str, key_path: str, *, backend: str = "ort-cpu", references=(), attack: str | None = None,
+def query_model(model: str, key_path: str, *, backend: str = "native", references=(), attack: str | None = None,
                 attack_seed: int = 0, batch_size: int = 64, n_perm: int = 10_000, seed: int = 0,
-                alpha: float = stats.DEFAULT_ALPHA, logo_out: str | None = None) -> dict[str, Any]:
-    """Everything ``wmaudit query`` reports, as data (no printing)."""
+                alpha: float = stats.DEFAULT_ALPHA, logo_out: str | None = None, targets=None) -> dict[str, Any]:
+    """Everything ``wmaudit query`` reports, as data (no printing). ``targets``: the targets to
+    query on (default: [backend]); the first target's answers are the document's top level,
+    every target's are under ``targets``."""
     from auditor.marks import blackbox as bb
-    from auditor.backends import open_runner
+    from auditor.backends import hardware, targets as targets_mod
     from auditor.marks.keys import load_key
     from auditor.attacks.query import parse_attack
 
+    names = [targets_mod.resolve(t).name for t in (targets or [backend])]
+    names = list(dict.fromkeys(names))
     if not Path(model).is_file():
         raise AuditError(f"model not found: {model}")
     if attack:
@@ -61,23 +66,57 @@ def query_model(model: str, key_path: str, *, backend: str = "ort-cpu", referenc
     triggers = bb.load_triggers(key) if sections.get("triggers") else None
     logo = bb.load_logo(key) if sections.get("logo") else None
     check_key_images(model, [("trigger", triggers), ("logo", logo)])
-    body: dict[str, Any] = {"backend": backend, "query_attack": attack,
-                            "attack_seed": attack_seed if attack else None}
+    if references and triggers is None:
+        raise AuditError("--reference needs a trigger set in the key (the logo test needs no reference)")
+    for ref in references:
+        if not Path(ref).is_file():
+            raise AuditError(f"reference model not found: {ref}")
+    targets_mod.check_available(names)
+    per_target = {}
+    for i, t in enumerate(names):
+        per_target[t] = _query_on(t, model, triggers, logo, references=references, attack=attack,
+                                  attack_seed=attack_seed, batch_size=batch_size, n_perm=n_perm, seed=seed,
+                                  alpha=alpha, logo_out=(logo_out if i == 0 else (f"{logo_out}/{t}" if logo_out
+                                                                                  else None)))
+    first = per_target[names[0]]
+    body: dict[str, Any] = {k: v for k, v in first.items() if k != "hardware"}
+    body.update({"backend": names[0], "target": names[0], "query_attack": attack,
+                 "attack_seed": attack_seed if attack else None})
+    if len(names) > 1:
+        body["targets"] = {t: {k: v for k, v in r.items() if k != "hardware"} for t, r in per_target.items()}
+        worst = max(names, key=lambda t: per_target[t]["verdict"]["p_corrected"])
+        ok = all(per_target[t]["verdict"]["verdict"] == stats.DETECTED for t in names)
+        v = dict(per_target[worst]["verdict"])
+        v["verdict"] = stats.DETECTED if ok else per_target[worst]["verdict"]["verdict"]
+        v["reason"] = (f"detected on every target ({', '.join(names)})" if ok else
+                       f"on {worst}: {per_target[worst]['verdict']['reason']}")
+        v["worst_target"] = worst
+        body["verdict"] = v
+        body["exit_code"] = stats.exit_code(v["verdict"])
+    body["hardware"] = hardware.combine({t: r["hardware"] for t, r in per_target.items()})
+    return results.envelope("query", model_path=model, key=key, **body)
+
+
+def _query_on(target: str, model: str, triggers, logo, *, references, attack, attack_seed, batch_size, n_perm,
+              seed, alpha, logo_out) -> dict[str, Any]:
+    """The black-box answers of ``model`` on one target (the model runs in the target's child)."""
+    from auditor.marks import blackbox as bb
+    from auditor.backends import open_runner, hardware, targets as targets_mod
+
+    body: dict[str, Any] = {}
     null_rate = None
     if references and triggers is not None:
         hits = []
         for ref in references:
-            if not Path(ref).is_file():
-                raise AuditError(f"reference model not found: {ref}")
-            with open_runner(ref, backend) as r:
+            with open_runner(ref, target) as r:
                 hits.append(bb.trigger_hits(r, triggers, batch_size))
         null_rate = bb.null_rate_from_references(hits, len(triggers.labels), [Path(x).name for x in references])
         null_rate["per_reference_hits"] = hits
-    elif references:
-        raise AuditError("--reference needs a trigger set in the key (the logo test needs no reference)")
     marks = []
-    with open_runner(model, backend) as runner:
+    with open_runner(model, target) as runner:
         body["runner"] = runner.describe()
+        body["hardware"] = getattr(runner, "hardware", None) or hardware.gpu_target_record(
+            targets_mod.resolve(target))
         if triggers is not None:
             t = bb.evaluate_triggers(runner, triggers, null_rate=null_rate, batch_size=batch_size,
                                      attack=attack, attack_seed=attack_seed, alpha=alpha)
@@ -102,7 +141,7 @@ def query_model(model: str, key_path: str, *, backend: str = "ort-cpu", referenc
     body["verdict"] = {"verdict": d.verdict, "alpha": alpha, "reason": d.reason, "marks_tested": m,
                        "best_mark": name, "p_value": p, "p_corrected": stats.bonferroni(p, m)}
     body["exit_code"] = stats.exit_code(d.verdict)
-    return results.envelope("query", model_path=model, key=key, **body)
+    return body
 
 
 def check_key_images(model: str, sets) -> None:
@@ -139,17 +178,22 @@ def _human(doc: dict[str, Any]) -> str:
                      f"{lg['resolution_limit']:.3g})  -> {lg['verdict']}")
         for k, path in (lg.get("png") or {}).items():
             lines.append(f"png      k={k}: {path}")
+    for name, r in (doc.get("targets") or {}).items():
+        tv = r["verdict"]
+        lines.append(f"target   {name:10s} {tv['verdict']:>20s}  p = {tv['p_corrected']:.6g} ({tv['best_mark']})")
     v = doc["verdict"]
     ev = doc.get("evidence")
     if ev:
         lines.append(f"evidence {ev['kind'].upper()}: {ev['sentence']}")
     lines.append(f"verdict  {v['verdict'].upper()}  (best mark: {v['best_mark']}, p = {v['p_corrected']:.6g} "
                  f"corrected for {v['marks_tested']} mark(s), alpha = {v['alpha']:g})")
+    lines += measured_on_lines(doc)
     return "\n".join(lines) + "\n"
 
 
+
 def run(args) -> int:
-    doc = query_model(args.model, args.key, backend=args.backend, references=args.reference,
+    doc = query_model(args.model, args.key, targets=_types.targets_of(args), references=args.reference,
                       attack=args.query_attack, attack_seed=args.attack_seed, batch_size=args.batch_size,
                       n_perm=args.permutations, seed=args.seed, alpha=args.alpha, logo_out=args.logo_out)
     sys.stdout.write(results.dumps(doc) if args.json else _human(doc))

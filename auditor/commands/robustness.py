@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "(and of synthetic data)")
     p.add_argument("--jobs", type=_types.positive_int, help="worker processes (default: all cores)")
     p.add_argument("--save-models", action="store_true", help="keep the attacked models in DIR/models/")
+    _types.add_target_argument(p)
     p.add_argument("-o", "--output", required=True, help="output folder (results.json)")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
 
@@ -55,6 +56,10 @@ def run(args) -> int:
         raise AuditError(f"model not found: {model}")
     key = load_key(args.key)
     grid = load_grid(args.grid) if args.grid else default_grid()
+    from auditor.backends.targets import check_available
+
+    targets = _types.targets_of(args)
+    check_available(targets)  # a missing emulator or GPU is one line, before any work
     from auditor.read.weights import WeightStore
 
     WeightStore.open(model)  # a malformed model is refused before any data set is loaded
@@ -79,7 +84,8 @@ def run(args) -> int:
                                             labels=None, preprocess=pre))
     del proto
     doc = run_grid(model, key, grid, calibration, evaluation=evaluation, manifest=manifest, jobs=args.jobs,
-                   models_dir=out / "models" if args.save_models else None, reference=args.reference)
+                   models_dir=out / "models" if args.save_models else None, reference=args.reference,
+                   targets=targets)
     results.write_result(out / "results.json", doc)
     if args.json:
         sys.stdout.write(results.dumps(doc))
@@ -122,4 +128,28 @@ def render(doc: dict) -> str:
     ev = doc.get("evidence")
     if ev:
         lines.append(f"evidence: {ev['kind']} ({ev['sentence']})")
+    lines += matrix_lines(doc)
+    from auditor.backends.hardware import measured_on_lines
+    from auditor.gate.targets import gap_lines
+
+    lines += gap_lines(doc.get("hardware_notes") or [])
+    lines += measured_on_lines(doc)
     return "\n".join(lines)
+
+
+def matrix_lines(doc: dict) -> list[str]:
+    """The attack x target matrix (SQNR dB / top-1 agreement per target), when several targets ran."""
+    m = doc.get("matrix")
+    if not m or len(m["targets"]) < 2:
+        return []
+    ts = m["targets"]
+    out = ["", f"{'attack x target':44s} " + " ".join(f"{t:>18s}" for t in ts) + "  mark"]
+    for r in m["rows"]:
+        cells = []
+        for t in ts:
+            c = r["cells"][t]
+            sq = f"{c['sqnr_db']:.1f} dB" if isinstance(c.get("sqnr_db"), (int, float)) else "-"
+            ag = f"{c['top1_agreement']:.3f}" if isinstance(c.get("top1_agreement"), (int, float)) else "-"
+            cells.append(f"{sq + ' / ' + ag:>18s}")
+        out.append(f"{r['attack'][:44]:44s} " + " ".join(cells) + f"  {r['mark']}")
+    return out

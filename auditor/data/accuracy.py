@@ -53,11 +53,11 @@ def _ort_outputs(model, data, threads: int) -> dict[str, np.ndarray]:
             msg = " ".join(str(e).split()) or type(e).__name__
             raise AuditError(f"onnxruntime cannot run the model on {data.source}: {msg[:300]}") from None
         for n, r in zip(names, res):
-            parts.setdefault(n, []).append(_unpad(n, _as_float(np.asarray(r)), count, data))
+            parts.setdefault(n, []).append(unpad(n, _as_float(np.asarray(r)), count, data))
     return {n: np.concatenate(p) for n, p in parts.items()}
 
 
-def _unpad(name: str, r: np.ndarray, count: int, data) -> np.ndarray:
+def unpad(name: str, r: np.ndarray, count: int, data) -> np.ndarray:
     """The rows of a padded batch's output that belong to real examples."""
     if not data.fixed_batch or count == data.batch_size:
         return r
@@ -68,23 +68,56 @@ def _unpad(name: str, r: np.ndarray, count: int, data) -> np.ndarray:
     return r[:count]
 
 
-def outputs(model, data, threads: int = 0, backend: str = "ort-cpu") -> dict[str, np.ndarray]:
-    """{output name: array} over every example of ``data``, in order."""
-    if backend == "ort-cpu":
-        from auditor.backends import isolate
+def outputs(model, data, threads: int = 0, backend: str = "native", *, with_hardware: bool = False):
+    """{output name: array} over every example of ``data``, in order, on ``backend`` (a target
+    name of ``auditor.backends.targets``; ``ort-cpu`` = ``native``). With ``with_hardware``:
+    (outputs, the hardware record of the process that ran the model)."""
+    from auditor.backends import targets
+
+    target = targets.resolve(backend)
+    if target.name == "native":
+        from auditor.backends import isolate, hardware
 
         src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-        return isolate.call(_ort_outputs, src, data, threads, what="onnxruntime")
-    from auditor.backends import open_runner
+        outs = isolate.call(_ort_outputs, src, data, threads, what="onnxruntime")
+        return (outs, hardware.native_record(threads=threads)) if with_hardware else outs
+    if target.name == "tensorrt":
+        from auditor.backends import open_runner, hardware
 
-    if isinstance(model, onnx.ModelProto):
-        raise AuditError(f"backend {backend} runs model files")
-    parts: dict[str, list[np.ndarray]] = {}
-    with open_runner(model, backend) as runner:
-        for feed, count in data.counted_batches():
-            for n, r in runner.infer(feed).items():
-                parts.setdefault(n, []).append(_unpad(n, _as_float(np.asarray(r)), count, data))
-    return {n: np.concatenate(p) for n, p in parts.items()}
+        if isinstance(model, onnx.ModelProto):
+            raise AuditError(f"target {backend} runs model files")
+        parts: dict[str, list[np.ndarray]] = {}
+        with open_runner(model, backend) as runner:
+            for feed, count in data.counted_batches():
+                for n, r in runner.infer(feed).items():
+                    parts.setdefault(n, []).append(unpad(n, _as_float(np.asarray(r)), count, data))
+        outs = {n: np.concatenate(p) for n, p in parts.items()}
+        return (outs, hardware.gpu_target_record(target)) if with_hardware else outs
+    with _model_file(model) as path:
+        outs, hw = targets.outputs(path, data, target.name, threads=threads or None)
+    return (outs, hw) if with_hardware else outs
+
+
+class _model_file:
+    """A model as a file path: the path itself, or an in-memory model written to a private temp folder."""
+
+    def __init__(self, model):
+        self.model, self.tmp = model, None
+
+    def __enter__(self) -> str:
+        if not isinstance(self.model, onnx.ModelProto):
+            return str(self.model)
+        import tempfile
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="wmaudit-target-")
+        path = os.path.join(self.tmp.name, "model.onnx")
+        big = self.model.ByteSize() > (1 << 31) - (1 << 26)
+        onnx.save_model(self.model, path, save_as_external_data=big)
+        return path
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 def top1(logits: np.ndarray) -> np.ndarray:
@@ -104,7 +137,7 @@ def predict(model, data, threads: int = 0) -> np.ndarray:
     return next(iter(outputs(model, data, threads).values()))
 
 
-def accuracy(model, data, threads: int = 0, backend: str = "ort-cpu") -> float:
+def accuracy(model, data, threads: int = 0, backend: str = "native") -> float:
     """Top-1 accuracy of the model's first output on a labelled data set."""
     if data.labels is None:
         raise AuditError(f"accuracy needs labels; {data.source} has none (give --labels)")

@@ -236,12 +236,12 @@ def _save(model, path: Path) -> Path:
 
 # ------------------------------------------------------------------ measurement adapters
 def measure_task(model_path: Path, backend: str, evaluation) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every output of the model on the evaluation data on one backend (auditor.data.accuracy.outputs),
-    and its accuracy when the data has labels."""
+    """Every output of the model on the evaluation data on one target (auditor.data.accuracy.outputs),
+    and its accuracy when the data has labels; ``doc["hardware"]`` is where it ran."""
     from auditor.data import accuracy
 
-    outs = accuracy.outputs(str(model_path), evaluation, backend=backend)
-    doc: dict[str, Any] = {"samples": evaluation.n}
+    outs, hw = accuracy.outputs(str(model_path), evaluation, backend=backend, with_hardware=True)
+    doc: dict[str, Any] = {"samples": evaluation.n, "hardware": hw}
     if evaluation.labels is not None:
         doc["accuracy"] = accuracy.accuracy_of(next(iter(outs.values())), evaluation.labels)
     return outs, doc
@@ -278,6 +278,7 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
     cells: list[dict[str, Any]] = []
     reference_acc: dict[str, dict[str, Any] | str] = {}
     baseline_out: dict[str, dict[str, Any]] = {}
+    hardware_seen: dict[str, dict[str, Any]] = {}
 
     with tempfile.TemporaryDirectory(prefix="wmaudit-gate-") as tmp:
         for i, spec in enumerate(specs):
@@ -314,8 +315,10 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
 
                 cell["accuracy"] = {}
                 for backend in policy.backends:
+                    thresholds = policy.thresholds_for(spec.id, backend)
                     try:
                         outs, acc = measure_task(path, backend, evaluation)
+                        hardware_seen.setdefault(backend, acc.pop("hardware"))
                     except AuditError as e:
                         acc_err = _error_text(e)
                         cell["accuracy"][backend] = {"error": acc_err}
@@ -351,7 +354,10 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
             if want_blackbox:
                 cell["blackbox"] = {}
                 for backend in policy.backends:
+                    thresholds = policy.thresholds_for(spec.id, backend)
                     bb_reqs, bb = judge_blackbox(spec.id, path, key, backend, thresholds, policy)
+                    if bb.get("hardware"):
+                        hardware_seen.setdefault(backend, bb.pop("hardware"))
                     cell["blackbox"][backend] = bb
                     reqs.extend(bb_reqs)
             cells.append(cell)
@@ -394,6 +400,8 @@ def judge_blackbox(attack_id: str, model_path: Path, key: Key, backend: str, thr
     reqs: list[Requirement] = []
     try:
         with open_runner(model_path, backend) as runner:
+            if getattr(runner, "hardware", None):
+                doc["hardware"] = runner.hardware
             if bb.get("triggers"):
                 doc["triggers"] = blackbox.evaluate_triggers(runner, blackbox.load_triggers(key), alpha=alpha)
             if bb.get("logo"):

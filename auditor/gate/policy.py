@@ -6,7 +6,12 @@ A policy is a TOML file (read with tomllib) naming
   ``steps`` in the syntax of ``auditor.attacks.compose``, e.g.
   ``"prune:0.5,quantize:static-qdq-per-channel"``, plus ``options`` such as
   ``calibration_method``);
-* the backends the attacked models must run on (``backends``);
+* the targets the attacked models must run on (``targets``: ``native``, the
+  emulated CPUs ``x86-64-v3``, ``x86-64-v2``, ``aarch64``, the GPU targets
+  ``ort-cuda``, ``ort-trt``, ``tensorrt``; see ``auditor.backends.targets``;
+  ``backends`` is the old name of this field and ``ort-cpu`` of ``native``),
+  with thresholds per target where one target's arithmetic deserves its own
+  (``[target_thresholds.NAME]``);
 * the thresholds every piece of evidence must meet (``[thresholds]``:
   ``max_p_value``, ``min_margin``, ``min_normalized_margin`` (scale-free), ``max_ber``,
   ``max_accuracy_drop`` in percentage points (needs labels), ``min_top1_agreement`` and
@@ -38,8 +43,8 @@ from auditor.errors import AuditError
 
 FORMAT = "wmaudit-policy/1"
 
-# The names auditor.backends uses: onnxruntime CPU / CUDA / TensorRT EPs, native TensorRT.
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+# The names auditor.backends.targets uses (and ort-cpu, the old name of native).
+from auditor.backends.targets import CHOICES as BACKENDS  # noqa: E402
 WHITEBOX_MODES = ("all-marks", "any-mark", "none")
 BLACKBOX_MODES = ("if-key-has", "required", "none")
 
@@ -90,9 +95,10 @@ class AttackSpec:
 @dataclass(frozen=True)
 class Policy:
     name: str
-    backends: tuple[str, ...]
+    backends: tuple[str, ...]  # the targets, as the policy names them
     thresholds: dict[str, float]
     attacks: tuple[AttackSpec, ...]
+    target_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     whitebox: str = "all-marks"
     blackbox: str = "if-key-has"
     accuracy: bool = True
@@ -108,9 +114,15 @@ class Policy:
     description: str = ""
     path: str | None = field(default=None, compare=False)
 
-    def thresholds_for(self, attack_id: str) -> dict[str, float]:
-        """Global thresholds with the attack's overrides applied."""
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.backends
+
+    def thresholds_for(self, attack_id: str, target: str | None = None) -> dict[str, float]:
+        """Global thresholds, then the target's, then the attack's overrides."""
         t = dict(self.thresholds)
+        if target is not None:
+            t.update(self.target_thresholds.get(target, {}))
         for a in self.attacks:
             if a.id == attack_id:
                 t.update(a.thresholds)
@@ -123,12 +135,14 @@ class Policy:
             "format": FORMAT,
             "name": self.name,
             "description": self.description,
-            "backends": list(self.backends),
+            "targets": list(self.backends),
             "seed": self.seed,
             "thresholds": dict(sorted(self.thresholds.items())),
             "evidence": {"whitebox": self.whitebox, "blackbox": self.blackbox, "accuracy": self.accuracy},
             "attacks": [a.to_json() for a in self.attacks],
         }
+        if self.target_thresholds:
+            d["target_thresholds"] = {k: dict(sorted(v.items())) for k, v in sorted(self.target_thresholds.items())}
         static = any("quantize:static" in a.steps for a in self.attacks)
         if self.accuracy or static:
             d["data"] = {k: v for k, v in (("source", self.data_source), ("labels", self.data_labels),
@@ -215,9 +229,9 @@ def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], ctx: str,
 # ------------------------------------------------------------------ entry points
 def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     """Validate a parsed TOML document and return the Policy; AuditError names the first problem."""
-    top = {"format", "name", "description", "backends", "seed", "thresholds", "evidence", "accuracy",
-           "calibration", "attacks", "data"}
-    _check_keys(doc, top, {"format", "name", "backends", "attacks"}, "")
+    top = {"format", "name", "description", "targets", "backends", "seed", "thresholds", "target_thresholds",
+           "evidence", "accuracy", "calibration", "attacks", "data"}
+    _check_keys(doc, top, {"format", "name", "attacks"}, "")
     fmt = _get(doc, "format", (str,), "")
     if fmt != FORMAT:
         raise AuditError(f"'format' must be \"{FORMAT}\", got {fmt!r}")
@@ -227,16 +241,30 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     description = _get(doc, "description", (str,), "", "")
     seed = _get(doc, "seed", (int,), "", 0)
 
-    backends = _get(doc, "backends", (list,), "")
+    if "targets" in doc and "backends" in doc:
+        raise AuditError("give 'targets' or its old name 'backends', not both")
+    if "targets" not in doc and "backends" not in doc:
+        raise AuditError("missing field 'targets'")
+    field_name = "targets" if "targets" in doc else "backends"
+    backends = _get(doc, field_name, (list,), "")
     if not backends:
-        raise AuditError("'backends' must name at least one backend")
+        raise AuditError(f"'{field_name}' must name at least one target")
+    from auditor.backends.targets import resolve
+
     for i, b in enumerate(backends):
         if not isinstance(b, str):
-            raise AuditError(f"'backends[{i}]' must be a string, got {_type_name(b)} {b!r}")
+            raise AuditError(f"'{field_name}[{i}]' must be a string, got {_type_name(b)} {b!r}")
         if b not in BACKENDS:
-            raise AuditError(f"unknown backend '{b}' in 'backends' (known: {', '.join(BACKENDS)})")
-    if len(set(backends)) != len(backends):
-        raise AuditError("'backends' names a backend twice")
+            raise AuditError(f"unknown target '{b}' in '{field_name}' (known: {', '.join(BACKENDS)})")
+    if len({resolve(b).name for b in backends}) != len(backends):
+        raise AuditError(f"'{field_name}' names a target twice")
+    raw_tt = _get(doc, "target_thresholds", (dict,), "", {})
+    target_thresholds: dict[str, dict[str, float]] = {}
+    for t in raw_tt:
+        if t not in backends:
+            raise AuditError(f"'target_thresholds.{t}' names a target the policy does not run on "
+                             f"(its targets: {', '.join(backends)})")
+        target_thresholds[t] = _thresholds(raw_tt[t], f"target_thresholds.{t}")
 
     thresholds = dict(DEFAULT_THRESHOLDS)
     thresholds.update(_thresholds(_get(doc, "thresholds", (dict,), "", {}), "thresholds"))
@@ -245,8 +273,9 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     _check_keys(ev, {"whitebox", "blackbox", "accuracy"}, set(), "evidence")
     whitebox = _choice(ev, "whitebox", WHITEBOX_MODES, "evidence", "all-marks")
     blackbox = _choice(ev, "blackbox", BLACKBOX_MODES, "evidence", "if-key-has")
-    accuracy = _get(ev, "accuracy", (bool,), "evidence", any(t in thresholds for t in TASK_THRESHOLDS))
-    if accuracy and not any(t in thresholds for t in TASK_THRESHOLDS):
+    task_set = any(t in th for th in [thresholds, *target_thresholds.values()] for t in TASK_THRESHOLDS)
+    accuracy = _get(ev, "accuracy", (bool,), "evidence", task_set)
+    if accuracy and not task_set:
         raise AuditError("'evidence.accuracy' is true but none of 'thresholds.max_accuracy_drop', "
                          "'thresholds.min_top1_agreement', 'thresholds.min_sqnr_db' is set")
 
@@ -321,6 +350,7 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
         attacks.append(AttackSpec(aid, steps, dict(options), over, _get(a, "description", (str,), ctx, "")))
 
     return Policy(name=name, backends=tuple(backends), thresholds=thresholds, attacks=tuple(attacks),
+                  target_thresholds=target_thresholds,
                   whitebox=whitebox, blackbox=blackbox, accuracy=accuracy, accuracy_samples=samples,
                   accuracy_seed=acc_seed, calibration_data=cal_data, calibration_samples=cal_samples,
                   data_source=data_source, data_labels=data_labels, data_preprocess=data_preprocess,

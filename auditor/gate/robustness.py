@@ -202,9 +202,11 @@ def corrected_log10_p(mk) -> float:
 
 
 def measure(path: str | os.PathLike, key, manifest: dict | None, evaluation, threads: int = 0,
-            baseline_outputs: dict | None = None, anchors: dict | None = None) -> dict:
-    """White-box marks of one model file and, with evaluation data, what the task lost:
-    accuracy (labelled data) and fidelity against ``baseline_outputs`` (the unattacked model).
+            baseline_outputs: dict | None = None, anchors: dict | None = None, targets=("native",)) -> dict:
+    """White-box marks of one model file and, with evaluation data, what the task lost on each
+    target: accuracy (labelled data) and fidelity against ``baseline_outputs`` ({target: outputs of
+    the unattacked model on that target}). The first target's measures are the row's top level;
+    every target's are under ``targets``; ``_hardware`` holds each target's hardware record.
     ``anchors``: BN anchors per mark id (``auditor.marks.whitebox.resolve_anchors``)."""
     from auditor.marks import whitebox
 
@@ -230,24 +232,37 @@ def measure(path: str | os.PathLike, key, manifest: dict | None, evaluation, thr
                       "null": {"kind": mk.null.get("kind"), "reason": mk.null.get("reason")}})
     out = {"verdict": res.verdict, "p_value": res.p_value, "marks": marks}
     if evaluation is not None:
-        outs = evaluate_outputs(path, evaluation, threads)
-        if evaluation.labels is not None:
-            from auditor.data.accuracy import accuracy_of
+        per: dict[str, dict] = {}
+        hardware: dict[str, dict] = {}
+        raw: dict[str, dict] = {}
+        for t in targets:
+            outs, hardware[t] = evaluate_outputs(path, evaluation, threads, target=t)
+            d: dict = {}
+            if evaluation.labels is not None:
+                from auditor.data.accuracy import accuracy_of
 
-            out["accuracy"] = accuracy_of(next(iter(outs.values())), evaluation.labels)
-        if baseline_outputs is not None:
-            from auditor.data.fidelity import compare
+                d["accuracy"] = accuracy_of(next(iter(outs.values())), evaluation.labels)
+            if baseline_outputs is not None:
+                from auditor.data.fidelity import compare
 
-            out["fidelity"] = compare(baseline_outputs, outs)
-        else:
-            out["_outputs"] = outs
+                d["fidelity"] = compare(baseline_outputs[t], outs)
+            else:
+                raw[t] = outs
+            per[t] = d
+        out.update(per[targets[0]])
+        if len(targets) > 1:
+            out["targets"] = per
+        out["_hardware"] = hardware
+        if baseline_outputs is None:
+            out["_outputs"] = raw
     return out
 
 
-def evaluate_outputs(path, evaluation, threads: int = 0) -> dict:
+def evaluate_outputs(path, evaluation, threads: int = 0, target: str = "native") -> tuple[dict, dict]:
+    """(every output of the model on the evaluation data, the hardware record) on ``target``."""
     from auditor.data.accuracy import outputs
 
-    return outputs(path, evaluation, threads)
+    return outputs(path, evaluation, threads, backend=target, with_hardware=True)
 
 
 def _run_config(cfg: Config) -> dict:
@@ -259,7 +274,8 @@ def _run_config(cfg: Config) -> dict:
         path = Path(d) / "model.onnx"
         onnx.save_model(r.model, str(path))
         m = measure(path, _STATE["key"], _STATE["manifest"], _STATE["evaluation"], _STATE["threads"],
-                    _STATE.get("baseline_outputs"), _STATE.get("anchors"))
+                    _STATE.get("baseline_outputs"), _STATE.get("anchors"), _STATE.get("targets", ("native",)))
+        m.pop("_hardware", None)
         if models_dir:
             dst = Path(models_dir) / f"{_safe(cfg.name)}.onnx"
             tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
@@ -298,12 +314,17 @@ class Progress:
 # ---------------------------------------------------------------- the grid
 def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, evaluation=None,
              manifest: dict | None = None, jobs: int | None = None, models_dir: str | os.PathLike | None = None,
-             progress: bool = True, command: str | None = None, reference: str | os.PathLike | None = None) -> dict:
+             progress: bool = True, command: str | None = None, reference: str | os.PathLike | None = None,
+             targets=("native",)) -> dict:
     """Run every config of ``grid`` on the model; returns the result document (envelope 'robustness').
 
     BatchNorm folding is undone in every attacked copy with the owner's ``reference``
     (BN kept), else the key's anchors, else the unattacked model where a BN still
-    follows the marked conv (``auditor.marks.whitebox.resolve_anchors``)."""
+    follows the marked conv (``auditor.marks.whitebox.resolve_anchors``).
+
+    ``targets``: where the task is measured (``auditor.backends.targets``); every row holds
+    each target's accuracy and fidelity (against the unattacked model on that target), and
+    the document the attack x target matrix and the hardware record of every target."""
     from auditor.marks.whitebox import resolve_anchors
     from auditor.results import envelope
 
@@ -312,15 +333,23 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
     cores = os.cpu_count() or 1
     workers = max(1, min(cores, len(grid.configs), jobs or cores))
     threads = 1 if workers > 1 else 0
+    from auditor.backends import targets as targets_mod
+
+    targets = tuple(dict.fromkeys(t.name for t in targets_mod.check_available(targets)))
+    if evaluation is None and targets != ("native",):
+        raise AuditError("--target measures the task on each target: it needs evaluation data "
+                         "(drop --no-accuracy)")
     state = {"model_path": str(model_path), "key": key, "manifest": manifest, "evaluation": evaluation,
+             "targets": targets,
              "calibration": calibration, "method": grid.calibration, "prune_seed": grid.prune_seed,
              "threads": threads, "models_dir": str(models_dir) if models_dir else None,
              "anchors": resolve_anchors(key, reference, unattacked=model_path)}
     if models_dir:
         Path(models_dir).mkdir(parents=True, exist_ok=True)
     _init_worker(state)
-    baseline = measure(model_path, key, manifest, evaluation, anchors=state["anchors"])
+    baseline = measure(model_path, key, manifest, evaluation, anchors=state["anchors"], targets=targets)
     state["baseline_outputs"] = _STATE["baseline_outputs"] = baseline.pop("_outputs", None)
+    hardware_seen = baseline.pop("_hardware", None)
     prefixes = sorted({p[0] for c in grid.configs if (p := _static_prefix(c.steps)) is not None})
     if prefixes and calibration is None:
         raise AuditError("the grid has static quantization configs but no calibration data was given")
@@ -349,6 +378,8 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
         row.pop("_seconds")
         if base_acc is not None:
             row["accuracy_drop"] = base_acc - row["accuracy"]
+            for t, d in (row.get("targets") or {}).items():
+                d["accuracy_drop"] = baseline["targets"][t]["accuracy"] - d["accuracy"]
         row["survived"] = row["verdict"] == stats.DETECTED
         configs.append(row)
     broken = [r["name"] for r in configs if not r["survived"]]
@@ -365,8 +396,19 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
     if evaluation is not None:
         data["evaluation"] = dict(evaluation.describe(), measures=(["accuracy"] if evaluation.labels is not None
                                                                    else []) + ["fidelity"])
+    from auditor.backends import hardware as hardware_mod
+    from auditor.gate.targets import fidelity_gaps, matrix
+
+    extra: dict = {"targets": list(targets)}
+    if evaluation is not None:
+        extra["matrix"] = matrix(configs, targets)
+        extra["hardware"] = hardware_mod.combine(hardware_seen or {})
+        gaps = fidelity_gaps([(r["name"], r["steps"], r.get("targets") or {targets[0]: r}) for r in configs],
+                             hardware_seen or {})
+        if gaps:
+            extra["hardware_notes"] = gaps
     return envelope("robustness", model_path=model_path, key=key, command=command,
-                    grid=grid.describe(), **data,
+                    grid=grid.describe(), **data, **extra,
                     reference=({"path": str(reference), "sha256": _sha(reference)} if reference else None),
                     baseline=baseline, configs=configs, summary=summary,
                     verdict="survived" if summary["all_survived"] else "broken")

@@ -1,0 +1,100 @@
+"""The target axis of a survival grid: the attack x target matrix, and why one target is worse.
+
+A white-box mark is read off the weights, so whether it survives an attack is
+the same on every target; what the hardware changes is what the attacked model
+computes. The matrix therefore holds, per attack and target, the mark's verdict
+and the task's fidelity (SQNR, top-1 agreement, accuracy) on that target.
+
+``fidelity_gaps`` explains a target whose fidelity is far below the best
+target's for the same attack, in words a user can act on. The one cause named
+with a remedy is the known one: on x86 without VNNI (no AVX512-VNNI, AVX-VNNI
+or AMX), onnxruntime's u8s8 int8 kernels multiply unsigned 8-bit activations by
+signed 8-bit weights with ``vpmaddubsw``, which adds pairs of products into
+16-bit lanes that saturate (oneDNN documents this as the "nuances of int8
+computations"); the same file on a VNNI or Arm CPU accumulates in 32 bits.
+Other gaps are reported as measured, without a guessed cause.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+GAP_DB = 6.0  # a gap worth explaining: 6 dB is a factor of 2 in error amplitude
+VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+REMEDIES = ("quantize:MODE:reduce-range (7-bit weights: pairs of products cannot saturate 16 bits)",
+            "quantize:MODE:uint8-weights (QUInt8 weights: onnxruntime's u8u8 path)",
+            "per-channel quantization (static-qdq-per-channel, static-qop-per-channel)",
+            "the onnxruntime session option session.x64quantprecision=1 (slower kernels that do not saturate)")
+
+
+def _sqnr(d: dict[str, Any]) -> float | None:
+    f = d.get("fidelity") or {}
+    v = f.get("sqnr_db")
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def matrix(rows: list[dict[str, Any]], targets) -> dict[str, Any]:
+    """{"targets": [...], "rows": [{"attack", "steps", "mark": verdict, "cells": {target: {...}}}]}."""
+    out = []
+    for r in rows:
+        per = r.get("targets") or {targets[0]: r}
+        cells = {}
+        for t in targets:
+            d = per.get(t, {})
+            f = d.get("fidelity") or {}
+            cells[t] = {"survived": r.get("verdict") == "detected", "sqnr_db": f.get("sqnr_db"),
+                        "top1_agreement": f.get("top1_agreement"), "accuracy": d.get("accuracy"),
+                        "accuracy_drop": d.get("accuracy_drop")}
+        out.append({"attack": r["name"], "steps": r.get("steps", ""), "mark": r.get("verdict"), "cells": cells})
+    return {"targets": list(targets), "rows": out}
+
+
+def _has_int8(steps: str) -> bool:
+    return "quantize:" in steps or "int4" in steps
+
+
+def _lacks_vnni(rec: dict[str, Any] | None) -> bool | None:
+    cpu = (rec or {}).get("cpu") or {}
+    feats = cpu.get("features")
+    if cpu.get("arch") not in ("x86_64", "AMD64") or not isinstance(feats, dict):
+        return None
+    return not any(feats.get(f) for f in VNNI_FEATURES)
+
+
+def fidelity_gaps(rows, hardware: dict[str, dict[str, Any]], gap_db: float = GAP_DB) -> list[dict[str, Any]]:
+    """Notes for (attack, target) cells whose SQNR is ``gap_db`` or more below the best target's.
+
+    ``rows``: (attack name, steps, {target: {"fidelity": ...}}) triples; ``hardware``: each
+    target's record (auditor.backends.hardware)."""
+    notes = []
+    for name, steps, per in rows:
+        vals = {t: v for t, d in per.items() if (v := _sqnr(d)) is not None}
+        if len(vals) < 2:
+            continue
+        best = max(vals, key=lambda t: vals[t])
+        for t, v in vals.items():
+            gap = vals[best] - v
+            if t == best or gap < gap_db:
+                continue
+            note: dict[str, Any] = {"attack": name, "target": t, "sqnr_db": v, "best_target": best,
+                                    "best_sqnr_db": vals[best], "gap_db": gap}
+            if _has_int8(steps) and _lacks_vnni(hardware.get(t)) and not _lacks_vnni(hardware.get(best)):
+                note["why"] = (f"{t} has no VNNI (AVX512-VNNI, AVX-VNNI or AMX): onnxruntime's u8s8 int8 kernels "
+                               f"there add pairs of 8-bit products into 16-bit sums (vpmaddubsw) that can saturate, "
+                               f"where {best} accumulates in 32 bits")
+                note["try"] = list(REMEDIES)
+            else:
+                note["why"] = (f"measured: {t} computes this attacked model {gap:.1f} dB less faithfully than {best}; "
+                               f"no known kernel difference explains it")
+            notes.append(note)
+    return notes
+
+
+def gap_lines(notes: list[dict[str, Any]]) -> list[str]:
+    """The notes as terminal lines."""
+    lines = []
+    for n in notes:
+        lines.append(f"{n['attack']} on {n['target']}: SQNR {n['sqnr_db']:.1f} dB, {n['gap_db']:.1f} dB below "
+                     f"{n['best_target']} ({n['best_sqnr_db']:.1f} dB). Why: {n['why']}.")
+        for r in n.get("try", []):
+            lines.append(f"    try {r}")
+    return lines
