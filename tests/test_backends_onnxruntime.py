@@ -4,6 +4,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from auditor.backends.targets import resolve
 from auditor.backends import BACKENDS, availability, label_agreement, open_runner
 from auditor.errors import AuditError
 
@@ -55,12 +56,12 @@ def test_fp16_model_inputs_are_cast_and_outputs_returned_as_float32(tmp_path):
 
 def test_unknown_and_unavailable_backends_are_user_errors(tmp_path):
     _linear_model(tmp_path / "m.onnx", batch="N")
-    with pytest.raises(AuditError, match="backend onnx-magic is not available: unknown backend"):
+    with pytest.raises(AuditError, match="unknown target 'onnx-magic' \\(known: native, "):
         open_runner(tmp_path / "m.onnx", "onnx-magic")
     for name in BACKENDS:
         ok, why = availability(name)
         if not ok:
-            with pytest.raises(AuditError, match=f"backend {name} is not available: "):
+            with pytest.raises(AuditError, match=f"target {resolve(name).name} is not available: "):
                 open_runner(tmp_path / "m.onnx", name)
     assert availability("ort-cpu") == (True, "")
 

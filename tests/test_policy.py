@@ -72,10 +72,16 @@ BAD = [
     ('max_p_value = 1e-6', 'max_p_value = 0', "'thresholds.max_p_value' must be a number in (0, 1]"),
     ('max_p_value = 1e-6', 'max_ber = 1.5', "'thresholds.max_ber' must be a number in [0, 1]"),
     ('max_p_value = 1e-6', 'max_pvalue = 1e-6', "unknown field 'thresholds.max_pvalue'"),
-    ('backends = ["ort-cpu"]', '', "missing field 'backends'"),
-    ('backends = ["ort-cpu"]', 'backends = ["onnxruntime"]', "unknown backend 'onnxruntime'"),
+    ('backends = ["ort-cpu"]', '', "missing field 'targets'"),
+    ('backends = ["ort-cpu"]', 'targets = ["native"]\nbackends = ["ort-cpu"]', "'targets' or its old name 'backends', not both"),
+    ('backends = ["ort-cpu"]', 'targets = ["native", "ort-cpu"]', "'targets' names a target twice"),
+    ('backends = ["ort-cpu"]', 'targets = ["native"]\n[target_thresholds.aarch64]\nmin_sqnr_db = 10',
+     "'target_thresholds.aarch64' names a target the policy does not run on"),
+    ('backends = ["ort-cpu"]', 'targets = ["native"]\n[target_thresholds.native]\nmax_ber = 2',
+     "'target_thresholds.native.max_ber' must be a number in [0, 1]"),
+    ('backends = ["ort-cpu"]', 'backends = ["onnxruntime"]', "unknown target 'onnxruntime' in 'backends'"),
     ('backends = ["ort-cpu"]', 'backends = "ort-cpu"', "'backends' must be an array, got string"),
-    ('backends = ["ort-cpu"]', 'backends = []', "'backends' must name at least one backend"),
+    ('backends = ["ort-cpu"]', 'backends = []', "'backends' must name at least one target"),
     ('format = "wmaudit-policy/1"', 'format = "wmaudit-policy/2"', "'format' must be \"wmaudit-policy/1\""),
     ('name = "t"', 'name = "t"\nseed = true', "'seed' must be an integer, got boolean"),
     ('id = "prune-50"', '', "missing field 'attacks[0].id'"),
@@ -154,3 +160,19 @@ def test_policy_record_lists_data_settings_only_where_they_apply(tmp_path):
     assert not {"accuracy", "calibration", "data"} & set(doc)  # pruning only, no task measured
     doc = load_policy(_write(tmp_path, GOOD.replace('"prune:0.5"', '"quantize:static-qdq"'))).to_json()
     assert doc["accuracy"] == {"samples": 1000, "seed": 0} and doc["calibration"] == {"samples": 128, "seed": 0}
+
+
+def test_targets_and_per_target_thresholds(tmp_path):
+    """`targets` replaces `backends` (kept as its old name); per-target thresholds apply between
+    the global ones and an attack's own."""
+    text = GOOD.replace('backends = ["ort-cpu"]', 'targets = ["native", "x86-64-v3"]').replace(
+        "[[attacks]]", "[target_thresholds.x86-64-v3]\nmax_accuracy_drop = 5.0\nmax_ber = 0.1\n[[attacks]]")
+    p = load_policy(_write(tmp_path, text + 'thresholds = {max_ber = 0.2}\n'))
+    assert p.targets == ("native", "x86-64-v3")
+    assert p.thresholds_for("prune-50", "native")["max_accuracy_drop"] == 2.0
+    assert p.thresholds_for("prune-50", "x86-64-v3")["max_accuracy_drop"] == 5.0
+    assert p.thresholds_for("prune-50", "x86-64-v3")["max_ber"] == 0.2  # the attack's own wins
+    assert p.to_json()["targets"] == ["native", "x86-64-v3"]
+    assert p.to_json()["target_thresholds"] == {"x86-64-v3": {"max_accuracy_drop": 5.0, "max_ber": 0.1}}
+    old = load_policy(_write(tmp_path, GOOD))
+    assert old.targets == ("ort-cpu",) and old.to_json()["targets"] == ["ort-cpu"]

@@ -22,7 +22,11 @@ def test_trigger_json_and_exit_codes(build_fixture, capsys):
     assert doc["schema"] == "wmaudit-result/1" and doc["kind"] == "query"
     assert doc["key_commitment"].startswith("sha256:") and doc["model"]["sha256"].startswith("sha256:")
     assert doc["triggers"]["verdict"] == "detected" and doc["triggers"]["null_rate_source"]["source"] == "1/C"
-    assert doc["verdict"]["verdict"] == "detected" and doc["backend"] == "ort-cpu"
+    assert doc["verdict"]["verdict"] == "detected" and doc["backend"] == doc["target"] == "native"
+    hw = doc["hardware"]  # read by the process that ran the model
+    assert hw["target"] == "native" and hw["emulated"] is None
+    assert hw["onnxruntime"]["execution_provider"] == "CPUExecutionProvider"
+    assert hw["onnxruntime"]["version"] == __import__("onnxruntime").__version__
     rc, out, _ = _run(capsys, fx / "unmarked.onnx", "--key", fx / "key.json", "--json")
     assert rc == 1 and json.loads(out)["verdict"]["verdict"] == "not detected"
 
@@ -61,7 +65,7 @@ def test_human_output(build_fixture, capsys):
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--backend", "tensorrt"], "backend tensorrt is not available"),
+    (["--backend", "tensorrt"], "target tensorrt is not available"),
     (["--query-attack", "blur:2"], "unknown query attack"),
     (["--reference", "/nonexistent/ref.onnx"], "reference model not found"),
 ])

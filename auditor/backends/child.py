@@ -303,7 +303,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                 write_message(out, {"ok": True, "inputs": ins, "outputs": names,
                                     "hardware": hardware_record(session, threads)})
             except Exception as e:  # noqa: BLE001 - one line back to the parent
-                write_message(out, {"ok": False, "error": f"onnxruntime cannot load the model: {_one_line(e)}"})
+                write_message(out, {"ok": False, "error": f"onnxruntime cannot load "
+                                                          f"{os.path.basename(str(header.get('model')))}: {_one_line(e)}"})
                 return 1
         elif op == "run":
             if session is None:
@@ -315,7 +316,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                 outs = {n: (r.astype(np.float32) if r.dtype == np.float16 else r) for n, r in zip(names, res)}
                 write_message(out, {"ok": True}, outs)
             except Exception as e:  # noqa: BLE001
-                write_message(out, {"ok": False, "error": f"inference failed: {_one_line(e)}"})
+                write_message(out, {"ok": False, "error": f"onnxruntime: inference failed: {_one_line(e)}"})
         elif op == "hardware":
             write_message(out, {"ok": True, "hardware": hardware_record(session, header.get("threads"))})
         else:

@@ -302,7 +302,8 @@ class TargetRunner:
         except (EOFError, OSError, ValueError, struct.error):
             raise self._died() from None
         if not reply.get("ok"):
-            raise AuditError(f"{self.name}: {reply.get('error', 'the model failed')}")
+            where = f" (on target {self.name})" if self.name != "native" else ""
+            raise AuditError(f"{reply.get('error', 'the model failed')}{where}")
         return reply, out
 
     # -- queries (the OnnxrtRunner interface)
