@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, help="examples for accuracy / fidelity (overrides accuracy.samples)")
     p.add_argument("--seed", type=int, help="seed of the data subsets (overrides accuracy.seed and calibration.seed)")
     p.add_argument("--junit", metavar="OUT.xml", help="write JUnit XML (one testcase per requirement)")
+    from auditor.backends.targets import CHOICES
+
+    p.add_argument("--target", action="append", choices=CHOICES, metavar="TARGET",
+                   help="also run the attacked models on this target (repeatable; added to the policy's "
+                        "targets, never replacing them)")
     p.add_argument("-o", "--output", metavar="OUT.json", help="write the result JSON to this file")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
 
@@ -104,6 +109,14 @@ def run(args) -> int:
 
     # policy first: a malformed policy is reported before any model work starts
     policy = with_data_args(load_policy(args.policy), args)
+    if args.target:
+        import dataclasses
+
+        from auditor.backends.targets import resolve
+
+        have = {resolve(t).name for t in policy.backends}
+        extra = tuple(dict.fromkeys(t for t in args.target if resolve(t).name not in have))
+        policy = dataclasses.replace(policy, backends=policy.backends + extra)
     key = load_key(args.key)
     if not Path(args.model).is_file():
         raise AuditError(f"model not found: {args.model}")

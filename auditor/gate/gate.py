@@ -378,9 +378,29 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
         data["calibration"] = calibration.data.describe()  # only when a static mode calibrated
     if evaluation is not None:
         data["evaluation"] = evaluation.describe()
+    from auditor.backends import hardware
+    from auditor.backends.targets import resolve
+
+    per_target = {resolve(b).name: hardware_seen[b] for b in policy.backends if b in hardware_seen}
     return {"verdict": verdict, "summary": summary, "data": data,
             "failing": [r.id for r in reqs if r.status != PASS],
-            "requirements": [r.to_json() for r in reqs], "attacks": cells}
+            "requirements": [r.to_json() for r in reqs], "attacks": cells,
+            "targets": list(policy.backends), "matrix": target_matrix(reqs, specs, policy.backends),
+            "hardware": hardware.combine(per_target) if per_target else hardware.process_record()}
+
+
+def target_matrix(reqs: list[Requirement], specs, targets) -> dict[str, Any]:
+    """Attack x target at a glance: the worst status of the requirements that hold there (white-box
+    requirements hold on every target: they are read off the weights)."""
+    order = {PASS: 0, FAIL: 1, ERROR: 2}
+    rows = []
+    for spec in specs:
+        cells = {}
+        for t in targets:
+            mine = [r for r in reqs if r.attack == spec.id and r.backend in (t, None)]
+            cells[t] = max((r.status for r in mine), key=order.__getitem__) if mine else None
+        rows.append({"attack": spec.id, "cells": cells})
+    return {"targets": list(targets), "rows": rows}
 
 
 def judge_blackbox(attack_id: str, model_path: Path, key: Key, backend: str, thresholds: dict[str, float],

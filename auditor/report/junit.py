@@ -40,6 +40,7 @@ def render(doc: dict[str, Any]) -> str:
              ("policy.sha256", pol.get("sha256", "")),
              ("tool", f"{doc.get('tool', {}).get('name', 'wmaudit')} {doc.get('tool', {}).get('version', '')}"),
              ("command", doc.get("command", "")), ("verdict", doc.get("verdict", ""))]
+    props += hardware_properties(doc.get("hardware") or {})
     out = ['<?xml version="1.0" encoding="UTF-8"?>',
            f'<testsuites name={_attr(name)} tests="{len(reqs)}" failures="{failures}" errors="{errors}" time="0">',
            f'  <testsuite name={_attr(name)} tests="{len(reqs)}" failures="{failures}" errors="{errors}" '
@@ -77,3 +78,25 @@ def _details(r: dict[str, Any]) -> str:
     for why in r.get("reasons", []):
         lines.append(f"reason: {why}")
     return "\n".join(lines)
+
+
+def hardware_properties(hw: dict[str, Any]) -> list[tuple[str, str]]:
+    """hardware.<target>.* properties: where each target's requirements were measured."""
+    per = hw.get("targets") or {hw.get("target", "native"): hw}
+    out = []
+    for t, rec in per.items():
+        cpu = rec.get("cpu") or {}
+        ort = rec.get("onnxruntime") or {}
+        feats = ",".join(f for f, v in (cpu.get("features") or {}).items() if v)
+        em = rec.get("emulated") or {}
+        gpu = rec.get("gpu") or {}
+        for k, v in (("cpu", cpu.get("model") or cpu.get("arch")), ("microarchitecture", cpu.get("microarchitecture")),
+                     ("level", cpu.get("level")), ("features", feats), ("onnxruntime", ort.get("version")),
+                     ("execution_provider", ort.get("execution_provider")),
+                     ("intra_op_threads", ort.get("intra_op_threads")),
+                     ("emulated", f"{em.get('emulator')} {em.get('version')} -cpu {em.get('cpu')}" if em else "no"),
+                     ("gpu", gpu.get("device")), ("driver", gpu.get("driver")), ("cuda", gpu.get("cuda_runtime")),
+                     ("cudnn", gpu.get("cudnn")), ("tensorrt", gpu.get("tensorrt"))):
+            if v is not None:
+                out.append((f"hardware.{t}.{k}", str(v)))
+    return out

@@ -69,6 +69,9 @@ def _header(doc: dict[str, Any]) -> str:
     tool = doc.get("tool") or {}
     lines.append(f"tool:       {tool.get('name', 'wmaudit')} {tool.get('version', '')}".rstrip())
     lines.append(f"command:    {doc.get('command', '-')}")
+    from auditor.backends.hardware import measured_on_lines
+
+    lines += [f"hardware:   {ln[len('measured on '):]}" for ln in measured_on_lines(doc)]
     return "\n".join(lines) + "\n"
 
 
@@ -92,6 +95,12 @@ def render_gate(doc: dict[str, Any]) -> str:
         rows.append([r["status"].upper(), r["id"], _measured_brief(r.get("measured", {})),
                      "; ".join(r.get("reasons", []))])
     out.append(table(["status", "requirement", "measured", "why"], rows, max_width=72))
+    m = doc.get("matrix") or {}
+    if len(m.get("targets") or []) > 1:
+        out.append("\nattack x target:\n")
+        out.append(table(["attack", *m["targets"]],
+                         [[r["attack"], *[(r["cells"][t] or "-").upper() for t in m["targets"]]] for r in m["rows"]],
+                         max_width=40))
     verdict = doc.get("verdict", "?").upper()
     out.append(f"\nGATE {verdict}: {s.get('passed', 0)} of {s.get('requirements', len(reqs))} requirements met"
                + (f", {s.get('failed', 0)} failed" if s.get("failed") else "")
