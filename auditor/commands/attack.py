@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let quant_pre_process fold BatchNorm into conv weights (kept by default)")
     p.add_argument("--order", default="prune,quantize", help="order of the steps (prune,quantize or quantize,prune)")
     p.add_argument("-o", "--output", required=True, help="attacked ONNX file (written atomically)")
+    from auditor.backends.targets import CHOICES
+
+    p.add_argument("--target", action="append", choices=CHOICES, metavar="TARGET",
+                   help="measure the attacked model against the original on --data on this target "
+                        "(repeatable: native, x86-64-v3, x86-64-v2, aarch64, ort-cuda, ort-trt, tensorrt)")
+    p.add_argument("--eval-samples", type=int, default=512, help="examples for the --target evaluation")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
 
 
@@ -77,6 +83,16 @@ def run(args) -> int:
     if args.calibration_samples < 1:
         raise AuditError("--calibration-samples must be >= 1")
     model = load_model(args.model)
+    targets, evaluation = [], None
+    if args.target:
+        from auditor.backends.targets import check_available, resolve
+
+        targets = list(dict.fromkeys(resolve(t).name for t in args.target))
+        check_available(targets)
+        if args.eval_samples < 1:
+            raise AuditError("--eval-samples must be >= 1")
+        evaluation = load_data(args.data, model, purpose="evaluation", samples=args.eval_samples,
+                               seed=args.seed, labels=args.labels, preprocess=preprocess_from_args(args))
     calibration = None
     if "static" in steps:
         calibration = Calibration(load_data(args.data, model, purpose="calibration",
@@ -86,9 +102,19 @@ def run(args) -> int:
                 reduce_range=args.reduce_range, weight_type=args.weight_type,
                 keep_batchnorm=not args.fold_batchnorm)
     out = write_model(r.model, args.output)
+    extra = {}
+    if targets:
+        from auditor.backends import hardware
+        from auditor.gate.targets import fidelity_gaps, fidelity_on_targets
+
+        per, hw = fidelity_on_targets(args.model, out, evaluation, targets)
+        extra = {"targets": per, "evaluation": evaluation.describe(), "hardware": hardware.combine(hw)}
+        gaps = fidelity_gaps([(steps, steps, per)], hw)
+        if gaps:
+            extra["hardware_notes"] = gaps
     doc = results.envelope("attack", model_path=args.model, output={"path": str(out),
                            "sha256": results.file_sha256(out)}, steps=steps, params=r.params,
-                           notes=r.notes, simulated=r.simulated,
+                           notes=r.notes, simulated=r.simulated, **extra,
                            **({"calibration": calibration.data.describe()} if calibration is not None else {}))
     if args.json:
         sys.stdout.write(results.dumps(doc))
@@ -98,4 +124,15 @@ def run(args) -> int:
             print(f"  {n}")
         if calibration is not None and calibration.data.synthetic:
             print(f"  note: {calibration.data.describe()['caveat']}")
+        if targets:
+            from auditor.backends.hardware import measured_on_lines
+            from auditor.gate.targets import gap_lines
+
+            for t, d in doc["targets"].items():
+                f = d["fidelity"]
+                acc = f"  accuracy {d['accuracy_original']:.3f} -> {d['accuracy']:.3f}" if "accuracy" in d else ""
+                print(f"  {t:10s} SQNR {f.get('sqnr_db', float('nan')):.1f} dB  top-1 agreement "
+                      f"{f.get('top1_agreement', float('nan')):.3f}{acc}")
+            for line in gap_lines(doc.get("hardware_notes") or []) + measured_on_lines(doc):
+                print(f"  {line}")
     return 0

@@ -81,7 +81,7 @@ def fidelity_gaps(rows, hardware: dict[str, dict[str, Any]], gap_db: float = GAP
                 note["why"] = (f"{t} has no VNNI (AVX512-VNNI, AVX-VNNI or AMX): onnxruntime's u8s8 int8 kernels "
                                f"there add pairs of 8-bit products into 16-bit sums (vpmaddubsw) that can saturate, "
                                f"where {best} accumulates in 32 bits")
-                note["try"] = list(REMEDIES)
+                note["try"] = [r for r in REMEDIES if not ("per-channel quantization" in r and "per-channel" in steps)]
             else:
                 note["why"] = (f"measured: {t} computes this attacked model {gap:.1f} dB less faithfully than {best}; "
                                f"no known kernel difference explains it")
@@ -98,3 +98,22 @@ def gap_lines(notes: list[dict[str, Any]]) -> list[str]:
         for r in n.get("try", []):
             lines.append(f"    try {r}")
     return lines
+
+
+def fidelity_on_targets(original, attacked, data, targets) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({target: fidelity of ``attacked`` against ``original`` on ``data``, plus both accuracies when
+    the data has labels}, {target: hardware record}); both models run on each target."""
+    from auditor.data.accuracy import accuracy_of, outputs
+    from auditor.data.fidelity import compare
+
+    per, hardware = {}, {}
+    for t in targets:
+        ref, _ = outputs(original, data, backend=t, with_hardware=True)
+        got, hardware[t] = outputs(attacked, data, backend=t, with_hardware=True)
+        d: dict[str, Any] = {"fidelity": compare(ref, got), "samples": data.n}
+        if data.labels is not None:
+            d["accuracy_original"] = accuracy_of(next(iter(ref.values())), data.labels)
+            d["accuracy"] = accuracy_of(next(iter(got.values())), data.labels)
+            d["accuracy_drop"] = d["accuracy_original"] - d["accuracy"]
+        per[t] = d
+    return per, hardware
