@@ -81,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--calibration", default="fashion-mnist:train", help="plain calibration inputs for static int8")
     v.add_argument("--calibration-samples", type=_types.positive_int, default=128)
     v.add_argument("--atol", type=float, default=1e-4)
+    _types.add_target_argument(v)
     v.add_argument("--json", action="store_true")
     t = sub.add_parser("trace", help="which issued key a leaked keyed file carries")
     t.add_argument("model", help="leaked keyed ONNX file (float, int8 or pruned)")
@@ -202,18 +203,31 @@ def _verify(args) -> int:
     d = read_data(args.data, km._input_name(plain), limit=args.samples, seed=args.seed)
     if d.labels is None:
         raise AuditError(f"{args.data}: verify needs labels (IDX labels file or 'y' in the .npz)")
-    body = verify.accuracies(plain, keyed, key, d.inputs, d.labels, n_wrong=args.wrong_keys, seed=args.seed,
-                             atol=args.atol)
+    from auditor.backends import hardware
+    from auditor.backends.targets import TargetRunner, check_available
+
+    targets = _types.targets_of(args)
+    check_available(targets)
     steps = _attack_steps(args.attacks)
-    rows = []
-    if steps:
-        cal = read_data(args.calibration, d.input_name, limit=args.calibration_samples, seed=args.seed).inputs
-        rows = verify.under_attacks(plain, keyed, key, d.inputs, d.labels, cal, attacks=steps,
-                                    calibration_seed=args.seed)
-    body["attacks"] = rows
+    cal = (read_data(args.calibration, d.input_name, limit=args.calibration_samples, seed=args.seed).inputs
+           if steps else None)
+    per, hw = {}, {}
+    for t in targets:
+        b = verify.accuracies(plain, keyed, key, d.inputs, d.labels, n_wrong=args.wrong_keys, seed=args.seed,
+                              atol=args.atol, target=t)
+        b["attacks"] = (verify.under_attacks(plain, keyed, key, d.inputs, d.labels, cal, attacks=steps,
+                                             calibration_seed=args.seed, target=t) if steps else [])
+        per[t] = b
+        with TargetRunner(args.model, t, threads=1) as r:  # where this target's models ran
+            hw[t] = r.hardware
+    body = dict(per[targets[0]])
+    rows = body["attacks"]
+    if len(targets) > 1:
+        body["targets"] = per
+        body["parity"] = dict(body["parity"], holds=all(p["parity"]["holds"] for p in per.values()))
     body["data"] = d.source
     doc = results.envelope("keyed-verify", model_path=args.model, key=key, plain={"path": args.plain,
-                           "sha256": results.file_sha256(args.plain)}, **body)
+                           "sha256": results.file_sha256(args.plain)}, **body, hardware=hardware.combine(hw))
     par, acc = body["parity"], body["accuracy"]
     wk = acc["keyed_model_wrong_keys"]
     lines = [f"{args.model}: parity {'holds' if par['holds'] else 'FAILS'}: max |logit diff| "
@@ -226,6 +240,12 @@ def _verify(args) -> int:
         lines.append(f"  {r['attack']:32s} plain {r['plain_accuracy']:.4f}  keyed {r['keyed_accuracy']:.4f}  "
                      f"(keyed - plain {r['keyed_minus_plain']:+.4f}), top-1 agreement keyed vs plain "
                      f"{r['parity']['top1_agreement']:.4f}")
+    for t, p in (body.get("targets") or {}).items():
+        lines.append(f"  on {t}: parity {'holds' if p['parity']['holds'] else 'FAILS'} (max |logit diff| "
+                     f"{p['parity']['max_abs_diff']:.3g})")
+    from auditor.backends.hardware import measured_on_lines
+
+    lines += [f"  {ln}" for ln in measured_on_lines(doc)]
     _emit(args, doc, lines)
     return 0 if par["holds"] else 1
 

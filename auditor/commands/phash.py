@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--data", help="calibration inputs for static int8 (DATA; default: Signal + Noise)")
     s.add_argument("--attacks", help="semicolon-separated attack specs (default: every int8 mode, fp16, pruning)")
     s.add_argument("--seed", type=int, default=0)
+    _types.add_target_argument(s)
     s.add_argument("-o", "--output", required=True, help="result JSON (written atomically)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(_phash=_survive)
@@ -133,9 +134,21 @@ def _survive(args) -> int:
     signal, noise = _read(args.signal, shape), _read(args.noise, shape)
     calib = _read(args.data, shape) if args.data else None
     attacks = [a.strip() for a in args.attacks.split(";") if a.strip()] if args.attacks else survive.DEFAULT_ATTACKS
-    r = survive.survive(model, h, signal, noise, calib, attacks, seed=args.seed,
-                        calibration_source=args.data or "signal+noise")
-    doc = results.envelope("phash-survive", model_path=args.model, layer=h.layer, radius=h.radius, **r)
+    from auditor.backends import hardware
+    from auditor.backends.targets import check_available
+
+    targets = _types.targets_of(args)
+    check_available(targets)
+    per = {t: survive.survive(model, h, signal, noise, calib, attacks, seed=args.seed,
+                              calibration_source=args.data or "signal+noise", target=t) for t in targets}
+    r = dict(per[targets[0]])
+    hw = {t: p.pop("hardware") for t, p in per.items()}
+    r.pop("hardware", None)
+    if len(targets) > 1:
+        r["targets"] = per
+        r["survived"] = all(p["survived"] for p in per.values())
+    doc = results.envelope("phash-survive", model_path=args.model, layer=h.layer, radius=h.radius, **r,
+                           hardware=hardware.combine(hw))
     results.write_result(args.output, doc)
     if args.json:
         sys.stdout.write(results.dumps(doc))
@@ -148,6 +161,12 @@ def _survive(args) -> int:
                 continue
             print(f"  {row['attack']:45s} TPR {row['tpr']:.3f}  FPR {row['fpr']:.3f}  flips {row['flips']:3d}  "
                   f"centroid drift {row['centroid_drift_r']:.3f} R")
+        for t, p in (r.get("targets") or {}).items():
+            print(f"  on {t}: {'survived' if p['survived'] else 'broken'}")
+        from auditor.backends.hardware import measured_on_lines
+
+        for line in measured_on_lines(doc):
+            print(line)
         print(f"-> {args.output}")
     return 0 if r["survived"] else 1
 

@@ -132,9 +132,9 @@ def accuracy_of(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(top1(logits) == labels))
 
 
-def predict(model, data, threads: int = 0) -> np.ndarray:
-    """The first output of the model for every example of ``data``."""
-    return next(iter(outputs(model, data, threads).values()))
+def predict(model, data, threads: int = 0, backend: str = "native") -> np.ndarray:
+    """The first output of the model for every example of ``data`` (on the target ``backend``)."""
+    return next(iter(outputs(model, data, threads, backend).values()))
 
 
 def accuracy(model, data, threads: int = 0, backend: str = "native") -> float:

@@ -273,14 +273,14 @@ def transform(model: onnx.ModelProto, key: KeyedKey, emb: Embeddings | None = No
     return out
 
 
-def run(model, x: np.ndarray, batch: int = 500) -> np.ndarray:
-    """Logits of the model's first output (onnxruntime CPU, one thread)."""
+def run(model, x: np.ndarray, batch: int = 500, target: str = "native") -> np.ndarray:
+    """Logits of the model's first output (onnxruntime on ``target``, one thread)."""
     from auditor.data.accuracy import predict
     from auditor.data.inputs import from_arrays
 
     data = from_arrays(model, np.ascontiguousarray(x, dtype=np.float32), source="keyed-model inputs",
                        batch_size=batch)
-    return predict(model, data, threads=1)
+    return predict(model, data, threads=1, backend=target)
 
 
 def parity(plain, keyed, key: KeyedKey, x: np.ndarray, atol: float = PARITY_ATOL) -> dict:

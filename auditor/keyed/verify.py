@@ -46,18 +46,18 @@ def _compare(a: np.ndarray, b: np.ndarray, atol: float) -> dict[str, Any]:
 
 
 def accuracies(plain, keyed, key: KeyedKey, x: np.ndarray, y: np.ndarray, *, n_wrong: int = 5, seed: int = 0,
-               atol: float = km.PARITY_ATOL) -> dict[str, Any]:
-    """Parity and the accuracy table on float models (see the module docstring)."""
+               atol: float = km.PARITY_ATOL, target: str = "native") -> dict[str, Any]:
+    """Parity and the accuracy table on float models (see the module docstring), run on ``target``."""
     xe = cipher.encrypt(x, key)
-    lp, lk = km.run(plain, x), km.run(keyed, xe)
-    wrong = [_acc(km.run(keyed, cipher.encrypt(x, w)), y) for w in wrong_keys(key, n_wrong, seed)]
+    lp, lk = km.run(plain, x, target=target), km.run(keyed, xe, target=target)
+    wrong = [_acc(km.run(keyed, cipher.encrypt(x, w), target=target), y) for w in wrong_keys(key, n_wrong, seed)]
     n = int(len(y))
     return {
         "parity": _compare(lp, lk, atol),
         "accuracy": {
             "plain_model_plain_images": {"accuracy": _acc(lp, y), "samples": n},
             "keyed_model_right_key": {"accuracy": _acc(lk, y), "samples": n},
-            "keyed_model_plain_images": {"accuracy": _acc(km.run(keyed, x), y), "samples": n},
+            "keyed_model_plain_images": {"accuracy": _acc(km.run(keyed, x, target=target), y), "samples": n},
             "keyed_model_wrong_keys": {"keys": len(wrong), "samples_per_key": n, "seed": int(seed),
                                        "mean": float(np.mean(wrong)) if wrong else None,
                                        "worst": float(np.max(wrong)) if wrong else None,
@@ -68,8 +68,9 @@ def accuracies(plain, keyed, key: KeyedKey, x: np.ndarray, y: np.ndarray, *, n_w
 
 
 def under_attacks(plain, keyed, key: KeyedKey, x: np.ndarray, y: np.ndarray, calibration_inputs: np.ndarray, *,
-                  attacks=ATTACKS, calibration_seed: int = 0) -> list[dict[str, Any]]:
-    """Each attack on both float models: accuracies, their difference, parity of the attacked pair."""
+                  attacks=ATTACKS, calibration_seed: int = 0, target: str = "native") -> list[dict[str, Any]]:
+    """Each attack on both float models: accuracies, their difference, parity of the attacked pair
+    (the models run on ``target``)."""
     from auditor.attacks.compose import compose
     from auditor.data.calibration import Calibration
     from auditor.data.inputs import from_arrays
@@ -80,12 +81,12 @@ def under_attacks(plain, keyed, key: KeyedKey, x: np.ndarray, y: np.ndarray, cal
     cal_keyed = Calibration(from_arrays(keyed_m, cipher.encrypt(calibration_inputs, key),
                                         source="encrypted calibration inputs", seed=calibration_seed))
     xe = cipher.encrypt(x, key)
-    lp0, lk0 = km.run(plain_m, x), km.run(keyed_m, xe)
+    lp0, lk0 = km.run(plain_m, x, target=target), km.run(keyed_m, xe, target=target)
     rows = []
     for step in attacks:
         ap = compose(plain_m, step, cal_plain)
         ak = compose(keyed_m, step, cal_keyed)
-        lp, lk = km.run(ap.model, x), km.run(ak.model, xe)
+        lp, lk = km.run(ap.model, x, target=target), km.run(ak.model, xe, target=target)
         acc_p, acc_k = _acc(lp, y), _acc(lk, y)
         rows.append({"attack": step, "samples": int(len(y)),
                      "plain_accuracy": acc_p, "keyed_accuracy": acc_k, "keyed_minus_plain": acc_k - acc_p,

@@ -102,16 +102,22 @@ def _expose_quantized(m: onnx.ModelProto, layer: str) -> tuple[onnx.ModelProto, 
     raise AuditError(f"tensor {layer!r} is quantized ({q}) and no consumer names its scale and zero point")
 
 
-def run(model: onnx.ModelProto, x: np.ndarray, output: str, batch_size: int = 64) -> np.ndarray:
-    """``output`` of ``model`` (onnxruntime CPU) on ``x``, flattened to [N, D] float32."""
-    from auditor.attacks import save, workdir
-    from auditor.backends.onnxruntime import OnnxrtRunner, SessionFromOnnx
+def run(model: onnx.ModelProto, x: np.ndarray, output: str, batch_size: int = 64, target: str = "native",
+        hardware: dict | None = None) -> np.ndarray:
+    """``output`` of ``model`` on ``x`` on ``target`` (the model runs in the target's limited child:
+    auditor.data.accuracy.outputs), flattened to [N, D] float32. ``hardware``, when given, receives
+    the record of the process that ran it."""
+    from auditor.data.accuracy import outputs
+    from auditor.data.inputs import from_arrays
 
-    with workdir() as d:
-        path = save(model, d / "model.onnx")
-        with OnnxrtRunner(SessionFromOnnx(path, intra_op_threads=1)) as r:
-            y = r.infer_batches(np.ascontiguousarray(x, dtype=np.float32), batch_size=batch_size, output=output)
-    y = np.asarray(y, dtype=np.float32).reshape(len(x), -1)
+    data = from_arrays(model, np.ascontiguousarray(x, dtype=np.float32), source="hash inputs",
+                       batch_size=batch_size)
+    outs, hw = outputs(model, data, threads=1, backend=target, with_hardware=True)
+    if output not in outs:
+        raise AuditError(f"the model has no output {output!r}")
+    if hardware is not None:
+        hardware.update(hw)
+    y = np.asarray(outs[output], dtype=np.float32).reshape(len(x), -1)
     if not np.isfinite(y).all():
         raise AuditError(f"tensor {output!r} holds non-finite values on these inputs")
     return y

@@ -34,15 +34,17 @@ DEFAULT_ATTACKS = (
 )
 
 
-def _latents_at(model: onnx.ModelProto, out: str, x: np.ndarray, h: PerceptualHash, encoder) -> np.ndarray:
-    f = F.run(model, x, out)
+def _latents_at(model: onnx.ModelProto, out: str, x: np.ndarray, h: PerceptualHash, encoder,
+                target: str = "native", hardware: dict | None = None) -> np.ndarray:
+    f = F.run(model, x, out, target=target, hardware=hardware)
     return hashing.reduce_features(f, h.reduce, encoder)
 
 
 def survive(model: onnx.ModelProto, h: PerceptualHash, signal: np.ndarray, noise: np.ndarray,
             calibration_inputs: np.ndarray | None = None, attacks=DEFAULT_ATTACKS, *,
-            calibration_source: str = "signal+noise", seed: int = 0) -> dict[str, Any]:
-    """Survival table of ``h`` on ``model`` (the model the hash was built for)."""
+            calibration_source: str = "signal+noise", seed: int = 0, target: str = "native") -> dict[str, Any]:
+    """Survival table of ``h`` on ``model`` (the model the hash was built for), the models run on
+    ``target``; ``hardware`` in the result is where they ran."""
     from auditor.attacks.compose import compose, parse_steps
     from auditor.data.calibration import Calibration
     from auditor.data.inputs import from_arrays
@@ -55,8 +57,9 @@ def survive(model: onnx.ModelProto, h: PerceptualHash, signal: np.ndarray, noise
         calibration_inputs = np.concatenate([signal, noise])
     calibration = Calibration(from_arrays(model, np.ascontiguousarray(calibration_inputs, np.float32),
                                           source=calibration_source, seed=seed))
-    z_s0 = _latents_at(exposed, out, signal, h, encoder)
-    z_n0 = _latents_at(exposed, out, noise, h, encoder)
+    hw: dict[str, Any] = {}
+    z_s0 = _latents_at(exposed, out, signal, h, encoder, target, hw)
+    z_n0 = _latents_at(exposed, out, noise, h, encoder, target)
     d_s0, d_n0 = hashing.distances(z_s0, h), hashing.distances(z_n0, h)
     before = {"tpr": float(np.mean(d_s0 <= 1)), "fpr": float(np.mean(d_n0 <= 1)),
               "auc": hashing.auc(-d_s0, -d_n0),
@@ -66,7 +69,8 @@ def survive(model: onnx.ModelProto, h: PerceptualHash, signal: np.ndarray, noise
         row: dict[str, Any] = {"attack": spec}
         try:
             r = compose(exposed, spec, calibration, prune_seed=seed)
-            z_s, z_n = _latents_at(r.model, out, signal, h, encoder), _latents_at(r.model, out, noise, h, encoder)
+            z_s = _latents_at(r.model, out, signal, h, encoder, target)
+            z_n = _latents_at(r.model, out, noise, h, encoder, target)
         except AuditError as e:
             row["error"] = str(e)
             rows.append(row)
@@ -84,5 +88,5 @@ def survive(model: onnx.ModelProto, h: PerceptualHash, signal: np.ndarray, noise
         row["flips"] = row["flips_signal"] + row["flips_noise"]
         rows.append(row)
     return {"n_signal": int(len(signal)), "n_noise": int(len(noise)), "before": before, "attacks": rows,
-            "calibration": calibration.data.describe(),
+            "calibration": calibration.data.describe(), "target": target, "hardware": hw,
             "survived": all("error" not in r and r["flips"] == 0 for r in rows)}
