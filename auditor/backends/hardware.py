@@ -95,3 +95,14 @@ def measured_on_lines(doc: dict[str, Any]) -> list[str]:
     hw = doc.get("hardware") or {}
     per = hw.get("targets") or {hw.get("target", "native"): hw}
     return [f"measured on {summary(rec)}" for rec in per.values()]
+
+
+def brief(rec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A compact record for per-line outputs (sweep lines): CPU, microarchitecture, level, the
+    kernel-selecting features present, onnxruntime and numpy versions."""
+    rec = rec or process_record()
+    cpu = rec.get("cpu") or {}
+    return {"cpu": cpu.get("model") or cpu.get("arch"), "arch": cpu.get("arch"),
+            "microarchitecture": cpu.get("microarchitecture"), "level": cpu.get("level"),
+            "features": [f for f, v in (cpu.get("features") or {}).items() if v],
+            "onnxruntime": (rec.get("onnxruntime") or {}).get("version"), "numpy": rec.get("numpy")}

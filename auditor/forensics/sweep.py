@@ -439,8 +439,11 @@ def _ray_task(task: Task) -> dict[str, Any]:
     """A Ray task: the isolated child, on whichever node Ray chose."""
     import ray
 
+    from auditor.backends.hardware import brief
+
     out = run_isolated(task)
     out["node"] = ray.get_runtime_context().get_node_id()
+    out["hardware"] = brief()  # the node's, not the driver's
     return out
 
 
@@ -530,6 +533,11 @@ def line_of(task: Task, key, out: dict[str, Any], row: dict[str, Any] | None) ->
         line.update({k: v for k, v in row.items() if k != "key"})
     line["timings"] = {"audit_s": round(float(out.get("audit_s") or 0.0), 4),
                        "wall_s": round(float(out.get("wall_s") or 0.0), 4)}
+    if out.get("hardware") is None:
+        from auditor.backends.hardware import brief
+
+        out["hardware"] = brief()  # a local child: this machine
+    line["hardware"] = out["hardware"]
     return line
 
 
