@@ -444,6 +444,10 @@ def document_section(doc: dict[str, Any], index: int) -> str:
     ev = doc.get("evaluation") or (doc.get("data") or {}).get("evaluation") or {}
     if isinstance(ev, dict) and ev.get("synthetic"):
         parts.append(f'<p class="note"><b>Synthetic data:</b> {_e(ev.get("caveat"))}</p>')
+    mx = target_matrix(doc)
+    if mx:
+        parts += ["<h3>Attack &times; target</h3>", mx]
+    parts += ["<h3>Where it was measured</h3>", hardware_table(doc)]
     parts += ["<h3>Provenance</h3>", provenance(doc)]
     if doc.get("kind") == "gate":
         parts += ["<h3>Requirements</h3>", requirements_table(doc)]
@@ -464,6 +468,57 @@ def document_section(doc: dict[str, Any], index: int) -> str:
         parts += ["<h3>Black-box evidence</h3>", tr, lg]
     parts += ["<h3>How these numbers were produced</h3>", how_produced(doc), "</section>"]
     return "\n".join(p for p in parts if p)
+
+
+def target_matrix(doc: dict[str, Any]) -> str:
+    """The attack x target matrix (gate: requirement status; robustness: SQNR / agreement), when
+    the result ran on more than one target."""
+    m = doc.get("matrix") or {}
+    ts = m.get("targets") or []
+    if len(ts) < 2:
+        return ""
+    rows = []
+    for r in m.get("rows", []):
+        cells = [("", _e(r["attack"]))]
+        for t in ts:
+            c = r["cells"].get(t)
+            if isinstance(c, dict):  # robustness: fidelity per target, the mark's verdict
+                sq = c.get("sqnr_db")
+                ag = c.get("top1_agreement")
+                txt = (f"{sq:.1f} dB" if isinstance(sq, (int, float)) else "-") + " / " + (
+                    f"{ag:.3f}" if isinstance(ag, (int, float)) else "-")
+                cells.append(("pass" if c.get("survived") else "fail", _e(txt)))
+            else:
+                cells.append(("pass" if c == "pass" else "fail", _e((c or "-").upper())))
+        rows.append(cells)
+    notes = "".join(f'<p class="note"><b>{_e(n["attack"])} on {_e(n["target"])}:</b> {_e(n["why"])}'
+                    + (" Try: " + _e("; ".join(n["try"])) + "." if n.get("try") else "") + "</p>"
+                    for n in doc.get("hardware_notes") or [])
+    head = "SQNR dB / top-1 agreement per target" if doc.get("kind") == "robustness" else "status per target"
+    return f'<p class="note">{head}</p>' + _table(["attack", *ts], rows) + notes
+
+
+def hardware_table(doc: dict[str, Any]) -> str:
+    """One row per target: the hardware record of the process that ran the model."""
+    hw = doc.get("hardware") or {}
+    per = hw.get("targets") or {hw.get("target", "native"): hw}
+    rows = []
+    for t, rec in per.items():
+        cpu = rec.get("cpu") or {}
+        ort = rec.get("onnxruntime") or {}
+        em = rec.get("emulated") or {}
+        gpu = rec.get("gpu") or {}
+        feats = ", ".join(f for f, v in (cpu.get("features") or {}).items() if v) or "none"
+        rows.append([("", _e(t)), ("", _e(cpu.get("model") or cpu.get("arch") or "?")),
+                     ("", _e(" / ".join(x for x in (cpu.get("microarchitecture"), cpu.get("level")) if x) or "?")),
+                     ("", _e(feats)),
+                     ("", _e(f"{ort.get('version') or '?'} {ort.get('execution_provider') or ''}".strip())),
+                     ("", _e(f"{em.get('emulator')} {em.get('version') or ''} -cpu {em.get('cpu')}" if em else "no")),
+                     ("", _e(f"{gpu.get('device')}, driver {gpu.get('driver')}, CUDA {gpu.get('cuda_runtime')}, "
+                             f"cuDNN {gpu.get('cudnn')}, TensorRT {gpu.get('tensorrt')}" if gpu.get("device")
+                             else "-"))])
+    return _table(["target", "CPU", "microarchitecture / level", "kernel-selecting features", "onnxruntime",
+                   "emulated", "GPU"], rows)
 
 
 def render(docs: list[dict[str, Any]], title: str = "wmaudit report") -> str:
