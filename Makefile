@@ -8,10 +8,11 @@ DATA := $(BUILD)/data
 FIX := $(BUILD)/fixtures
 export WMAUDIT_DATA := $(abspath $(DATA))
 export WMAUDIT_FIXTURES := $(abspath $(FIX))
+export WMAUDIT_AARCH64_ROOT := $(abspath $(BUILD)/targets/aarch64)
 # fixtures and tests use every core (pytest-xdist; one test file stays on one worker)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: env lock data fixtures demo test test-all bench bench-quick report gate browser hostile fuzz clean
+.PHONY: qemu env lock data fixtures demo test test-all bench bench-quick report gate browser hostile fuzz clean targets aarch64-root
 
 # torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
 # Everything else comes from requirements.lock (exact versions, sha256 hashes; `make lock`).
@@ -56,7 +57,21 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
 	  echo "note: chromium not installed; the headless-browser report test will be skipped"; }
 
-test: env fixtures browser
+# Emulated targets (auditor/backends/targets.py): Debian's qemu-user runs this venv as an AVX2 CPU
+# (x86-64-v3) or an SSE4.2 CPU (x86-64-v2), and an arm64 root (aarch64). No binfmt handler is
+# registered: the model's child is started under qemu explicitly.
+AARCH64_ROOT := $(BUILD)/targets/aarch64
+targets: aarch64-root
+qemu:
+	@command -v qemu-x86_64 >/dev/null && command -v qemu-aarch64 >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends qemu-user >/dev/null) || \
+	  echo "note: qemu-user not installed; tests on emulated targets will be skipped"; }
+aarch64-root: $(AARCH64_ROOT)/.done
+$(AARCH64_ROOT)/.done: scripts/make_aarch64_root.sh | env qemu
+	bash scripts/make_aarch64_root.sh $(AARCH64_ROOT) $(PY) || \
+	  echo "note: the arm64 root could not be built; tests on the aarch64 target will be skipped"
+
+test: env fixtures browser targets
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
 
 test-all: env fixtures
