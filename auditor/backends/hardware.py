@@ -3,9 +3,9 @@
 The record is read by the process that ran the model (``auditor/backends/child.py``
 gives the fields and how each is read). A result that ran no model (extract,
 scan, provenance) carries the record of the process that computed it. A result
-that ran models on several targets carries one record per target under
-``hardware.targets``; ``hardware`` itself is then the record of the auditing
-process, with ``target`` = ``native``.
+that ran models on one target carries that target's record; on several targets,
+one record per target under ``hardware.targets``, ``hardware`` itself then being
+the record of the auditing process (``target`` = ``native``, ``ran_model`` false).
 """
 from __future__ import annotations
 
@@ -53,10 +53,11 @@ def gpu_target_record(target) -> dict[str, Any]:
 
 
 def combine(per_target: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``hardware`` for a result measured on several targets: this process's record with one
-    record per target under ``targets`` (a single native target is the record itself)."""
-    if list(per_target) == ["native"]:
-        return per_target["native"]
+    """``hardware`` for a result measured on targets: a single target's record is the record
+    itself; several targets give this process's record with one record per target under
+    ``targets``."""
+    if len(per_target) == 1:
+        return next(iter(per_target.values()))
     rec = process_record()
     rec["targets"] = per_target
     return rec
