@@ -127,7 +127,8 @@ def test_targets_command_lists_every_target_with_a_remedy():
     assert doc["hardware"]["target"] == "native" and doc["hardware"]["ran_model"] is False
 
 
-@pytest.mark.parametrize("target,arch", [("x86-64-v3", "x86_64"), ("x86-64-v2", "x86_64"), ("aarch64", "aarch64")])
+@pytest.mark.parametrize("target,arch", [("x86-64-v3", "x86_64"), ("x86-64-v2", "x86_64"), ("aarch64", "aarch64"),
+                                         ("aarch64-i8mm", "aarch64")])
 def test_emulated_target_runs_on_the_emulated_instruction_set(tmp_path, target, arch):
     _needs(target)
     path = _linear(tmp_path / "m.onnx")
@@ -149,6 +150,7 @@ def test_emulated_target_runs_on_the_emulated_instruction_set(tmp_path, target, 
         assert rec["cpu"]["level"] == "x86_64_v3" and rec["cpu"]["microarchitecture"] == "haswell"
     if target == "x86-64-v2":
         assert not rec["cpu"]["features"]["avx"] and rec["cpu"]["level"] == "x86_64_v2"
-    if target == "aarch64":
+    if target.startswith("aarch64"):
         assert rec["cpu"]["features"]["asimd"] and rec["cpu"]["features"]["asimddp"]
+        assert rec["cpu"]["features"]["i8mm"] == rec["cpu"]["features"]["sve"] == (target == "aarch64-i8mm")
         assert rec["onnxruntime"]["version"] == json.loads((aarch64_root() / "versions.json").read_text())["onnxruntime"]

@@ -11,9 +11,11 @@ model.
 ``x86-64-v3``   an AVX2 + FMA CPU without AVX-512 (Haswell), emulated by
                 ``qemu-x86_64 -cpu Haswell-v4`` running this Python environment
 ``x86-64-v2``   an SSE4.2 CPU without AVX (Nehalem), ``qemu-x86_64 -cpu Nehalem-v2``
-``aarch64``     64-bit Arm (NEON, dotprod, i8mm, SVE: qemu's ``max`` CPU), emulated by
-                ``qemu-aarch64`` on an arm64 root built by ``make aarch64-root``, with the
-                onnxruntime release that runs there (``AARCH64_ONNXRUNTIME``)
+``aarch64``     64-bit Arm Neoverse N1 (NEON, dotprod), emulated by ``qemu-aarch64`` on an
+                arm64 root built by ``make aarch64-root``, with the onnxruntime release that
+                runs there (``AARCH64_ONNXRUNTIME``)
+``aarch64-i8mm`` the same root on qemu's ``max`` CPU (i8mm, bf16, SVE2): onnxruntime picks
+                its i8mm int8 kernels there
 ``ort-cuda``    onnxruntime's CUDA execution provider (a GPU)
 ``ort-trt``     onnxruntime's TensorRT execution provider (a GPU)
 ``tensorrt``    native TensorRT (``auditor/backends/tensorrt.py``, a GPU)
@@ -73,8 +75,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            emulator="qemu-x86_64", emulator_cpu="Haswell-v4"),
     Target("x86-64-v2", "emulated", "x86-64-v2: SSE4.2, POPCNT, no AVX",
            emulator="qemu-x86_64", emulator_cpu="Nehalem-v2"),
-    Target("aarch64", "emulated", "64-bit Arm: NEON, dotprod, i8mm, SVE",
-           emulator="qemu-aarch64", emulator_cpu="max"),
+    Target("aarch64", "emulated", "64-bit Arm Neoverse N1: NEON, dotprod (AWS Graviton2, Ampere Altra)",
+           emulator="qemu-aarch64", emulator_cpu="neoverse-n1"),
+    Target("aarch64-i8mm", "emulated", "64-bit Arm with i8mm, bf16, SVE2 (qemu's max CPU; Graviton3-class "
+           "features)", emulator="qemu-aarch64", emulator_cpu="max"),
     Target("ort-cuda", "gpu", "an NVIDIA GPU through onnxruntime's CUDA execution provider",
            providers=("CUDAExecutionProvider", "CPUExecutionProvider")),
     Target("ort-trt", "gpu", "an NVIDIA GPU through onnxruntime's TensorRT execution provider",
@@ -115,7 +119,7 @@ def availability(name: str) -> tuple[bool, str, str]:
     if t.kind == "emulated":
         if shutil.which(t.emulator) is None:
             return False, f"{t.emulator} is not installed", "apt-get install qemu-user"
-        if t.name == "aarch64":
+        if t.emulator == "qemu-aarch64":
             root = aarch64_root()
             if not (root / "usr" / "bin" / "python3.11").exists() or not (root / ".done").exists():
                 return False, f"no arm64 root at {root}", "make aarch64-root"
@@ -147,7 +151,7 @@ def _child_command(t: Target) -> tuple[list[str], dict[str, str]]:
     env["ORT_DISABLE_TELEMETRY"] = env.get("ORT_DISABLE_TELEMETRY", "1")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.pop("PYTHONSTARTUP", None)
-    if t.name == "aarch64":
+    if t.emulator == "qemu-aarch64":
         root = aarch64_root()
         env["PYTHONPATH"] = str(root / "site")
         env.pop("PYTHONHOME", None)
@@ -361,7 +365,7 @@ def annotate(record: dict[str, Any], target: Target) -> dict[str, Any]:
                                                                                        or target.emulator),
                            "cpu": target.emulator_cpu,
                            "note": "emulated: results are this instruction set's arithmetic; no timings"}
-        if target.name == "aarch64":
+        if target.emulator == "qemu-aarch64":
             rec["emulated"]["root"] = str(aarch64_root())
     else:
         rec["emulated"] = None

@@ -63,9 +63,9 @@ def run(args) -> int:
         return 0
     for r in rows:
         state = "available" if r["available"] else "missing"
-        print(f"{r['name']:10s} {state:9s} {r['stands_for']}")
+        print(f"{r['name']:12s} {state:9s} {r['stands_for']}")
         if not r["available"]:
-            print(f"{'':20s} why: {r['why_not']}" + (f"; run: {r['make_available']}" if r["make_available"] else ""))
+            print(f"{'':22s} why: {r['why_not']}" + (f"; run: {r['make_available']}" if r["make_available"] else ""))
         if r.get("hardware"):
-            print(f"{'':20s} {hardware.summary(r['hardware'])}")
+            print(f"{'':22s} {hardware.summary(r['hardware'])}")
     return 0

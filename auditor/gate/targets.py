@@ -85,6 +85,12 @@ def fidelity_gaps(rows, hardware: dict[str, dict[str, Any]], gap_db: float = GAP
             else:
                 note["why"] = (f"measured: {t} computes this attacked model {gap:.1f} dB less faithfully than {best}; "
                                f"no known kernel difference explains it")
+                feats = ((hardware.get(t) or {}).get("cpu") or {}).get("features") or {}
+                if feats.get("i8mm") and _has_int8(steps):
+                    note["why"] += "; onnxruntime runs its i8mm int8 kernels on this CPU"
+            if (hardware.get(t) or {}).get("emulated"):
+                note["why"] += (f"; {t} is emulated ({hardware[t]['emulated'].get('emulator')}), so a fault of the "
+                                f"emulator cannot be ruled out without the real CPU")
             notes.append(note)
     return notes
 
