@@ -295,6 +295,12 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
                     so.inter_op_num_threads = 1
                 session = ort.InferenceSession(header["model"], sess_options=so,
                                                providers=header.get("providers") or ["CPUExecutionProvider"])
+                wanted = (header.get("providers") or ["CPUExecutionProvider"])[0]
+                used = session.get_providers()[0]
+                if used != wanted:  # a silent fallback: the result would not be about the target
+                    write_message(out, {"ok": False, "error": f"onnxruntime did not start {wanted} for "
+                                        f"{os.path.basename(str(header['model']))} (it runs on {used})"})
+                    return 1
                 names = [o.name for o in session.get_outputs()]
                 ins = [{"name": i.name, "type": i.type, "shape": [d if isinstance(d, int) else str(d)
                                                                    for d in i.shape]}
