@@ -35,7 +35,7 @@ def _write(tmp_path, text, name="policy.toml"):
 def test_example_policy_parses_to_documented_values():
     p = load_policy(EXAMPLE)
     assert p.name == "release"
-    assert p.backends == ("ort-cpu",)
+    assert p.targets == ("native",)
     assert p.thresholds == {"max_p_value": 1e-6, "max_ber": 0.05, "min_margin": 0.0, "min_normalized_margin": 0.0,
                             "max_accuracy_drop": 2.0, "min_top1_agreement": 0.95, "min_sqnr_db": 5.0}
     assert p.thresholds_for("prune-50")["min_top1_agreement"] == 0.85
