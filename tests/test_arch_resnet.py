@@ -3,7 +3,9 @@ BatchNorm anchors, exported with torch's default settings (BatchNorm folded, no 
 
 Fixture ``arch-resnet`` (fixtures/arch.py): 32x32 Fashion-MNIST, torchvision's
 zero_init_residual, training seed 1, where the folded per-channel scales of the BN after
-the marked conv nearly cancel: without the owner's BN the folded export reads 50/128 bits.
+the marked conv scatter the mean-reduced weights: without the owner's BN the folded export
+reads chance-level bits (50/128 measured on an AVX2 CPU; the count depends on the training
+run, the claim "not detected without the reference" does not).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def resnet(build_fixture):
 
 def test_folded_export_without_reference_is_not_detected_and_says_what_to_give(resnet):
     m = extract(resnet / "default.onnx", load_key(resnet / "key.json")).marks[0]
-    assert (m.matches, m.n_bits) == (50, 128) and m.verdict == "not detected"
+    assert m.n_bits == 128 and m.verdict == "not detected" and m.p_value > 1e-3
     assert m.location.how == "name" and m.location.weight == "layer2.1.conv2.weight"
     assert m.batchnorm["status"] == "probably-folded"
     assert any("FuseBatchNormIntoConv" in e for e in m.batchnorm["evidence"])
@@ -122,7 +124,7 @@ def test_robustness_without_reference_reports_not_detected(grid_docs):
     _, doc = grid_docs
     mk = doc["configs"][0]["marks"][0]
     assert not doc["summary"]["all_survived"] and mk["batchnorm"] == "probably-folded"
-    assert 0.5 < mk["ber"] < 0.7
+    assert mk["p_value"] > 1e-3 and mk["ber"] > 0.3  # chance level (0.61 measured)
 
 
 POLICY = """
