@@ -57,7 +57,8 @@ command -v "$PY" >/dev/null 2>&1 || die "$PY not found (set PYTHON to the interp
 
 VENV=${GPU_VENV:-$ROOT/build/gpu-venv}
 if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv --system-site-packages "$VENV" >/dev/null 2>&1 || die "could not make the virtual environment $VENV"
+  "$PY" -m venv --system-site-packages "$VENV" >/dev/null 2>&1 \
+    || die "could not make the virtual environment $VENV (on Debian / Ubuntu: the python3-venv package)"
 fi
 # everything from WHEELDIR only (the machine may be offline); the venv's onnxruntime-gpu shadows
 # a CPU onnxruntime of the system's site-packages

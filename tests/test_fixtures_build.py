@@ -80,3 +80,9 @@ def test_older_done_and_other_versions_rebuild(area, monkeypatch):
     build.ensure(name)
     assert len(mod.CALLS) == 3 and build.recorded(out)["torch"] == "0.0.1"
     assert (out / "data.txt").read_text() == "one" and not (out.parent / f".{name}.tmp").exists()
+
+
+def test_every_fixture_the_tests_use_records_what_built_it(build_fixture):
+    out = build_fixture("attacks-tinycnn-marked")
+    assert build.recorded(out) == build.fingerprint("attacks-tinycnn-marked")
+    assert build.recorded(out)["builder"].startswith("fixtures.")
