@@ -76,10 +76,6 @@ def test_tpr_fpr_at_chosen_radius(fx):
     # the authors' open problem: plain VAE clusters overlap (FPR 25/300 measured: 8/100 similar
     # images, 11/100 unseen photographs); the separating objective lowers it (1/300 measured)
     assert neg_rate[fx] >= 0.02 and neg_rate[fx / "separated"] < neg_rate[fx]
-    h = hashfile.load_hash(fx / "hash_vae.json")
-    sim = hashing.match(model_path, h, np.load(fx / "similar_test.npy"))
-    unseen = hashing.match(model_path, h, np.load(fx / "noise_test_unseen.npy"))
-    assert sim["match_rate"] + unseen["match_rate"] > 0
     # PCA hash (2 components) of the same CNN: TPR 0.965, 1 Noise image of 300 within R (measured)
     hp = hashfile.load_hash(fx / "hash_pca.json")
     assert hashing.match(model_path, hp, np.load(fx / "signal_test.npy"))["match_rate"] >= 0.85
