@@ -72,7 +72,7 @@ FIX=${WMAUDIT_FIXTURES:-$ROOT/build/fixtures}
 mkdir -p "$FIX" && FIX=$(cd -- "$FIX" && pwd) || die "$FIX: cannot make the fixture folder"
 if [ ! -f "$FIX/data-digits-cnn/.done" ]; then
   (cd "$ROOT" && "$VENV/bin/python" -m fixtures.build --out "$FIX" data-digits-cnn >/dev/null 2>&1) \
-    || die "fixture data-digits-cnn is missing in $FIX and could not be built here (python -m fixtures.build needs torch and scikit-learn)"
+    || die "fixture data-digits-cnn is missing in $FIX and could not be built here (python -m fixtures.build needs the export extra: torch, scikit-learn, scikit-image)"
 fi
 
 cd "$ROOT" || die "$ROOT: cannot enter the repository"
