@@ -12,7 +12,7 @@ export WMAUDIT_AARCH64_ROOT := $(abspath $(BUILD)/targets/aarch64)
 # fixtures and tests use every core (pytest-xdist; one test file stays on one worker)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: qemu env lock data fixtures demo test test-all bench bench-quick report gate browser hostile fuzz clean targets aarch64-root
+.PHONY: qemu env lock data fixtures demo test test-all bench bench-quick report gate browser hostile fuzz gpu-wheels clean targets aarch64-root
 
 # torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
 # Everything else comes from requirements.lock (exact versions, sha256 hashes; `make lock`).
@@ -102,6 +102,25 @@ report: env fixtures
 # The example release policy on the marked SmallCNN -> build/gate/{gate.json,junit.xml,gate.html}
 gate: env fixtures
 	bash scripts/make_gate.sh $(PY) $(BUILD)/gate
+
+# Wheels for scripts/gpu-check.sh on an offline CUDA machine with Python and torch: onnxruntime-gpu
+# (about 250 MB) at the release requirements.lock pins, and the auditor's runtime requirements at the
+# lock's versions. PyPI publishes no onnxruntime-gpu for some releases (1.32.0): then say which one,
+# e.g. `make gpu-wheels ORT_GPU_VERSION=1.31.1` (the result records both). GPU_PYTHON: that machine's
+# Python. Then, there: `bash scripts/gpu-check.sh build/gpu-wheels build/gpu-check.json`.
+ORT_LOCK_VERSION := $(shell grep -oE '^onnxruntime==[^ ]+' requirements.lock | cut -d= -f3)
+ORT_GPU_VERSION ?= $(ORT_LOCK_VERSION)
+GPU_PYTHON ?= 3.11
+GPU_WHEELS := $(BUILD)/gpu-wheels
+GPU_PLATFORM := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels: env
+	mkdir -p $(GPU_WHEELS)
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) $(GPU_PLATFORM) \
+	  -d $(GPU_WHEELS) onnxruntime-gpu==$(ORT_GPU_VERSION)
+	grep -oE '^[A-Za-z0-9_.-]+==[^ ;]+' requirements.lock | grep -v '^onnxruntime==' > $(GPU_WHEELS)/constraints.txt
+	$(VENV)/bin/pip download -q --only-binary=:all: --python-version $(GPU_PYTHON) $(GPU_PLATFORM) \
+	  -d $(GPU_WHEELS) -c $(GPU_WHEELS)/constraints.txt numpy onnx jsonschema pillow onnxscript \
+	  onnxconverter-common scipy coloredlogs flatbuffers packaging protobuf sympy
 
 clean:
 	rm -rf $(BUILD)

@@ -3,7 +3,9 @@ BatchNorm anchors, exported with torch's default settings (BatchNorm folded, no 
 
 Fixture ``arch-resnet`` (fixtures/arch.py): 32x32 Fashion-MNIST, torchvision's
 zero_init_residual, training seed 1, where the folded per-channel scales of the BN after
-the marked conv nearly cancel: without the owner's BN the folded export reads 50/128 bits.
+the marked conv scatter the mean-reduced weights: without the owner's BN the folded export
+reads chance-level bits (50/128 measured on an AVX2 CPU; the count depends on the training
+run, the claim "not detected without the reference" does not).
 """
 from __future__ import annotations
 
@@ -38,9 +40,27 @@ def resnet(build_fixture):
     return build_fixture("arch-resnet")
 
 
+def _folded_scale_balance(kept: Path, bn: str = "layer2.1.bn2") -> float:
+    """sum s / sum |s| of the folded scales s = gamma / sqrt(var + eps) of the BN after the marked conv."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(kept))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    node = next(n for n in m.graph.node if n.op_type == "BatchNormalization" and n.input[1] == f"{bn}.weight")
+    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    s = inits[node.input[1]] / np.sqrt(inits[node.input[4]] + eps)
+    return float(s.sum() / np.abs(s).sum())
+
+
 def test_folded_export_without_reference_is_not_detected_and_says_what_to_give(resnet):
+    # the fixture's premise (fixtures/arch.py): the folded scales nearly cancel in the mean over
+    # filters (-0.009 measured), so the folded weights do not carry the mark; a training run that
+    # does not give this would read it without the reference, and this line says why first
+    balance = _folded_scale_balance(resnet / "kept.onnx")
+    assert abs(balance) < 0.05, f"fixture premise broken: sum s / sum |s| = {balance:.3f} (fixtures/arch.py)"
     m = extract(resnet / "default.onnx", load_key(resnet / "key.json")).marks[0]
-    assert (m.matches, m.n_bits) == (50, 128) and m.verdict == "not detected"
+    assert m.n_bits == 128 and m.verdict == "not detected" and m.p_value > 1e-3
     assert m.location.how == "name" and m.location.weight == "layer2.1.conv2.weight"
     assert m.batchnorm["status"] == "probably-folded"
     assert any("FuseBatchNormIntoConv" in e for e in m.batchnorm["evidence"])
@@ -122,7 +142,7 @@ def test_robustness_without_reference_reports_not_detected(grid_docs):
     _, doc = grid_docs
     mk = doc["configs"][0]["marks"][0]
     assert not doc["summary"]["all_survived"] and mk["batchnorm"] == "probably-folded"
-    assert 0.5 < mk["ber"] < 0.7
+    assert mk["p_value"] > 1e-3 and mk["ber"] > 0.3  # chance level (0.61 measured)
 
 
 POLICY = """

@@ -98,7 +98,10 @@ def test_verify_and_show(material, capsys):
     assert doc["verified"] and doc["whitebox"][0]["n_bits"] == 32
     # a modified sidecar fails verification with exit 2
     np.save(d / load_key(out).whitebox[0].projection["path"], X * 2)
+    capsys.readouterr()
     assert run_cli("key", "verify", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sha256" in err[0], err
 
 
 def test_no_traceback_from_console_script(tmp_path):

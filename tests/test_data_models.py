@@ -3,7 +3,9 @@
 Fixtures (fixtures/data.py): a digits CNN ([n, 1, 8, 8], independent Uchida mark, 64 bits,
 mean reduction, torch's default dynamo export, key made by `wmaudit key import`), its
 fixed-batch (4) export, and a two-input character CNN (input_ids + attention_mask, int64).
-Numbers below were measured on these fixtures with the commands the tests run.
+The tests assert what must hold on any CPU and any training run of the fixtures (the mark
+survives, int8 and fp16 stay close to the float model, pruning costs more); the values one
+machine measured are in docs/measured.md.
 """
 from __future__ import annotations
 
@@ -66,21 +68,24 @@ def test_robustness_with_labels_on_digits(digits, tmp_path, capsys):
     assert doc["evaluation"]["measures"] == ["accuracy", "fidelity"]
     assert doc["calibration"]["samples"] == 256
     base = doc["baseline"]
-    assert base["accuracy"] == pytest.approx(350 / 360, abs=2 / 360)  # measured 0.9722
+    assert base["accuracy"] >= 0.9                                  # a trained digits CNN (0.972 measured)
     by = {c["name"]: c for c in doc["configs"]}
     q = by["quantize:static-qdq-per-channel"]
     assert q["marks"][0]["ber"] == 0.0 and q["marks"][0]["p_corrected"] == pytest.approx(P64, rel=1e-9)
     assert q["marks"][0]["log10_p_corrected"] == pytest.approx(-64 * np.log10(2), abs=1e-9)
-    assert abs(q["accuracy_drop"]) <= 2 / 360                      # measured 0
-    assert q["fidelity"]["top1_agreement"] >= 0.985                # measured 0.994
-    assert 20.0 <= q["fidelity"]["sqnr_db"] <= 32.0                # measured 25.6 dB
+    # int8 floors, not targets: the SQNR depends on the CPU's int8 kernels (25.6 dB on AVX2 without
+    # VNNI, 42.5 dB with AVX512-VNNI; docs/measured.md)
+    assert abs(q["accuracy_drop"]) <= 0.02
+    assert q["fidelity"]["top1_agreement"] >= 0.97
+    assert q["fidelity"]["sqnr_db"] >= 15.0
     f16 = by["fp16"]["fidelity"]
-    assert f16["top1_agreement"] == 1.0 and f16["sqnr_db"] > 60    # measured 78.5 dB
-    assert f16["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert f16["top1_agreement"] >= 0.99 and f16["sqnr_db"] > 50
+    assert f16["cosine"] == pytest.approx(1.0, abs=1e-4)
     pr = by["prune:0.5:magnitude"]
-    assert pr["marks"][0]["matches"] == 63 and pr["verdict"] == "detected"  # one bit flipped by pruning
-    assert 0.95 <= pr["fidelity"]["top1_agreement"] <= 0.99        # measured 0.972
-    assert 8.0 <= pr["fidelity"]["sqnr_db"] <= 13.0                # measured 10.4 dB
+    # 50 % pruning moves the mark's weights (measured: one of 64 bits flipped) but not enough to lose it
+    assert pr["marks"][0]["matches"] >= 56 and pr["verdict"] == "detected"
+    assert pr["fidelity"]["top1_agreement"] >= 0.9 and pr["fidelity"]["sqnr_db"] >= 5.0
+    assert pr["fidelity"]["sqnr_db"] < f16["sqnr_db"]               # half the weights gone costs more than fp16
 
 
 def test_gate_with_the_example_policy_on_digits(digits, tmp_path, capsys):
@@ -89,15 +94,25 @@ def test_gate_with_the_example_policy_on_digits(digits, tmp_path, capsys):
                  str(ROOT / "examples" / "release-policy.toml"), "--data", str(digits / "digits.npz"),
                  "-o", str(out)])
     doc = json.loads(out.read_text())
-    # 50 % pruning flips one of the 64 bits: the signed margin goes below min_margin = 0
-    assert code == 1
-    assert doc["failing"] == ["prune-50/whitebox/conv2.weight", "prune-50-then-int8/whitebox/conv2.weight"]
     req = {r["id"]: r for r in doc["requirements"]}
+    # the exit code and the failing list follow from the requirements
+    assert doc["failing"] == [r["id"] for r in doc["requirements"] if r["status"] != "pass"]
+    assert code == (1 if doc["failing"] else 0)
     assert req["int8-static-per-channel/whitebox/conv2.weight"]["measured"]["matches"] == 64
-    assert abs(req["int8-static-per-channel/ort-cpu/accuracy"]["measured"]["accuracy_drop"]) <= 100 * 2 / 360
-    assert req["prune-50/ort-cpu/accuracy"]["measured"]["accuracy_drop"] == pytest.approx(100 * 6 / 360, abs=0.6)
+    assert req["int8-static-per-channel/whitebox/conv2.weight"]["status"] == "pass"
+    assert abs(req["int8-static-per-channel/ort-cpu/accuracy"]["measured"]["accuracy_drop"]) <= 2.0
+    # 50 % pruning keeps the mark detected; a flipped bit (one of 64 measured, docs/measured.md) puts
+    # the signed margin below min_margin = 0, and exactly then the requirement fails
+    for attack in ("prune-50", "prune-50-then-int8"):
+        w = req[f"{attack}/whitebox/conv2.weight"]
+        assert w["measured"]["verdict"] == "detected" and w["measured"]["matches"] >= 56, w
+        flipped = w["measured"]["matches"] < w["measured"]["n_bits"]
+        assert (w["measured"]["signed_margin_min"] < 0) == flipped
+        assert (w["status"] == "fail") == flipped and (not flipped or "min_margin" in w["message"]), w
+    acc = req["prune-50/ort-cpu/accuracy"]
+    assert (acc["status"] == "fail") == (acc["measured"]["accuracy_drop"] > 3.0)
     fid = req["int8-static-per-channel/ort-cpu/fidelity"]
-    assert fid["status"] == "pass" and fid["measured"]["top1_agreement"] >= 0.985
+    assert fid["status"] == "pass" and fid["measured"]["top1_agreement"] >= 0.97
     assert fid["thresholds"] == {"min_top1_agreement": 0.95, "min_sqnr_db": 5.0}
     assert req["prune-50/ort-cpu/fidelity"]["thresholds"]["min_top1_agreement"] == 0.85
     assert doc["data"]["evaluation"]["source"] == "npz:digits.npz"
@@ -117,8 +132,8 @@ def test_fixed_batch_export_calibrates_and_measures(digits, tmp_path, capsys):
     assert ev["remainder"].startswith("padded")
     assert (cal["samples"], cal["batch_size"], cal["dropped"], cal["padded"]) == (28, 4, 2, 0)
     row = doc["configs"][0]
-    assert row["marks"][0]["ber"] == 0.0 and row["fidelity"]["top1_agreement"] >= 0.98
-    assert doc["baseline"]["accuracy"] == pytest.approx(0.972, abs=0.01)
+    assert row["marks"][0]["ber"] == 0.0 and row["fidelity"]["top1_agreement"] >= 0.97
+    assert doc["baseline"]["accuracy"] >= 0.9
 
 
 def test_two_input_text_model_label_free(build_fixture, tmp_path, capsys):
@@ -135,12 +150,12 @@ def test_two_input_text_model_label_free(build_fixture, tmp_path, capsys):
     assert [i["name"] for i in doc["evaluation"]["inputs"]] == ["input_ids", "attention_mask"]
     assert "accuracy" not in doc["baseline"]
     by = {c["name"]: c for c in doc["configs"]}
-    for name, (agree, lo, hi) in {"quantize:dynamic": (0.98, 36, 50),     # measured 0.995, 42.8 dB
-                                  "quantize:static-qdq": (0.98, 32, 44),  # measured 0.993, 37.6 dB
-                                  "fp16": (1.0, 60, 100)}.items():        # measured 1.000, 74.2 dB
+    # floors, not targets (measured on AVX2: 0.995 / 42.8 dB, 0.993 / 37.6 dB, 1.000 / 74.2 dB)
+    for name, (agree, lo) in {"quantize:dynamic": (0.97, 25), "quantize:static-qdq": (0.97, 20),
+                              "fp16": (0.99, 50)}.items():
         f = by[name]["fidelity"]
-        assert f["top1_agreement"] >= agree and lo <= f["sqnr_db"] <= hi, (name, f)
-        assert f["cosine"] > 0.999 and "accuracy" not in by[name]
+        assert f["top1_agreement"] >= agree and f["sqnr_db"] >= lo, (name, f)
+        assert f["cosine"] > 0.99 and "accuracy" not in by[name]
         assert by[name]["marks"][0]["ber"] == 0.0
         # int8 moves the margins little: the weight is dequantized with its own scale, not with the
         # product of the embedding's and the weight's scales that ConvInteger's output is multiplied by

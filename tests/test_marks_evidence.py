@@ -115,8 +115,12 @@ def test_key_new_verify_show_and_tampering(tmp_path, capsys):
     assert "bits are not derived" in capsys.readouterr().err
     c = evidence.classify_mark(keys.load_key(tmp_path / "tampered.json").whitebox[0])
     assert c["kind"] == "uncommitted" and "bits are not derived" in c["sentence"]
-    # bad date: one line, exit 2
+    # bad date: one line, exit 2, no key written
+    capsys.readouterr()
     assert main(args[:7] + ["15/01/2026"] + args[8:-1] + [str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "15/01/2026" in err[0], err
+    assert not (tmp_path / "x.json").exists()
 
 
 def _fixture_dir(name):

@@ -1,10 +1,13 @@
 """The hash model under deployment attacks, and the model fingerprint (auditor/phash).
 
 Measured on the `phash` fixture (VAE hash; 200 unseen Signal edits + 100 edits
-of unseen photographs): int8 static QDQ per-channel flips 5 of 300 decisions
+of unseen photographs; AVX2 CPU): int8 static QDQ per-channel flips 5 of 300 decisions
 (TPR 0.94 -> 0.95, FPR 0.11 -> 0.14), fp16 flips 0; 50 % magnitude pruning breaks
 the hash (176 flips, TPR 0.275). Fingerprint scores vs the owner's model: fine-tuned
 0.97, int8 / fp16 / 30 %-pruned copies >= 0.99, independently trained models -0.12 / -0.05.
+The tests assert the claims (int8 and fp16 flip few decisions, pruning half breaks the
+hash), not these counts, which depend on the CPU's int8 kernels and on the training run
+of the fixture (docs/measured.md).
 """
 import json
 
@@ -33,13 +36,13 @@ def table(fx):
 
 def test_int8_qdq_per_channel_flips(table):
     b = table["before"]
-    assert b["tpr"] == pytest.approx(0.94) and b["fpr"] == pytest.approx(0.11)
+    assert b["tpr"] >= 0.85 and b["fpr"] <= 0.3  # measured 0.94 / 0.11
     rows = {r["attack"]: r for r in table["attacks"]}
     q = rows["quantize:static-qdq-per-channel"]
-    assert 1 <= q["flips"] <= 8  # measured: 5 of 300 (2 Signal, 3 Noise)
-    assert abs(q["tpr"] - b["tpr"]) <= 0.02 and abs(q["fpr"] - b["fpr"]) <= 0.05
-    assert 0 < q["centroid_drift_r"] < 0.1  # int8 moves the Signal centroid by ~0.03 R
-    assert rows["fp16"]["flips"] == 0 and rows["fp16"]["centroid_drift_r"] < 0.01
+    assert q["flips"] <= 15  # at most 5 % of the 300 decisions (measured: 5, 2 Signal and 3 Noise)
+    assert abs(q["tpr"] - b["tpr"]) <= 0.05 and abs(q["fpr"] - b["fpr"]) <= 0.1
+    assert 0 < q["centroid_drift_r"] < 0.1  # int8 moves the Signal centroid a little (~0.03 R measured)
+    assert rows["fp16"]["flips"] <= 2 and rows["fp16"]["centroid_drift_r"] < 0.01
 
 
 def test_pruning_half_breaks_the_hash(table):
@@ -59,6 +62,8 @@ def test_cli_survive_writes_result(fx, tmp_path, capsys):
     assert main(["phash", "survive", str(fx / "model.onnx"), "--hash", str(fx / "hash_vae.json"),
                  "--signal", str(fx / "signal_png"), "--noise", str(fx / "signal_png"),
                  "--attacks", "quantize:nonsense", "-o", str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nonsense" in err[0], err
     assert not (tmp_path / "t.json").exists()
 
 
@@ -87,7 +92,7 @@ def test_fingerprint_derived_vs_independent(fx, derived):
     indep = [fp.fingerprint(fx / f"independent{i}" / "model.onnx", ref, probes, layer=layer) for i in (1, 2)]
     assert all(s >= 0.99 for k, s in scores.items() if k != "finetuned"), scores
     assert scores["finetuned"] >= 0.9
-    assert all(not r["derived"] and abs(r["score"]) < 0.3 for r in indep)  # false positives: 0 of 2
+    assert all(not r["derived"] and r["score"] < 0.4 for r in indep)  # false positives: 0 of 2 (-0.12, -0.05)
     assert min(scores.values()) - max(r["score"] for r in indep) > 0.6
 
 
@@ -102,3 +107,5 @@ def test_fingerprint_cli(fx, capsys):
                  "--probes", probes, "--layer", layer]) == 1
     assert main(["phash", "fingerprint", str(fx / "independent1" / "model.onnx"), "--reference", ref,
                  "--probes", probes, "--layer", "missing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'missing'" in err[0], err

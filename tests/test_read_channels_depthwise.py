@@ -312,7 +312,7 @@ def test_scan_with_reference_and_twin(mb, src, tmp_path):
     p = _obfuscated(mb, src, ALL, tmp_path)
     f = _scan(p, mb / "key.json", (mb / "kept.onnx",))
     if src == "twin":
-        assert f["verdict"] == "not detected" and f["matches"] <= 90 and f["log10_p_corrected"] > -1, f
+        assert f["verdict"] == "not detected" and f["matches"] <= 90 and f["log10_p_corrected"] > -3, f
         assert _scan(p, mb / "key.json")["verdict"] == "not detected"
     else:
         assert f["verdict"] == "detected" and f["matches"] == 128 and f["log10_p_corrected"] < -38, f

@@ -45,8 +45,9 @@ def gate_result(build_fixture, tmp_path_factory):
     r = subprocess.run([sys.executable, "-m", "auditor", "gate", str(d / "model.onnx"), "--key", str(d / "key.json"),
                         "--policy", str(tmp / "policy.toml"), "-o", str(tmp / "gate.json")],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "CI": "true"})
-    assert r.returncode in (0, 1), r.stderr
-    return tmp, json.loads((tmp / "gate.json").read_text())
+    doc = json.loads((tmp / "gate.json").read_text())
+    assert r.returncode == (0 if doc["verdict"] == "pass" else 1), r.stderr
+    return tmp, doc
 
 
 def _render_cli(paths, out):

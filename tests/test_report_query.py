@@ -16,9 +16,9 @@ def test_query_logos_embedded_in_report(build_fixture, tmp_path, capsys):
     rc = main(["query", str(d / "marked.onnx"), "--key", str(d / "key.json"), "--backend", "ort-cpu",
                "--permutations", "200", "--json"])
     out = capsys.readouterr().out
-    assert rc in (0, 1)
     (tmp_path / "query.json").write_text(out)
     doc = json.loads(out)
+    assert rc == 0  # the marked model: the logo is detected (the banner below says so)
     assert main(["report", str(tmp_path / "query.json"), "-o", str(tmp_path / "r.html")]) == 0
     html = (tmp_path / "r.html").read_text()
     figs = re.findall(r'<img alt="decoded logo, (\d+) key images" src="data:image/png;base64,([^"]+)"', html)

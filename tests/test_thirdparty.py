@@ -230,11 +230,9 @@ def test_foreign_mark_on_an_unmarked_file(name, tmp_path, capsys):
     rc, d = _extract(path, key, capsys)
     assert rc == 0 and _ber(d) == 0.0
     assert d["result"]["marks"][0]["location"]["weight"] == param
-    # after onnxruntime's dynamic int8 quantization the same parameter is still found
-    try:
-        q = quantize(onnx.load(str(path)), "dynamic")
-    except AuditError:
-        return  # onnxruntime could not quantize this file: see test_dynamic_int8_dequantizes_within_one_step
+    # after onnxruntime's dynamic int8 quantization the same parameter is still found (the release in
+    # requirements.lock quantizes every marked file: DYNAMIC_OUTCOME)
+    q = quantize(onnx.load(str(path)), "dynamic")
     qpath = tmp_path / "int8.onnx"
     onnx.save(q.model, str(qpath))
     rc, d = _extract(qpath, key, capsys)
@@ -323,6 +321,16 @@ def test_prune_half_is_exact_and_the_model_still_runs(name):
     assert all(np.isfinite(np.asarray(o, dtype=np.float64)).all() for o in outs)
 
 
+# What onnxruntime 1.32 (requirements.lock) does with each file under quantize_dynamic; any other
+# file: "quantized". Another release may do otherwise (1.31 failed on captcha_crnn).
+DYNAMIC_OUTCOME = {"silero_vad.onnx": "left float"}
+
+
+def _expect_dynamic(name: str, outcome: str) -> None:
+    if ort.__version__.startswith("1.32."):
+        assert outcome == DYNAMIC_OUTCOME.get(name, "quantized"), (name, outcome, ort.__version__)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_dynamic_int8_dequantizes_within_one_step(name, tmp_path):
     """Whatever onnxruntime's quantize_dynamic does with a file, our behaviour is defined:
@@ -336,6 +344,7 @@ def test_dynamic_int8_dequantizes_within_one_step(name, tmp_path):
         q = quantize(onnx.load(str(path)), "dynamic")
     except AuditError as e:
         assert str(e).startswith("quantize_dynamic failed: ") and "\n" not in str(e)
+        _expect_dynamic(name, "failed")
         return
     qpath = tmp_path / "int8.onnx"
     onnx.save(q.model, str(qpath))
@@ -345,7 +354,9 @@ def test_dynamic_int8_dequantizes_within_one_step(name, tmp_path):
         # pre-processing may fold or rename constants, but every weight keeps its float values
         originals = {(w.shape, float_store.array(w.name).tobytes()) for w in float_store.weights}
         assert all((w.shape, qs.array(w.name).tobytes()) in originals for w in qs.weights)
+        _expect_dynamic(name, "left float")
         return
+    _expect_dynamic(name, "quantized")
     labels = {w.quant for w in quantized}
     assert labels <= {"ConvInteger", "MatMulInteger", "DynamicQuantizeLSTM", "qdq-per-tensor"}
     for w in quantized:
