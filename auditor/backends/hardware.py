@@ -95,7 +95,8 @@ def measured_on_lines(doc: dict[str, Any]) -> list[str]:
     """'measured on ...' lines for a result document: one per target it ran on."""
     hw = doc.get("hardware") or {}
     per = hw.get("targets") or {hw.get("target", "native"): hw}
-    return [f"measured on {summary(rec)}" for rec in per.values()]
+    return [f"{'computed' if rec.get('ran_model') is False else 'measured'} on {summary(rec)}"
+            for rec in per.values()]
 
 
 def brief(rec: dict[str, Any] | None = None) -> dict[str, Any]:

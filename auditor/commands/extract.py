@@ -7,6 +7,7 @@ from pathlib import Path
 
 from auditor.commands import _types
 from auditor import results
+from auditor.backends.hardware import measured_on_lines
 from auditor.marks import stats
 from auditor.errors import AuditError
 from auditor.marks.keys import load_key
@@ -115,7 +116,7 @@ def render(doc: dict) -> str:
     ev = r.get("evidence") or doc.get("evidence") or {}
     if ev:
         lines.append(f"EVIDENCE: {ev['kind'].upper()} ({ev['sentence']})")
-    return "\n".join(lines)
+    return "\n".join(lines + measured_on_lines(doc))
 
 
 def render_null(m: dict) -> list[str]:

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from auditor import results
+from auditor.backends.hardware import measured_on_lines
 from auditor.commands import _types
 from auditor.errors import AuditError
 from auditor.report import fmt_p
@@ -88,7 +89,7 @@ def render(doc: dict) -> str:
              f"reference  {doc['reference']['path']}  ({doc['reference']['sha256'][:19]}…)",
              f"method     {r.get('method', 'weights')}"]
     if r.get("method") == "phash":
-        return "\n".join(lines + _render_phash(r))
+        return "\n".join(lines + _render_phash(r) + measured_on_lines(doc))
     lines += [f"null       {r['null']}", ""]
     for l in r["layers"]:
         lines.append(f"  {l['weight']:<28} rows {l['rows_above_rho0']:>4}/{l['rows']:<4} above rho0  "
@@ -115,7 +116,7 @@ def render(doc: dict) -> str:
         lines.append(f"calibration: {cal['false_positives']}/{cal['n']} independent models called derived "
                      f"(smallest combined p 10^{cal['min_log10_p']:.1f})")
     lines.append(f"VERDICT: {r['verdict'].upper()} (alpha {r['alpha']:g})")
-    return "\n".join(lines)
+    return "\n".join(lines + measured_on_lines(doc))
 
 
 def _render_phash(r: dict) -> list[str]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from auditor import results
+from auditor.backends.hardware import measured_on_lines
 from auditor.commands import _types
 from auditor.errors import AuditError
 from auditor.marks import stats
@@ -96,4 +97,4 @@ def render(doc: dict) -> str:
         lines.append(f"limit  {c}")
     lines.append("")
     lines.append(f"VERDICT: {r['verdict'].upper()} ({r['detected']} of {len(r['findings'])} marks detected)")
-    return "\n".join(lines)
+    return "\n".join(lines + measured_on_lines(doc))

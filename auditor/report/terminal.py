@@ -71,7 +71,7 @@ def _header(doc: dict[str, Any]) -> str:
     lines.append(f"command:    {doc.get('command', '-')}")
     from auditor.backends.hardware import measured_on_lines
 
-    lines += [f"hardware:   {ln[len('measured on '):]}" for ln in measured_on_lines(doc)]
+    lines += [f"hardware:   {ln.split(' on ', 1)[1]}" for ln in measured_on_lines(doc)]
     return "\n".join(lines) + "\n"
 
 
