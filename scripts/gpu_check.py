@@ -83,28 +83,11 @@ def gpu_record() -> dict:
 
 
 def host_record() -> dict:
-    """The CPU as this process sees it (numpy's runtime-detected features) and the platform."""
-    import numpy as np
+    """The CPU as this process sees it: wmaudit's hardware record (auditor/backends/hardware.py:
+    CPUID through archspec, the kernel-selecting features incl. AVX-VNNI and AMX)."""
+    from auditor.backends.hardware import process_record
 
-    feats = {}
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as feats  # numpy >= 2
-    except ImportError:
-        try:
-            from numpy.core._multiarray_umath import __cpu_features__ as feats
-        except ImportError:
-            pass
-    # the features that select onnxruntime's kernels (numpy's names; numpy has no AVX-VNNI, AMX or i8mm)
-    keep = ("X86_V2", "X86_V3", "X86_V4", "AVX2", "FMA3", "AVX512F", "AVX512BW", "AVX512VL", "AVX512VNNI",
-            "AVX512BF16", "ASIMD", "ASIMDDP", "SVE")
-    model = ""
-    try:
-        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                      if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "cpu_model": model, "python": platform.python_version(),
-            "numpy": np.__version__, "cpu_features": {k: bool(feats[k]) for k in keep if k in feats}}
+    return process_record()
 
 
 def prepare(fixtures: Path, work: Path) -> tuple[dict[str, Path], "object"]:
@@ -137,7 +120,7 @@ def _infer(path: Path, target: str, x) -> tuple[object, list[float], dict]:
             t0 = time.perf_counter()
             r.infer_batches(x, 64)
             times.append(time.perf_counter() - t0)
-        return y, times, r.describe()
+        return y, times, dict(r.describe(), hardware=getattr(r, "hardware", None))
 
 
 def run_target(target: str, files: dict[str, Path], x, ref) -> dict:
