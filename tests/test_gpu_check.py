@@ -114,7 +114,7 @@ def test_measuring_path_on_the_cpu_provider(build_fixture, tmp_path):
     import onnxruntime
 
     assert hw["onnxruntime_lock"] == "1.32.0" and hw["gpu"]["onnxruntime"]["version"] == onnxruntime.__version__
-    assert hw["host"]["numpy"] == numpy.__version__ and "avx2" in hw["host"]["cpu"]["features"]
+    assert hw["host"]["numpy"] == numpy.__version__ and hw["host"]["cpu"]["features"]
     if not shutil.which("nvidia-smi"):
         assert "error" in hw["gpu"]["nvidia_smi"]
     assert "ort-cpu" in r.stdout and f"wrote {out}" in r.stdout
