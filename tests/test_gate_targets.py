@@ -52,8 +52,15 @@ def test_fidelity_gap_is_explained_only_where_the_kernel_difference_applies():
     assert "try" not in by["fp16"] and "no known kernel difference" in by["fp16"]["why"]
     # two CPUs without VNNI: the gap is not blamed on VNNI
     assert "try" not in fidelity_gaps(rows[:1], {"native": avx2, "x86-64-v3": avx2})[0]
+    # SSE4.1 kernels (no AVX2) widen before multiplying: an AVX2 cell is explained against them
+    sse = _record("x86_64")
+    assert "vpmaddubsw" in fidelity_gaps(rows[:1], {"native": sse, "x86-64-v3": avx2})[0]["why"]
     # Arm accumulates in 32 bits: the AVX2 cell is explained against it
     assert "no VNNI" in fidelity_gaps(rows[:1], {"native": arm, "x86-64-v3": avx2})[0]["why"]
+    # fp16 on Arm with FP16 arithmetic runs in half precision
+    half = {"cpu": {"arch": "aarch64", "features": {"asimd": True, "asimdhp": True}}}
+    fp16 = fidelity_gaps(rows[1:2], {"native": vnni, "x86-64-v3": half})[0]
+    assert "half precision" in fp16["why"] and "try" not in fp16
     m = matrix([{"name": "int8", "steps": "quantize:static-qdq", "verdict": "detected", "targets": rows[0][2]}],
                ("native", "x86-64-v3"))
     assert m["rows"][0]["cells"]["x86-64-v3"]["sqnr_db"] == 21.0 and m["rows"][0]["cells"]["native"]["survived"]

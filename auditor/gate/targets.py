@@ -6,13 +6,15 @@ computes. The matrix therefore holds, per attack and target, the mark's verdict
 and the task's fidelity (SQNR, top-1 agreement, accuracy) on that target.
 
 ``fidelity_gaps`` explains a target whose fidelity is far below the best
-target's for the same attack, in words a user can act on. The one cause named
-with a remedy is the known one: on x86 without VNNI (no AVX512-VNNI, AVX-VNNI
-or AMX), onnxruntime's u8s8 int8 kernels multiply unsigned 8-bit activations by
-signed 8-bit weights with ``vpmaddubsw``, which adds pairs of products into
-16-bit lanes that saturate (oneDNN documents this as the "nuances of int8
-computations"); the same file on a VNNI or Arm CPU accumulates in 32 bits.
-Other gaps are reported as measured, without a guessed cause.
+target's for the same attack, in words a user can act on. The cause named with
+remedies is the known one: on x86 with AVX2 and no VNNI (no AVX512-VNNI,
+AVX-VNNI or AMX), onnxruntime's u8s8 int8 kernels multiply unsigned 8-bit
+activations by signed 8-bit weights with ``vpmaddubsw``, which adds pairs of
+products into 16-bit lanes that saturate (oneDNN documents this as the "nuances
+of int8 computations"); the same file on a VNNI or Arm CPU accumulates in 32
+bits, and the SSE4.1 kernels widen operands first. fp16 models on Arm CPUs with
+FP16 arithmetic run in half precision. Other gaps are reported as measured,
+with the facts that bear on them (i8mm kernels, emulation), without a guessed cause.
 """
 from __future__ import annotations
 
@@ -52,12 +54,22 @@ def _has_int8(steps: str) -> bool:
     return "quantize:" in steps or "int4" in steps
 
 
-def _lacks_vnni(rec: dict[str, Any] | None) -> bool | None:
+def _saturating_u8s8(rec: dict[str, Any] | None) -> bool:
+    """x86 with AVX2 and no VNNI: onnxruntime's u8s8 kernels there use vpmaddubsw, whose 16-bit
+    pair sums saturate. With VNNI (vpdpbusd) they accumulate in 32 bits; without AVX2 (SSE4.1)
+    the kernels widen to 16 bits before multiplying (pmaddwd); Arm uses 32-bit dot products."""
     cpu = (rec or {}).get("cpu") or {}
     feats = cpu.get("features")
     if cpu.get("arch") not in ("x86_64", "AMD64") or not isinstance(feats, dict):
-        return None
-    return not any(feats.get(f) for f in VNNI_FEATURES)
+        return False
+    return bool(feats.get("avx2")) and not any(feats.get(f) for f in VNNI_FEATURES)
+
+
+def _half_arithmetic(rec: dict[str, Any] | None) -> bool:
+    """Arm with FP16 vector arithmetic: onnxruntime runs fp16 nodes in half precision there (x86
+    without AVX512-FP16 converts them to fp32)."""
+    cpu = (rec or {}).get("cpu") or {}
+    return cpu.get("arch") == "aarch64" and bool((cpu.get("features") or {}).get("asimdhp"))
 
 
 def fidelity_gaps(rows, hardware: dict[str, dict[str, Any]], gap_db: float = GAP_DB) -> list[dict[str, Any]]:
@@ -77,11 +89,15 @@ def fidelity_gaps(rows, hardware: dict[str, dict[str, Any]], gap_db: float = GAP
                 continue
             note: dict[str, Any] = {"attack": name, "target": t, "sqnr_db": v, "best_target": best,
                                     "best_sqnr_db": vals[best], "gap_db": gap}
-            if _has_int8(steps) and _lacks_vnni(hardware.get(t)) and not _lacks_vnni(hardware.get(best)):
-                note["why"] = (f"{t} has no VNNI (AVX512-VNNI, AVX-VNNI or AMX): onnxruntime's u8s8 int8 kernels "
-                               f"there add pairs of 8-bit products into 16-bit sums (vpmaddubsw) that can saturate, "
-                               f"where {best} accumulates in 32 bits")
+            if _has_int8(steps) and _saturating_u8s8(hardware.get(t)) and not _saturating_u8s8(hardware.get(best)):
+                note["why"] = (f"{t} has AVX2 but no VNNI (AVX512-VNNI, AVX-VNNI or AMX): onnxruntime's u8s8 int8 "
+                               f"kernels there add pairs of 8-bit products into 16-bit sums (vpmaddubsw) that can "
+                               f"saturate, where {best} does not (32-bit dot products with VNNI or on Arm, operands "
+                               f"widened to 16 bits before the multiply on SSE4.1)")
                 note["try"] = [r for r in REMEDIES if not ("per-channel quantization" in r and "per-channel" in steps)]
+            elif "fp16" in steps and _half_arithmetic(hardware.get(t)) and not _half_arithmetic(hardware.get(best)):
+                note["why"] = (f"{t} has FP16 vector arithmetic (asimdhp): onnxruntime computes the fp16 model's "
+                               f"nodes in half precision there, where {best} converts them to fp32")
             else:
                 note["why"] = (f"measured: {t} computes this attacked model {gap:.1f} dB less faithfully than {best}; "
                                f"no known kernel difference explains it")
