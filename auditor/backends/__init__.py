@@ -29,8 +29,10 @@ def availability(backend: str) -> tuple[bool, str]:
     """(usable here, why not) without building anything."""
     from auditor.backends import targets
 
-    if backend not in BACKENDS:
-        return False, f"unknown target (expected one of {', '.join(targets.NAMES)})"
+    try:
+        targets.resolve(backend)
+    except AuditError as e:
+        return False, str(e)
     ok, why, fix = targets.availability(backend)
     return ok, why + (f" (run: {fix})" if fix and not ok else "")
 

@@ -289,6 +289,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
 
                 so = ort.SessionOptions()
                 so.log_severity_level = 3
+                for k, v in (header.get("session_config") or {}).items():
+                    so.add_session_config_entry(str(k), str(v))
                 threads = header.get("threads")
                 if threads:
                     so.intra_op_num_threads = int(threads)

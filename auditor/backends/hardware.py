@@ -78,6 +78,8 @@ def summary(rec: dict[str, Any] | None) -> str:
              "features " + (",".join(on) if on else "none of the kernel-selecting ones"),
              f"onnxruntime {ort.get('version') or '?'}" + (f" {ort['execution_provider']}"
                                                            if ort.get("execution_provider") else "")]
+    if ort.get("session_config"):
+        parts.append("session " + ",".join(f"{k}={v}" for k, v in ort["session_config"].items()))
     threads = ort.get("intra_op_threads")
     if isinstance(threads, int):
         parts.append(f"{threads} thread(s)")

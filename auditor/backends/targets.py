@@ -62,11 +62,13 @@ class Target:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     emulator: str | None = None
     emulator_cpu: str | None = None
+    session_config: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
+    base: str | None = None  # the target this one adds session options to
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "stands_for": self.stands_for,
                 "emulator": self.emulator, "emulator_cpu": self.emulator_cpu,
-                "providers": list(self.providers)}
+                "providers": list(self.providers), "session_config": dict(self.session_config)}
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
@@ -88,14 +90,41 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 ALIASES = {"ort-cpu": "native"}
 NAMES = tuple(TARGETS)
 CHOICES = NAMES + tuple(ALIASES)
+# ``TARGET+OPTION``: a CPU target with an onnxruntime session option a deployer can set.
+# x64quantprecision: onnxruntime's slower x64 int8 kernels that do not saturate 16-bit sums on
+# AVX2 CPUs without VNNI (the session config key session.x64quantprecision).
+SESSION_OPTIONS = {"x64quantprecision": (("session.x64quantprecision", "1"),)}
 
 
 def resolve(name: str) -> Target:
-    """The target called ``name`` (an old backend name is accepted)."""
-    t = TARGETS.get(ALIASES.get(name, name))
+    """The target called ``name``: a target, an old backend name, or ``TARGET+OPTION`` with an
+    onnxruntime session option (``SESSION_OPTIONS``) on an x86 CPU target."""
+    base, *opts = str(name).split("+")
+    t = TARGETS.get(ALIASES.get(base, base))
     if t is None:
-        raise AuditError(f"unknown target {name!r} (known: {', '.join(NAMES)}; ort-cpu = native)")
-    return t
+        raise AuditError(f"unknown target {name!r} (known: {', '.join(NAMES)}; ort-cpu = native; "
+                         f"TARGET+{'|'.join(SESSION_OPTIONS)} adds a session option)")
+    if not opts:
+        return t
+    for o in opts:
+        if o not in SESSION_OPTIONS:
+            raise AuditError(f"unknown session option {o!r} in target {name!r} (known: {', '.join(SESSION_OPTIONS)})")
+    if t.kind == "gpu" or t.emulator == "qemu-aarch64":
+        raise AuditError(f"target {name!r}: {', '.join(opts)} applies to x86 CPU targets only")
+    config = tuple(kv for o in dict.fromkeys(opts) for kv in SESSION_OPTIONS[o])
+    return Target(f"{t.name}+{'+'.join(dict.fromkeys(opts))}", t.kind,
+                  f"{t.stands_for}, with onnxruntime session option(s) {', '.join(f'{k}={v}' for k, v in config)}",
+                  t.providers, t.emulator, t.emulator_cpu, config, t.name)
+
+
+def target_name(value: str) -> str:
+    """argparse type of --target: a name ``resolve`` accepts (one line otherwise)."""
+    import argparse
+
+    try:
+        return resolve(value).name if "+" in value else (value if value in CHOICES else resolve(value).name)
+    except AuditError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def aarch64_root() -> Path:
@@ -114,6 +143,8 @@ def _emulator_version(binary: str) -> str | None:
 def availability(name: str) -> tuple[bool, str, str]:
     """(usable here, why not, the one command that makes it available)."""
     t = resolve(name)
+    if t.base:
+        return availability(t.base)
     if t.kind == "native":
         return True, "", ""
     if t.kind == "emulated":
@@ -224,7 +255,8 @@ class TargetRunner:
             raise AuditError(f"target {self.name}: cannot start the model's process ({e.strerror})") from None
         try:
             reply, _ = self._request({"op": "open", "model": str(self.model_path.resolve()),
-                                      "providers": list(self.target.providers), "threads": self.threads})
+                                      "providers": list(self.target.providers), "threads": self.threads,
+                                      "session_config": dict(self.target.session_config)})
         except BaseException:
             self.__exit__()
             raise
@@ -359,6 +391,8 @@ def annotate(record: dict[str, Any], target: Target) -> dict[str, Any]:
     """The child's record plus what only the parent knows: the target and the emulator."""
     rec = dict(record)
     rec["target"] = target.name
+    if target.session_config:
+        rec["onnxruntime"] = dict(rec.get("onnxruntime") or {}, session_config=dict(target.session_config))
     rec["stands_for"] = target.stands_for
     if target.kind == "emulated":
         rec["emulated"] = {"emulator": target.emulator, "version": _emulator_version(shutil.which(target.emulator)

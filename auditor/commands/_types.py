@@ -57,12 +57,12 @@ def fraction_to_one(s: str) -> float:
 
 def add_target_argument(p: argparse.ArgumentParser) -> None:
     """``--target`` (repeatable; default native) and ``--backend``, its old name."""
-    from auditor.backends.targets import CHOICES, NAMES
+    from auditor.backends.targets import NAMES, target_name
 
-    p.add_argument("--target", action="append", choices=CHOICES, default=None, metavar="TARGET",
+    p.add_argument("--target", action="append", type=target_name, default=None, metavar="TARGET",
                    help=f"where the model runs (repeatable): {', '.join(NAMES)}; default native. "
                         "`wmaudit targets` lists which are available here")
-    p.add_argument("--backend", action="append", choices=CHOICES, dest="target", help=argparse.SUPPRESS)
+    p.add_argument("--backend", action="append", type=target_name, dest="target", help=argparse.SUPPRESS)
 
 
 def targets_of(args) -> list[str]:

@@ -49,9 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let quant_pre_process fold BatchNorm into conv weights (kept by default)")
     p.add_argument("--order", default="prune,quantize", help="order of the steps (prune,quantize or quantize,prune)")
     p.add_argument("-o", "--output", required=True, help="attacked ONNX file (written atomically)")
-    from auditor.backends.targets import CHOICES
+    from auditor.backends.targets import target_name
 
-    p.add_argument("--target", action="append", choices=CHOICES, metavar="TARGET",
+    p.add_argument("--target", action="append", type=target_name, metavar="TARGET",
                    help="measure the attacked model against the original on --data on this target "
                         "(repeatable: native, x86-64-v3, x86-64-v2, aarch64, ort-cuda, ort-trt, tensorrt)")
     p.add_argument("--eval-samples", type=int, default=512, help="examples for the --target evaluation")

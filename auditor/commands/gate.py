@@ -32,9 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, help="examples for accuracy / fidelity (overrides accuracy.samples)")
     p.add_argument("--seed", type=int, help="seed of the data subsets (overrides accuracy.seed and calibration.seed)")
     p.add_argument("--junit", metavar="OUT.xml", help="write JUnit XML (one testcase per requirement)")
-    from auditor.backends.targets import CHOICES
+    from auditor.backends.targets import target_name
 
-    p.add_argument("--target", action="append", choices=CHOICES, metavar="TARGET",
+    p.add_argument("--target", action="append", type=target_name, metavar="TARGET",
                    help="also run the attacked models on this target (repeatable; added to the policy's "
                         "targets, never replacing them)")
     p.add_argument("-o", "--output", metavar="OUT.json", help="write the result JSON to this file")

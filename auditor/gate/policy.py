@@ -255,7 +255,11 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
         if not isinstance(b, str):
             raise AuditError(f"'{field_name}[{i}]' must be a string, got {_type_name(b)} {b!r}")
         if b not in BACKENDS:
-            raise AuditError(f"unknown target '{b}' in '{field_name}' (known: {', '.join(BACKENDS)})")
+            try:
+                resolve(b)
+            except AuditError:
+                raise AuditError(f"unknown target '{b}' in '{field_name}' (known: {', '.join(BACKENDS)}; "
+                                 f"TARGET+x64quantprecision adds that session option)") from None
     if len({resolve(b).name for b in backends}) != len(backends):
         raise AuditError(f"'{field_name}' names a target twice")
     raw_tt = _get(doc, "target_thresholds", (dict,), "", {})

@@ -25,7 +25,8 @@ VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 REMEDIES = ("quantize:MODE:reduce-range (7-bit weights: pairs of products cannot saturate 16 bits)",
             "quantize:MODE:uint8-weights (QUInt8 weights: onnxruntime's u8u8 path)",
             "per-channel quantization (static-qdq-per-channel, static-qop-per-channel)",
-            "the onnxruntime session option session.x64quantprecision=1 (slower kernels that do not saturate)")
+            "the onnxruntime session option session.x64quantprecision=1 (slower kernels that do not saturate; "
+            "measure it with --target TARGET+x64quantprecision)")
 
 
 def _sqnr(d: dict[str, Any]) -> float | None:
@@ -62,6 +63,8 @@ def _saturating_u8s8(rec: dict[str, Any] | None) -> bool:
     feats = cpu.get("features")
     if cpu.get("arch") not in ("x86_64", "AMD64") or not isinstance(feats, dict):
         return False
+    if ((rec or {}).get("onnxruntime") or {}).get("session_config", {}).get("session.x64quantprecision") == "1":
+        return False  # onnxruntime's precise x64 int8 kernels: no 16-bit pair sums
     return bool(feats.get("avx2")) and not any(feats.get(f) for f in VNNI_FEATURES)
 
 
@@ -93,7 +96,8 @@ def fidelity_gaps(rows, hardware: dict[str, dict[str, Any]], gap_db: float = GAP
                 note["why"] = (f"{t} has AVX2 but no VNNI (AVX512-VNNI, AVX-VNNI or AMX): onnxruntime's u8s8 int8 "
                                f"kernels there add pairs of 8-bit products into 16-bit sums (vpmaddubsw) that can "
                                f"saturate, where {best} does not (32-bit dot products with VNNI or on Arm, operands "
-                               f"widened to 16 bits before the multiply on SSE4.1)")
+                               f"widened to 16 bits before the multiply on SSE4.1 or with the session option "
+                               f"session.x64quantprecision=1)")
                 note["try"] = [r for r in REMEDIES if not ("per-channel quantization" in r and "per-channel" in steps)]
             elif "fp16" in steps and _half_arithmetic(hardware.get(t)) and not _half_arithmetic(hardware.get(best)):
                 note["why"] = (f"{t} has FP16 vector arithmetic (asimdhp): onnxruntime computes the fp16 model's "
