@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-
 from auditor.commands import _types
 from auditor import results
 from auditor.marks import stats
 from auditor.errors import AuditError
 from auditor.marks.keys import load_key
+from auditor.marks.manifest import check_manifest, load_manifest  # noqa: F401 (re-exported)
 from auditor.report import fmt_p
 
 HELP = "extract white-box (Uchida) marks from an ONNX file and give a verdict"
@@ -35,29 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
     p.add_argument("-o", "--output", help="also write the result JSON to this file")
 
-
-
-def load_manifest(path: str | None) -> dict | None:
-    """The exporter's manifest: a JSON object whose 'params' maps torch names to
-    {"onnx": str, "transform": str, ...}; AuditError (one line) otherwise."""
-    if path is None:
-        return None
-    from auditor.marks.keys import read_json
-
-    p = Path(path)
-    if not p.exists():
-        raise AuditError(f"manifest not found: {path}")
-    doc = read_json(p, "manifest")
-    return check_manifest(doc, str(path))
-
-
-def check_manifest(doc, where: str) -> dict:
-    if not isinstance(doc, dict) or not isinstance(doc.get("params", {}), dict):
-        raise AuditError(f"manifest {where} has no 'params' mapping")
-    for name, entry in doc.get("params", {}).items():
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k, ""), str) for k in ("onnx", "transform")):
-            raise AuditError(f"manifest {where}: params[{name!r}] must be an object with string 'onnx' and 'transform'")
-    return doc
 
 
 def run(args) -> int:

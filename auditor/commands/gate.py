@@ -8,6 +8,7 @@ from pathlib import Path
 
 from auditor import results
 from auditor.errors import AuditError
+from auditor.marks.manifest import default_manifest  # noqa: F401 (re-exported)
 
 HELP = "check a model against a release policy (attacks it must survive, thresholds); JUnit for CI"
 DESCRIPTION = """Apply every attack the policy names to MODEL, extract the key's marks from each
@@ -34,22 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--junit", metavar="OUT.xml", help="write JUnit XML (one testcase per requirement)")
     p.add_argument("-o", "--output", metavar="OUT.json", help="write the result JSON to this file")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
-
-
-def default_manifest(model: str | os.PathLike) -> dict | None:
-    """manifest.json beside the model, when it names this model file."""
-    from auditor.commands.extract import load_manifest
-
-    m = Path(model).with_name("manifest.json")
-    if not m.is_file():
-        return None
-    try:
-        doc = load_manifest(str(m))
-    except AuditError:
-        return None  # not a manifest of ours: the gate locates weights without it
-    if doc.get("onnx") in (None, Path(model).name) and isinstance(doc.get("params"), dict):
-        return doc
-    return None
 
 
 def _write_text(path: str, text: str) -> None:
@@ -96,7 +81,7 @@ def preprocess_for(policy, args):
 
 
 def run(args) -> int:
-    from auditor.commands.extract import load_manifest
+    from auditor.marks.manifest import load_manifest
     from auditor.gate.gate import exit_code, gate_document
     from auditor.marks.keys import load_key
     from auditor.gate.policy import load_policy

@@ -48,7 +48,7 @@ def run(args) -> int:
     from auditor.data.inputs import load_data, preprocess_from_args
     from auditor.marks.keys import load_key
     from auditor.gate.robustness import default_grid, load_grid, load_manifest, run_grid
-    from auditor.commands.extract import load_manifest as load_manifest_file
+    from auditor.marks.manifest import load_manifest as load_manifest_file
 
     model = Path(args.model)
     if not model.is_file():

@@ -48,6 +48,8 @@ from auditor.marks import stats
 from auditor.attacks import compose as compose_mod
 from auditor.attacks import quantize as quantize_mod
 from auditor.errors import AuditError
+# manifest.json beside the model, under the name the grid's callers use
+from auditor.marks.manifest import manifest_beside as load_manifest  # noqa: F401
 
 DEFAULT_PRUNE_RATES = (0.0, 0.5, 0.8, 0.9)
 DEFAULT_QUANTIZE = ("none", "dynamic", "static-qdq", "static-qdq-per-channel", "static-qop", "fp16")
@@ -376,13 +378,3 @@ def _sha(path) -> str:
     from auditor.results import file_sha256
 
     return file_sha256(path)
-
-
-def load_manifest(model_path: Path) -> dict | None:
-    """manifest.json next to the model, when there is one (checked as `wmaudit extract --manifest` does)."""
-    from auditor.commands.extract import load_manifest as load_manifest_file
-
-    p = Path(model_path).parent / "manifest.json"
-    if not p.exists() and not p.is_symlink():
-        return None
-    return load_manifest_file(str(p))
