@@ -36,20 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from auditor.marks.whitebox import extract
+    import wmaudit
 
-    key = load_key(args.key)
-    manifest = load_manifest(args.manifest)
-    if args.null_corpus:
-        from auditor.marks.evidence import expand_corpus
-
-        expand_corpus(args.null_corpus)  # a missing path is an error even when no key needs the null
-    res = extract(args.model, key, manifest=manifest, alpha=args.alpha,
-                  reference=args.reference, marks=args.mark, null_corpus=args.null_corpus)
-    doc = results.envelope("extract", model_path=args.model, key=key,
-                           result=res.to_json(reveal_bits=args.reveal_bits))
-    results.emit(doc, output=args.output, as_json=args.json, render=render)
-    return res.exit_code
+    r = wmaudit.extract(args.model, args.key, manifest=args.manifest, reference=args.reference, marks=args.mark,
+                        alpha=args.alpha, null_corpus=args.null_corpus, reveal_bits=args.reveal_bits,
+                        command=results.command_line())
+    results.emit(r.document, output=args.output, as_json=args.json, render=render)
+    return r.exit_code
 
 
 def render(doc: dict) -> str:

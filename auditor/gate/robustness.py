@@ -300,8 +300,12 @@ class Progress:
 # ---------------------------------------------------------------- the grid
 def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, evaluation=None,
              manifest: dict | None = None, jobs: int | None = None, models_dir: str | os.PathLike | None = None,
-             progress: bool = True, command: str | None = None, reference: str | os.PathLike | None = None) -> dict:
+             progress: bool = True, command: str | None = None, reference: str | os.PathLike | None = None,
+             usability=None) -> dict:
     """Run every config of ``grid`` on the model; returns the result document (envelope 'robustness').
+
+    Survival is counted on the configs that left the model usable (``usability``: an
+    ``auditor.gate.usability.Usability``, default bounds when None); the others are listed.
 
     BatchNorm folding is undone in every attacked copy with the owner's ``reference``
     (BN kept), else the key's anchors, else the unattacked model where a BN still
@@ -358,6 +362,9 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
                "calibrated_models": len(prefixes),
                "baseline_detected": baseline["verdict"] == stats.DETECTED,
                "all_survived": not broken and baseline["verdict"] == stats.DETECTED}
+    from auditor.gate.usability import judge_grid
+
+    summary = judge_grid(configs, summary["baseline_detected"], summary, usability)
     if progress:
         print(f"robustness: {len(configs)} configs in {seconds:.1f}s with {workers} workers; "
               f"calibrations: {len(prefixes)}", file=sys.stderr)
