@@ -192,6 +192,8 @@ def robustness(model: ModelLike, key: KeyLike, *, grid: PathLike | Any | None = 
             raise AuditError(f"{name} must be an integer >= 1, got {v!r}")
     if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
         raise AuditError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if isinstance(model, (str, os.PathLike)):
+        _existing(model, "model")  # before the key: the model is the first thing named
     usability = Usability(DEFAULT_MIN_TOP1_AGREEMENT if min_top1_agreement is None else float(min_top1_agreement),
                           DEFAULT_MAX_ACCURACY_DROP if max_accuracy_drop is None else float(max_accuracy_drop))
     k = _key(key)

@@ -95,36 +95,37 @@ def run(args) -> int:
 
 def render(doc: dict) -> str:
     """A table: config, BER, log10 p (corrected, as extract reports it), min margin, normalised
-    min margin, accuracy, top-1 agreement and SQNR against the unattacked model, verdict."""
+    min margin, accuracy, top-1 agreement and SQNR against the unattacked model, whether the
+    model stayed usable, the mark's verdict; then the headline (survival on usable configs)."""
+    from auditor.gate.usability import headline
+    from auditor.report.terminal import table
+
     lines = []
     ev = doc.get("evaluation")
     if ev and ev.get("synthetic"):
         lines.append(f"note: {ev['caveat']}")
-    lines.append(f"{'config':44s} {'BER':>6s} {'log10 p':>8s} {'m_min':>7s} {'nm_min':>7s} {'acc':>6s} "
-                 f"{'agree':>6s} {'SQNR dB':>8s}  verdict")
 
     def row(name, r):
         mk = r["marks"][0]
-        acc = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
         bn = f" (BN {mk['batchnorm']})" if mk.get("batchnorm") in ("folded", "probably-folded") else ""
         fid = r.get("fidelity") or {}
-        agree = f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "-"
-        sq = f"{fid['sqnr_db']:.1f}" if isinstance(fid.get("sqnr_db"), (int, float)) else "-"
-        lp = mk.get("log10_p_corrected", mk["log10_p"])
-        return (f"{name[:44]:44s} {mk['ber']:6.3f} {lp:8.1f} {mk['margin_min']:7.3f} "
-                f"{mk.get('normalized_margin_min', 0.0):7.4f} {acc:>6s} {agree:>6s} {sq:>8s}  {r['verdict']}{bn}")
+        sq = fid.get("sqnr_db")
+        model = {True: "usable", False: "BROKEN", None: "-"}[r.get("usable")] if "usable" in r else ""
+        return [name, f"{mk['ber']:.3f}", f"{mk.get('log10_p_corrected', mk['log10_p']):.1f}",
+                f"{mk['margin_min']:.3f}", f"{mk.get('normalized_margin_min', 0.0):.4f}",
+                f"{r['accuracy']:.3f}" if "accuracy" in r else "-",
+                f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "-",
+                f"{sq:.1f}" if isinstance(sq, (int, float)) else "-", model, f"{r['verdict']}{bn}"]
 
-    lines.append(row("(unattacked)", doc["baseline"]))
-    lines += [row(r["name"], r) for r in doc["configs"]]
-    s = doc["summary"]
+    body = [row("(unattacked)", doc["baseline"])] + [row(r["name"], r) for r in doc["configs"]]
+    lines.append(table(["config", "BER", "log10 p", "m_min", "nm_min", "acc", "agree", "SQNR dB", "model",
+                        "mark"], body, align="lrrrrrrrll", max_width=60).rstrip("\n"))
     if doc.get("reference"):
         lines.append(f"reference {doc['reference']['path']}: BatchNorm folding undone with the owner's model")
     hints = {n for r in [doc["baseline"]] + doc["configs"] for mk in r["marks"] for n in mk.get("notes", [])
              if "--reference" in n}
     lines += [f"note: {h}" for h in sorted(hints)[:1]]
-    from auditor.gate.usability import headline
-
-    lines.append(headline(s))
+    lines.append(headline(doc["summary"]))
     ev = doc.get("evidence")
     if ev:
         lines.append(f"evidence: {ev['kind']} ({ev['sentence']})")

@@ -48,6 +48,7 @@ from auditor.marks import stats
 from auditor.attacks import compose as compose_mod
 from auditor.attacks import quantize as quantize_mod
 from auditor.errors import AuditError
+from auditor.progress import Progress
 # manifest.json beside the model, under the name the grid's callers use
 from auditor.marks.manifest import manifest_beside as load_manifest  # noqa: F401
 
@@ -275,28 +276,6 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-# ---------------------------------------------------------------- progress
-class Progress:
-    """A bar on a terminal, one line per finished config otherwise (CI logs)."""
-
-    def __init__(self, total: int, stream=None, enabled: bool = True):
-        self.total, self.done, self.stream, self.enabled = total, 0, stream or sys.stderr, enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        if self.tty:
-            n = int(30 * self.done / max(1, self.total))
-            self.stream.write(f"\r[{'#' * n}{' ' * (30 - n)}] {self.done}/{self.total} {label[:40]:40s}")
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"robustness: {self.done}/{self.total} {label}\n")
-        self.stream.flush()
-
-
 # ---------------------------------------------------------------- the grid
 def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, evaluation=None,
              manifest: dict | None = None, jobs: int | None = None, models_dir: str | os.PathLike | None = None,
@@ -330,7 +309,8 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
     prefixes = sorted({p[0] for c in grid.configs if (p := _static_prefix(c.steps)) is not None})
     if prefixes and calibration is None:
         raise AuditError("the grid has static quantization configs but no calibration data was given")
-    bar = Progress(len(grid.configs), enabled=progress)
+    # a bar for a person watching (off when stderr is not a terminal, or when progress=False)
+    bar = Progress(len(grid.configs), "robustness", enabled=None if progress else False)
     rows: dict[str, dict] = {}
     if workers == 1:
         for p in prefixes:
@@ -347,6 +327,7 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
                 c = futs[f]
                 rows[c.name] = f.result()
                 bar.step(f"{c.name} ({rows[c.name]['_seconds']:.1f}s)")
+    bar.close()
     seconds = time.perf_counter() - t0
     configs = []
     base_acc = baseline.get("accuracy")
