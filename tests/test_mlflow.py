@@ -11,7 +11,8 @@ mlflow = pytest.importorskip("mlflow", reason="MLflow is an optional extra (pip 
 
 import wmaudit  # noqa: E402
 from auditor.cli import main  # noqa: E402
-from wmaudit.tracking import GateFailed, metric_name, public_uri, register_if_gate_passes  # noqa: E402
+from wmaudit.registry import GateFailed, register_if_gate_passes  # noqa: E402
+from wmaudit.tracking import metric_name, public_uri  # noqa: E402
 
 MARKED, UNMARKED = "attacks-tinycnn-marked", "attacks-tinycnn-unmarked"
 

@@ -11,8 +11,8 @@
 * the verdict as the tag ``wmaudit.verdict`` (with ``wmaudit.kind``, the model's sha256 and
   the key's commitment, never the key).
 
-``register_if_gate_passes`` runs the gate on an ONNX file and registers it in the MLflow
-model registry only when the gate passes: the validation step before registration.
+``wmaudit.registry.register_if_gate_passes`` runs the gate on an ONNX file and registers it
+in the MLflow model registry only when the gate passes (the validation step before registration).
 
 MLflow is an optional dependency (``pip install 'wmaudit[mlflow]'``).
 """
@@ -203,43 +203,3 @@ def _headline(result: Result) -> str:
         return f"gate {result.verdict.upper()}" + (f": {len(failed)} requirement(s) not met: "
                                                   + ", ".join(r.id for r in failed[:20]) if failed else "")
     return result.verdict
-
-
-class GateFailed(AuditError):
-    """The gate did not pass, so the model was not registered (``.result`` holds the gate result)."""
-
-    def __init__(self, result: GateResult):
-        super().__init__(f"gate {result.verdict}: {len(result.failed)} requirement(s) not met "
-                         f"({', '.join(r.id for r in result.failed[:10])}); the model was not registered")
-        self.result = result
-
-
-def register_if_gate_passes(model: str | os.PathLike[str], key: str | os.PathLike[str], policy: str | os.PathLike[str],
-                            *, tracking_uri: str, registered_model_name: str, experiment: str = "wmaudit",
-                            **gate_options: Any) -> tuple[GateResult, Any]:
-    """Run the gate on the ONNX file ``model``; log the run; when it passes, log the model to that
-    run (``mlflow.onnx``) and register it as a new version of ``registered_model_name``.
-    Returns (gate result, model version); raises ``GateFailed`` (an AuditError) when the gate
-    does not pass, with nothing registered."""
-    mlflow = _mlflow()
-    import onnx
-
-    from wmaudit.api import gate
-
-    result = gate(model, key, policy, mlflow=tracking_uri, mlflow_experiment=experiment, **gate_options)
-    if not result.passed:
-        raise GateFailed(result)
-    run_id = result.document["mlflow"]["run_id"]
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(onnx.load(str(model)), name="model")
-    try:
-        client.get_registered_model(registered_model_name)
-    except Exception:
-        client.create_registered_model(registered_model_name)
-    version = client.create_model_version(registered_model_name, info.model_uri, run_id=run_id,
-                                          tags={"wmaudit.verdict": result.verdict,
-                                                "wmaudit.model_sha256": str(result.document["model"]["sha256"])})
-    return result, version

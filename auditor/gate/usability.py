@@ -103,8 +103,13 @@ def headline(summary: dict[str, Any]) -> str:
         s = (f"survived {summary['survived']}/{summary['usable']} configs that left the model usable "
              f"(top-1 agreement >= {u['min_top1_agreement']:g}, accuracy drop <= {u['max_accuracy_drop']:g} points)")
     if summary.get("broken"):
-        s += f"; mark lost under: {', '.join(summary['broken'])}"
+        s += f"; mark lost under: {_names(summary['broken'])}"
     if summary.get("model_broken"):
-        s += (f"; {len(summary['model_broken'])} broke the model (not counted): "
-              f"{', '.join(summary['model_broken'])}")
+        s += f"; {len(summary['model_broken'])} broke the model (not counted): {_names(summary['model_broken'])}"
     return s
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    """The first ``most`` names, then how many more (the result lists them all)."""
+    head = ", ".join(names[:most])
+    return head if len(names) <= most else f"{head} and {len(names) - most} more"
