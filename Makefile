@@ -11,7 +11,7 @@ export WMAUDIT_FIXTURES := $(abspath $(FIX))
 # fixtures and tests use every core (pytest-xdist; one test file stays on one worker)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: env lock data fixtures demo test test-all bench bench-quick report gate browser hostile fuzz clean
+.PHONY: env lock data fixtures demo test test-all typecheck docs bench bench-quick report gate browser hostile fuzz clean
 
 # torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
 # Everything else comes from requirements.lock (exact versions, sha256 hashes; `make lock`).
@@ -56,8 +56,18 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
 	  echo "note: chromium not installed; the headless-browser report test will be skipped"; }
 
-test: env fixtures browser
+# The suite includes the MLflow tests (a local SQLite tracking store), the strict documentation
+# build (tests/test_docs.py) and the headless-Chromium screenshots; the typed API is checked first.
+test: env fixtures browser typecheck
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
+
+typecheck: env
+	$(PY) -m mypy
+
+# The documentation site (MkDocs Material) -> build/site; the command-line reference is regenerated first.
+docs: env
+	$(PY) scripts/cli_reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test-all: env fixtures
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m '' tests
