@@ -18,7 +18,6 @@ MLflow is an optional dependency (``pip install 'wmaudit[mlflow]'``).
 """
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time

@@ -5,7 +5,6 @@ import argparse
 from auditor.commands import _types
 from auditor import results
 from auditor.marks import stats
-from auditor.errors import AuditError
 from auditor.marks.keys import load_key
 from auditor.marks.manifest import check_manifest, load_manifest  # noqa: F401 (re-exported)
 from auditor.report import fmt_p

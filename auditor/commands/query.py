@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from auditor.commands import _types
 from auditor import results
 from auditor.marks import stats
-from auditor.errors import AuditError
 from auditor.marks.query import check_key_images, query_model  # noqa: F401
 from auditor.report import fmt_p
 

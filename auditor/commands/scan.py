@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from auditor import results
 from auditor.commands import _types
-from auditor.errors import AuditError
 from auditor.marks import stats
 from auditor.marks.keys import load_keys  # noqa: F401 (re-exported)
 from auditor.report import fmt_p

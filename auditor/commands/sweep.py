@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 from auditor import results
 from auditor.commands import _types
