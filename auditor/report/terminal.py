@@ -149,12 +149,17 @@ def render_robustness(doc: dict[str, Any]) -> str:
                      fmt_p(r.get("p_value")), fmt_num(r.get("margin_min"), 4), fmt_num(r.get("margin_median"), 4),
                      fmt_num(None if r.get("accuracy") is None else 100 * r["accuracy"], 2),
                      fmt_num(None if r.get("top1_agreement") is None else 100 * r["top1_agreement"], 2),
-                     fmt_num(r.get("sqnr_db"), 1), r.get("verdict", "")])
+                     fmt_num(r.get("sqnr_db"), 1),
+                     {True: "usable", False: "BROKEN"}.get(r["cell"].get("usable"), "-"), r.get("verdict", "")])
     ev = doc.get("evaluation") or (doc.get("data") or {}).get("evaluation") or {}
     if ev.get("synthetic"):
         out.append(f"note: {ev.get('caveat', 'synthetic data')}\n")
     out.append(table(["attack", "mark", "k/T", "BER", "p", "margin min", "margin med", "acc %", "agree %",
-                      "SQNR dB", "verdict"], body, align="lllrrrrrrrl", max_width=60))
+                      "SQNR dB", "model", "verdict"], body, align="lllrrrrrrrll", max_width=60))
+    if isinstance(doc.get("summary"), dict):
+        from auditor.gate.usability import headline
+
+        out.append(headline(doc["summary"]) + "\n")
     return "".join(out)
 
 
