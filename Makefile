@@ -12,7 +12,7 @@ export WMAUDIT_AARCH64_ROOT := $(abspath $(BUILD)/targets/aarch64)
 # fixtures and tests use every core (pytest-xdist; one test file stays on one worker)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: qemu env lock data fixtures demo test test-all bench bench-quick report gate browser hostile fuzz gpu-wheels clean targets aarch64-root
+.PHONY: qemu env lock data fixtures demo test test-all typecheck docs bench bench-quick report gate browser hostile fuzz gpu-wheels clean targets aarch64-root
 
 # torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
 # Everything else comes from requirements.lock (exact versions, sha256 hashes; `make lock`).
@@ -71,8 +71,18 @@ $(AARCH64_ROOT)/.done: scripts/make_aarch64_root.sh | env qemu
 	bash scripts/make_aarch64_root.sh $(AARCH64_ROOT) $(PY) || \
 	  echo "note: the arm64 root could not be built; tests on the aarch64 target will be skipped"
 
-test: env fixtures browser targets
+# The suite includes the MLflow tests (a local SQLite tracking store), the strict documentation
+# build (tests/test_docs.py) and the headless-Chromium screenshots; the typed API is checked first.
+test: env fixtures browser targets typecheck
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
+
+typecheck: env
+	$(PY) -m mypy
+
+# The documentation site (MkDocs Material) -> build/site; the command-line reference is regenerated first.
+docs: env
+	$(PY) scripts/cli_reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test-all: env fixtures
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m '' tests

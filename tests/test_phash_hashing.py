@@ -14,6 +14,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 
 from auditor.attacks import load_model
@@ -132,7 +133,7 @@ def test_bad_inputs_exit_2(fx, tmp_path, capsys):
     bad.mkdir()
     (bad / "a.png").write_bytes(b"not a png at all")
     assert main(["phash", "match", m, "--hash", hv, "--data", str(bad)]) == 2
-    assert "cannot read the image" in _err(capsys)
+    assert "cannot read image" in _err(capsys)
     # a hash file for another model
     assert main(["phash", "match", str(fx / "separated" / "model.onnx"), "--hash", hv,
                  "--data", str(fx / "signal_png")]) == 2
@@ -164,7 +165,7 @@ def test_bad_inputs_exit_2(fx, tmp_path, capsys):
     # images that do not fit the model input
     np.save(tmp_path / "small.npy", np.zeros((4, 1, 28, 28), np.float32))
     assert main(["phash", "match", m, "--hash", hv, "--data", str(tmp_path / "small.npy")]) == 2
-    assert "do not fit" in _err(capsys)
+    assert "does not fit" in _err(capsys)  # the data layer's message
 
 
 def test_phash_never_imports_torch():
@@ -192,15 +193,18 @@ def test_inputs_npz_and_refusals(fx, tmp_path, capsys):
     from auditor.errors import AuditError
     from auditor.phash.inputs import read_images
 
+    model = onnx.load(str(fx / "model.onnx"))
     x = np.load(fx / "signal_test.npy")[:3]
     np.savez(tmp_path / "one.npz", images=x)
-    np.testing.assert_array_equal(read_images(tmp_path / "one.npz", ["batch", 1, 32, 32]), x)
+    np.testing.assert_array_equal(read_images(tmp_path / "one.npz", model), x)
+    np.savez(tmp_path / "xy.npz", x=x, y=np.arange(3))   # labels beside the inputs (the data layer's .npz)
+    np.testing.assert_array_equal(read_images(tmp_path / "xy.npz", model), x)
     np.savez(tmp_path / "two.npz", a=x, b=x)
-    with pytest.raises(AuditError, match="one array"):
-        read_images(tmp_path / "two.npz", ["batch", 1, 32, 32])
+    with pytest.raises(AuditError, match="no array for model input"):
+        read_images(tmp_path / "two.npz", model)
     (tmp_path / "x.txt").write_text("1 2 3")
-    with pytest.raises(AuditError, match="expected a .npy"):
-        read_images(tmp_path / "x.txt", None)
+    with pytest.raises(AuditError, match="unknown data format"):
+        read_images(tmp_path / "x.txt", model)
     # an encoder outside the hash file's folder is refused (the hash must not point out of its folder)
     out = tmp_path / "sub" / "h.json"
     assert main(["phash", "build", str(fx / "model.onnx"), "--signal", str(fx / "signal_train.npy"),

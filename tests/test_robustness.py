@@ -44,8 +44,12 @@ def test_grid_survives_and_is_deterministic(build_fixture, tmp_path, capsys):
     assert json.dumps(doc1, sort_keys=True) == json.dumps(doc2, sort_keys=True)
     names = [c["name"] for c in doc1["configs"]]
     assert names == ["prune:0.8:magnitude", "quantize:static-qdq", "prune:0.8:magnitude,quantize:static-qdq", "fp16"]
-    assert doc1["summary"] == {"configs": 4, "survived": 4, "broken": [], "calibrated_models": 2,
-                               "baseline_detected": True, "all_survived": True}
+    s = doc1["summary"]
+    assert {k: s[k] for k in ("configs", "broken", "calibrated_models", "baseline_detected", "all_survived")} == {
+        "configs": 4, "broken": [], "calibrated_models": 2, "baseline_detected": True, "all_survived": True}
+    # survival counts the configs that left the model usable; the others are listed, not counted
+    assert s["survived"] == s["usable"] == 4 - len(s["model_broken"])
+    assert all(c["survived"] for c in doc1["configs"])
     base = doc1["baseline"]
     assert base["marks"][0]["ber"] == 0.0 and base["accuracy"] > 0.8
     by = {c["name"]: c for c in doc1["configs"]}

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-
 from auditor.commands import _types
 from auditor import results
 from auditor.backends.hardware import measured_on_lines
 from auditor.marks import stats
-from auditor.errors import AuditError
 from auditor.marks.keys import load_key
+from auditor.marks.manifest import check_manifest, load_manifest  # noqa: F401 (re-exported)
 from auditor.report import fmt_p
 
 HELP = "extract white-box (Uchida) marks from an ONNX file and give a verdict"
@@ -38,44 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 
-def load_manifest(path: str | None) -> dict | None:
-    """The exporter's manifest: a JSON object whose 'params' maps torch names to
-    {"onnx": str, "transform": str, ...}; AuditError (one line) otherwise."""
-    if path is None:
-        return None
-    from auditor.marks.keys import read_json
-
-    p = Path(path)
-    if not p.exists():
-        raise AuditError(f"manifest not found: {path}")
-    doc = read_json(p, "manifest")
-    return check_manifest(doc, str(path))
-
-
-def check_manifest(doc, where: str) -> dict:
-    if not isinstance(doc, dict) or not isinstance(doc.get("params", {}), dict):
-        raise AuditError(f"manifest {where} has no 'params' mapping")
-    for name, entry in doc.get("params", {}).items():
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k, ""), str) for k in ("onnx", "transform")):
-            raise AuditError(f"manifest {where}: params[{name!r}] must be an object with string 'onnx' and 'transform'")
-    return doc
-
-
 def run(args) -> int:
-    from auditor.marks.whitebox import extract
+    import wmaudit
 
-    key = load_key(args.key)
-    manifest = load_manifest(args.manifest)
-    if args.null_corpus:
-        from auditor.marks.evidence import expand_corpus
-
-        expand_corpus(args.null_corpus)  # a missing path is an error even when no key needs the null
-    res = extract(args.model, key, manifest=manifest, alpha=args.alpha,
-                  reference=args.reference, marks=args.mark, null_corpus=args.null_corpus)
-    doc = results.envelope("extract", model_path=args.model, key=key,
-                           result=res.to_json(reveal_bits=args.reveal_bits))
-    results.emit(doc, output=args.output, as_json=args.json, render=render)
-    return res.exit_code
+    r = wmaudit.extract(args.model, args.key, manifest=args.manifest, reference=args.reference, marks=args.mark,
+                        alpha=args.alpha, null_corpus=args.null_corpus, reveal_bits=args.reveal_bits,
+                        command=results.command_line())
+    results.emit(r.document, output=args.output, as_json=args.json, render=render)
+    return r.exit_code
 
 
 def render(doc: dict) -> str:

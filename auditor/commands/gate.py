@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 from auditor import results
 from auditor.errors import AuditError
+from auditor.marks.manifest import default_manifest  # noqa: F401 (re-exported)
 
 HELP = "check a model against a release policy (attacks it must survive, thresholds); JUnit for CI"
 DESCRIPTION = """Apply every attack the policy names to MODEL, extract the key's marks from each
@@ -37,106 +36,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", action="append", type=target_name, metavar="TARGET",
                    help="also run the attacked models on this target (repeatable; added to the policy's "
                         "targets, never replacing them)")
+    p.add_argument("--mlflow", metavar="TRACKING_URI",
+                   help="log one MLflow run (metrics per attack and backend, result JSON and HTML report, "
+                        "the verdict as the tag wmaudit.verdict)")
+    p.add_argument("--mlflow-experiment", default="wmaudit", help="MLflow experiment (default wmaudit)")
     p.add_argument("-o", "--output", metavar="OUT.json", help="write the result JSON to this file")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
 
 
-def default_manifest(model: str | os.PathLike) -> dict | None:
-    """manifest.json beside the model, when it names this model file."""
-    from auditor.commands.extract import load_manifest
+def _preprocess_arg(args):
+    """--preprocess text replaces the policy's preprocessing; the single flags override the fields they set."""
+    from auditor.data.inputs import preprocess_from_args
 
-    m = Path(model).with_name("manifest.json")
-    if not m.is_file():
-        return None
-    try:
-        doc = load_manifest(str(m))
-    except AuditError:
-        return None  # not a manifest of ours: the gate locates weights without it
-    if doc.get("onnx") in (None, Path(model).name) and isinstance(doc.get("params"), dict):
-        return doc
-    return None
-
-
-def _write_text(path: str, text: str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-
-
-def with_data_args(policy, args):
-    """The policy with the command line's data options in place of its [data] table."""
-    import dataclasses
-
-    kw = {}
-    if args.data:
-        kw["data_source"] = args.data
-        kw["calibration_data"] = None
-    if args.labels:
-        kw["data_labels"] = args.labels
-    if args.preprocess:
-        kw["data_preprocess"] = args.preprocess
-    if args.samples is not None:
-        if args.samples < 1:
-            raise AuditError("--samples must be >= 1")
-        kw["accuracy_samples"] = args.samples
-    if args.seed is not None:
-        kw["accuracy_seed"] = kw["calibration_seed"] = args.seed
-    return dataclasses.replace(policy, **kw) if kw else policy
-
-
-def preprocess_for(policy, args):
-    import dataclasses
-
-    from auditor.data.inputs import parse_preprocess, preprocess_from_args
-
-    pre = preprocess_from_args(args)
-    if not args.preprocess and policy.data_preprocess:
-        base = parse_preprocess(policy.data_preprocess)
-        changed = {f.name: getattr(pre, f.name) for f in dataclasses.fields(pre)
-                   if getattr(pre, f.name) != f.default}
-        pre = dataclasses.replace(base, **changed)
-    return pre
+    single = any(getattr(args, k, None) is not None for k in ("image_size", "layout", "scale", "mean", "std"))
+    if args.preprocess and not single:
+        return args.preprocess
+    return preprocess_from_args(args) if (args.preprocess or single) else None
 
 
 def run(args) -> int:
-    from auditor.commands.extract import load_manifest
-    from auditor.gate.gate import exit_code, gate_document
-    from auditor.marks.keys import load_key
+    import wmaudit
+    from auditor.report import terminal
+
+    if args.samples is not None and args.samples < 1:
+        raise AuditError("--samples must be >= 1")
     from auditor.gate.policy import load_policy
-    from auditor.report import junit, terminal
 
-    # policy first: a malformed policy is reported before any model work starts
-    policy = with_data_args(load_policy(args.policy), args)
-    if args.target:
-        import dataclasses
-
-        from auditor.backends.targets import resolve
-
-        have = {resolve(t).name for t in policy.backends}
-        extra = tuple(dict.fromkeys(t for t in args.target if resolve(t).name not in have))
-        policy = dataclasses.replace(policy, backends=policy.backends + extra)
-    key = load_key(args.key)
-    if not Path(args.model).is_file():
-        raise AuditError(f"model not found: {args.model}")
-    manifest = load_manifest(args.manifest) if args.manifest else default_manifest(args.model)
-    if args.reference is not None and not Path(args.reference).is_file():
-        raise AuditError(f"reference model not found: {args.reference}")
-    n = 1 + len(policy.attacks)
-    with terminal.Progress(n, "gate") as progress:
-        doc = gate_document(args.model, key, policy, policy_path=args.policy, manifest=manifest,
-                            progress=progress, reference=args.reference,
-                            preprocess=preprocess_for(policy, args))
-    if args.output:
-        results.write_result(args.output, doc)
-    if args.junit:
-        _write_text(args.junit, junit.render(doc))
+    policy = load_policy(args.policy)  # a malformed policy is reported before any model work starts
+    with terminal.Progress(1 + len(policy.attacks), "gate") as progress:
+        r = wmaudit.gate(args.model, args.key, args.policy, manifest=args.manifest, reference=args.reference,
+                         data=args.data, labels=args.labels, preprocess=_preprocess_arg(args),
+                         samples=args.samples, seed=args.seed, output=args.output, junit=args.junit,
+                         mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment, progress=progress,
+                         targets=args.target,
+                         command=results.command_line())
+    doc = r.document
     if args.json:
         sys.stdout.write(results.dumps(doc))
     else:
         sys.stdout.write(terminal.render_gate(doc))
-        for r in doc["requirements"]:
-            if r["status"] != "pass":
-                print(f"FAILED {r['id']}: {r['message']}", file=sys.stderr)
-    return exit_code(doc)
+        for req in doc["requirements"]:
+            if req["status"] != "pass":
+                print(f"FAILED {req['id']}: {req['message']}", file=sys.stderr)
+    return r.exit_code

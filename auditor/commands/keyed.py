@@ -26,8 +26,10 @@ DESCRIPTION = """Keyed models (source document 003): one plain ViT, a differentl
   wmaudit keyed trace LEAKED.onnx --plain PLAIN.onnx --keys DIR
       which issued key the file carries; exit 0 traced, 1 no key fits
 
-DATA: fashion-mnist[:test|train], .npy inputs [n,C,H,W], .npz (array per input name, labels
-under y) or IDX images (normalised like Fashion-MNIST, labels from the sibling IDX file)."""
+DATA: every data form the other commands take (docs/reference/data.md): fashion-mnist[:test|train],
+.npy inputs [n,C,H,W], .npz (array per input name, labels under y), image folders (class
+sub-folders give labels) or IDX images (labels from the sibling IDX file). Images are normalised
+with the Fashion-MNIST mean and std unless --preprocess / --mean / --std say otherwise."""
 
 
 def _size(s: str) -> tuple[int, int]:
@@ -62,12 +64,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--atol", type=float, default=1e-4, help="largest allowed |logit difference|")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--json", action="store_true")
+    _preprocess_flags(e)
     i = sub.add_parser("encrypt-images", help="encrypt a data file with a key")
     i.add_argument("data")
     i.add_argument("--key", required=True)
     i.add_argument("--input-name", default="input", help="model input name (array name in the .npz)")
     i.add_argument("-o", "--output", required=True, help=".npz (array per input name, labels under y)")
     i.add_argument("--json", action="store_true")
+    _preprocess_flags(i)
     v = sub.add_parser("verify", help="parity and accuracy of a keyed model, also under deployment attacks")
     v.add_argument("model", help="keyed ONNX file")
     v.add_argument("--key", required=True)
@@ -82,13 +86,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--calibration-samples", type=_types.positive_int, default=128)
     v.add_argument("--atol", type=float, default=1e-4)
     _types.add_target_argument(v)
+    v.add_argument("--labels", metavar="FILE", help="labels for --data (.npy, IDX, or one integer per line)")
     v.add_argument("--json", action="store_true")
+    _preprocess_flags(v)
     t = sub.add_parser("trace", help="which issued key a leaked keyed file carries")
     t.add_argument("model", help="leaked keyed ONNX file (float, int8 or pruned)")
     t.add_argument("--plain", required=True)
     t.add_argument("--keys", required=True, help="folder of the issued keys (*.json)")
     t.add_argument("--alpha", type=float, default=1e-6)
     t.add_argument("--json", action="store_true")
+
+
+def _preprocess_flags(p) -> None:
+    from auditor.data.inputs import add_preprocess_arguments
+
+    add_preprocess_arguments(p.add_argument_group("image preprocessing (image folders and IDX files; "
+                                                  "default: Fashion-MNIST mean and std)"))
+
+
+def _preprocess(args):
+    """The command line's preprocessing, or None for the keyed default (auditor.keyed.inputs)."""
+    from auditor.data.inputs import Preprocess, preprocess_from_args
+
+    pre = preprocess_from_args(args)
+    return None if pre == Preprocess() else pre
 
 
 def run(args) -> int:
@@ -123,12 +144,12 @@ def _keygen(args) -> int:
     return 0
 
 
-def _parity_inputs(args, key, name: str):
+def _parity_inputs(args, key, model):
     from auditor.keyed import model as km
     from auditor.keyed.inputs import read_data
 
     if args.data:
-        d = read_data(args.data, name, limit=args.samples)
+        d = read_data(args.data, model, limit=args.samples, preprocess=_preprocess(args))
         return d.inputs, d.source
     return km.probe_inputs(key), "32 seeded N(0,1) inputs (seed 0)"
 
@@ -142,7 +163,7 @@ def _encrypt_model(args) -> int:
     plain = load_model(args.model)
     emb = km.locate(plain, key)
     keyed = km.transform(plain, key, emb)
-    x, source = _parity_inputs(args, key, km._input_name(plain))
+    x, source = _parity_inputs(args, key, plain)
     par = km.parity(plain, keyed, key, x, atol=args.atol)
     par["inputs"] = source
     out = Path(args.output)
@@ -166,8 +187,11 @@ def _encrypt_images(args) -> int:
     from auditor.keyed import cipher, keys
     from auditor.keyed.inputs import read_data
 
+    from auditor.keyed.inputs import image_input
+
     key = keys.load(args.key)
-    d = read_data(args.data, args.input_name)
+    d = read_data(args.data, image_input(args.input_name, key.channels, key.height, key.width),
+                  preprocess=_preprocess(args))
     enc = cipher.encrypt(d.inputs, key)
     arrays = {d.input_name: enc}
     if d.labels is not None:
@@ -200,7 +224,9 @@ def _verify(args) -> int:
     plain, keyed = load_model(args.plain), load_model(args.model)
     km.locate(plain, key)   # the key must fit the model (block size, geometry)
     km.locate(keyed, key)
-    d = read_data(args.data, km._input_name(plain), limit=args.samples, seed=args.seed)
+    km._input_name(plain)  # one image input
+    d = read_data(args.data, plain, limit=args.samples, seed=args.seed, preprocess=_preprocess(args),
+                  labels=args.labels)
     if d.labels is None:
         raise AuditError(f"{args.data}: verify needs labels (IDX labels file or 'y' in the .npz)")
     from auditor.backends import hardware
@@ -209,8 +235,8 @@ def _verify(args) -> int:
     targets = _types.targets_of(args)
     check_available(targets)
     steps = _attack_steps(args.attacks)
-    cal = (read_data(args.calibration, d.input_name, limit=args.calibration_samples, seed=args.seed).inputs
-           if steps else None)
+    cal = (read_data(args.calibration, plain, limit=args.calibration_samples, seed=args.seed,
+                     preprocess=_preprocess(args)).inputs if steps else None)
     per, hw = {}, {}
     for t in targets:
         b = verify.accuracies(plain, keyed, key, d.inputs, d.labels, n_wrong=args.wrong_keys, seed=args.seed,

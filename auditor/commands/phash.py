@@ -15,7 +15,9 @@ DESCRIPTION = """Perceptual hashes (centroid + radius R of a Signal image set's 
   match        distance to the centroid in units of R and the decision per image (exit 0 all match)
   survive      decisions, flips and centroid drift under int8 / fp16 / pruning of MODEL
   fingerprint  is SUSPECT derived from --reference? (features of a probe set; exit 0 derived)
-DATA is a .npy / .npz of model inputs or a folder of PNG/JPEG images. Exit 2 on bad input."""
+DATA is any data form the other commands take (docs/reference/data.md): .npy, .npz (the
+model's input array; labels under y are ignored), a folder of PNG/JPEG images (see
+--preprocess), IDX files, fashion-mnist[:train|test] or synthetic. Exit 2 on bad input."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("-o", "--output", required=True, help="hash file (JSON, written atomically)")
     b.add_argument("--json", action="store_true")
+    _preprocess_flags(b)
     b.set_defaults(_phash=_build)
 
     m = sub.add_parser("match", help="match images against a hash")
@@ -42,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--hash", required=True, help="hash file")
     m.add_argument("--data", required=True, help="images (DATA)")
     m.add_argument("--json", action="store_true")
+    _preprocess_flags(m)
     m.set_defaults(_phash=_match)
 
     s = sub.add_parser("survive", help="hash decisions under deployment attacks on the model")
@@ -55,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _types.add_target_argument(s)
     s.add_argument("-o", "--output", required=True, help="result JSON (written atomically)")
     s.add_argument("--json", action="store_true")
+    _preprocess_flags(s)
     s.set_defaults(_phash=_survive)
 
     f = sub.add_parser("fingerprint", help="is SUSPECT derived from --reference?")
@@ -64,30 +69,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--layer", help="tensor to compare (default: the first output)")
     f.add_argument("--threshold", type=float, default=None, help="derived when score >= this (default 0.5)")
     f.add_argument("--json", action="store_true")
+    _preprocess_flags(f)
     f.set_defaults(_phash=_fingerprint)
 
 
-def _model_input(path: str):
+def _model_input(path: str, args):
+    """The model (one input, as perceptual hashes need) and the image preprocessing of ``args``."""
     from auditor.attacks import load_model
+    from auditor.data.inputs import preprocess_from_args
     from auditor.phash.features import input_info
 
     model = load_model(path)
-    return model, input_info(model)[1]
+    input_info(model)
+    return model, preprocess_from_args(args)
 
 
-def _read(path: str, shape):
+def _read(spec: str, target):
     from auditor.phash.inputs import read_images
 
-    return read_images(path, shape)
+    model, pre = target
+    return read_images(spec, model, pre)
+
+
+def _preprocess_flags(p) -> None:
+    from auditor.data.inputs import add_preprocess_arguments
+
+    add_preprocess_arguments(p.add_argument_group("image preprocessing (image folders and IDX files)"))
 
 
 def _build(args) -> int:
     from auditor.phash import hashfile, hashing
 
-    _, shape = _model_input(args.model)
-    signal = _read(args.signal, shape)
-    noise = _read(args.noise, shape) if args.noise else None
-    heldout = _read(args.heldout, shape) if args.heldout else None
+    target = _model_input(args.model, args)
+    signal = _read(args.signal, target)
+    noise = _read(args.noise, target) if args.noise else None
+    heldout = _read(args.heldout, target) if args.heldout else None
     out = Path(args.output)
     h = hashing.build(args.model, signal, noise=noise, heldout=heldout, layer=args.layer, reduce=args.reduce,
                       encoder_path=args.encoder, out_folder=out.resolve().parent, q=args.quantile,
@@ -110,8 +126,8 @@ def _match(args) -> int:
     from auditor.phash import hashfile, hashing
 
     h = hashfile.load_hash(args.hash)
-    _, shape = _model_input(args.model)
-    x = _read(args.data, shape)
+    target = _model_input(args.model, args)
+    x = _read(args.data, target)
     r = hashing.match(args.model, h, x)
     if args.json:
         sys.stdout.write(results.dumps(results.envelope("phash-match", model_path=args.model, layer=h.layer,
@@ -130,9 +146,9 @@ def _survive(args) -> int:
     h = hashfile.load_hash(args.hash)
     hashing.check_model(args.model, h)
     model = load_model(args.model)
-    _, shape = _model_input(args.model)
-    signal, noise = _read(args.signal, shape), _read(args.noise, shape)
-    calib = _read(args.data, shape) if args.data else None
+    target = _model_input(args.model, args)
+    signal, noise = _read(args.signal, target), _read(args.noise, target)
+    calib = _read(args.data, target) if args.data else None
     attacks = [a.strip() for a in args.attacks.split(";") if a.strip()] if args.attacks else survive.DEFAULT_ATTACKS
     from auditor.backends import hardware
     from auditor.backends.targets import check_available
@@ -174,8 +190,8 @@ def _survive(args) -> int:
 def _fingerprint(args) -> int:
     from auditor.phash import fingerprint as fp
 
-    _, shape = _model_input(args.reference)
-    probes = _read(args.probes, shape)
+    target = _model_input(args.reference, args)
+    probes = _read(args.probes, target)
     thr = fp.DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     r = fp.fingerprint(args.suspect, args.reference, probes, layer=args.layer, threshold=thr)
     if args.json:

@@ -47,28 +47,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import wmaudit
+    from auditor.forensics.provenance import DEFAULT_ALPHA, RHO0
+
     for f in [args.model, args.reference] + args.null:
         if not Path(f).is_file():
             raise AuditError(f"model not found: {f}")
     if args.method == "phash":
-        from auditor.forensics.provenance import DEFAULT_ALPHA, RHO0
-
         given = [o for o, v in (("--all-layers", args.all_layers), ("--alpha", args.alpha != DEFAULT_ALPHA),
                                 ("--rho0", args.rho0 != RHO0)) if v]
         if given:
             raise AuditError(f"{', '.join(given)}: only with --method weights")
-    ref = {"path": args.reference, "sha256": results.file_sha256(args.reference)}
-    if args.method == "phash":
-        from auditor.forensics import provenance_phash as pp
-
         if not args.probes:
             raise AuditError("--method phash needs --probes (the probe inputs both models are run on)")
-        thr = pp.DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-        body = pp.provenance(args.model, args.reference, args.probes, layer=args.layer,
-                             suspect_layer=args.suspect_layer, null_models=tuple(args.null), threshold=thr)
+        kw = dict(probes=args.probes, layer=args.layer, suspect_layer=args.suspect_layer, threshold=args.threshold)
     else:
-        from auditor.forensics.provenance import provenance
-
         given = [o for o, v in (("--probes", args.probes), ("--layer", args.layer),
                                 ("--suspect-layer", args.suspect_layer), ("--threshold", args.threshold))
                  if v is not None]
@@ -76,11 +69,11 @@ def run(args) -> int:
             raise AuditError(f"{', '.join(given)}: only with --method phash")
         if not 0.0 <= args.rho0 < 1.0:
             raise AuditError("--rho0 must be in [0, 1)")
-        body = {"method": "weights", **provenance(args.model, args.reference, null_models=tuple(args.null),
-                                                  alpha=args.alpha, rho0=args.rho0, all_layers=args.all_layers)}
-    doc = results.envelope("provenance", model_path=args.model, reference=ref, result=body)
-    results.emit(doc, output=args.output, as_json=args.json, render=render)
-    return 0 if body["verdict"] == "derived" else 1
+        kw = dict(alpha=args.alpha, rho0=args.rho0, all_layers=args.all_layers)
+    r = wmaudit.provenance(args.model, args.reference, null_models=args.null, method=args.method,
+                           command=results.command_line(), **kw)
+    results.emit(r.document, output=args.output, as_json=args.json, render=render)
+    return r.exit_code
 
 
 def render(doc: dict) -> str:

@@ -39,92 +39,95 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=_types.positive_int, help="worker processes (default: all cores)")
     p.add_argument("--save-models", action="store_true", help="keep the attacked models in DIR/models/")
     _types.add_target_argument(p)
+    p.add_argument("--min-top1-agreement", type=_unit, metavar="A",
+                   help="a config leaves the model usable when its top-1 agreement with the unattacked model "
+                        "is at least A (default 0.90); survival is counted on usable configs only")
+    p.add_argument("--max-accuracy-drop", type=_points, metavar="D",
+                   help="... and its accuracy drop (labelled data) at most D percentage points (default 5)")
+    p.add_argument("--mlflow", metavar="TRACKING_URI",
+                   help="log one MLflow run (metrics per config, result JSON and HTML report, verdict tag)")
+    p.add_argument("--mlflow-experiment", default="wmaudit", help="MLflow experiment (default wmaudit)")
     p.add_argument("-o", "--output", required=True, help="output folder (results.json)")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
 
 
+def _points(s: str) -> float:
+    """Percentage points in [0, 100]."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0.0 <= v <= 100.0:
+        raise argparse.ArgumentTypeError("must be in [0, 100] percentage points")
+    return v
+
+
+def _unit(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError("must be in [0, 1]")
+    return v
+
+
 def run(args) -> int:
-    from auditor.attacks import load_model
-    from auditor.data.calibration import Calibration
-    from auditor.data.inputs import load_data, preprocess_from_args
-    from auditor.marks.keys import load_key
-    from auditor.gate.robustness import default_grid, load_grid, load_manifest, run_grid
-    from auditor.commands.extract import load_manifest as load_manifest_file
+    import wmaudit
+    from auditor.data.inputs import preprocess_from_args
 
-    model = Path(args.model)
-    if not model.is_file():
-        raise AuditError(f"model not found: {model}")
-    key = load_key(args.key)
-    grid = load_grid(args.grid) if args.grid else default_grid()
-    from auditor.backends.targets import check_available
-
-    targets = _types.targets_of(args)
-    check_available(targets)  # a missing emulator or GPU is one line, before any work
-    from auditor.read.weights import WeightStore
-
-    WeightStore.open(model)  # a malformed model is refused before any data set is loaded
-    manifest = load_manifest_file(args.manifest) if args.manifest else load_manifest(model)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise AuditError(f"-o {out} exists and is not a folder")
-    from auditor.gate.robustness import _static_prefix
-
-    if args.reference is not None and not Path(args.reference).is_file():
-        raise AuditError(f"reference model not found: {args.reference}")
-    proto = load_model(model)
-    pre = preprocess_from_args(args)
-    # data is read and checked against the model's inputs before any attack runs
-    evaluation = None if args.no_accuracy else load_data(args.data, proto, purpose="evaluation",
-                                                         samples=args.samples, seed=args.seed,
-                                                         labels=args.labels, preprocess=pre)
-    calibration = None
-    if any(_static_prefix(c.steps) is not None for c in grid.configs):
-        calibration = Calibration(load_data(args.data, proto, purpose="calibration",
-                                            samples=args.calibration_samples, seed=args.seed,
-                                            labels=None, preprocess=pre))
-    del proto
-    doc = run_grid(model, key, grid, calibration, evaluation=evaluation, manifest=manifest, jobs=args.jobs,
-                   models_dir=out / "models" if args.save_models else None, reference=args.reference,
-                   targets=targets)
-    results.write_result(out / "results.json", doc)
+    r = wmaudit.robustness(args.model, args.key, grid=args.grid, data=args.data, labels=args.labels,
+                           preprocess=preprocess_from_args(args), samples=args.samples,
+                           calibration_samples=args.calibration_samples, accuracy=not args.no_accuracy,
+                           manifest=args.manifest, reference=args.reference, seed=args.seed, jobs=args.jobs,
+                           output_dir=out, save_models=args.save_models,
+                           min_top1_agreement=args.min_top1_agreement, max_accuracy_drop=args.max_accuracy_drop,
+                           mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment, progress=True,
+                           targets=_types.targets_of(args),
+                           command=results.command_line())
     if args.json:
-        sys.stdout.write(results.dumps(doc))
+        sys.stdout.write(results.dumps(r.document))
     else:
-        print(render(doc))
-    return 0 if doc["summary"]["all_survived"] else 1
+        print(render(r.document))
+    return r.exit_code
 
 
 def render(doc: dict) -> str:
     """A table: config, BER, log10 p (corrected, as extract reports it), min margin, normalised
-    min margin, accuracy, top-1 agreement and SQNR against the unattacked model, verdict."""
+    min margin, accuracy, top-1 agreement and SQNR against the unattacked model, whether the
+    model stayed usable, the mark's verdict; then the headline (survival on usable configs)."""
+    from auditor.gate.usability import headline
+    from auditor.report.terminal import table
+
     lines = []
     ev = doc.get("evaluation")
     if ev and ev.get("synthetic"):
         lines.append(f"note: {ev['caveat']}")
-    lines.append(f"{'config':44s} {'BER':>6s} {'log10 p':>8s} {'m_min':>7s} {'nm_min':>7s} {'acc':>6s} "
-                 f"{'agree':>6s} {'SQNR dB':>8s}  verdict")
 
     def row(name, r):
         mk = r["marks"][0]
-        acc = f"{r['accuracy']:.3f}" if "accuracy" in r else "-"
         bn = f" (BN {mk['batchnorm']})" if mk.get("batchnorm") in ("folded", "probably-folded") else ""
         fid = r.get("fidelity") or {}
-        agree = f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "-"
-        sq = f"{fid['sqnr_db']:.1f}" if isinstance(fid.get("sqnr_db"), (int, float)) else "-"
-        lp = mk.get("log10_p_corrected", mk["log10_p"])
-        return (f"{name[:44]:44s} {mk['ber']:6.3f} {lp:8.1f} {mk['margin_min']:7.3f} "
-                f"{mk.get('normalized_margin_min', 0.0):7.4f} {acc:>6s} {agree:>6s} {sq:>8s}  {r['verdict']}{bn}")
+        sq = fid.get("sqnr_db")
+        model = {True: "usable", False: "BROKEN", None: "-"}[r.get("usable")] if "usable" in r else ""
+        return [name, f"{mk['ber']:.3f}", f"{mk.get('log10_p_corrected', mk['log10_p']):.1f}",
+                f"{mk['margin_min']:.3f}", f"{mk.get('normalized_margin_min', 0.0):.4f}",
+                f"{r['accuracy']:.3f}" if "accuracy" in r else "-",
+                f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "-",
+                f"{sq:.1f}" if isinstance(sq, (int, float)) else "-", model, f"{r['verdict']}{bn}"]
 
-    lines.append(row("(unattacked)", doc["baseline"]))
-    lines += [row(r["name"], r) for r in doc["configs"]]
-    s = doc["summary"]
+    body = [row("(unattacked)", doc["baseline"])] + [row(r["name"], r) for r in doc["configs"]]
+    lines.append(table(["config", "BER", "log10 p", "m_min", "nm_min", "acc", "agree", "SQNR dB", "model",
+                        "mark"], body, align="lrrrrrrrll", max_width=60).rstrip("\n"))
     if doc.get("reference"):
         lines.append(f"reference {doc['reference']['path']}: BatchNorm folding undone with the owner's model")
     hints = {n for r in [doc["baseline"]] + doc["configs"] for mk in r["marks"] for n in mk.get("notes", [])
              if "--reference" in n}
     lines += [f"note: {h}" for h in sorted(hints)[:1]]
-    lines.append(f"survived {s['survived']}/{s['configs']}" + (f"; broken by: {', '.join(s['broken'])}"
-                                                              if s["broken"] else ""))
+    lines.append(headline(doc["summary"]))
     ev = doc.get("evidence")
     if ev:
         lines.append(f"evidence: {ev['kind']} ({ev['sentence']})")

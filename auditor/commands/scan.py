@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from auditor import results
 from auditor.backends.hardware import measured_on_lines
 from auditor.commands import _types
-from auditor.errors import AuditError
 from auditor.marks import stats
+from auditor.marks.keys import load_keys  # noqa: F401 (re-exported)
 from auditor.report import fmt_p
 
 HELP = "forensic scan: every mark of every key against every weight, undoing obfuscation"
@@ -31,39 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="also write the result JSON to this file")
 
 
-def load_keys(paths: list[str], folder: str | None):
-    from auditor.marks.keys import load_key
-
-    keys = [load_key(p) for p in paths]
-    if folder:
-        d = Path(folder)
-        if not d.is_dir():
-            raise AuditError(f"--keys: not a folder: {folder}")
-        for p in sorted(d.glob("*.json")):
-            try:
-                fmt = json.loads(p.read_text()).get("format")
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                continue  # not a key file
-            if fmt == "wmaudit-key/1":
-                keys.append(load_key(p))
-    if not keys:
-        raise AuditError("give at least one --key or --keys DIR")
-    return keys
-
-
 def run(args) -> int:
-    from auditor.forensics.scan import scan
+    import wmaudit
 
-    keys = load_keys(args.key, args.keys)
-    for r in args.reference:
-        if not Path(r).is_file():
-            raise AuditError(f"reference model not found: {r}")
-    body = scan(args.model, keys, references=tuple(args.reference), alpha=args.alpha)
-    doc = results.envelope("scan", model_path=args.model, key_commitments=[k.commitment for k in keys],
-                           references=[{"path": r, "sha256": results.file_sha256(r)} for r in args.reference],
-                           result=body)
-    results.emit(doc, output=args.output, as_json=args.json, render=render)
-    return 0 if body["verdict"] == stats.DETECTED else 1
+    r = wmaudit.scan(args.model, args.key, keys_dir=args.keys, references=args.reference, alpha=args.alpha,
+                     command=results.command_line())
+    results.emit(r.document, output=args.output, as_json=args.json, render=render)
+    return r.exit_code
 
 
 def render(doc: dict) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 from auditor import results
 from auditor.commands import _types
 from auditor.errors import AuditError
 from auditor.marks import stats
+from auditor.forensics.sweep import load_sweep_keys as load_keys  # noqa: F401 (re-exported)
 
 HELP = "audit every ONNX file of a corpus against many keys (local pool or Ray), one JSON line per pair"
 DESCRIPTION = """Audit every ONNX file of CORPUS (a folder searched recursively, a glob, or a list
@@ -65,54 +65,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="the summary document (result JSON) on stdout")
 
 
-def load_keys(paths: list[str], folder: str | None) -> list:
-    """Keys from --key files and a --keys folder; each must hold a white-box mark."""
-    from auditor.marks.keys import load_key
-
-    files = [Path(k) for k in paths]
-    if folder is not None:
-        d = Path(folder)
-        if not d.is_dir():
-            raise AuditError(f"--keys {folder}: not a folder")
-        found = sorted(f for f in d.glob("*.json") if f.is_file())
-        if not found:
-            raise AuditError(f"--keys {folder}: no *.json key file in it")
-        files += found
-    if not files:
-        raise AuditError("no key given (--key K or --keys DIR)")
-    keys = []
-    for f in files:
-        key = load_key(f)
-        if not key.whitebox:
-            raise AuditError(f"key {f} holds no white-box mark (a sweep audits white-box marks)")
-        for mk in key.whitebox:
-            if mk.projection.get("kind") == "npy":
-                mk.matrix()  # read and check the sidecar here, so children need not find it
-        keys.append(key)
-    return keys
-
-
 def run(args) -> int:
-    from auditor.forensics.sweep import Limits, sweep
+    import wmaudit
     from auditor.report.terminal import Progress
 
     if args.address and args.executor != "ray":
         raise AuditError("--address needs --executor ray")
-    policy = None
-    if args.policy:
-        from auditor.gate.policy import load_policy
-
-        policy = load_policy(args.policy)
-    keys = load_keys(args.key, args.keys)
-    limits = Limits(timeout_s=args.timeout, memory_mb=args.memory)
     with Progress(0, "sweep") as progress:
-        doc = sweep(args.corpus, keys, args.output, executor=args.executor, jobs=args.jobs,
-                    address=args.address, resume=args.resume, alpha=args.alpha, limits=limits,
-                    policy=policy, progress=progress)
+        r = wmaudit.sweep(args.corpus, args.key, args.output, keys_dir=args.keys, executor=args.executor,
+                          jobs=args.jobs, address=args.address, resume=args.resume, alpha=args.alpha,
+                          timeout=args.timeout, memory_mb=args.memory, policy=args.policy, progress=progress,
+                          command=results.command_line())
     if args.json:
-        sys.stdout.write(results.dumps(doc))
+        sys.stdout.write(results.dumps(r.document))
     else:
-        print(render(doc))
+        print(render(r.document))
     return 0
 
 

@@ -11,9 +11,11 @@ before anything runs. Sources (``spec``):
 * a folder of PNG / JPEG images (read with Pillow; class sub-folders give the
   labels, sorted by name), preprocessed as ``Preprocess`` says;
 * ``PATH.gz`` / ``*-ubyte`` IDX files (images [n, H, W] get the preprocessing
-  of images; other arrays are taken as they are);
+  of images; other arrays are taken as they are); the labels of ``*-images-idx3-*``
+  come from the sibling ``*-labels-idx1-*`` file when there is one;
 * ``fashion-mnist`` (built in; only for ``[N, 1, 28, 28]`` float inputs; the
-  train split for calibration, the test split for evaluation);
+  train split for calibration, the test split for evaluation;
+  ``fashion-mnist:train`` / ``fashion-mnist:test`` name the split);
 * ``synthetic``: seeded noise of each input's shape and dtype (float: standard
   normal; integer: uniform in {0, 1}; inputs named ``*mask*``: ones; symbolic
   non-batch dimensions: ``SYNTHETIC_DIM``). Flagged ``synthetic`` in every
@@ -102,6 +104,16 @@ def _model_of(model) -> onnx.ModelProto:
     from auditor.read.graph import open_model
 
     return open_model(model)
+
+
+def input_specs(model) -> list[InputSpec]:
+    """The declared inputs of ``model``: a ModelProto, a path, or already a list of ``InputSpec``
+    (for a command that knows the input without a model file, e.g. from a keyed model's key)."""
+    if isinstance(model, (list, tuple)) and all(isinstance(s, InputSpec) for s in model):
+        if not model:
+            raise AuditError("no model inputs to feed")
+        return list(model)
+    return model_inputs(_model_of(model))
 
 
 # ------------------------------------------------------------------ image preprocessing
@@ -349,15 +361,23 @@ def bind(arrays: dict[str, np.ndarray], labels, specs: list[InputSpec], *, sourc
 
 
 def from_arrays(model, arrays, *, source: str, seed: int = 0, samples: int | None = None,
-                batch_size: int = DEFAULT_BATCH) -> Dataset:
-    """A Dataset of in-memory inputs for ``model`` (a ModelProto or a path): ``arrays`` is
-    {input name: array}, or one array for a model with one input; checked like every source."""
-    specs = model_inputs(_model_of(model))
+                batch_size: int = DEFAULT_BATCH, labels=None) -> Dataset:
+    """A Dataset of in-memory inputs for ``model`` (a ModelProto, a path or its ``InputSpec`` list):
+    ``arrays`` is {input name: array}, or one array for a model with one input; checked like every
+    source (labels too, when given)."""
+    specs = input_specs(model)
     if not isinstance(arrays, dict):
         if len(specs) != 1:
             raise AuditError(f"{source}: one array for a model with {len(specs)} inputs")
         arrays = {specs[0].name: arrays}
-    return bind(arrays, None, specs, source=source, seed=seed, samples=samples, batch_size=batch_size)
+    return bind(arrays, labels, specs, source=source, seed=seed, samples=samples, batch_size=batch_size)
+
+
+def only_input(ds: Dataset) -> np.ndarray:
+    """The one input array of a single-input data set (perceptual hashes, keyed models)."""
+    if len(ds.inputs) != 1:
+        raise AuditError(f"{ds.source}: expected one model input, got {len(ds.inputs)}")
+    return next(iter(ds.inputs.values()))
 
 
 # ------------------------------------------------------------------ sources
@@ -462,8 +482,13 @@ def load_data(spec: str | None, model, *, purpose: str = "evaluation", samples: 
     train split for calibration and its test split for evaluation). ``spec=None`` means
     Fashion-MNIST when the model takes [N, 1, 28, 28] float, else an AuditError asking for --data.
     """
-    specs = model_inputs(_model_of(model))
+    specs = input_specs(model)
     pre = preprocess or Preprocess()
+    split = None
+    if spec is not None and spec.startswith(FASHION + ":"):
+        spec, split = FASHION, spec.split(":", 1)[1]
+        if split not in ("train", "test"):
+            raise AuditError(f"{FASHION}:{split}: the built-in set has the splits train and test")
     if spec is None:
         if not takes_fashion_mnist(specs):
             shapes = ", ".join(f"{s.name} {s.shape_text()} {s.dtype.name}" for s in specs)
@@ -476,7 +501,7 @@ def load_data(spec: str | None, model, *, purpose: str = "evaluation", samples: 
             raise AuditError("--labels cannot be combined with synthetic data")
         return bind(synthetic(specs, samples or 256, seed), None, specs, source=SYNTHETIC, synthetic=True, **kw)
     if spec == FASHION:
-        split = "train" if purpose == "calibration" else "test"
+        split = split or ("train" if purpose == "calibration" else "test")
         x, y = fashion_mnist_arrays(split)
         if len(specs) != 1:
             raise AuditError(f"fashion-mnist feeds one input; the model has {len(specs)}")
@@ -532,6 +557,9 @@ def load_data(spec: str | None, model, *, purpose: str = "evaluation", samples: 
 
             a = read_idx(path)
             source = f"idx:{path.name}"
+            sibling = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
+            if labels is None and sibling != path and sibling.is_file():
+                y = read_idx(sibling)  # the labels file that IDX image sets ship beside their images
             if a.dtype == np.uint8 and a.ndim == 3 and np.issubdtype(specs[0].dtype, np.floating):
                 p = pre.resolved(specs[0])
                 if p.channels != 1:
@@ -571,11 +599,16 @@ def preprocess_from_args(args) -> Preprocess:
 
 def add_data_arguments(p) -> None:
     """The data flags every command that runs a model takes."""
-    g = p.add_argument_group("data (see README: data formats)")
+    g = p.add_argument_group("data (see docs/reference/data.md)")
     g.add_argument("--data", metavar="SPEC",
                    help="inputs: a .npy / .npz / image folder / IDX file, 'fashion-mnist' or 'synthetic' "
                         "(default: fashion-mnist when the model takes [N,1,28,28] float)")
     g.add_argument("--labels", metavar="FILE", help="labels (.npy, IDX, or one integer per line)")
+    add_preprocess_arguments(g)
+
+
+def add_preprocess_arguments(g) -> None:
+    """The image preprocessing flags (for commands whose data options have other names)."""
     g.add_argument("--preprocess", metavar="SPEC",
                    help="images: size=HxW,layout=nchw|nhwc,scale=255,mean=a/b/c,std=a/b/c,channels=1|3")
     g.add_argument("--image-size", metavar="HxW", help="images: resize to H x W (default: the model's)")

@@ -847,3 +847,30 @@ def render_index(doc: dict[str, Any], lines: list[dict[str, Any]]) -> str:
             f"<h2>Detected ({len(det)})</h2>", table(det) if det else "<p>none</p>",
             f"<h2>Every result ({len(rows)})</h2>", table(rows), "</body>", "</html>", ""]
     return "\n".join(page)
+
+
+def load_sweep_keys(paths, folder: str | os.PathLike | None = None) -> list:
+    """Keys from --key files and a --keys folder; each must hold a white-box mark."""
+    from auditor.marks.keys import load_key
+
+    files = [Path(k) for k in paths]
+    if folder is not None:
+        d = Path(folder)
+        if not d.is_dir():
+            raise AuditError(f"--keys {folder}: not a folder")
+        found = sorted(f for f in d.glob("*.json") if f.is_file())
+        if not found:
+            raise AuditError(f"--keys {folder}: no *.json key file in it")
+        files += found
+    if not files:
+        raise AuditError("no key given (--key K or --keys DIR)")
+    keys = []
+    for f in files:
+        key = load_key(f)
+        if not key.whitebox:
+            raise AuditError(f"key {f} holds no white-box mark (a sweep audits white-box marks)")
+        for mk in key.whitebox:
+            if mk.projection.get("kind") == "npy":
+                mk.matrix()  # read and check the sidecar here, so children need not find it
+        keys.append(key)
+    return keys

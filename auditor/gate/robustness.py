@@ -48,6 +48,9 @@ from auditor.marks import stats
 from auditor.attacks import compose as compose_mod
 from auditor.attacks import quantize as quantize_mod
 from auditor.errors import AuditError
+from auditor.progress import Progress
+# manifest.json beside the model, under the name the grid's callers use
+from auditor.marks.manifest import manifest_beside as load_manifest  # noqa: F401
 
 DEFAULT_PRUNE_RATES = (0.0, 0.5, 0.8, 0.9)
 DEFAULT_QUANTIZE = ("none", "dynamic", "static-qdq", "static-qdq-per-channel", "static-qop", "fp16")
@@ -289,34 +292,15 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-# ---------------------------------------------------------------- progress
-class Progress:
-    """A bar on a terminal, one line per finished config otherwise (CI logs)."""
-
-    def __init__(self, total: int, stream=None, enabled: bool = True):
-        self.total, self.done, self.stream, self.enabled = total, 0, stream or sys.stderr, enabled
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        if self.tty:
-            n = int(30 * self.done / max(1, self.total))
-            self.stream.write(f"\r[{'#' * n}{' ' * (30 - n)}] {self.done}/{self.total} {label[:40]:40s}")
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(f"robustness: {self.done}/{self.total} {label}\n")
-        self.stream.flush()
-
-
 # ---------------------------------------------------------------- the grid
 def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, evaluation=None,
              manifest: dict | None = None, jobs: int | None = None, models_dir: str | os.PathLike | None = None,
              progress: bool = True, command: str | None = None, reference: str | os.PathLike | None = None,
-             targets=("native",)) -> dict:
+             usability=None, targets=("native",)) -> dict:
     """Run every config of ``grid`` on the model; returns the result document (envelope 'robustness').
+
+    Survival is counted on the configs that left the model usable (``usability``: an
+    ``auditor.gate.usability.Usability``, default bounds when None); the others are listed.
 
     BatchNorm folding is undone in every attacked copy with the owner's ``reference``
     (BN kept), else the key's anchors, else the unattacked model where a BN still
@@ -353,7 +337,8 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
     prefixes = sorted({p[0] for c in grid.configs if (p := _static_prefix(c.steps)) is not None})
     if prefixes and calibration is None:
         raise AuditError("the grid has static quantization configs but no calibration data was given")
-    bar = Progress(len(grid.configs), enabled=progress)
+    # a bar for a person watching (off when stderr is not a terminal, or when progress=False)
+    bar = Progress(len(grid.configs), "robustness", enabled=None if progress else False)
     rows: dict[str, dict] = {}
     if workers == 1:
         for p in prefixes:
@@ -370,6 +355,7 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
                 c = futs[f]
                 rows[c.name] = f.result()
                 bar.step(f"{c.name} ({rows[c.name]['_seconds']:.1f}s)")
+    bar.close()
     seconds = time.perf_counter() - t0
     configs = []
     base_acc = baseline.get("accuracy")
@@ -387,6 +373,9 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
                "calibrated_models": len(prefixes),
                "baseline_detected": baseline["verdict"] == stats.DETECTED,
                "all_survived": not broken and baseline["verdict"] == stats.DETECTED}
+    from auditor.gate.usability import judge_grid
+
+    summary = judge_grid(configs, summary["baseline_detected"], summary, usability)
     if progress:
         print(f"robustness: {len(configs)} configs in {seconds:.1f}s with {workers} workers; "
               f"calibrations: {len(prefixes)}", file=sys.stderr)
@@ -418,13 +407,3 @@ def _sha(path) -> str:
     from auditor.results import file_sha256
 
     return file_sha256(path)
-
-
-def load_manifest(model_path: Path) -> dict | None:
-    """manifest.json next to the model, when there is one (checked as `wmaudit extract --manifest` does)."""
-    from auditor.commands.extract import load_manifest as load_manifest_file
-
-    p = Path(model_path).parent / "manifest.json"
-    if not p.exists() and not p.is_symlink():
-        return None
-    return load_manifest_file(str(p))

@@ -367,10 +367,10 @@ def committed_false_positives(paths, n_keys: int, *, first_key: int = 0, n_bits:
     targets one weight of rank >= 2 (one torch view per weight, reduced length <= ``max_coeffs``)
     and a reduction, both chosen by ``default_rng(commit_seed)``; X and bits are the key's
     derived ones. Each file's weights are read once; each key's projection is one matrix
-    product. Scored with ``auditor.marks.whitebox.score`` (fair coin, m = 1: the statement
+    product. Scored with ``auditor.marks.score.score`` (fair coin, m = 1: the statement
     names the weight). Returns counts of detections and of p <= 0.01 / 0.05 (a calibration
     check: under a valid null at most about 1 % / 5 % of pairs)."""
-    from auditor.marks.whitebox import score
+    from auditor.marks.score import score
     from auditor.read.layout import torch_views
     from auditor.read.weights import WeightStore
 

@@ -356,3 +356,23 @@ def make_mark(param: str, shape, reduce: str, bits, *, seed: int | None = None,
         proj = {"kind": "npy", "path": matrix_path, "sha256": matrix_sha256}
     return WhiteboxMark(id=id or param, param=param, shape=tuple(int(s) for s in shape), reduce=reduce,
                         bits=bits, projection=proj, batchnorm=batchnorm, extra=dict(extra or {}))
+
+
+def load_keys(paths, folder: str | os.PathLike | None = None) -> list[Key]:
+    """Keys from files (``--key``) and every wmaudit key file in ``folder`` (``--keys``; other
+    JSON files there are skipped); AuditError when none is given."""
+    keys = [load_key(p) for p in paths]
+    if folder:
+        d = Path(folder)
+        if not d.is_dir():
+            raise AuditError(f"--keys: not a folder: {folder}")
+        for p in sorted(d.glob("*.json")):
+            try:
+                fmt = json.loads(p.read_text()).get("format")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue  # not a key file
+            if fmt == "wmaudit-key/1":
+                keys.append(load_key(p))
+    if not keys:
+        raise AuditError("give at least one --key or --keys DIR")
+    return keys

@@ -33,6 +33,9 @@ h3 { font-size: 15px; margin-top: 20px; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
 th, td { border: 1px solid #d0d0d0; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; font-family: monospace; }
+table.matrix td { text-align: center; font-weight: bold; min-width: 9em; }
+td.m-pass { background: #d8f0dc; color: #1b5e20; } td.m-fail { background: #fbdada; color: #b00020; }
+td.m-broken { background: #e6e6e6; color: #555555; font-weight: normal; font-style: italic; }
 td.st-pass { color: #1b5e20; font-weight: bold; } td.st-fail, td.st-error { color: #b00020; font-weight: bold; }
 code, .mono { font-family: monospace; font-size: 12px; word-break: break-all; }
 .charts { display: flex; flex-wrap: wrap; gap: 12px; } .charts svg { border: 1px solid #e0e0e0; }
@@ -58,8 +61,10 @@ def verdict_of(doc: dict[str, Any]) -> tuple[str, str]:
         return "fail", (f"GATE FAILED: {s.get('failed', 0)} requirements not met, {s.get('errors', 0)} not "
                         f"measurable, of {s.get('requirements', 0)}")
     if kind == "robustness":
+        from auditor.gate.usability import headline
+
         s = doc.get("summary", {})
-        text = (f"mark survived {s.get('survived', '?')} of {s.get('configs', '?')} attack configurations"
+        text = ("mark " + headline(s)
                 + ("" if s.get("baseline_detected", True) else "; NOT detected in the unattacked model"))
         return ("pass" if v == "survived" else "fail"), ("SURVIVED: " if v == "survived" else "BROKEN: ") + text
     inner = doc.get("result") if isinstance(doc.get("result"), dict) else doc
@@ -150,6 +155,72 @@ def how_produced(doc: dict[str, Any]) -> str:
     else:
         out.append('<p class="note">This result records no random seed.</p>')
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------ the survival matrix
+def _target_name(cell: dict[str, Any]) -> str:
+    t = cell.get("target")
+    if isinstance(t, dict):
+        return str(t.get("name") or t.get("id") or "target")
+    return str(t) if t else ""
+
+
+def survival_matrix(doc: dict[str, Any]) -> str:
+    """Attack x target: did the mark survive where the model still works? One row per attack,
+    one column per deployment target (the grid's targets; the gate's backends; else the one
+    onnxruntime CPU run). Robustness cells: survived / mark lost / model broken (with what
+    the mark did there); gate cells: every requirement of that attack on that backend met or not."""
+    kind = doc.get("kind")
+    cells: dict[tuple[str, str], tuple[str, str]] = {}
+    attacks: list[str] = []
+    targets: list[str] = []
+
+    def put(attack: str, target: str, cls: str, text: str) -> None:
+        if attack not in attacks:
+            attacks.append(attack)
+        if target not in targets:
+            targets.append(target)
+        cells[(attack, target)] = (cls, text)
+
+    if kind == "robustness":
+        for r in doc.get("configs", []):
+            mark = "mark detected" if r.get("survived") else "mark lost"
+            per = r.get("targets") or {(_target_name(r) or (doc.get("targets") or ["native"])[0]): r}
+            for tgt, cell in per.items():
+                usable = cell.get("usable", r.get("usable"))
+                if usable is False:
+                    put(r["name"], tgt, "broken", f"model broken ({mark})")
+                elif r.get("survived"):
+                    put(r["name"], tgt, "pass", "survived" + ("" if usable else " (usability not measured)"))
+                else:
+                    put(r["name"], tgt, "fail", "mark lost")
+    elif kind == "gate":
+        pol = doc.get("policy") or {}
+        backends = list(pol.get("targets") or pol.get("backends") or [])
+        by: dict[tuple[str, str], list[str]] = {}
+        for q in doc.get("requirements", []):
+            for b in ([q["backend"]] if q.get("backend") else backends or ["-"]):
+                by.setdefault((q.get("attack", ""), b), []).append(q.get("status", ""))
+        for (attack, b), statuses in by.items():
+            bad = [x for x in statuses if x != "pass"]
+            put(attack, b, "pass" if not bad else "fail",
+                f"{len(statuses)} met" if not bad else f"{len(bad)} of {len(statuses)} not met")
+    else:
+        return ""
+    if not cells:
+        return ""
+    head = "<tr><th>attack</th>" + "".join(f"<th>{_e(t)}</th>" for t in targets) + "</tr>"
+    body = []
+    for a in attacks:
+        tds = []
+        for t in targets:
+            cls, text = cells.get((a, t), ("", "-"))
+            tds.append(f'<td class="m-{cls}">{_e(text)}</td>' if cls else "<td>-</td>")
+        body.append(f"<tr><th class=\"attack\">{_e(a)}</th>{''.join(tds)}</tr>")
+    legend = ('<p class="note">Survival counts only where the attacked model still works; '
+              '"model broken" cells are attacks that broke the model (whatever the mark did there).</p>'
+              if kind == "robustness" else "")
+    return f'<table class="matrix"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>{legend}'
 
 
 # ------------------------------------------------------------------ charts
@@ -437,16 +508,18 @@ def _provenance_phash(r: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ the page
 def document_section(doc: dict[str, Any], index: int) -> str:
-    cls, text = verdict_of(doc)
+    # the verdict is the page's headline (render), said once
     parts = [f'<section id="result-{index}">',
-             f"<h2>{index + 1}. {_e(doc.get('kind', 'result'))}: {_e((doc.get('model') or {}).get('path', ''))}</h2>",
-             f'<div class="verdict {cls}">{_e(text)}</div>']
+             f"<h2>{index + 1}. {_e(doc.get('kind', 'result'))}: {_e((doc.get('model') or {}).get('path', ''))}</h2>"]
+    matrix = survival_matrix(doc)
+    if matrix:
+        parts += ["<h3>Survival: attack &times; target</h3>", matrix]
     ev = doc.get("evaluation") or (doc.get("data") or {}).get("evaluation") or {}
     if isinstance(ev, dict) and ev.get("synthetic"):
         parts.append(f'<p class="note"><b>Synthetic data:</b> {_e(ev.get("caveat"))}</p>')
     mx = target_matrix(doc)
     if mx:
-        parts += ["<h3>Attack &times; target</h3>", mx]
+        parts += ["<h3>Fidelity per target</h3>", mx]
     parts += ["<h3>Where it was measured</h3>", hardware_table(doc)]
     parts += ["<h3>Provenance</h3>", provenance(doc)]
     if doc.get("kind") == "gate":

@@ -1,4 +1,4 @@
-"""Hand-written SVG charts for the HTML report: line charts, histograms, bar charts,
+"""SVG charts for the HTML report: line charts, histograms, bar charts,
 and PNG images as data: URIs. No plotting library, no network, no fonts to fetch.
 
 Every function returns a complete ``<svg>`` element as text, with every label
@@ -125,7 +125,7 @@ def line_chart(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], *, t
                                        max(ys + ([hline[0]] if hline else [])))
     if yhi <= ylo:
         ylo, yhi = ylo - 0.5, yhi + 0.5
-    ax = _Axes(width, height, min(xs), max(xs), ylo, yhi, right=170)
+    ax = _Axes(width, height, min(xs), max(xs), ylo, yhi, right=200)
     body = ax.draw()
     if hline is not None and ax.ylo <= hline[0] <= ax.yhi:
         yy = _f(ax.y(hline[0]))
@@ -134,22 +134,61 @@ def line_chart(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], *, t
         body.append(f'<text x="{ax.x1 - 4}" y="{yy}" dy="-4" text-anchor="end" font-size="10" fill="#666666" '
                     f'{_FONT}>{_e(hline[1])}</text>')
     desc = []
-    for i, (label, s) in enumerate(series):
-        color = PALETTE[i % len(PALETTE)]
-        s = sorted((x, y) for x, y in s if math.isfinite(x) and math.isfinite(y))
+    clean = [(label, sorted((x, y) for x, y in s if math.isfinite(x) and math.isfinite(y))) for label, s in series]
+    n = len(clean)
+    # Series that coincide must still be told apart: each has its own colour, dash pattern and
+    # marker shape, earlier series are drawn wider underneath later ones, and markers of
+    # coinciding points are spread sideways; the legend says which series are identical.
+    first_seen: dict[tuple, str] = {}
+    for i, (label, s) in enumerate(clean):
         if not s:
             continue
+        color = PALETTE[i % len(PALETTE)]
+        dash = _DASHES[i % len(_DASHES)]
+        width_px = 2.0 + 1.2 * (n - 1 - i) if n > 1 else 2.0
         coords = " ".join(f"{_f(ax.x(x))},{_f(ax.y(y))}" for x, y in s)
-        body.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+        body.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="{width_px:.1f}" '
+                    f'stroke-opacity="0.9"' + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
+        same = sum(1 for j in range(i) if clean[j][1] and any(abs(ax.y(y) - ax.y(yj)) < 3 and x == xj
+                                                               for x, y in s for xj, yj in clean[j][1]))
+        dx = 5.0 * same  # a marker that would sit on an earlier series' marker is moved right
         for x, y in s:
-            body.append(f'<circle cx="{_f(ax.x(x))}" cy="{_f(ax.y(y))}" r="3" fill="{color}">'
-                        f"<title>{_e(label)}: x={x:g}, y={y:.4g}</title></circle>")
+            body.append(_marker(i, ax.x(x) + dx, ax.y(y), color, f"{label}: x={x:g}, y={y:.4g}"))
         ly = ax.y1 + 4 + 15 * i
-        lab = label if len(label) <= 24 else label[:23] + "~"
-        body.append(f'<rect x="{ax.x1 + 10}" y="{ly}" width="12" height="3" fill="{color}"/>')
-        body.append(f'<text x="{ax.x1 + 26}" y="{ly + 5}" font-size="11" {_FONT}>{_e(lab)}</text>')
+        key = tuple(s)
+        twin = first_seen.setdefault(key, label)
+        lab = label if twin == label else f"{label} (= {twin})"
+        lab = lab if len(lab) <= 30 else lab[:29] + "~"
+        body.append(f'<line x1="{ax.x1 + 6}" y1="{ly + 1}" x2="{ax.x1 + 26}" y2="{ly + 1}" stroke="{color}" '
+                    f'stroke-width="2"' + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
+        body.append(_marker(i, ax.x1 + 16, ly + 1, color, label))
+        body.append(f'<text x="{ax.x1 + 30}" y="{ly + 5}" font-size="11" {_FONT}>{_e(lab)}</text>')
         desc.append(f"{label}: " + ", ".join(f"({x:g}, {y:.4g})" for x, y in s))
     return _frame(width, height, title, x_label, y_label, body, "; ".join(desc))
+
+
+_DASHES = ("", "7,4", "2,3", "9,3,2,3", "4,4", "1,5", "12,4", "3,2,1,2")
+
+
+def _marker(i: int, cx: float, cy: float, color: str, title: str) -> str:
+    """Marker shape i (circle, square, triangle, diamond, cross, ring, ...) at (cx, cy)."""
+    t = f"<title>{_e(title)}</title>"
+    shape = i % 6
+    if shape == 0:
+        return f'<circle cx="{_f(cx)}" cy="{_f(cy)}" r="3.5" fill="{color}">{t}</circle>'
+    if shape == 1:
+        return f'<rect x="{_f(cx - 3.5)}" y="{_f(cy - 3.5)}" width="7" height="7" fill="{color}">{t}</rect>'
+    if shape == 2:
+        pts = f"{_f(cx)},{_f(cy - 4.5)} {_f(cx - 4)},{_f(cy + 3)} {_f(cx + 4)},{_f(cy + 3)}"
+        return f'<polygon points="{pts}" fill="{color}">{t}</polygon>'
+    if shape == 3:
+        pts = f"{_f(cx)},{_f(cy - 4.5)} {_f(cx + 4.5)},{_f(cy)} {_f(cx)},{_f(cy + 4.5)} {_f(cx - 4.5)},{_f(cy)}"
+        return f'<polygon points="{pts}" fill="#ffffff" stroke="{color}" stroke-width="2">{t}</polygon>'
+    if shape == 4:
+        d = f"M{_f(cx - 4)},{_f(cy - 4)} L{_f(cx + 4)},{_f(cy + 4)} M{_f(cx - 4)},{_f(cy + 4)} L{_f(cx + 4)},{_f(cy - 4)}"
+        return f'<path d="{d}" stroke="{color}" stroke-width="2.5">{t}</path>'
+    return f'<circle cx="{_f(cx)}" cy="{_f(cy)}" r="4" fill="#ffffff" stroke="{color}" stroke-width="2">{t}</circle>'
+
 
 
 def histogram(values: Sequence[float], *, title: str, x_label: str, bins: int = 20, width: int = 400,

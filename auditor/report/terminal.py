@@ -18,26 +18,40 @@ from auditor.report import fmt_num, fmt_p
 # ------------------------------------------------------------------ tables
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, align: str | None = None,
           max_width: int = 48) -> str:
-    """A fixed-width text table. `align` has one letter per column: l (left) or r (right).
+    """A fixed-width text table (rich, no colour): a header line, a line of dashes per column,
+    one line per row. `align` has one letter per column: l (left) or r (right).
 
     Cells longer than `max_width` are cut with '~' so one long note cannot push
     the table off the screen.
     """
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
     rows = [[_cell(c, max_width) for c in r] for r in rows]
     headers = [_cell(h, max_width) for h in headers]
     n = len(headers)
     align = (align or "l" * n).ljust(n, "l")
-    widths = [max([len(headers[i])] + [len(r[i]) for r in rows if i < len(r)]) for i in range(n)]
+    t = Table(box=_DASHED, show_edge=False, pad_edge=False, padding=(0, 1), header_style="", expand=False)
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="right" if align[i] == "r" else "left", no_wrap=True)
+    for r in rows:
+        t.add_row(*[r[i] if i < len(r) else "" for i in range(n)])
+    buf = io.StringIO()
+    Console(file=buf, width=100_000, color_system=None, highlight=False, emoji=False,
+            markup=False).print(t)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines() if line.strip()) + "\n"
 
-    def line(cells: Sequence[str]) -> str:
-        out = []
-        for i in range(n):
-            c = cells[i] if i < len(cells) else ""
-            out.append(c.rjust(widths[i]) if align[i] == "r" else c.ljust(widths[i]))
-        return "  ".join(out).rstrip()
 
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), sep] + [line(r) for r in rows]) + "\n"
+def _dashed():
+    from rich.box import Box
+
+    # header, a dash line under it, rows; columns separated by spaces
+    return Box("    \n    \n -  \n    \n    \n    \n    \n    \n")
+
+
+_DASHED = _dashed()
 
 
 def _cell(v: Any, max_width: int) -> str:
@@ -144,84 +158,19 @@ def render_robustness(doc: dict[str, Any]) -> str:
                      fmt_p(r.get("p_value")), fmt_num(r.get("margin_min"), 4), fmt_num(r.get("margin_median"), 4),
                      fmt_num(None if r.get("accuracy") is None else 100 * r["accuracy"], 2),
                      fmt_num(None if r.get("top1_agreement") is None else 100 * r["top1_agreement"], 2),
-                     fmt_num(r.get("sqnr_db"), 1), r.get("verdict", "")])
+                     fmt_num(r.get("sqnr_db"), 1),
+                     {True: "usable", False: "BROKEN"}.get(r["cell"].get("usable"), "-"), r.get("verdict", "")])
     ev = doc.get("evaluation") or (doc.get("data") or {}).get("evaluation") or {}
     if ev.get("synthetic"):
         out.append(f"note: {ev.get('caveat', 'synthetic data')}\n")
     out.append(table(["attack", "mark", "k/T", "BER", "p", "margin min", "margin med", "acc %", "agree %",
-                      "SQNR dB", "verdict"], body, align="lllrrrrrrrl", max_width=60))
+                      "SQNR dB", "model", "verdict"], body, align="lllrrrrrrrll", max_width=60))
+    if isinstance(doc.get("summary"), dict):
+        from auditor.gate.usability import headline
+
+        out.append(headline(doc["summary"]) + "\n")
     return "".join(out)
 
 
-# ------------------------------------------------------------------ progress
-def progress_enabled(stream: TextIO | None = None) -> bool:
-    """Draw progress only for a person watching: a TTY, and not under CI."""
-    stream = stream if stream is not None else sys.stderr
-    ci = os.environ.get("CI", "").strip().lower()
-    if ci and ci not in ("0", "false", "no"):
-        return False
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-class Progress:
-    """A one-line progress bar on stderr: ``with Progress(n, "attacks") as p: p.advance(note=...)``.
-
-    Silent (does nothing) when stderr is not a TTY or CI is set; never writes to stdout,
-    so `--json` output stays machine-readable.
-    """
-
-    def __init__(self, total: int, label: str = "", *, stream: TextIO | None = None,
-                 enabled: bool | None = None, width: int = 28):
-        self.total = max(0, int(total))
-        self.label = label
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = progress_enabled(self.stream) if enabled is None else enabled
-        self.width = width
-        self.done = 0
-        self.note = ""
-        self._t0 = time.monotonic()
-        self._last_len = 0
-
-    def __enter__(self) -> "Progress":
-        self._draw()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def advance(self, n: int = 1, note: str = "") -> None:
-        self.done = min(self.total, self.done + n) if self.total else self.done + n
-        if note:
-            self.note = note
-        self._draw()
-
-    def set_note(self, note: str) -> None:
-        self.note = note
-        self._draw()
-
-    def line(self) -> str:
-        """The text of the bar as it would be drawn now."""
-        frac = self.done / self.total if self.total else 0.0
-        fill = int(round(frac * self.width))
-        bar = "#" * fill + "." * (self.width - fill)
-        secs = time.monotonic() - self._t0
-        s = f"{self.label} [{bar}] {self.done}/{self.total} {secs:5.1f}s"
-        return f"{s} {self.note}" if self.note else s
-
-    def _draw(self) -> None:
-        if not self.enabled:
-            return
-        s = self.line()[:120]
-        pad = " " * max(0, self._last_len - len(s))
-        self.stream.write("\r" + s + pad)
-        self.stream.flush()
-        self._last_len = len(s)
-
-    def close(self) -> None:
-        if self.enabled and self._last_len:
-            self.stream.write("\r" + " " * self._last_len + "\r")
-            self.stream.flush()
-            self._last_len = 0
+# progress bars live below the stages that draw them; re-exported for callers
+from auditor.progress import Progress, progress_enabled  # noqa: E402,F401
