@@ -408,16 +408,3 @@ def annotate(record: dict[str, Any], target: Target) -> dict[str, Any]:
 
         rec["gpu"] = gpu_record()
     return rec
-
-
-def outputs(model_path: str | os.PathLike, data, target: str, threads: int | None = None) -> tuple[dict, dict]:
-    """({output name: array over every example of ``data``}, hardware record) on ``target``."""
-    from auditor.data.accuracy import unpad
-
-    parts: dict[str, list[np.ndarray]] = {}
-    with TargetRunner(model_path, target, threads=threads) as runner:
-        for feed, count in data.counted_batches():
-            for n, r in runner.infer(feed).items():
-                parts.setdefault(n, []).append(unpad(n, np.asarray(r), count, data))
-        hw = runner.hardware
-    return {n: np.concatenate(p) for n, p in parts.items()}, hw

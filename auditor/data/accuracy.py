@@ -93,8 +93,13 @@ def outputs(model, data, threads: int = 0, backend: str = "native", *, with_hard
                     parts.setdefault(n, []).append(unpad(n, _as_float(np.asarray(r)), count, data))
         outs = {n: np.concatenate(p) for n, p in parts.items()}
         return (outs, hardware.gpu_target_record(target)) if with_hardware else outs
-    with _model_file(model) as path:
-        outs, hw = targets.outputs(path, data, target.name, threads=threads or None)
+    parts: dict[str, list[np.ndarray]] = {}
+    with _model_file(model) as path, targets.TargetRunner(path, target.name, threads=threads or None) as runner:
+        for feed, count in data.counted_batches():
+            for n, r in runner.infer(feed).items():
+                parts.setdefault(n, []).append(unpad(n, np.asarray(r), count, data))
+        hw = runner.hardware
+    outs = {n: np.concatenate(p) for n, p in parts.items()}
     return (outs, hw) if with_hardware else outs
 
 
