@@ -11,7 +11,7 @@ export WMAUDIT_FIXTURES := $(abspath $(FIX))
 # fixtures and tests use every core (pytest-xdist; one test file stays on one worker)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: env lock data fixtures demo test test-all bench bench-quick report gate browser hostile fuzz clean
+.PHONY: env lock data fixtures demo test test-all bench bench-quick report gate browser tracer hostile fuzz clean
 
 # torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
 # Everything else comes from requirements.lock (exact versions, sha256 hashes; `make lock`).
@@ -56,10 +56,17 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
 	  echo "note: chromium not installed; the headless-browser report test will be skipped"; }
 
-test: env fixtures browser
+# Debian's strace shows the files every command and its children open, onnxruntime's C++ included
+# (tests/test_no_trace.py; that check is skipped without it).
+tracer:
+	@command -v strace >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends strace >/dev/null) || \
+	  echo "note: strace not installed; the traced-files check of tests/test_no_trace.py will be skipped"; }
+
+test: env fixtures browser tracer
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
 
-test-all: env fixtures
+test-all: env fixtures browser tracer
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m '' tests
 
 bench: env fixtures
