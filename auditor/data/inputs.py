@@ -393,6 +393,25 @@ def _is_idx(p: Path) -> bool:
     return p.suffix == ".gz" or "ubyte" in p.name or p.suffix == ".idx"
 
 
+def check_source_form(spec: str, what: str) -> None:
+    """A data source named in a file (a policy) has one of the documented forms, whether or not the
+    command ends up reading it: 'fashion-mnist', 'synthetic', an image folder, .npy, .npz or IDX.
+    A file of another kind (a text file, a pickle) is refused by name, before anything runs."""
+    if spec in (FASHION, SYNTHETIC):
+        return
+    p = Path(spec)
+    if p.is_dir():
+        return
+    if p.suffix in (".npy", ".npz") or _is_idx(p):
+        if p.exists() and not p.is_file():
+            raise AuditError(f"{what} {p.name!r} is not a regular file")
+        return
+    if not p.exists() and not p.suffix:
+        return  # an image folder still to be made: load_data says so when it is read
+    raise AuditError(f"{what} {p.name!r} is not data the auditor reads (a .npy, .npz, image folder or IDX "
+                     f"file, '{FASHION}' or '{SYNTHETIC}')")
+
+
 def _image_files(folder: Path) -> tuple[list[Path], np.ndarray | None, list[str]]:
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())

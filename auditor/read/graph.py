@@ -50,6 +50,9 @@ def open_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except Exception as e:  # protobuf raises DecodeError and friends (nesting too deep included)
+        if "MaxDepth" in str(e) or "recursion" in str(e).lower():
+            raise AuditError(f"{p}: messages nested deeper than the protobuf reader allows (100 levels: "
+                             f"about 32 levels of subgraphs)") from None
         raise AuditError(f"{p}: not an ONNX model ({type(e).__name__}: {_first_line(e)})") from None
     if not model.HasField("graph") and not model.opset_import:
         # Protobuf parsing is permissive: random bytes can decode to an empty message.

@@ -7,7 +7,7 @@ any tensor is read or any graph is walked by other code, ``check_model``
 validates the structure in one linear pass:
 
 * a graph and an opset are present; subgraphs nest at most ``max_depth``
-  deep; at most ``max_nodes`` nodes and ``max_tensors`` stored tensors in all;
+  levels below the main graph; at most ``max_nodes`` nodes and ``max_tensors`` stored tensors in all;
 * every tensor has a known element type, no negative dims, a declared size
   that does not overflow and stays below ``max_tensor_bytes``, and exactly the
   bytes that back it (raw data, typed data fields, or external data);
@@ -447,10 +447,11 @@ def _check_node(n: onnx.NodeProto, opsets: dict[str, int], dtypes: dict[str, int
             raise AuditError(f"{what}: input {i} ({fp.name}) {x!r} is {have[7:-1] if have.startswith('tensor(') else have}; "
                              f"the ONNX spec allows {ok} there")
         if fp.type_str in constraints and fp.is_homogeneous:
-            first = bound.setdefault(fp.type_str, (i, have))
+            first = bound.setdefault(fp.type_str, (i, have, fp.name, x))
             if first[1] != have:
-                raise AuditError(f"{what}: inputs {first[0]} and {i} must have one element type ({fp.type_str}), "
-                                 f"got {first[1][7:-1]} and {have[7:-1]}")
+                raise AuditError(f"{what}: input {i} ({fp.name}) {x!r} is {have[7:-1]} but input {first[0]} "
+                                 f"({first[2]}) {first[3]!r} is {first[1][7:-1]}; the ONNX spec gives them one "
+                                 f"element type ({fp.type_str})")
 
 
 def _range(lo: int, hi: int) -> str:
@@ -482,7 +483,8 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
     nodes = tensors = 0
     # Iterative walk: (graph, the name sets of its enclosing scopes, depth). A subgraph sees its
     # enclosing graphs' sets by reference (no copies: linear time however many subgraphs there are).
-    stack: list[tuple[onnx.GraphProto, tuple[set, ...], int, str]] = [(model.graph, (), 1, "main graph")]
+    # depth: how many subgraph levels lie between a graph and the main graph (the main graph is 0)
+    stack: list[tuple[onnx.GraphProto, tuple[set, ...], int, str]] = [(model.graph, (), 0, "main graph")]
     while stack:
         g, outer, depth, gname = stack.pop()
         if depth > lim.max_depth:
