@@ -80,12 +80,16 @@ bench-quick: env fixtures
 hostile: env
 	$(PY) -m fixtures.hostile_run --corpus $(BUILD)/hostile --timeout 20 --out $(BUILD)/hostile-results.jsonl
 
-# Coverage-guided fuzzing of the reading path (atheris); crashes land in build/fuzz/crash-*
+# Coverage-guided fuzzing of the reading path (atheris; crashes land in build/fuzz/crash-*), then
+# structure-aware fuzzing of models, keys, manifests, policies and grids (hypothesis, fresh seeds;
+# shrunk failing inputs land in build/fuzz/struct-*): FUZZ_SECONDS each. Copy what they find to
+# tests/hostile_regressions/ (docs/hardening.md).
 FUZZ_SECONDS ?= 600
 fuzz: env
 	mkdir -p $(BUILD)/fuzz/corpus
 	OMP_NUM_THREADS=1 $(PY) fuzz/fuzz_read.py -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 \
 	  -rss_limit_mb=4000 -artifact_prefix=$(BUILD)/fuzz/ $(BUILD)/fuzz/corpus
+	OMP_NUM_THREADS=1 $(PY) fuzz/fuzz_struct.py --seconds $(FUZZ_SECONDS) --out $(BUILD)/fuzz
 
 # Robustness grid on the marked SmallCNN fixture -> build/report/report.html
 report: env fixtures

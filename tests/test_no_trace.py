@@ -152,7 +152,6 @@ def traced(tmp_path_factory):
 
 
 def test_every_command_runs(traced):
-    print({" ".join(r["argv"][:2]): r["seconds"] for r in traced["results"]})
     bad = [(" ".join(r["argv"][:2]), r["rc"], r["stderr"].strip()[-300:]) for r in traced["results"]
            if r["rc"] not in r["codes"]]
     assert not bad, bad
