@@ -4,7 +4,7 @@ field by field, not byte by byte, and fed to the code that reads them. The rule 
 command ends in exit 0 / 1, or in exit 2 with exactly one line on stderr that is not an
 "internal error"; a reader raises nothing but a one-line AuditError.
 
-    python fuzz/fuzz_struct.py [--target onnx|key|manifest|policy|grid|all] [--seconds 600]
+    python fuzz/fuzz_struct.py [--target onnx|key|manifest|policy|grid|data|all] [--seconds 600]
                                [--examples 300] [--seed S] [--out build/fuzz]
 
 * ONNX: the ModelProto is walked through its protobuf descriptors; a mutation picks one field
@@ -15,6 +15,9 @@ command ends in exit 0 / 1, or in exit 2 with exactly one line on stderr that is
   model, per-channel QDQ (opset 21), MatMulNBits, external data, nested If, Constant weights,
   a local function. Targets: the reading path (open, WeightStore, torch views, every array),
   `inspect` and `extract`.
+* Data files: an .npy / .npz of inputs for the base model and labels (.npz `y`, .npy, text), each
+  of a drawn shape (0-d, extra or missing axes, empty), dtype (float16 to complex, strings, bool)
+  and value (NaN, Inf, 1e300, 2^62, negative labels). Target: the data layer (`load_data`).
 * JSON and TOML files: a mutation picks a node of the document and replaces it by a value of
   another type or an extreme one, deletes it, or wraps it in a list; keys are recommitted half
   of the time (so the commitment check does not hide everything else). The key's projection
@@ -57,7 +60,7 @@ if str(ROOT) not in sys.path:
 from auditor.errors import AuditError  # noqa: E402
 from fixtures import hostile  # noqa: E402
 
-TARGETS = ("onnx", "key", "manifest", "policy", "grid")
+TARGETS = ("onnx", "key", "manifest", "policy", "grid", "data")
 
 
 class Broken(AssertionError):
@@ -514,6 +517,70 @@ def check_grid(case, work: Path) -> None:
     check_reader(lambda: load_grid(work / "grid.toml"), "grid")
 
 
+# data files ------------------------------------------------------
+
+DTYPES = ["float32", "float64", "float16", "int64", "int8", "uint8", "bool", "complex64", "<U2", "int32", "uint64"]
+
+
+@st.composite
+def data_cases(draw):
+    """An .npy or .npz of inputs for the base model ([N, 1, 28, 28] float32), and labels, each of a
+    drawn shape, dtype and value (0-d, extra axes, empty, NaN, 1e300, strings, negative labels)."""
+    shape = draw(st.one_of(st.just([4, 1, 28, 28]), st.just([4, 28, 28]),
+                           st.lists(st.sampled_from([0, 1, 2, 3, 4, 28]), max_size=5)))
+    dtype = draw(st.sampled_from(DTYPES))
+    value = draw(st.sampled_from([0.0, 1.0, -1.0, 0.5, 255.0, 1e300, math.nan, math.inf, 2.0 ** 62]))
+    with np.errstate(all="ignore"):
+        try:
+            x = np.full(shape, value).astype(dtype)
+        except (ValueError, OverflowError):
+            x = np.zeros(shape, dtype)
+    labels = None
+    form = draw(st.sampled_from(["none", "npz-y", "npy", "txt"]))
+    if form != "none":
+        n = draw(st.sampled_from([0, 1, 3, 4, 5]))
+        lab = draw(st.sampled_from([0, 1, 9, -1, 2 ** 40, 2 ** 63 - 1]))
+        ldtype = draw(st.sampled_from(["int64", "float64", "uint8", "bool", "int8"]))
+        lshape = draw(st.sampled_from([[n], [], [n, 1]]))
+        with np.errstate(all="ignore"):
+            try:
+                labels = (form, np.full(lshape, lab).astype(ldtype))
+            except (ValueError, OverflowError):
+                labels = (form, np.zeros(lshape, ldtype))
+        if form == "txt":
+            labels = (form, draw(st.sampled_from(["1\n2\n3\n4\n", "x\n", "-1\n0\n0\n0\n", "9" * 30 + "\n1\n1\n1\n",
+                                                  "1 2 3 4", "\u00fc\n", "1.5\n2\n3\n4\n"])))
+    return draw(st.sampled_from(["npy", "npz"])), x, labels
+
+
+def check_data(case, work: Path) -> None:
+    from auditor.data.inputs import load_data
+
+    kind, x, labels = case
+    _fresh(work)
+    (work / "model.onnx").write_bytes(hostile.base_model().SerializeToString())
+    arrays = {"input": x}
+    label_path = None
+    if labels is not None:
+        form, lab = labels
+        if form == "npz-y":
+            arrays["y"] = lab
+        elif form == "npy":
+            np.save(work / "y.npy", lab)
+            label_path = work / "y.npy"
+        else:
+            (work / "y.txt").write_text(lab)
+            label_path = work / "y.txt"
+    if kind == "npy":
+        np.save(work / "x.npy", x)
+        spec = work / "x.npy"
+    else:
+        np.savez(work / "x.npz", **arrays)
+        spec = work / "x.npz"
+    model = hostile.base_model()
+    check_reader(lambda: load_data(str(spec), model, labels=label_path, batch_size=4), "data")
+
+
 # ------------------------------------------------------------------ the runner
 
 def _fresh(work: Path) -> None:
@@ -528,11 +595,12 @@ def _fresh(work: Path) -> None:
 def strategy(target: str, seeds: list[str] | None = None):
     if target == "onnx":
         return onnx_cases({k: v for k, v in model_seeds().items() if seeds is None or k in seeds})
-    return {"key": key_cases, "manifest": manifest_cases, "policy": policy_cases, "grid": grid_cases}[target]()
+    return {"key": key_cases, "manifest": manifest_cases, "policy": policy_cases, "grid": grid_cases,
+            "data": data_cases}[target]()
 
 
 CHECKS = {"onnx": check_onnx, "key": check_key, "manifest": check_manifest, "policy": check_policy,
-          "grid": check_grid}
+          "grid": check_grid, "data": check_data}
 
 
 def save_case(target: str, case, out: Path) -> list[Path]:
@@ -553,6 +621,16 @@ def save_case(target: str, case, out: Path) -> list[Path]:
         (out / f"{tag}.key.json").write_text(case[0])
         (out / f"{tag}.X.npy").write_bytes(case[1])
         return [out / f"{tag}.key.json", out / f"{tag}.X.npy"]
+    if target == "data":
+        kind, x, labels = case
+        np.save(out / f"{tag}.data.npy", x)
+        paths = [out / f"{tag}.data.npy"]
+        if labels is not None:
+            form, lab = labels
+            p = out / (f"{tag}.labels.txt" if form == "txt" else f"{tag}.labels.npy")
+            p.write_text(lab) if form == "txt" else np.save(p, lab)
+            paths.append(p)
+        return paths
     suffix = {"manifest": ".manifest.json", "policy": ".policy.toml", "grid": ".grid.toml"}[target]
     (out / f"{tag}{suffix}").write_text(case)
     return [out / f"{tag}{suffix}"]
@@ -595,7 +673,7 @@ def regression_files(folder: Path) -> list[tuple[str, Path]]:
     out = []
     for p in sorted(folder.iterdir()):
         for suffix, target in ((".key.json", "key"), (".manifest.json", "manifest"), (".policy.toml", "policy"),
-                               (".grid.toml", "grid")):
+                               (".grid.toml", "grid"), (".data.npy", "data")):
             if p.name.endswith(suffix):
                 out.append((target, p))
     return out
@@ -612,6 +690,14 @@ def replay(target: str, path: Path) -> None:
             stem = path.name[: -len(".onnx")]
             files = {q.name[len(stem) + 1:]: q.read_bytes() for q in path.parent.glob(f"{stem}.*") if q != path}
             check_onnx(("replay", path.read_bytes(), files), work)
+        elif target == "data":
+            stem = path.name[: -len(".data.npy")]
+            labels = None
+            for name, form in ((f"{stem}.labels.npy", "npy"), (f"{stem}.labels.txt", "txt")):
+                if (path.parent / name).exists():
+                    q = path.parent / name
+                    labels = (form, q.read_text() if form == "txt" else np.load(q, allow_pickle=False))
+            check_data(("npy", np.load(path, allow_pickle=False), labels), work)
         else:
             CHECKS[target](path.read_text(), work)
     finally:

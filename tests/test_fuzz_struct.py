@@ -19,7 +19,7 @@ from auditor.read import limits  # noqa: E402
 
 REGRESSIONS = ROOT / "tests" / "hostile_regressions"
 # inputs per target in the default run (WMAUDIT_FUZZ_EXAMPLES overrides): about 40 s on 2 cores
-EXAMPLES = {"onnx": 80, "key": 30, "manifest": 25, "policy": 80, "grid": 80}
+EXAMPLES = {"onnx": 80, "key": 30, "manifest": 25, "policy": 80, "grid": 80, "data": 80}
 
 
 @pytest.mark.parametrize("target", fuzz_struct.TARGETS)
