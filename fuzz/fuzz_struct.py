@@ -326,11 +326,15 @@ def _leaf_values(toml: bool):
     return st.one_of(*base)
 
 
+_FIELD_NAMES = st.sampled_from(STRINGS[:12] + ["id", "steps", "data", "kind", "path"])
+
+
+def _containers(inner):
+    return st.one_of(st.lists(inner, max_size=4), st.dictionaries(_FIELD_NAMES, inner, max_size=3))
+
+
 def _values(toml: bool):
-    leaf = _leaf_values(toml)
-    return st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                      st.dictionaries(st.sampled_from(STRINGS[:12] + ["id", "steps", "data", "kind", "path"]), inner, max_size=3)),
-                        max_leaves=6)
+    return st.recursive(_leaf_values(toml), _containers, max_leaves=6)
 
 
 def _paths(node, prefix=()) -> list[tuple]:
