@@ -375,17 +375,36 @@ _ATTR_FIELD = {_A.FLOAT: "f", _A.INT: "i", _A.STRING: "s", _A.TENSOR: "t", _A.GR
                _A.STRINGS: "strings", _A.TENSORS: "tensors", _A.GRAPHS: "graphs",
                _A.SPARSE_TENSORS: "sparse_tensors", _A.TYPE_PROTOS: "type_protos"}
 _SINGULAR = ("f", "i", "s", "t", "g", "sparse_tensor", "tp")
-_SCHEMAS: dict[tuple[str, str, int], object] = {}
+_SCHEMAS: dict[tuple[str, str, int], object] = {}  # (op, domain, opset) -> _Spec | None
 
 
-def _schema(op: str, domain: str, version: int):
+@dataclass(frozen=True)
+class _Spec:
+    """What check_model needs of one operator's schema (built once per operator and opset)."""
+    min_in: int
+    max_in: int
+    min_out: int
+    max_out: int
+    attrs: dict            # attribute name -> AttributeProto type
+    formal: tuple          # (name, type_str, variadic, homogeneous) per formal input
+    allowed: dict          # type parameter -> allowed "tensor(...)" strings
+
+
+def _schema(op: str, domain: str, version: int) -> "_Spec | None":
     """onnx's schema of an operator at the model's opset (None: not an operator onnx defines)."""
     key = (op, domain, version)
     if key not in _SCHEMAS:
         try:
-            _SCHEMAS[key] = onnx.defs.get_schema(op, version, domain)
+            sch = onnx.defs.get_schema(op, version, domain)
         except Exception:  # not an onnx operator, or defined only in later opsets than the model imports
-            _SCHEMAS[key] = None
+            sch = None
+        if sch is not None:
+            variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+            sch = _Spec(sch.min_input, sch.max_input, sch.min_output, sch.max_output,
+                        {k: a.type for k, a in sch.attributes.items()},
+                        tuple((f.name, f.type_str, f.option == variadic, f.is_homogeneous) for f in sch.inputs),
+                        {c.type_param_str: frozenset(c.allowed_type_strs) for c in sch.type_constraints})
+        _SCHEMAS[key] = sch
     return _SCHEMAS[key]
 
 
@@ -416,42 +435,40 @@ def _check_node(n: onnx.NodeProto, opsets: dict[str, int], dtypes: dict[str, int
     sch = _schema(n.op_type, domain, version)
     if sch is None:
         return
-    what = f"{where}: node {label!r} ({n.op_type}, opset {version})"
     n_in, n_out = len(n.input), len(n.output)
-    if not sch.min_input <= n_in <= sch.max_input:
-        raise AuditError(f"{what} has {n_in} inputs; the ONNX spec allows "
-                         f"{_range(sch.min_input, sch.max_input)}")
-    if not sch.min_output <= n_out <= sch.max_output:
-        raise AuditError(f"{what} has {n_out} outputs; the ONNX spec allows "
-                         f"{_range(sch.min_output, sch.max_output)}")
+    if not sch.min_in <= n_in <= sch.max_in:
+        raise AuditError(f"{where}: node {label!r} ({n.op_type}, opset {version}) has {n_in} inputs; the ONNX spec "
+                         f"allows {_range(sch.min_in, sch.max_in)}")
+    if not sch.min_out <= n_out <= sch.max_out:
+        raise AuditError(f"{where}: node {label!r} ({n.op_type}, opset {version}) has {n_out} outputs; the ONNX "
+                         f"spec allows {_range(sch.min_out, sch.max_out)}")
+    what = f"{where}: node {label!r} ({n.op_type}, opset {version})"
     for a in n.attribute:
-        spec = sch.attributes.get(a.name)
-        if spec is not None and not a.ref_attr_name and a.type != spec.type:
+        want = sch.attrs.get(a.name)
+        if want is not None and not a.ref_attr_name and a.type != want:
             raise AuditError(f"{what}: attribute {a.name!r} is {_A.AttributeType.Name(a.type)}; the ONNX spec "
-                             f"says {_A.AttributeType.Name(spec.type)}")
-    formal = list(sch.inputs)
-    if not formal:
+                             f"says {_A.AttributeType.Name(want)}")
+    if not sch.formal or not dtypes:
         return
-    constraints = {c.type_param_str: set(c.allowed_type_strs) for c in sch.type_constraints}
-    bound: dict[str, tuple[int, str]] = {}
+    bound: dict[str, tuple] = {}
     for i, x in enumerate(n.input):
         if not x or x not in dtypes:
             continue
-        fp = formal[min(i, len(formal) - 1)]
-        if i >= len(formal) and fp.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+        name, type_str, variadic, homogeneous = sch.formal[min(i, len(sch.formal) - 1)]
+        if i >= len(sch.formal) and not variadic:
             continue
         have = _tensor_type(dtypes[x])
-        allowed = constraints.get(fp.type_str, {fp.type_str})
+        allowed = sch.allowed.get(type_str, frozenset((type_str,)))
         if have not in allowed:
             ok = ", ".join(sorted(t[7:-1] if t.startswith("tensor(") else t for t in allowed))
-            raise AuditError(f"{what}: input {i} ({fp.name}) {x!r} is {have[7:-1] if have.startswith('tensor(') else have}; "
+            raise AuditError(f"{what}: input {i} ({name}) {x!r} is {have[7:-1] if have.startswith('tensor(') else have}; "
                              f"the ONNX spec allows {ok} there")
-        if fp.type_str in constraints and fp.is_homogeneous:
-            first = bound.setdefault(fp.type_str, (i, have, fp.name, x))
+        if type_str in sch.allowed and homogeneous:
+            first = bound.setdefault(type_str, (i, have, name, x))
             if first[1] != have:
-                raise AuditError(f"{what}: input {i} ({fp.name}) {x!r} is {have[7:-1]} but input {first[0]} "
+                raise AuditError(f"{what}: input {i} ({name}) {x!r} is {have[7:-1]} but input {first[0]} "
                                  f"({first[2]}) {first[3]!r} is {first[1][7:-1]}; the ONNX spec gives them one "
-                                 f"element type ({fp.type_str})")
+                                 f"element type ({type_str})")
 
 
 def _range(lo: int, hi: int) -> str:
