@@ -112,9 +112,9 @@ def test_node_limit_is_linear(tmp_path, monkeypatch):
     from auditor.read import limits
 
     model = onnx.load(p)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: a loaded machine does not make it fail
     limits.check_model(model, tmp_path)
-    assert time.perf_counter() - t0 < 5
+    assert time.process_time() - t0 < 5
     monkeypatch.setenv("WMAUDIT_MAX_NODES", "10000")
     _refused(p, "more than 10000 nodes")
 
