@@ -582,7 +582,15 @@ def check_data(case, work: Path) -> None:
         np.savez(work / "x.npz", **arrays)
         spec = work / "x.npz"
     model = hostile.base_model()
-    check_reader(lambda: load_data(str(spec), model, labels=label_path, batch_size=4), "data")
+    got = {}
+    check_reader(lambda: got.setdefault("ds", load_data(str(spec), model, labels=label_path, batch_size=4)), "data")
+    ds = got.get("ds")
+    if ds is not None:  # what the layer accepts, a model can be fed: finite inputs, class indices as labels
+        for k, a in ds.inputs.items():
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                raise Broken(f"data: input {k!r} accepted with non-finite values")
+        if ds.labels is not None and ds.labels.size and ds.labels.min() < 0:
+            raise Broken("data: negative labels accepted")
 
 
 # ------------------------------------------------------------------ the runner
