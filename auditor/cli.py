@@ -60,7 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
+    before = os.environ.get("PYTHONWARNINGS")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        return _run(args)
+    finally:  # a caller running several commands in one process gets its environment back
+        if before is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+
+
+def _run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
