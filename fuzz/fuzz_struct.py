@@ -658,6 +658,7 @@ def run(target: str, examples: int, *, seed: int | None = None, out: Path | None
     check = CHECKS[target]
 
     @settings(max_examples=examples, derandomize=seed is None, database=None, deadline=None, print_blob=False,
+              report_multiple_bugs=False,
               phases=[Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
     @given(strategy(target, seeds))
     def prop(case):
