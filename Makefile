@@ -12,7 +12,7 @@ export WMAUDIT_AARCH64_ROOT := $(abspath $(BUILD)/targets/aarch64)
 # fixtures and tests use every core (pytest-xdist; one test file stays on one worker)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: qemu env lock data fixtures demo test test-all typecheck docs bench bench-quick report gate browser hostile fuzz gpu-wheels clean targets aarch64-root
+.PHONY: qemu env lock data fixtures demo test test-all typecheck docs bench bench-quick report gate browser tracer hostile fuzz gpu-wheels clean targets aarch64-root
 
 # torch is pinned and installed first: any other torch requirement would pull CUDA wheels.
 # Everything else comes from requirements.lock (exact versions, sha256 hashes; `make lock`).
@@ -57,6 +57,13 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
 	  echo "note: chromium not installed; the headless-browser report test will be skipped"; }
 
+# Debian's strace shows the files every command and its children open, onnxruntime's C++ included
+# (tests/test_no_trace.py; that check is skipped without it).
+tracer:
+	@command -v strace >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends strace >/dev/null) || \
+	  echo "note: strace not installed; the traced-files check of tests/test_no_trace.py will be skipped"; }
+
 # Emulated targets (auditor/backends/targets.py): Debian's qemu-user runs this venv as an AVX2 CPU
 # (x86-64-v3) or an SSE4.2 CPU (x86-64-v2), and an arm64 root (aarch64). No binfmt handler is
 # registered: the model's child is started under qemu explicitly.
@@ -73,7 +80,7 @@ $(AARCH64_ROOT)/.done: scripts/make_aarch64_root.sh | env qemu
 
 # The suite includes the MLflow tests (a local SQLite tracking store), the strict documentation
 # build (tests/test_docs.py) and the headless-Chromium screenshots; the typed API is checked first.
-test: env fixtures browser targets typecheck
+test: env fixtures browser tracer targets typecheck
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
 
 typecheck: env
@@ -84,7 +91,7 @@ docs: env
 	$(PY) scripts/cli_reference.py
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-test-all: env fixtures
+test-all: env fixtures browser tracer targets
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m '' tests
 
 bench: env fixtures
@@ -98,12 +105,16 @@ bench-quick: env fixtures
 hostile: env
 	$(PY) -m fixtures.hostile_run --corpus $(BUILD)/hostile --timeout 20 --out $(BUILD)/hostile-results.jsonl
 
-# Coverage-guided fuzzing of the reading path (atheris); crashes land in build/fuzz/crash-*
+# Coverage-guided fuzzing of the reading path (atheris; crashes land in build/fuzz/crash-*), then
+# structure-aware fuzzing of models, keys, manifests, policies and grids (hypothesis, fresh seeds;
+# shrunk failing inputs land in build/fuzz/struct-*): FUZZ_SECONDS each. Copy what they find to
+# tests/hostile_regressions/ (docs/hardening.md).
 FUZZ_SECONDS ?= 600
 fuzz: env
 	mkdir -p $(BUILD)/fuzz/corpus
 	OMP_NUM_THREADS=1 $(PY) fuzz/fuzz_read.py -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 \
 	  -rss_limit_mb=4000 -artifact_prefix=$(BUILD)/fuzz/ $(BUILD)/fuzz/corpus
+	OMP_NUM_THREADS=1 $(PY) fuzz/fuzz_struct.py --seconds $(FUZZ_SECONDS) --out $(BUILD)/fuzz
 
 # Robustness grid on the marked SmallCNN fixture -> build/report/report.html
 report: env fixtures

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from auditor.errors import AuditError
 
@@ -41,26 +42,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warned(caught: list) -> str:
+    """The first warning a failed run raised, as the tail of its one error line."""
+    for w in caught:
+        text = " ".join(str(w.message).split())
+        if text:
+            return f" (after a {w.category.__name__}: {text[:200]})"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. stderr gets nothing but one line on failure: warnings (NumPy, onnx,
+    onnxruntime's Python side) are recorded, dropped when the command succeeds and named at the end
+    of the error line when it fails; child processes inherit PYTHONWARNINGS=ignore."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
+    before = os.environ.get("PYTHONWARNINGS")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     try:
-        return int(args._run(args))
-    except AuditError as e:
-        print(f"wmaudit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("wmaudit: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug, not a user error: still one line unless debugging
-        if os.environ.get("WMAUDIT_DEBUG"):
-            raise
-        print(f"wmaudit {args.command}: internal error: {type(e).__name__}: {e} "
-              f"(set WMAUDIT_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 2
+        return _run(args)
+    finally:  # a caller running several commands in one process gets its environment back
+        if before is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+
+
+def _run(args) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return int(args._run(args))
+        except AuditError as e:
+            print(f"wmaudit {args.command}: error: {e}{_warned(caught)}", file=sys.stderr)
+            return 2
+        except MemoryError as e:  # the input asked for more memory than this process has: a limit, not a bug
+            detail = " ".join(str(e).split())[:200]
+            print(f"wmaudit {args.command}: error: not enough memory for this input"
+                  f"{f' ({detail})' if detail else ''}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("wmaudit: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # a bug, not a user error: still one line unless debugging
+            if os.environ.get("WMAUDIT_DEBUG"):
+                raise
+            text = " ".join(str(e).split())
+            print(f"wmaudit {args.command}: internal error: {type(e).__name__}: {text} "
+                  f"(set WMAUDIT_DEBUG=1 for a traceback)", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

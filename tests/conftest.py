@@ -4,6 +4,11 @@ from pathlib import Path
 
 import pytest
 
+# onnxruntime writes a telemetry database under HOME unless this is set before it is imported
+# (auditor/__init__.py sets it for the auditor; the tests import onnxruntime directly too).
+if os.environ.get("WMAUDIT_ALLOW_ORT_TELEMETRY") != "1":
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -33,7 +33,8 @@ def test_corpus_is_large_and_deterministic(cases):
     for c in cases:
         counts[c["category"]] = counts.get(c["category"], 0) + 1
     assert len(cases) >= 1000
-    assert set(counts) >= {"bytes", "proto", "external", "quant", "key", "manifest", "policy", "grid", "regression"}
+    assert set(counts) >= {"bytes", "proto", "external", "quant", "key", "manifest", "policy", "grid", "fields",
+                           "regression"}
     assert min(counts.values()) >= 1
     assert hostile.base_model().SerializeToString() == hostile.base_model().SerializeToString()
     assert sum(len(c["runs"]) for c in cases) > 2500
@@ -46,6 +47,19 @@ def test_stratified_sample(cases):
     _check(results)
     # malformed cases are refused with one line each (checked above); the control cases still work
     assert all(r["rc"] == 2 for r in results if r["expect"] == "error")
+
+
+def test_fields_category(cases):
+    """Every case of the independent corpus's classes (fields whose type, rank or count is not what a
+    reader may assume), all of them: refused in one line where the spec forbids the input, read where
+    it allows it (both tensor storages, float16 / bfloat16 QDQ scales, 32 levels of subgraphs)."""
+    chosen = [c for c in cases if c["category"] == "fields"]
+    assert len(chosen) >= 35
+    results = hostile_run.run_jobs(hostile_run.jobs_for(chosen, CORPUS), TIMEOUT)
+    _check(results)
+    valid = [r for r in results if r["expect"] == "valid"]
+    assert len(valid) >= 10 and all(r["rc"] in (0, 1) for r in valid)
+    assert sum(r["expect"] == "error" for r in results) >= 50
 
 
 def test_control_cases_still_audit(cases):

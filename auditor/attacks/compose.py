@@ -60,9 +60,11 @@ def parse_steps(spec: str) -> list[Step]:
             if len(args) not in (1, 2):
                 raise AuditError(f"step {part!r}: expected prune:RATE[:MODE]")
             try:
-                float(args[0])
+                rate = float(args[0])
             except ValueError:
                 raise AuditError(f"step {part!r}: pruning rate {args[0]!r} is not a number") from None
+            if not 0 <= rate < 1:  # checked with the syntax: a grid or policy fails before anything runs
+                raise AuditError(f"step {part!r}: pruning rate must be in [0, 1), got {args[0]}")
             if len(args) == 2 and args[1] not in prune.MODES:
                 raise AuditError(f"step {part!r}: pruning mode must be one of {', '.join(prune.MODES)}")
         elif kind == "quantize":

@@ -326,7 +326,16 @@ def check_array(spec: InputSpec, a: np.ndarray, where: str) -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
         bad = int(np.sum(~np.isfinite(a)))
         raise AuditError(f"{where}: {bad} NaN/Inf values")
-    return np.ascontiguousarray(a, dtype=spec.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(a, dtype=spec.dtype)
+    if np.issubdtype(spec.dtype, np.floating) and not np.all(np.isfinite(out)):
+        bad = int(np.sum(~np.isfinite(out)))
+        raise AuditError(f"{where}: {bad} values beyond the range of {spec.dtype.name} (the model's input type)")
+    if np.issubdtype(spec.dtype, np.integer) and np.issubdtype(a.dtype, np.integer) and a.size:
+        info = np.iinfo(spec.dtype)
+        if a.min() < info.min or a.max() > info.max:
+            raise AuditError(f"{where}: values outside the range of {spec.dtype.name} (the model's input type)")
+    return out
 
 
 def bind(arrays: dict[str, np.ndarray], labels, specs: list[InputSpec], *, source: str, seed: int = 0,
@@ -349,6 +358,8 @@ def bind(arrays: dict[str, np.ndarray], labels, specs: list[InputSpec], *, sourc
                              f"{_shape_text(labels)}")
         if len(labels) != next(iter(n)):
             raise AuditError(f"{source}: {len(labels)} labels for {next(iter(n))} examples")
+        if labels.size and (labels.min() < 0 or (labels.dtype == np.uint64 and labels.max() > 2 ** 63 - 1)):
+            raise AuditError(f"{source}: labels must be class indices >= 0, got {labels.min()}..{labels.max()}")
         labels = labels.astype(np.int64)
     checked, labels = _subset(checked, labels, samples, seed)
     fixed = {s.fixed_batch for s in specs}
@@ -407,10 +418,31 @@ def load_labels(path: str | os.PathLike) -> np.ndarray:
         return np.array([int(t) for t in p.read_text().split()], dtype=np.int64)
     except (ValueError, UnicodeDecodeError):
         raise AuditError(f"{p}: labels must be integers, one per line") from None
+    except OverflowError:
+        raise AuditError(f"{p}: a label does not fit a 64-bit integer") from None
 
 
 def _is_idx(p: Path) -> bool:
     return p.suffix == ".gz" or "ubyte" in p.name or p.suffix == ".idx"
+
+
+def check_source_form(spec: str, what: str) -> None:
+    """A data source named in a file (a policy) has one of the documented forms, whether or not the
+    command ends up reading it: 'fashion-mnist', 'synthetic', an image folder, .npy, .npz or IDX.
+    A file of another kind (a text file, a pickle) is refused by name, before anything runs."""
+    if spec in (FASHION, SYNTHETIC):
+        return
+    p = Path(spec)
+    if p.is_dir():
+        return
+    if p.suffix in (".npy", ".npz") or _is_idx(p):
+        if p.exists() and not p.is_file():
+            raise AuditError(f"{what} {p.name!r} is not a regular file")
+        return
+    if not p.exists() and not p.suffix:
+        return  # an image folder still to be made: load_data says so when it is read
+    raise AuditError(f"{what} {p.name!r} is not data the auditor reads (a .npy, .npz, image folder or IDX "
+                     f"file, '{FASHION}' or '{SYNTHETIC}')")
 
 
 def _image_files(folder: Path) -> tuple[list[Path], np.ndarray | None, list[str]]:

@@ -299,7 +299,11 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
 
     dat = _get(doc, "data", (dict,), "", {})
     _check_keys(dat, {"source", "labels", "preprocess"}, set(), "data")
+    from auditor.data.inputs import check_source_form
+
     data_source = _rel(_get(dat, "source", (str,), "data"), "data.source")
+    if data_source is not None:
+        check_source_form(data_source, "'data.source'")
     data_labels = _rel(_get(dat, "labels", (str,), "data"), "data.labels")
     data_preprocess = _get(dat, "preprocess", (str,), "data")
     if data_preprocess:
@@ -319,6 +323,8 @@ def parse_policy(doc: dict[str, Any], *, path: str | None = None) -> Policy:
     cal = _get(doc, "calibration", (dict,), "", {})
     _check_keys(cal, {"data", "samples", "seed"}, set(), "calibration")
     cal_data = _rel(_get(cal, "data", (str,), "calibration"), "calibration.data")
+    if cal_data is not None:
+        check_source_form(cal_data, "'calibration.data'")
     cal_samples = _get(cal, "samples", (int,), "calibration", 128)
     if not 0 < cal_samples <= MAX_SAMPLES:
         raise AuditError(f"'calibration.samples' must be an integer in 1..{MAX_SAMPLES}, got {cal_samples}")

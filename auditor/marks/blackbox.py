@@ -94,6 +94,8 @@ class Preprocess:
             raise AuditError(f"preprocess.layout must be NCHW or NHWC, got {p.layout!r}")
         if p.scale == 0 or any(s == 0 for s in p.std):
             raise AuditError("preprocess scale and std must be non-zero")
+        if p.pixel_range is not None and (len(p.pixel_range) != 2 or not p.pixel_range[0] < p.pixel_range[1]):
+            raise AuditError(f"preprocess.pixel_range must be [low, high] with low < high, got {list(p.pixel_range)}")
         return p
 
     def to_json(self) -> dict[str, Any]:
@@ -215,7 +217,7 @@ def load_logo(key) -> LogoMark:
     C = int(sec["num_classes"])
     if logo.ndim != 2 or list(logo.shape) != [int(v) for v in sec.get("layout", logo.shape)]:
         raise AuditError(f"logo must be a 2-D array of the stated layout, got {list(logo.shape)}")
-    if logo.min() < 0 or logo.max() > 1:
+    if not np.isfinite(logo).all() or logo.min() < 0 or logo.max() > 1:
         raise AuditError("logo values must lie in [0, 1]")
     if images.ndim != 4 or len(groups) != len(images):
         raise AuditError(f"logo key images ({list(images.shape)}) and groups ({len(groups)}) disagree")
@@ -224,6 +226,20 @@ def load_logo(key) -> LogoMark:
         raise AuditError(f"logo groups must lie in 0..{G - 1} ({logo.shape[0]}x{logo.shape[1]} logo, {C} outputs)")
     return LogoMark(images=images, groups=groups, logo=logo, num_classes=C,
                     preprocess=Preprocess.from_json(sec.get("preprocess")), outputs=sec.get("outputs", "auto"))
+
+
+def verify_blackbox_key(key) -> None:
+    """`key verify`: the black-box sections' sidecars read and checked as `query` and the gate read
+    them (ranks, counts, label and group ranges, logo values), so a broken key fails here first."""
+    bb = key.blackbox or {}
+    if bb.get("triggers"):
+        t = load_triggers(key)
+        if t.images.size and not np.isfinite(np.asarray(t.images, np.float64)).all():
+            raise AuditError("trigger images hold NaN or Inf values")
+    if bb.get("logo"):
+        lg = load_logo(key)
+        if lg.images.size and not np.isfinite(np.asarray(lg.images, np.float64)).all():
+            raise AuditError("logo key images hold NaN or Inf values")
 
 
 # ---------------------------------------------------------------- queries

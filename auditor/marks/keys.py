@@ -119,6 +119,9 @@ class WhiteboxMark:
                 X = _load_npy(path, p.get("sha256"))
                 if X.dtype.kind not in "biuf":
                     raise AuditError(f"mark {self.id!r}: the projection sidecar holds {X.dtype}, not numbers")
+                if X.ndim != 2:
+                    raise AuditError(f"mark {self.id!r}: the projection sidecar is {X.ndim}-d (shape {list(X.shape)}), "
+                                     f"expected a 2-d bits x coefficients matrix")
                 if p.get("transposed"):
                     X = X.T
                 X = np.asarray(X, dtype=np.float64)

@@ -31,6 +31,7 @@ __all__ = [
     "tensor_array",
     "tensor_shape",
     "load_external",
+    "model_tensors",
 ]
 
 
@@ -49,6 +50,9 @@ def open_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except Exception as e:  # protobuf raises DecodeError and friends (nesting too deep included)
+        if "MaxDepth" in str(e) or "recursion" in str(e).lower():
+            raise AuditError(f"{p}: messages nested deeper than the protobuf reader allows (100 levels: "
+                             f"about 32 levels of subgraphs)") from None
         raise AuditError(f"{p}: not an ONNX model ({type(e).__name__}: {_first_line(e)})") from None
     if not model.HasField("graph") and not model.opset_import:
         # Protobuf parsing is permissive: random bytes can decode to an empty message.
@@ -65,7 +69,7 @@ def _first_line(e: BaseException) -> str:
 def load_external(model: onnx.ModelProto, base_dir: str | os.PathLike) -> onnx.ModelProto:
     """Bring every external tensor of an opened model into memory (in place), through the same
     checked reader as `tensor_array`: no path outside the folder, no link, no device, exact bytes."""
-    for tensor, _ in iter_tensors(model.graph):
+    for tensor, _ in model_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             path, offset, length = resolve_external(tensor, base_dir, check_size=True)
             raw = _read_exact(path, offset, length, tensor.name or "<unnamed>")
@@ -108,6 +112,26 @@ def iter_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, str
                         yield t, f"attribute {attr.name!r} of node {node.name or node.op_type!r}"
 
 
+def model_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """Every TensorProto of the model: the graph's (iter_tensors) and those in the bodies of its
+    local functions (onnx's external-data loader reads both)."""
+    yield from iter_tensors(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                where = f"attribute {attr.name!r} of node {node.name or node.op_type!r} in function {fn.name!r}"
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t, where
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    for t in attr.tensors:
+                        yield t, where
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from iter_tensors(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from iter_tensors(g)
+
+
 def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
     """The external_data key/value entries of a tensor (location, offset, length, ...)."""
     return {e.key: e.value for e in tensor.external_data}
@@ -147,7 +171,7 @@ class ExternalFile:
 def external_files(model: onnx.ModelProto) -> list[str]:
     """The distinct external-data locations the model refers to, in order of first use."""
     seen: dict[str, None] = {}
-    for t, _ in iter_tensors(model.graph):
+    for t, _ in model_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             seen.setdefault(external_info(t).get("location", ""), None)
     return list(seen)
@@ -171,7 +195,11 @@ _PLAIN = {
 def _read_exact(path: "ExternalFile", offset: int, nbytes: int, name: str) -> np.ndarray:
     """Read nbytes at offset into a fresh uint8 buffer, the file opened under onnx's rules
     (auditor.read.limits.open_external: no symlink, regular file, one hard link)."""
-    buf = np.empty(nbytes, dtype=np.uint8)
+    try:
+        buf = np.empty(nbytes, dtype=np.uint8)
+    except MemoryError:
+        raise AuditError(f"tensor {name!r}: its {nbytes} bytes of external data do not fit in this process's "
+                         f"memory") from None
     with limits.open_external(path.base, path.loc, name) as f:
         if nbytes >= (8 << 20) and hasattr(os, "posix_fadvise"):
             try:  # ask the kernel to read the whole range ahead: faster on a cold cache

@@ -7,7 +7,7 @@ any tensor is read or any graph is walked by other code, ``check_model``
 validates the structure in one linear pass:
 
 * a graph and an opset are present; subgraphs nest at most ``max_depth``
-  deep; at most ``max_nodes`` nodes and ``max_tensors`` stored tensors in all;
+  levels below the main graph; at most ``max_nodes`` nodes and ``max_tensors`` stored tensors in all;
 * every tensor has a known element type, no negative dims, a declared size
   that does not overflow and stays below ``max_tensor_bytes``, and exactly the
   bytes that back it (raw data, typed data fields, or external data);
@@ -229,6 +229,9 @@ _FIELD = {_T.FLOAT: "float_data", _T.DOUBLE: "double_data", _T.INT64: "int64_dat
           _T.COMPLEX128: "double_data"}
 
 
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
 def type_name(data_type: int) -> str:
     try:
         return _T.DataType.Name(data_type).lower()
@@ -271,10 +274,23 @@ def _check_tensor(t: onnx.TensorProto, where: str, lim: Limits) -> None:
     if size is not None and size > lim.max_tensor_bytes:
         raise AuditError(f"tensor {name!r}: shape {list(t.dims)} declares {size} bytes, over the limit of "
                          f"{lim.max_tensor_bytes} (WMAUDIT_MAX_TENSOR_BYTES)")
+    present = [f for f in _TYPED_FIELDS if len(getattr(t, f))]
     if t.data_location == _T.EXTERNAL:
+        if t.HasField("raw_data") or present:
+            raise AuditError(f"tensor {name!r}: is stored as external data and also holds "
+                             f"{', '.join((['raw_data'] if t.HasField('raw_data') else []) + present)}; the ONNX "
+                             f"spec allows one storage per tensor")
         return  # checked against the file in check_external
     if t.external_data:
         raise AuditError(f"tensor {name!r}: has external_data entries but is not marked as external")
+    if t.HasField("raw_data") and present:
+        raise AuditError(f"tensor {name!r}: holds both raw_data and {', '.join(present)}; the ONNX spec allows "
+                         f"one storage per tensor (raw_data or the typed field of its element type)")
+    wrong = [f for f in present if f != _FIELD.get(t.data_type, "int32_data")]
+    if wrong:
+        raise AuditError(f"tensor {name!r}: {type_name(t.data_type)} values stored in {', '.join(wrong)}; the "
+                         f"ONNX spec keeps them in {'raw_data or ' if t.data_type != _T.STRING else ''}"
+                         f"{_FIELD.get(t.data_type, 'int32_data')}")
     if t.data_type == _T.STRING:
         if len(t.string_data) != count:
             raise AuditError(f"tensor {name!r}: {len(t.string_data)} strings for shape {list(t.dims)}")
@@ -299,6 +315,7 @@ def external_ranges(t: onnx.TensorProto) -> tuple[str, int, int | None]:
     name = t.name or "<unnamed>"
     info: dict[str, str] = {}
     for e in t.external_data:
+        _texts(f"tensor {name!r}: external data entry", e.key, e.value)
         if e.key in info:
             raise AuditError(f"tensor {name!r}: external data key {e.key!r} given twice")
         info[e.key] = e.value
@@ -349,6 +366,117 @@ def _texts(where: str, *values) -> None:
             raise AuditError(f"{where}: a name or string field is not valid UTF-8 text ({bytes(v)[:40]!r})")
 
 
+# ---------------------------------------------------------------------------- nodes against the spec
+
+_A = onnx.AttributeProto
+# The one value field each attribute type may carry (AttributeProto keeps every field).
+_ATTR_FIELD = {_A.FLOAT: "f", _A.INT: "i", _A.STRING: "s", _A.TENSOR: "t", _A.GRAPH: "g",
+               _A.SPARSE_TENSOR: "sparse_tensor", _A.TYPE_PROTO: "tp", _A.FLOATS: "floats", _A.INTS: "ints",
+               _A.STRINGS: "strings", _A.TENSORS: "tensors", _A.GRAPHS: "graphs",
+               _A.SPARSE_TENSORS: "sparse_tensors", _A.TYPE_PROTOS: "type_protos"}
+_SINGULAR = ("f", "i", "s", "t", "g", "sparse_tensor", "tp")
+_SCHEMAS: dict[tuple[str, str, int], object] = {}  # (op, domain, opset) -> _Spec | None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What check_model needs of one operator's schema (built once per operator and opset)."""
+    min_in: int
+    max_in: int
+    min_out: int
+    max_out: int
+    attrs: dict            # attribute name -> AttributeProto type
+    formal: tuple          # (name, type_str, variadic, homogeneous) per formal input
+    allowed: dict          # type parameter -> allowed "tensor(...)" strings
+
+
+def _schema(op: str, domain: str, version: int) -> "_Spec | None":
+    """onnx's schema of an operator at the model's opset (None: not an operator onnx defines)."""
+    key = (op, domain, version)
+    if key not in _SCHEMAS:
+        try:
+            sch = onnx.defs.get_schema(op, version, domain)
+        except Exception:  # not an onnx operator, or defined only in later opsets than the model imports
+            sch = None
+        if sch is not None:
+            variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+            sch = _Spec(sch.min_input, sch.max_input, sch.min_output, sch.max_output,
+                        {k: a.type for k, a in sch.attributes.items()},
+                        tuple((f.name, f.type_str, f.option == variadic, f.is_homogeneous) for f in sch.inputs),
+                        {c.type_param_str: frozenset(c.allowed_type_strs) for c in sch.type_constraints})
+        _SCHEMAS[key] = sch
+    return _SCHEMAS[key]
+
+
+def _tensor_type(data_type: int) -> str:
+    return f"tensor({_T.DataType.Name(data_type).lower()})" if data_type in _SIZES else f"type {data_type}"
+
+
+def _check_attribute(a: onnx.AttributeProto, where: str, label: str) -> None:
+    """An attribute carries the value of its declared type and nothing else."""
+    if a.ref_attr_name:
+        return  # a function body's reference to its caller's attribute
+    own = _ATTR_FIELD.get(a.type)
+    if own is None:
+        raise AuditError(f"{where}: node {label!r}: attribute {a.name!r} has no known type ({a.type})")
+    others = [f for f in _ATTR_FIELD.values() if f != own and (a.HasField(f) if f in _SINGULAR else len(getattr(a, f)))]
+    if others:
+        raise AuditError(f"{where}: node {label!r}: attribute {a.name!r} is {_A.AttributeType.Name(a.type)} but also "
+                         f"carries {', '.join(others)}; an attribute holds one value")
+
+
+def _check_node(n: onnx.NodeProto, opsets: dict[str, int], dtypes: dict[str, int], where: str, label: str) -> None:
+    """Input / output counts, attribute types and the element types of stored inputs against onnx's
+    schema of the operator at the model's opset (operators onnx does not define are left to the runtime)."""
+    domain = "" if n.domain in ("", "ai.onnx") else n.domain
+    version = opsets.get(domain)
+    if version is None:
+        return
+    sch = _schema(n.op_type, domain, version)
+    if sch is None:
+        return
+    n_in, n_out = len(n.input), len(n.output)
+    if not sch.min_in <= n_in <= sch.max_in:
+        raise AuditError(f"{where}: node {label!r} ({n.op_type}, opset {version}) has {n_in} inputs; the ONNX spec "
+                         f"allows {_range(sch.min_in, sch.max_in)}")
+    if not sch.min_out <= n_out <= sch.max_out:
+        raise AuditError(f"{where}: node {label!r} ({n.op_type}, opset {version}) has {n_out} outputs; the ONNX "
+                         f"spec allows {_range(sch.min_out, sch.max_out)}")
+    what = f"{where}: node {label!r} ({n.op_type}, opset {version})"
+    for a in n.attribute:
+        want = sch.attrs.get(a.name)
+        if want is not None and not a.ref_attr_name and a.type != want:
+            raise AuditError(f"{what}: attribute {a.name!r} is {_A.AttributeType.Name(a.type)}; the ONNX spec "
+                             f"says {_A.AttributeType.Name(want)}")
+    if not sch.formal or not dtypes:
+        return
+    bound: dict[str, tuple] = {}
+    for i, x in enumerate(n.input):
+        if not x or x not in dtypes:
+            continue
+        name, type_str, variadic, homogeneous = sch.formal[min(i, len(sch.formal) - 1)]
+        if i >= len(sch.formal) and not variadic:
+            continue
+        have = _tensor_type(dtypes[x])
+        allowed = sch.allowed.get(type_str, frozenset((type_str,)))
+        if have not in allowed:
+            ok = ", ".join(sorted(t[7:-1] if t.startswith("tensor(") else t for t in allowed))
+            raise AuditError(f"{what}: input {i} ({name}) {x!r} is {have[7:-1] if have.startswith('tensor(') else have}; "
+                             f"the ONNX spec allows {ok} there")
+        if type_str in sch.allowed and homogeneous:
+            first = bound.setdefault(type_str, (i, have, name, x))
+            if first[1] != have:
+                raise AuditError(f"{what}: input {i} ({name}) {x!r} is {have[7:-1]} but input {first[0]} "
+                                 f"({first[2]}) {first[3]!r} is {first[1][7:-1]}; the ONNX spec gives them one "
+                                 f"element type ({type_str})")
+
+
+def _range(lo: int, hi: int) -> str:
+    if lo == hi:
+        return str(lo)
+    return f"at least {lo}" if hi >= 2 ** 31 - 1 else f"{lo} to {hi}"
+
+
 def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, where: str = "model",
                 lim: Limits | None = None) -> None:
     """Validate structure, tensors and external data in one linear pass; AuditError on the first problem."""
@@ -359,6 +487,7 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
         raise AuditError(f"{where}: no opset_import (which operator set the graph uses is unknown)")
     _texts(where, model.producer_name, model.producer_version, model.domain, model.graph.name)
     seen_domains = set()
+    opsets: dict[str, int] = {}
     for o in model.opset_import:
         _texts(where, o.domain)
         d = o.domain or "ai.onnx"
@@ -367,10 +496,12 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
         seen_domains.add(d)
         if o.version < 1:
             raise AuditError(f"{where}: opset version {o.version} for domain {d!r}")
+        opsets["" if d == "ai.onnx" else d] = int(o.version)
     nodes = tensors = 0
     # Iterative walk: (graph, the name sets of its enclosing scopes, depth). A subgraph sees its
     # enclosing graphs' sets by reference (no copies: linear time however many subgraphs there are).
-    stack: list[tuple[onnx.GraphProto, tuple[set, ...], int, str]] = [(model.graph, (), 1, "main graph")]
+    # depth: how many subgraph levels lie between a graph and the main graph (the main graph is 0)
+    stack: list[tuple[onnx.GraphProto, tuple[set, ...], int, str]] = [(model.graph, (), 0, "main graph")]
     while stack:
         g, outer, depth, gname = stack.pop()
         if depth > lim.max_depth:
@@ -393,6 +524,7 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
             init_names.add(t.name)
             _check_tensor(t, "initializer", lim)
         defined |= init_names
+        dtypes = {t.name: t.data_type for t in g.initializer}
         for st in g.sparse_initializer:
             tensors += 2
             _check_tensor(st.values, "sparse initializer values", lim)
@@ -413,6 +545,7 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
                                          f"(a cycle, or nodes not in topological order)")
                     raise AuditError(f"{where}: {gname}: node {label!r} reads {x!r}, which nothing defines")
             for a in n.attribute:
+                _check_attribute(a, f"{where}: {gname}", label)
                 if a.type == onnx.AttributeProto.TENSOR:
                     tensors += 1
                     _check_tensor(a.t, f"attribute {a.name} of {label}", lim)
@@ -420,6 +553,7 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
                     for t in a.tensors:
                         tensors += 1
                         _check_tensor(t, f"attribute {a.name} of {label}", lim)
+            _check_node(n, opsets, dtypes, f"{where}: {gname}", label)
             if tensors > lim.max_tensors:
                 raise AuditError(f"{where}: more than {lim.max_tensors} stored tensors")
             subs = list(_subgraphs(n))
@@ -434,11 +568,32 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
         for vo in g.output:
             if vo.name not in defined and not any(vo.name in s for s in outer):
                 raise AuditError(f"{where}: {gname}: output {vo.name!r} is not computed by the graph")
+    for fn in model.functions:
+        _texts(where, fn.name, fn.domain)
+        fname = f"function {fn.domain}:{fn.name}"
+        for n in fn.node:
+            nodes += 1
+            if nodes > lim.max_nodes:
+                raise AuditError(f"{where}: more than {lim.max_nodes} nodes (WMAUDIT_MAX_NODES)")
+            _texts(where, n.name, n.op_type, n.domain, *n.input, *n.output, *(a.name for a in n.attribute))
+            label = n.name or n.op_type or "<unnamed node>"
+            for a in n.attribute:
+                _check_attribute(a, f"{where}: {fname}", label)
+                for t in ([a.t] if a.type == _A.TENSOR else list(a.tensors) if a.type == _A.TENSORS else []):
+                    tensors += 1
+                    _check_tensor(t, f"attribute {a.name} of {label} in {fname}", lim)
+            if tensors > lim.max_tensors:
+                raise AuditError(f"{where}: more than {lim.max_tensors} stored tensors")
     if base_dir is not None:
         for g in _all_graphs(model.graph):
             for t in _stored(g):
                 if t.data_location == _T.EXTERNAL:
                     check_external(t, base_dir, lim)
+        for fn in model.functions:  # onnx's external-data loader reads function bodies' tensors too
+            for g in _all_graphs(fn):
+                for t in _stored(g, initializers=g is not fn):
+                    if t.data_location == _T.EXTERNAL:
+                        check_external(t, base_dir, lim)
 
 
 def _all_graphs(graph: onnx.GraphProto):
@@ -450,8 +605,9 @@ def _all_graphs(graph: onnx.GraphProto):
             stack.extend(_subgraphs(n))
 
 
-def _stored(g: onnx.GraphProto):
-    yield from g.initializer
+def _stored(g: onnx.GraphProto, initializers: bool = True):
+    if initializers:
+        yield from g.initializer
     for n in g.node:
         for a in n.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
