@@ -16,9 +16,9 @@ Input: Fashion-MNIST downsampled to 16x16 (one channel), 10 classes.
 * ``MlpNet``         4x4 patches -> 16 tokens of 32, learned positions, a pre-norm transformer
   MLP (LayerNorm, fc1 32->h, GELU, fc2 h->32, residual), LayerNorm, mean over tokens, head.
   Target ``mlp.fc2.weight`` [32, h] (inputs: fc1's outputs through the GELU).
-* ``AttnNet``        the same tokens through one pre-norm self-attention (separate q/k/v
-  Linear 32->32, 4 heads of 8, output projection 32->32), residual. Target
-  ``attn.out.weight`` [32, 32] (inputs: the value projection's outputs, per head).
+* ``AttnNet``        the same tokens through one pre-norm self-attention (separate q / k Linear
+  32->32, 4 heads of 8; value Linear 32->4*head_dim, head_dim 16; output projection 4*16->32),
+  residual. Target ``attn.out.weight`` [32, 64] (inputs: the value projection's outputs, per head).
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ class MlpNet(nn.Module):
 
 
 class AttnNet(nn.Module):
-    def __init__(self, head_dim: int = 8, heads: int = 4, dim: int = 32, n_classes: int = 10):
+    def __init__(self, head_dim: int = 16, heads: int = 4, dim: int = 32, n_classes: int = 10):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.tokens = _Tokens(dim)

@@ -200,3 +200,73 @@ def test_provenance_detects_shared_initialisation_not_copying(fx, build_fixture)
     assert "same initial weights" in twin["derived_means"]
     # the layer nearest the input moved least from the shared initialisation
     assert twin["layers"][0]["median_r"] > 0.9
+
+
+# ------------------------------------------------------------------ attention: values -> output projection
+@pytest.fixture(scope="module")
+def attn(build_fixture):
+    return build_fixture("forensics-blocks-attention")
+
+
+def test_attention_values_traced_per_head(attn):
+    """The value projection's channels pass the head split, the attention MatMul and the merge to
+    the output projection, which reads them; its producer is the value projection."""
+    import onnx
+
+    from auditor.read import channels as ch
+
+    m = onnx.load(str(attn / "default.onnx"))
+    lays = ch.layers(m)
+    traced = [(l, ch.trace(m, l)) for l in lays]
+    values = [(l, f) for l, f in traced if f.heads]
+    assert len(values) == 1
+    v, f = values[0]
+    assert f.blocked is None and f.heads == 4 and f.channels == 64 and len(f.consumers) == 1
+    out = f.consumers[0].layer
+    assert ch.producer(m, out).node is v.node
+    # q and k meet each other in the score MatMul: still not traced
+    assert sum(1 for _, f in traced if f.blocked and "Reshape" in f.blocked) >= 2
+
+
+def test_attention_obfuscated_files_compute_what_their_source_computes(attn):
+    from fixtures.blocks import max_diff, probe_inputs
+
+    info = json.loads((attn / "info.json").read_text())
+    x = probe_inputs()
+    n = 0
+    for rel, rec in info["files"].items():
+        if isinstance(rec, dict) and "max_abs_diff" in rec:
+            d, ymax = max_diff(attn / rel, attn / rec["source"], x)
+            assert d <= 1e-5 * max(1.0, ymax), (rel, d)
+            n += 1
+        elif not isinstance(rec, dict):
+            assert rec <= 1e-5, rel
+    assert n >= 12
+
+
+def test_attention_mark_found_through_the_value_projection(attn):
+    key = load_key(attn / "key.json")
+    payable = scanmod.search_reachable(key.whitebox[0].n_bits, scanmod.log10_factorial(64), ALPHA)
+    assert not payable
+    files = sorted(str(p.relative_to(attn)) for p in attn.glob("*/*.onnx")) + ["default.onnx"]
+    for rel in files:
+        f = scanmod.scan(attn / rel, [key], alpha=ALPHA)["findings"][0]
+        if "twin" in rel:
+            assert f["verdict"] != "detected", rel
+        elif _has_perm(rel):
+            assert f["verdict"] == "not detected" and f.get("not_searched"), rel
+        else:
+            assert f["verdict"] == "detected" and f["ber"] <= 0.15, (rel, f.get("matches"), f.get("undone"))
+
+
+def test_wmaudit_obfuscate_leaves_attention_values_alone(attn):
+    import onnx
+
+    from auditor.attacks.obfuscate import obfuscate
+    from auditor.errors import AuditError
+    from auditor.read import channels as ch
+
+    m = onnx.load(str(attn / "default.onnx"))
+    v = next(l for l in ch.layers(m) if ch.trace(m, l).heads)
+    with pytest.raises(AuditError, match="values of 4-head attention"):
+        obfuscate(m, "perm-out", layer=v.weight, seed=0)
