@@ -1,7 +1,7 @@
 """Scan every file of the `forensics-blocks` fixture without a reference, and measure what
 `provenance` calls derived on models of other initialisations and of the same initialisation.
 
-Part 1, per block (basic, bottleneck, inverted, mlp) and file (each obfuscation step alone, all
+Part 1, per block (basic, bottleneck, inverted, mlp; attention from `forensics-blocks-attention`) and file (each obfuscation step alone, all
 together, all but the permutation, torch-level, several rounds, the twins'): matches k/T, verdict,
 corrected log10 p, whether a permutation search was left out, what was undone. BatchNorm-kept files
 are scanned with the plain key, folded ones with the key carrying the BatchNorm anchors.
@@ -27,13 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def scan_rows(fx: Path) -> list[dict]:
+def scan_rows(fx: Path, attn: Path) -> list[dict]:
     from auditor.forensics.scan import scan
     from auditor.marks.keys import load_key
 
     rows = []
-    for block in ("basic", "bottleneck", "inverted", "mlp"):
-        d = fx / block
+    for block, d in [(b, fx / b) for b in ("basic", "bottleneck", "inverted", "mlp")] + [("attention", attn)]:
         anch = d / "key-anchors.json"
         ka, kp = load_key(anch if anch.exists() else d / "key.json"), load_key(d / "key.json")
         files = sorted(str(p.relative_to(d)) for p in d.glob("*.onnx")) + sorted(
@@ -49,6 +48,57 @@ def scan_rows(fx: Path) -> list[dict]:
                          "not_searched": bool(f.get("not_searched")), "undone": f.get("undone", []),
                          "seconds": round(time.perf_counter() - t0, 3)})
     return rows
+
+
+def _category(rel: str) -> tuple[str, str]:
+    """(source, kind) of a fixture file: source default / kept / twin; kind the column of the summary."""
+    name = rel.split("/")[-1][:-len(".onnx")]
+    src = "twin" if "twin" in name else ("kept" if "kept" in name else "default")
+    if "/" not in rel:
+        return src, "as exported"
+    top = rel.split("/")[0]
+    step = name.replace("twin-", "").replace("kept-", "").replace("default-", "")
+    if top == "rounds":
+        return src, "rounds: " + step.replace("twice", "same layer twice")
+    if top == "torch":
+        return src, "torch level"
+    if step.startswith("stream-"):
+        return src, "residual stream (output side)"
+    if step in ("perm", "all", "clean"):
+        return src, {"perm": "permutation", "all": "all steps", "clean": "all but permutation"}[step]
+    return src, "each other step alone"
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: per block and export, the weakest result of each kind of file (k/T, corrected log10 p)."""
+    kinds = ["as exported", "each other step alone", "permutation", "all but permutation", "all steps",
+             "torch level", "residual stream (output side)"]
+    out = ["| block | file (key) | " + " | ".join(kinds) + " | rounds | twins: best |",
+           "|" + "---|" * (len(kinds) + 4)]
+    for block in dict.fromkeys(r["block"] for r in rows):
+        rs = [r for r in rows if r["block"] == block]
+        for src, label in (("default", "default export"), ("kept", "BN kept")):
+            sel = [(r, _category(r["file"])[1]) for r in rs if _category(r["file"])[0] == src]
+            if not sel:
+                continue
+            key = sel[0][0]["key"]
+
+            def cell(rr):
+                if not rr:
+                    return ""
+                w = max(rr, key=lambda r: (r["log10_p_corrected"], -(r["matches"] or 0)))
+                k = "-" if w["matches"] is None else w["matches"]
+                tail = " NS" if w["not_searched"] and w["verdict"] != "detected" else ""
+                return f"{k}/{w['bits']} ({w['log10_p_corrected']:.1f}){'' if w['verdict'] == 'detected' else ' n.d.'}{tail}"
+
+            cells = [cell([r for r, k in sel if k == kind]) for kind in kinds]
+            rounds = "; ".join(f"{k[8:]} {cell([r])}" for r, k in sel if k.startswith("rounds:"))
+            tw = [r for r in rs if _category(r["file"])[0] == "twin" and (("kept" in r["file"]) == (src == "kept"))]
+            best = max(tw, key=lambda r: (r["matches"] or 0)) if tw else None
+            twc = f"{best['matches']}/{best['bits']}, none detected" if best and not any(
+                r["verdict"] == "detected" for r in tw) else ("DETECTED" if tw else "")
+            out.append(f"| {block} | {label} ({key}) | " + " | ".join(cells) + f" | {rounds} | {twc} |")
+    return "\n".join(out)
 
 
 def provenance_rates(fx: Path, seeds: Path) -> dict:
@@ -78,11 +128,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     fx = ensure("forensics-blocks")
     t0 = time.perf_counter()
-    rows = scan_rows(fx)
+    rows = scan_rows(fx, ensure("forensics-blocks-attention"))
     doc = {"scan": rows, "scan_seconds": round(time.perf_counter() - t0, 1)}
     for r in rows:
         print(f"{r['block']:10s} {r['file']:30s} {r['key']:7s} {r['matches']}/{r['bits']} {r['verdict']:12s} "
               f"{r['log10_p_corrected']:7.1f} {'not searched' if r['not_searched'] else ''}")
+    doc["summary_markdown"] = summary(rows)
+    print(doc["summary_markdown"])
     if not a.quick:
         doc["provenance"] = provenance_rates(fx, ensure("forensics-blocks-seeds"))
         for label, v in doc["provenance"].items():
