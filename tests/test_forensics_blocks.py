@@ -276,3 +276,17 @@ def test_wmaudit_obfuscate_leaves_attention_values_alone(attn):
     v = next(l for l in ch.layers(m) if ch.trace(m, l).heads)
     with pytest.raises(AuditError, match="values of 4-head attention"):
         obfuscate(m, "perm-out", layer=v.weight, seed=0)
+
+
+def test_obfuscate_cli_refuses_attention_values_with_one_line(attn, tmp_path):
+    import onnx
+
+    from auditor.read import channels as ch
+
+    m = onnx.load(str(attn / "default.onnx"))
+    v = next(l for l in ch.layers(m) if ch.trace(m, l).heads)
+    out = tmp_path / "o.onnx"
+    r = subprocess.run([sys.executable, "-m", "auditor", "obfuscate", str(attn / "default.onnx"), "--steps",
+                        "perm-out", "--layer", v.weight, "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "attention" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
