@@ -1,7 +1,8 @@
 """Scan every file of the `forensics-blocks` fixture without a reference, and measure what
 `provenance` calls derived on models of other initialisations and of the same initialisation.
 
-Part 1, per block (basic, bottleneck, inverted, mlp; attention from `forensics-blocks-attention`) and file (each obfuscation step alone, all
+Part 1, per block (basic, bottleneck, inverted, mlp; inverted-se from `forensics-blocks-se`, attention from
+`forensics-blocks-attention`) and file (each obfuscation step alone, all
 together, all but the permutation, torch-level, several rounds, the twins'): matches k/T, verdict,
 corrected log10 p, whether a permutation search was left out, what was undone. BatchNorm-kept files
 are scanned with the plain key, folded ones with the key carrying the BatchNorm anchors.
@@ -27,12 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def scan_rows(fx: Path, attn: Path) -> list[dict]:
+def scan_rows(fx: Path, attn: Path, se: Path) -> list[dict]:
     from auditor.forensics.scan import scan
     from auditor.marks.keys import load_key
 
     rows = []
-    for block, d in [(b, fx / b) for b in ("basic", "bottleneck", "inverted", "mlp")] + [("attention", attn)]:
+    for block, d in ([(b, fx / b) for b in ("basic", "bottleneck", "inverted", "mlp")]
+                     + [("inverted-se", se / "inverted-se"), ("attention", attn)]):
         anch = d / "key-anchors.json"
         ka, kp = load_key(anch if anch.exists() else d / "key.json"), load_key(d / "key.json")
         files = sorted(str(p.relative_to(d)) for p in d.glob("*.onnx")) + sorted(
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     fx = ensure("forensics-blocks")
     t0 = time.perf_counter()
-    rows = scan_rows(fx, ensure("forensics-blocks-attention"))
+    rows = scan_rows(fx, ensure("forensics-blocks-attention"), ensure("forensics-blocks-se"))
     doc = {"scan": rows, "scan_seconds": round(time.perf_counter() - t0, 1)}
     for r in rows:
         print(f"{r['block']:10s} {r['file']:30s} {r['key']:7s} {r['matches']}/{r['bits']} {r['verdict']:12s} "

@@ -145,3 +145,22 @@ class AttnNet(nn.Module):
         o = (w @ v).transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         t = t + a.out(o)
         return self.head(self.norm(t).mean(1))
+
+
+class InvertedSENet(InvertedNet):
+    """``InvertedNet`` with a MobileNetV3 squeeze-excitation gate after the depthwise conv
+    (average pool, 1x1 conv h->8 + ReLU, 1x1 conv 8->h, HardSigmoid, times the channels)."""
+
+    def __init__(self, h: int = 96, n_classes: int = 10):
+        super().__init__(h, n_classes)
+        self.block.se_reduce = nn.Conv2d(h, 8, 1)
+        self.block.se_expand = nn.Conv2d(8, h, 1)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu6(self.stem_bn(self.stem(x))), 2)
+        b = self.block
+        y = F.relu6(b.bn_expand(b.expand(x)))
+        y = F.relu6(b.bn_depthwise(b.depthwise(y)))
+        s = F.hardsigmoid(b.se_expand(F.relu(b.se_reduce(y.mean(dim=(2, 3), keepdim=True)))))
+        y = b.bn_project(b.project(y * s))
+        return self.fc((x + y).mean(dim=(2, 3)))

@@ -25,7 +25,7 @@ from auditor.marks.keys import load_key
 
 BLOCKS = ("basic", "bottleneck", "inverted", "mlp")
 ALPHA = 1e-6
-INNER = {"basic": 16, "bottleneck": 16, "inverted": 96, "mlp": 64}   # channels of the obfuscated axis
+INNER = {"basic": 16, "bottleneck": 16, "inverted": 96, "mlp": 64, "inverted-se": 96}   # obfuscated axis
 # every step at once on the folded basic block: the row-norm canonicalisation of the input scales is
 # approximate (91/96 bits) and the 16! input permutation is paid for, which leaves the corrected p
 # near alpha (10^-6.7 here): measured and documented (docs/forensics-blocks.md), not claimed
@@ -72,6 +72,10 @@ def _has_perm(rel: str) -> bool:
 # ------------------------------------------------------------------ function preserved
 @pytest.mark.parametrize("block", BLOCKS)
 def test_every_obfuscated_file_computes_what_its_source_computes(fx, info, block):
+    _check_function(fx, info, block)
+
+
+def _check_function(fx, info, block):
     from fixtures.blocks import max_diff, probe_inputs
 
     x = probe_inputs()
@@ -117,6 +121,10 @@ def test_obfuscation_changes_the_marked_tensor(fx, block):
 # ------------------------------------------------------------------ detection without a reference
 @pytest.mark.parametrize("block", BLOCKS)
 def test_marked_files_detected_without_reference(fx, block):
+    _check_marked(fx, block)
+
+
+def _check_marked(fx, block):
     T = load_key(fx / block / "key.json").whitebox[0].n_bits
     payable = _payable(block, T)
     for rel in ["default.onnx", "kept.onnx"] + _files(fx, block, marked=True):
@@ -136,6 +144,10 @@ def test_marked_files_detected_without_reference(fx, block):
 
 @pytest.mark.parametrize("block", BLOCKS)
 def test_twins_never_detected(fx, block):
+    _check_twins(fx, block)
+
+
+def _check_twins(fx, block):
     for rel in ["twin.onnx", "twin-kept.onnx"] + _files(fx, block, marked=False):
         f = _scan(fx, block, rel)
         assert f["verdict"] != "detected", rel
@@ -290,3 +302,15 @@ def test_obfuscate_cli_refuses_attention_values_with_one_line(attn, tmp_path):
                         "perm-out", "--layer", v.weight, "-o", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "attention" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+# ------------------------------------------------------------------ MobileNetV3: a squeeze-excitation gate
+def test_inverted_residual_with_se_gate(build_fixture):
+    """The expansion's channels also feed the gate (squeeze conv columns) and are scaled by it
+    (excitation conv rows): every step on them, function preserved, found without a reference
+    unless the 96! input permutation is involved; the twin never."""
+    se = build_fixture("forensics-blocks-se")
+    info = json.loads((se / "info.json").read_text())["blocks"]
+    _check_function(se, info, "inverted-se")
+    _check_marked(se, "inverted-se")
+    _check_twins(se, "inverted-se")
