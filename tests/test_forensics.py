@@ -103,12 +103,14 @@ def test_scan_finds_mark_in_obfuscated_files_without_reference(fx, name):
 
 def test_scan_bn_folded_obfuscation_needs_the_reference(fx):
     """All steps, then BatchNorm folded and int8: the input-side scales hide in the folded
-    weights; without the reference the scan says not detected, with it the mark is exact."""
+    weights; without the reference they are only canonicalised (columns times the feeding layer's
+    row norms: 231/256 here, corrected p ~1e-6 after paying for the 32! input permutation, so no
+    verdict is claimed), and the output says so; with the reference the mark is exact."""
     key, ref = fx["cnn-small-mean"] / "key.json", fx["cnn-small-mean"] / "model.onnx"
     path = fx["forensics-obfuscated"] / "mean" / "all-int8.onnx"
     r = _scan(path, [key])
-    assert r["findings"][0]["verdict"] == "not detected"
-    assert any("input channels" in c for c in r["cannot_recover"])
+    assert any("input channels" in c and "row norms" in c for c in r["cannot_recover"])
+    assert r["findings"][0]["ber"] < 0.25
     f = _scan(path, [key], (ref,))["findings"][0]
     assert f["verdict"] == "detected" and f["matches"] == 256 and f["found"]["source"].startswith("reference")
 

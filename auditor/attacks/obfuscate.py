@@ -56,6 +56,10 @@ class ObStep:
         return f"{self.kind}:{self.count}" if self.kind in ("split", "dummy", "clique") else self.kind
 
 
+def _rewritable(f) -> bool:
+    """A traced layer obfuscate rewrites by default (not the values of multi-head attention)."""
+    return not f.blocked and not f.heads
+
 def parse(spec: str) -> list[ObStep]:
     """``perm-in,perm-out,scale,split:4,dummy:4`` (``+`` also separates steps)."""
     out = []
@@ -350,6 +354,9 @@ def _flow(model, lay: ch.Layer) -> ch.Flow:
     f = ch.trace(model, lay)
     if f.blocked:
         raise AuditError(f"cannot obfuscate {lay.weight}: {f.blocked}")
+    if f.heads:
+        raise AuditError(f"cannot obfuscate {lay.weight}: its channels are the values of {f.heads}-head attention "
+                         f"(they move only within a head; not rewritten here)")
     return f
 
 
@@ -453,7 +460,7 @@ def obfuscate(model: onnx.ModelProto, steps: str | list[ObStep], *, layer: str |
     if layer is not None:
         targets = [find_layer(m, layer).weight]
     else:
-        targets = [lay.weight for lay in ch.layers(m) if not ch.trace(m, lay).blocked]
+        targets = [lay.weight for lay in ch.layers(m) if _rewritable(ch.trace(m, lay))]
         if not targets:
             raise AuditError("no layer whose output channels can be traced to the next layer")
     done = []
@@ -487,7 +494,7 @@ def remove_filters(model: onnx.ModelProto, count: int, *, layer: str | None = No
     constants_as_tensors(m)
     if count < 1:
         raise AuditError("prune-filters: K must be >= 1")
-    targets = [find_layer(m, layer).weight] if layer else [l.weight for l in ch.layers(m) if not ch.trace(m, l).blocked]
+    targets = [find_layer(m, layer).weight] if layer else [l.weight for l in ch.layers(m) if _rewritable(ch.trace(m, l))]
     rng = np.random.default_rng(0)
     done = []
     for w in targets:

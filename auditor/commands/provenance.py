@@ -83,7 +83,7 @@ def render(doc: dict) -> str:
              f"method     {r.get('method', 'weights')}"]
     if r.get("method") == "phash":
         return "\n".join(lines + _render_phash(r) + measured_on_lines(doc))
-    lines += [f"null       {r['null']}", ""]
+    lines += [f"null       {r['null']}"] + ([f"meaning    {r['derived_means']}"] if r.get("derived_means") else []) + [""]
     for l in r["layers"]:
         lines.append(f"  {l['weight']:<28} rows {l['rows_above_rho0']:>4}/{l['rows']:<4} above rho0  "
                      f"median r {l['median_r']:+.3f}  p {fmt_p(l['p_value'], l['log10_p'])}  ({l['matching']})")

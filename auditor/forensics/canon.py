@@ -31,9 +31,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from auditor.errors import AuditError
 from auditor.read import channels as ch
 
 COS_EQUAL = 1.0 - 1e-5     # rows this close in cosine are copies of one neuron
+COS_EQUAL_QUANT = 1.0 - 1e-3   # ... when the layer's weight is stored quantized: copies quantized per channel
+                               # stay parallel, but magnitude pruning before quantization zeroes other entries
+                               # of a scaled copy (measured 0.9991-0.99998 after prune:0.2 then int8)
 ZERO_REL = 1e-6            # outgoing columns this small (relative) are zero
 PRUNE_DIRECTIONS = 8       # random directions that must all agree before a cosine is computed
 
@@ -250,7 +254,7 @@ def _directions(dim: int) -> np.ndarray:
     return dirs / np.linalg.norm(dirs, axis=0, keepdims=True)
 
 
-def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray) -> dict[int, set[int]]:
+def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray, cos_equal: float = COS_EQUAL) -> dict[int, set[int]]:
     """Copies among rows whose unit vectors project to `ps` (C x PRUNE_DIRECTIONS) on
     `_directions`; cosine(i, j) verifies a candidate pair."""
     # copies lie within sqrt(2 (1 - COS_EQUAL)) of each other on the unit sphere, so within that
@@ -259,7 +263,7 @@ def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray) -> dict[int, set[int]]:
     # directions (one vectorised test), and verify the cosine of the few that remain. Exact (no
     # pair of copies is missed) and close to O(C N): a single direction is not enough in high
     # dimension, where projections of unit rows spread only about 1/sqrt(N).
-    tol = float(np.sqrt(2.0 * (1.0 - COS_EQUAL))) * 1.01
+    tol = float(np.sqrt(2.0 * (1.0 - cos_equal))) * 1.01
     C = ps.shape[0]
     partners: dict[int, set[int]] = {}
     order = np.argsort(ps[:, 0], kind="stable")
@@ -278,7 +282,7 @@ def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray) -> dict[int, set[int]]:
         keep = np.all(np.abs(ps[b_idx, 2:] - ps[a_idx, 2:]) <= tol, axis=1)
         for a, b in zip(a_idx[keep], b_idx[keep]):
             i, j = int(order[a]), int(order[b])
-            if not dummy[i] and not dummy[j] and cosine(i, j) >= COS_EQUAL:
+            if not dummy[i] and not dummy[j] and cosine(i, j) >= cos_equal:
                 partners.setdefault(i, set()).add(j)
                 partners.setdefault(j, set()).add(i)
     return partners
@@ -374,6 +378,7 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
     """(row norms, {row: rows it copies}) of the effective rows [W2 * f, sh], every channel taken as
     live (the caller drops the dummies)."""
     C = flow.channels
+    cos_equal = COS_EQUAL_QUANT if _stored_rounded(gv, flow.layer.weight) else COS_EQUAL
     sq = np.einsum("ij,ij->i", W2, W2).astype(np.float64)
     rn = np.sqrt(f * f * sq + sh * sh)
     safe = np.where(rn > 0, rn, 1.0)
@@ -387,16 +392,52 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
             b = np.append(np.asarray(W2[j], np.float64) * f[j], sh[j]) / safe[j]
             return float(a @ b)
 
+        if flow.heads > 1 and C % flow.heads == 0:   # attention values: a copy is one only within its head
+            per_head, head_cos = C // flow.heads, cosine
+
+            def cosine(i: int, j: int) -> float:
+                return head_cos(i, j) if i // per_head == j // per_head else -1.0
+
         path = _path_params(gv, flow)
         if path is not None:   # copies through a depthwise conv: its per-channel parameters agree too
             row_cos = cosine
 
             def cosine(i: int, j: int) -> float:
                 c = row_cos(i, j)
-                return c if c < COS_EQUAL or _same_path(path, i, j, rn[j] / rn[i] if rn[i] > 0 else 1.0) else -1.0
+                return c if c < cos_equal or _same_path(path, i, j, rn[j] / rn[i] if rn[i] > 0 else 1.0) else -1.0
 
-        partners = _pairs(ps, cosine, np.zeros(C, dtype=bool))
+        partners = _pairs(ps, cosine, np.zeros(C, dtype=bool), cos_equal)
     return rn, partners
+
+
+CANCEL_REL = 1e-4          # copies whose merged outgoing columns are this small (relative) cancel: a clique
+CANCEL_REL_FP16 = 1e-3     # ... when a next layer's weight is stored as float16
+CANCEL_REL_INT = 0.2       # ... when it is stored quantized: each entry off by up to half a step of its output
+                           # channel's scale, which the channel's largest entries set (measured on int8 static
+                           # QDQ per channel, tests/test_forensics_blocks.py: cliques 0-0.026 after convs, up to
+                           # 0.135 before an attention output projection; split copies 0.32-0.6)
+
+
+def _stored_rounded(gv: GraphValues, weight: str) -> str | None:
+    """'quant' or 'fp16' when the layer weight `weight` is stored quantized or as float16, else None."""
+    try:
+        w = gv.store.get(gv.weight_name(weight) or weight)
+    except AuditError:  # a weight the store does not list: float
+        return None
+    if w.quant is not None:
+        return "quant"
+    return "fp16" if str(w.stored_dtype) in ("float16", "bfloat16") else None
+
+
+def _cancel_tolerance(gv: GraphValues, flow: ch.Flow) -> float:
+    """How small the merged outgoing columns of a group of copies must be, relative to the sum of
+    their norms, to call the group a clique: rounding of the stored next-layer weights (a clique's
+    columns cancel exactly in float, up to a quantization step once quantized)."""
+    tol = CANCEL_REL
+    for c in flow.consumers:
+        r = _stored_rounded(gv, c.layer.weight)
+        tol = max(tol, CANCEL_REL_INT if r == "quant" else CANCEL_REL_FP16 if r == "fp16" else CANCEL_REL)
+    return tol
 
 
 def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = None, depth: int = 3) -> Groups:
@@ -431,7 +472,7 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = Non
         if len(g) > 1:
             merged = sum(fj * cols[j] for j, fj in g)
             total = sum(abs(fj) * cn[j] for j, fj in g)
-            if np.linalg.norm(merged) <= 1e-4 * max(total, 1e-30):
+            if np.linalg.norm(merged) <= _cancel_tolerance(gv, flow) * max(total, 1e-30):
                 out.cliques += len(g)
                 continue
         out.splits += len(g) - 1
@@ -452,6 +493,7 @@ class Cleaned:
     flow: ch.Flow | None = None
     in_spatial: int = 1
     in_gamma: np.ndarray | None = None   # |gamma| of the BatchNorm after the feeding layer, per input
+    in_rownorm: np.ndarray | None = None  # norm of the feeding layer's effective row, per input (BN folded)
     blocked: list[str] = field(default_factory=list)
 
 
@@ -489,6 +531,14 @@ def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
             if pflow.batchnorms and sp == 1 and not pflow.residual:  # a stream sums several writers
                 last = (pflow.depthwise_batchnorms or pflow.batchnorms)[-1 if pflow.depthwise_batchnorms else 0]
                 res.in_gamma = np.abs(gv.value(last.input[1]))[g.keep]
+            elif sp == 1 and not pflow.residual and not pflow.batchnorms and _path_params(gv, pflow) is None:
+                # BatchNorm folded (or none): a positive scale of input channel c multiplies the feeding
+                # layer's effective row c (weights and bias) and divides this layer's column c, so
+                # their product is unchanged; it equals the original column times the original row norm
+                W2p, fp, shp = _row_affine(gv, pflow)
+                rn = np.sqrt(fp * fp * np.einsum("ij,ij->i", W2p, W2p).astype(np.float64) + shp * shp)
+                if np.all(rn[g.keep] > 0):
+                    res.in_rownorm = rn[g.keep]
             if g.dummies or g.cliques or g.splits:
                 Wv = W.reshape(W.shape[0], pflow.channels, -1) if W.ndim == 2 else W
                 cols = [sum(f * Wv[:, j] for j, f in mem) for mem in g.members]
@@ -517,8 +567,11 @@ def anchor_unfold(gv: GraphValues, cleaned: Cleaned, anchors: dict) -> tuple[np.
     if flow is None or flow.blocked or W.shape[0] != g0.size:
         return None
     keep = cleaned.out_groups.keep if cleaned.out_groups else list(range(flow.channels))
-    rows_eff = effective_rows(gv, flow)[keep]
-    eff = rows_eff[:, :-1].reshape(W.shape)
+    _, f_all, sh_all = _row_affine(gv, flow)
+    # the cleaned weight (its input side merged through the producer too) times the per-row factor
+    # the next layers see it through: effective rows with the input-side cleaning kept
+    eff = np.asarray(W, np.float64) * f_all[keep].reshape((-1,) + (1,) * (W.ndim - 1))
+    rows_eff = sh_all[keep]
     if flow.batchnorms:
         bn = flow.batchnorms[0]
         g1 = gv.value(bn.input[1])[keep]
@@ -526,7 +579,7 @@ def anchor_unfold(gv: GraphValues, cleaned: Cleaned, anchors: dict) -> tuple[np.
         cost = np.abs(g1[:, None] - g0[None, :]) + np.abs(b1[:, None] - b0[None, :])
         how = "BatchNorm kept: channels matched to the key's anchors by (gamma, beta)"
     else:
-        sh1 = rows_eff[:, -1]
+        sh1 = rows_eff
         cost = np.abs(sh1[:, None] - sh0[None, :])
         how = "BatchNorm folded: channels matched to the key's anchors by the folded shift"
     r, c = linear_sum_assignment(cost)

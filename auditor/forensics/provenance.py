@@ -12,6 +12,11 @@ architecture do not reach: they learn similar features, so their matched rows
 correlate, but weakly; measured below). Under H0, with rows independent, each row
 exceeds RHO0 with probability <= 1/2, so p = P[Bin(n, 1/2) >= #{c_o > RHO0}] (exact,
 integers); a reference row with no partner (pruned filter) counts as not exceeding.
+What "derived" means: the weights share the reference's initialisation or training history. A
+model trained on its own from the reference's initial weights is derived too (the layers training
+moved little still match): measured on the basic-block net (bench/bench_blocks.py), 0 of 6 models
+from other initialisations and 5 of 6 from the same initialisation with other batch orders (plus
+the same-order twin) are called derived at alpha = 1e-6.
 Layers are combined with Fisher's method (X^2 = -2 sum ln p_l, chi-square with 2L
 degrees of freedom). When several suspect layers could end the chain (layers of the reference's
 last layer's shape), every one is aligned and tested and the best is kept, its combined p
@@ -39,6 +44,14 @@ from auditor.read import channels as ch
 
 RHO0 = 0.5
 DEFAULT_ALPHA = 1e-6
+# What the test detects, stated in every result (measured in tests/test_forensics_blocks.py and
+# bench/bench_blocks.py on the basic-block net: 0 of 6 models from other initialisations called
+# derived, 5 of 6 from the reference's initialisation with other batch orders, and the twin).
+DERIVED_MEANS = ("derived = after undoing permutations, scalings and added neurons, the suspect's weights still "
+                 "carry the reference's initialisation or training history: copies and their fine-tuned, pruned, "
+                 "quantized or obfuscated descendants, but also a model trained separately from the same initial "
+                 "weights (layers that training moved little keep them); it does not tell copying from a shared "
+                 "initialisation, and it is no evidence of a watermark")
 
 
 def _layer_test(al: align.LayerAlignment, rho0: float) -> dict[str, Any]:
@@ -169,7 +182,8 @@ def provenance(suspect_path, reference_path, *, null_models=(), alpha: float = D
                     f"layers combined by Fisher's method; Bonferroni over the {res['candidates']} suspect "
                     f"chain(s) tried" + (f"; {res['chains']} chains (every layer) combined by Fisher's method, "
                                           f"each Bonferroni-corrected for its suspect chains" if all_layers else "")),
-           "fit": "rows matched on even coefficient positions, tested on the odd ones (held out)"}
+           "fit": "rows matched on even coefficient positions, tested on the odd ones (held out)",
+           "derived_means": DERIVED_MEANS}
     if null_models:
         nulls = []
         for m in null_models:

@@ -198,12 +198,16 @@ def _bases(c: Candidate, i: int) -> list[Variant]:
 def _gamma_variants(c: Candidate, i: int, base: list[Variant]) -> list[Variant]:
     cl = c.cleaned
     out = []
-    if cl is not None and cl.in_gamma is not None:
+    if cl is None:
+        return out
+    for vec, what in ((cl.in_gamma, "input scales canonicalised: columns times the feeding BatchNorm's |gamma|"),
+                      (cl.in_rownorm, "input scales canonicalised: columns times the feeding layer's row norms")):
+        if vec is None:
+            continue
         for b in base:
-            if b.weight.ndim >= 2 and b.weight.shape[1] == cl.in_gamma.size:
-                g = cl.in_gamma.reshape((1, -1) + (1,) * (b.weight.ndim - 2))
-                out.append(Variant(b.weight * g, i, b.undone + [
-                    "input scales canonicalised: columns times the feeding BatchNorm's |gamma|"], out_fixed=b.out_fixed))
+            if b.weight.ndim >= 2 and b.weight.shape[1] == vec.size:
+                g = vec.reshape((1, -1) + (1,) * (b.weight.ndim - 2))
+                out.append(Variant(b.weight * g, i, b.undone + [what], out_fixed=b.out_fixed))
     return out
 
 
@@ -364,7 +368,8 @@ def _limits(cands, references) -> list[str]:
     out = []
     if not references:
         out.append("without the owner's reference: positive per-channel scales of the input channels are only "
-                   "canonicalised through the feeding layer's BatchNorm gamma (not once that BatchNorm is folded), "
+                   "canonicalised (columns times the feeding BatchNorm's |gamma|, or once it is folded times the "
+                   "feeding layer's row norms: exact only where those were equal before the scaling), "
                    "and scales of the output channels are undone only with the key's BatchNorm anchors")
     blocked = sorted({b for c in cands if c.cleaned is not None for b in c.cleaned.blocked})
     out.extend(blocked[:8])

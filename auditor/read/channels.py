@@ -173,6 +173,8 @@ class Flow:
     stream_depthwise: list[onnx.NodeProto] = field(default_factory=list)   # depthwise Convs after an Add
     gates: list[Gate] = field(default_factory=list)       # squeeze-excitation gates on the channels
     last_axis: bool = False         # channels on the last axis of a rank > 2 tensor (MatMul on [B, T, C])
+    heads: int = 0                  # > 0: the channels pass multi-head attention as values (H heads of
+                                    # C / H channels; a channel moves only within its head)
 
     @property
     def group(self) -> list[Layer]:
@@ -560,6 +562,13 @@ def trace(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> Flow
                     return flow
                 frontier.append((n.output[0], 1, offset, False))   # the channels stay on the last axis
                 continue
+            if flow.last_axis and op == "Reshape" and j == 0 and spatial == 1 and offset == 0:
+                att = _attention_values(g, n, C)
+                if att is not None:   # the values of multi-head attention: per channel, within its head
+                    flow.heads = att[1]
+                    flow.ops.extend(["Transpose", "MatMul", "Transpose", "Reshape"])
+                    frontier.append((att[0], 1, 0, False))
+                    continue
             if op in _AXIS_OPS and axis_issue(op, n):
                 flow.blocked = axis_issue(op, n)
                 return flow
@@ -840,6 +849,10 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
         lay = _layer_of(g, i, n)
         if lay is not None:
             return lay
+        att = _attention_back(g, t) if n.op_type == "Reshape" else None
+        if att is not None:                     # the merged heads of attention: back to the values
+            t = att
+            continue
         if n.op_type in _BACK or n.op_type in _SHAPE_BACK or _is_depthwise(g, n):
             t = n.input[0]
             continue
@@ -865,6 +878,76 @@ def producer(model: onnx.ModelProto, layer: Layer, g: _Graph | None = None) -> L
 # Walked back through when looking for the layer whose channels a layer reads (the forward
 # trace from that layer then checks that it really reaches the reader, and how).
 _SHAPE_BACK = frozenset({"Flatten", "Reshape", "ReduceMean", "ReduceMax", "Squeeze"})
+
+
+def _only_consumer(g: _Graph, t: str, op: str) -> tuple[onnx.NodeProto, int] | None:
+    """The one node reading `t` (through the activation Q/DQ pairs of a quantized model), if it is `op`."""
+    for _ in range(4):
+        cons = [(n, j) for _, n, j in g.consumers.get(t, []) if n.op_type not in ("Shape", "Size")]
+        if len(cons) != 1:
+            return None
+        if cons[0][0].op_type in _QDQ and cons[0][1] == 0:
+            t = cons[0][0].output[0]
+            continue
+        return cons[0] if cons[0][0].op_type == op else None
+    return None
+
+
+def _producer_skip_qdq(g: _Graph, t: str):
+    p = g.producer.get(t)
+    while p is not None and p[1].op_type in _QDQ:
+        p = g.producer.get(p[1].input[0])
+    return p
+
+
+def _perm(n: onnx.NodeProto) -> list[int]:
+    return [int(v) for v in _attr(n, "perm", [])]
+
+
+def _attention_values(g: _Graph, split: onnx.NodeProto, C: int) -> tuple[str, int] | None:
+    """(tensor after the heads are merged again, H) when `split` begins the value path of multi-head
+    attention on [B, T, C]: Reshape to [B, T, H, C/H] -> Transpose (0, 2, 1, 3) -> MatMul as the right
+    operand (attention weights [B, H, T, T] times values) -> Transpose (0, 2, 1, 3) -> Reshape to
+    [B, T, C]. Each output channel is then a mix over tokens of the same value channel only."""
+    src, out = g.shape(split.input[0]), g.shape(split.output[0])
+    if not src or not out or len(src) != 3 or len(out) != 4 or out[2] is None or out[3] is None:
+        return None
+    H, d = int(out[2]), int(out[3])
+    if H * d != C or src[2] not in (None, C):
+        return None
+    tr = _only_consumer(g, split.output[0], "Transpose")
+    if tr is None or _perm(tr[0]) != [0, 2, 1, 3]:
+        return None
+    mm = _only_consumer(g, tr[0].output[0], "MatMul")
+    if mm is None or mm[1] != 1:
+        return None
+    tr2 = _only_consumer(g, mm[0].output[0], "Transpose")
+    if tr2 is None or _perm(tr2[0]) != [0, 2, 1, 3]:
+        return None
+    merge = _only_consumer(g, tr2[0].output[0], "Reshape")
+    if merge is None:
+        return None
+    ms = g.shape(merge[0].output[0])
+    if not ms or len(ms) != 3 or ms[2] != C:
+        return None
+    return merge[0].output[0], H
+
+
+def _attention_back(g: _Graph, t: str) -> str | None:
+    """Walking back from the merged heads `t`: the value tensor [B, T, C] before its split (None: `t` is
+    not the output of an attention value path)."""
+    x, split = t, None
+    for op in ("Reshape", "Transpose", "MatMul", "Transpose", "Reshape"):
+        p = _producer_skip_qdq(g, x)
+        if p is None or p[1].op_type != op:
+            return None
+        split = p[1]
+        x = p[1].input[1] if op == "MatMul" else p[1].input[0]
+    C = (g.shape(t) or [None])[-1]
+    att = _attention_values(g, split, int(C)) if C is not None else None
+    return x if att is not None and att[0] == t else None
+
+
 def _se_input(g: _Graph, n: onnx.NodeProto) -> str | None:
     """The gated input x of a squeeze-excitation Mul (None: n is not one)."""
     if n.op_type != "Mul":
