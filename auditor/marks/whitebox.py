@@ -77,7 +77,7 @@ class MarkResult:
     reduce: str
     n_bits: int
     matches: int
-    ber: float
+    ber: float | None             # None: the mark could not be read (verdict UNREADABLE)
     p_value: float
     log10_p: float
     p_corrected: float
@@ -234,9 +234,10 @@ def candidate_views(store, mark: WhiteboxMark):
 
 
 def _name_of(view) -> list[str]:
-    """Names under which a view's tensor is known (its graph name and stored name)."""
+    """Names under which a view's tensor is known (its graph name, stored name, and the names its
+    layer gives it where an optimizer renamed it: onnxruntime's NCHWc weights keep their bias's name)."""
     w = view.weight
-    return [n for n in (w.name, w.stored_name) if n]
+    return [n for n in (w.name, w.stored_name, *getattr(w, "aliases", ())) if n]
 
 
 def node_metadata(store, node_name: str) -> dict[str, str]:
@@ -289,6 +290,11 @@ def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[lis
             named = ident
     if len(named) == 1:
         return named, "name"
+    if len(named) > 1 and len({v.weight.stored_name for v in named}) == 1 \
+            and len({v.transform for v in named}) == 1 and all(v.weight.layout for v in named):
+        # one stored tensor read under several runtime layouts the file does not tell apart
+        # (NCHWc block 8 or 16): every reading is a candidate, and the p-value pays for them
+        return named, "name"
     if not named and gate is None:
         module = mark.param.rpartition(".")[0]
         scoped = [v for v in views if module and v.kind in ("linear", "conv", "tensor") and _scope_reads(store, v, module)]
@@ -321,7 +327,7 @@ def folding_evidence(store, view, mark: WhiteboxMark) -> list[str]:
     """What the graph shows of a BatchNorm folded into the conv reading this view's weight."""
     found: list[str] = []
     for op, node_name, _ in getattr(view.weight, "uses", None) or []:
-        if op not in ("Conv", "ConvInteger", "QLinearConv"):
+        if op not in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
             continue
         meta = node_metadata(store, node_name)
         rules = meta.get("pkg.onnxscript.rewriter.rule_name", "")
@@ -332,7 +338,7 @@ def folding_evidence(store, view, mark: WhiteboxMark) -> list[str]:
         if not rules and bn_scopes:
             found.append(f"the conv's torch scope is the BatchNorm module {bn_scopes[-1]!r}")
         node = store.node(node_name)
-        bias = node.input[2] if op == "Conv" and len(node.input) > 2 and node.input[2] else ""
+        bias = node.input[2] if op in ("Conv", "FusedConv") and len(node.input) > 2 and node.input[2] else ""
         torch_bias = mark.param.rpartition(".")[0] + ".bias"
         if bias and not names_match(torch_bias, bias):
             found.append(f"the conv has a bias {bias!r} that is not its torch bias {torch_bias!r} "
@@ -424,15 +430,21 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
                  reference_bn=None, null_corpus=None) -> MarkResult:
     views, how = locate(store, mark, manifest)
     base = dict(id=mark.id, param=mark.param, shape=list(mark.shape), reduce=mark.reduce, alpha=alpha)
+    unread = unreadable_for(store, mark)
     if not views:
-        T = mark.n_bits
-        dec = stats.decide(1.0, stats.min_achievable_p_half(T), alpha)
-        return MarkResult(**base, n_bits=T, matches=0, ber=1.0, p_value=1.0, log10_p=0.0, p_corrected=1.0,
-                          verdict=dec.verdict if dec.verdict == stats.INSUFFICIENT else stats.NOT_DETECTED,
-                          reason=f"no tensor with torch shape {list(mark.shape)} in the model",
-                          margin_min=0.0, margin_median=0.0, margin_mean=0.0, signed_margin_min=0.0,
-                          signed_margins=[], wrong_bits=T, bits="", location=None,
-                          evidence=evidence.classify_mark(mark))
+        if unread:
+            why = (f"the weight of its layer could not be read: {describe_unreadable(unread)}; "
+                   f"{UNREADABLE_HINT}")
+        else:
+            why = (f"no tensor with torch shape {list(mark.shape)} was found in the model, so the marked layer "
+                   f"could not be located; give the exporter's --manifest, or check that the key's shape "
+                   f"{list(mark.shape)} is the layer's torch shape (wmaudit inspect lists every layer)")
+        return _unread_result(base, mark, why)
+    if unread and how == "shape-search":
+        # the layer was not found by name, and a weight the reader could not read may be it
+        return _unread_result(base, mark, f"the key's layer was not located by name and "
+                                          f"{describe_unreadable(unread)}; it may be the marked layer. "
+                                          f"{UNREADABLE_HINT}")
     # identical tensors seen through several names (e.g. an initializer and the
     # W built from it by Slice/Concat) are one candidate, not several.
     distinct: dict[str, Any] = {}
@@ -443,7 +455,7 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
         if h not in distinct:
             distinct[h] = v
             arrays[h] = a
-    m = len(distinct) if how == "shape-search" else 1
+    m = len(distinct) if how == "shape-search" or len(views) > 1 else 1
     best = None
     for h, v in distinct.items():
         w = arrays[h].astype(np.float64)
@@ -472,10 +484,49 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
                      f"torch name scope is {mark.param.rpartition('.')[0]!r}")
     if how == "shape-search" and m > 1:
         notes.append(f"{m} distinct tensors have the key's shape; best reported, p Bonferroni-corrected")
+    if wt.layout:
+        notes.append(f"weight stored in onnxruntime's {wt.layout} layout; read back in torch layout")
+    if how == "name" and m > 1:
+        notes.append(f"the file does not record its NCHWc block size and {m} readings fit "
+                     f"({', '.join(sorted(v.weight.layout for v in distinct.values()))}); best reported, "
+                     f"p Bonferroni-corrected for {m}")
+    if how == "name" and wt.name != mark.param and mark.param in getattr(wt, "aliases", ()):
+        notes.append(f"{wt.name} was renamed by onnxruntime; located through its layer's bias name")
     return MarkResult(**base, **{k: s[k] for k in s if k not in ("alpha",)},
                       location=Location(weight=wt.name, transform=v.transform, how=how, candidates=m,
                                         stored_dtype=wt.stored_dtype, location=wt.location, quant=wt.quant),
                       batchnorm=bn_out, notes=notes, evidence=evidence.classify_mark(mark), null=null)
+
+
+UNREADABLE_HINT = ("give the file onnxruntime started from (before its optimizer or format conversion), "
+                   "or the exporter's --manifest; a mark in an unread weight is neither detected nor absent")
+
+
+def unreadable_for(store, mark: WhiteboxMark) -> list[dict]:
+    """Weights the reader could not read that could hold this mark (as many coefficients or more)."""
+    need = int(np.prod(mark.shape))
+    out = []
+    for u in getattr(store, "unreadable", None) or []:
+        shape = u.get("shape")
+        if shape is None or int(np.prod(shape)) >= need:
+            out.append(u)
+    return out
+
+
+def describe_unreadable(unread: list[dict]) -> str:
+    u = unread[0]
+    more = f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""
+    shape = f" {u['shape']}" if u.get("shape") is not None else ""
+    return f"{u['tensor']}{shape} of {u['op']} node {u['node']!r}: {u['reason']}{more}"
+
+
+def _unread_result(base: dict, mark: WhiteboxMark, why: str) -> MarkResult:
+    """A mark that was not read: no bits, no p-value claim (p = 1 stands for 'no evidence')."""
+    T = mark.n_bits
+    return MarkResult(**base, n_bits=T, matches=0, ber=None, p_value=1.0, log10_p=0.0, p_corrected=1.0,
+                      verdict=stats.UNREADABLE, reason=why, margin_min=0.0, margin_median=0.0, margin_mean=0.0,
+                      signed_margin_min=0.0, signed_margins=[], wrong_bits=0, bits="", location=None,
+                      evidence=evidence.classify_mark(mark))
 
 
 def _empirical(mark, s, store, exclude, null, alpha, m, null_corpus) -> dict[str, Any]:
@@ -526,11 +577,21 @@ def extract(model, key: Key, *, manifest: dict | None = None, alpha: float = sta
         results.append(extract_mark(store, mk, manifest=manifest, alpha=alpha, reference_bn=ref_bn,
                                     null_corpus=null_corpus))
     M = len(results)
+    unread = [r for r in results if r.verdict == stats.UNREADABLE]
+    if unread and len(unread) == M:
+        return ExtractionResult(marks=results, verdict=stats.UNREADABLE, p_value=1.0, alpha=alpha,
+                                reason="; ".join(f"{r.id}: {r.reason}" for r in unread),
+                                evidence=evidence.key_evidence(key))
     p = stats.bonferroni(min(r.p_corrected for r in results), M)
     best_possible = stats.bonferroni(min(r.null.get("best_possible_p", stats.bonferroni(
         stats.min_achievable_p_half(r.n_bits), r.location.candidates if r.location else 1))
         for r in results), M)
     dec = stats.decide(p, best_possible, alpha)
     reason = dec.reason + (f" (best of {M} marks, Bonferroni-corrected)" if M > 1 else "")
+    if unread and dec.verdict != stats.DETECTED:
+        # the marks that were read do not show it; the unread ones say nothing either way
+        return ExtractionResult(marks=results, verdict=stats.UNREADABLE, p_value=p, alpha=alpha,
+                                reason=reason + "; could not read " + "; ".join(f"{r.id}: {r.reason}" for r in unread),
+                                evidence=evidence.key_evidence(key))
     return ExtractionResult(marks=results, verdict=dec.verdict, p_value=p, alpha=alpha, reason=reason,
                             evidence=evidence.key_evidence(key))

@@ -31,13 +31,15 @@ GATE_ORDER = {
     "GRU": (1, 0, 2),       # ONNX z,r,h   -> torch r,z,n
     "RNN": (0,),
 }
-_CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+# onnxruntime's fused forms (com.microsoft FusedConv / FusedGemm, NCHWc Conv read back by
+# auditor.read.blocked) read their weight where the plain op does.
+_CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}
 _MATMUL_OPS = {"MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1}
-_GEMM_OPS = {"Gemm": 1, "QGemm": 3}
+_GEMM_OPS = {"Gemm": 1, "QGemm": 3, "FusedGemm": 1}
 _RNN_OPS = {"LSTM", "GRU", "RNN"}
 _LAYER_KIND = {**{op: "conv" for op in _CONV_OPS}, "ConvTranspose": "conv_transpose",
                **{op: "linear" for op in _MATMUL_OPS}, **{op: "linear" for op in _GEMM_OPS},
-               **{op: "rnn" for op in _RNN_OPS}, "DynamicQuantizeLSTM": "rnn"}
+               **{op: "rnn" for op in _RNN_OPS}, "DynamicQuantizeLSTM": "rnn", "FusedMatMul": "linear"}
 
 
 @dataclass
@@ -125,6 +127,9 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
             kinds.append(("identity" if _number(node, "transB", 0) else "transpose", "linear"))
         elif op in _MATMUL_OPS and idx == _MATMUL_OPS[op] and len(shape) == 2:
             kinds.append(("transpose", "linear"))
+        elif op == "FusedMatMul" and idx == 1 and len(shape) == 2:
+            # com.microsoft FusedMatMul folds a Transpose of B into transB: B^T [N, K] is torch's layout
+            kinds.append(("identity" if _number(node, "transB", 0) else "transpose", "linear"))
         elif op in _RNN_OPS and idx in (1, 2) and len(shape) == 3:
             tag = "W" if idx == 1 else "R"
             for d in range(shape[0]):

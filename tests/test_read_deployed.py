@@ -1,0 +1,190 @@
+"""The files deployers ship (onnxruntime's saved optimized graphs at every level, NCHWc in block 8
+and 16, the ORT format, simplifiers), read with the same bits and p as the exporter's file; layouts
+the reader does not understand give "could not read", never "not detected"."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from auditor.attacks import load_model, save
+from auditor.attacks.compose import compose, parse_steps
+from auditor.cli import main
+from auditor.errors import AuditError
+from auditor.marks import stats
+from auditor.marks.keys import load_key
+from auditor.marks.whitebox import extract
+from auditor.read import blocked
+from auditor.read.layout import torch_views
+from auditor.read.weights import WeightStore
+from fixtures.deploy import mlas_reorder, ort_save
+
+LEVELS = ("ort-optimize:basic", "ort-optimize:extended", "ort-optimize:all", "ort-format", "ort-format:all",
+          "simplify", "simplify:onnxsim", "ort-optimize:all,ort-format", "prune:0.3,ort-optimize:all",
+          "ort-optimize:extended,ort-format:all")
+
+
+def _extract_after(model: Path, key: Path, steps: str, reference: Path | None = None):
+    if not steps:
+        return extract(model, load_key(key), reference=reference)
+    res = compose(load_model(model), steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        return extract(save(res.model, Path(tmp) / "m.onnx"), load_key(key), reference=reference)
+
+
+def _conv_weights(path: Path) -> dict[str, np.ndarray]:
+    """Conv weights in torch layout by the torch name their layer gives (name or bias-name alias)."""
+    store = WeightStore.open(path)
+    out = {}
+    for v in torch_views(store):
+        if v.kind == "conv" and v.transform == "identity":
+            for n in (v.weight.name, *v.weight.aliases):
+                if n.endswith(".weight"):
+                    out[n] = v.array()
+    return out
+
+
+def test_mlas_loops_and_reader_match_onnxruntime_bytes(build_fixture):
+    """The fixture's element-by-element MLAS loops and auditor.read.blocked give the bytes onnxruntime
+    wrote (this machine's block size), and reading them back gives the exporter's weights."""
+    d = build_fixture("deploy-digits-nchwc")
+    ext = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(d / "extended.onnx")).graph.initializer}
+    m = onnx.load(str(d / "all.onnx"))
+    stored = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    convs = [n for n in m.graph.node if n.domain == blocked.NCHWC_DOMAIN and n.op_type == "Conv"]
+    assert len(convs) == 2
+    block = 8 if stored[convs[0].input[1]].shape[0] == 8 else 16  # conv1 has 8 output channels
+    for node, torch_name in zip(convs, ("conv1.weight", "conv2.weight")):
+        w = ext[torch_name]
+        order = blocked.filter_order(w.shape[1], w.shape[0], 1, block)
+        s = stored[node.input[1]]
+        assert np.array_equal(mlas_reorder(w, block, order), s)
+        assert np.array_equal(blocked.block_weight(w, block, order), s)
+        assert np.array_equal(blocked.unblock_weight(s, block, order, w.shape[0]), w)
+
+
+def test_nchwc_block_8_and_16_read_identical_weights(build_fixture):
+    d = build_fixture("deploy-digits-nchwc")
+    ext = _conv_weights(d / "extended.onnx")
+    b8, b16 = _conv_weights(d / "nchwc8.onnx"), _conv_weights(d / "nchwc16.onnx")
+    assert np.array_equal(b8["conv2.weight"], ext["conv2.weight"])
+    assert np.array_equal(b16["conv2.weight"], ext["conv2.weight"])
+    store16 = WeightStore.open(d / "nchwc16.onnx")
+    layouts = sorted(w.layout for w in store16.weights if w.layout and len(w.shape) == 4)
+    # block 16 pads conv1's 8 output channels to 16; the reader drops the padding
+    assert layouts == ["nchwc(block=16,OIHWBo)", "nchwc(block=16,OIHWBo,16->8 channels)"]
+    conv1 = next(w for w in store16.weights if w.layout and w.shape == (8, 1, 3, 3))
+    assert np.array_equal(store16.array(conv1.name), numpy_helper.to_array(
+        next(t for t in onnx.load(str(d / "extended.onnx")).graph.initializer if t.name == "conv1.weight")))
+    assert store16.unreadable == []
+
+
+@pytest.mark.parametrize("name", ["extended.onnx", "all.onnx", "nchwc8.onnx", "nchwc16.onnx"])
+def test_digits_saved_forms_same_bits_and_p(build_fixture, name):
+    d = build_fixture("deploy-digits-nchwc")
+    src = build_fixture("data-digits-cnn")
+    base = extract(src / "model.onnx", load_key(src / "key.json")).marks[0]
+    m = extract(d / name, load_key(d / "key.json")).marks[0]
+    assert m.verdict == stats.DETECTED and m.matches == base.matches == m.n_bits
+    assert m.p_value == base.p_value and m.p_corrected == base.p_corrected
+    assert m.location.how == "name"
+
+
+@pytest.mark.parametrize("steps", LEVELS)
+def test_digits_deployment_steps_same_bits_and_p(build_fixture, steps):
+    src = build_fixture("data-digits-cnn")
+    base = extract(src / "model.onnx", load_key(src / "key.json")).marks[0]
+    m = _extract_after(src / "model.onnx", src / "key.json", steps).marks[0]
+    assert m.verdict == stats.DETECTED, (steps, m.reason)
+    if not steps.startswith("prune"):
+        assert m.matches == base.matches and m.p_value == base.p_value and m.p_corrected == base.p_corrected
+
+
+@pytest.mark.parametrize("steps", ["ort-optimize:extended", "ort-optimize:all", "ort-format:all", "simplify"])
+def test_mobilenet_depthwise_saved_forms_twin_never(build_fixture, steps):
+    """MobileNetV2-style blocks (BatchNorm folded by onnxruntime, depthwise NCHWc, 24 channels): the
+    mark is read with the exporter's bits and p; the unmarked twin is never detected."""
+    d = build_fixture("arch-mobilenet")
+    base = {m.id: m for m in extract(d / "default.onnx", load_key(d / "key.json")).marks}
+    res = _extract_after(d / "default.onnx", d / "key.json", steps)
+    assert res.verdict == stats.DETECTED
+    for m in res.marks:
+        assert m.matches == base[m.id].matches and m.p_value == base[m.id].p_value, (steps, m.id)
+    twin = _extract_after(d / "twin.onnx", d / "key.json", steps)
+    assert twin.verdict == stats.NOT_DETECTED
+    for m in twin.marks:
+        assert m.p_corrected > 1e-4, (steps, m.id)
+
+
+def test_resnet_all_level_both_block_sizes_paid_for(build_fixture):
+    """Every channel count of the residual CNN is a multiple of 16: the file does not tell block 8
+    from 16, both readings are candidates and the p-value is corrected for the two."""
+    d = build_fixture("arch-resnet")
+    base = extract(d / "default.onnx", load_key(d / "key.json"), reference=d / "kept.onnx").marks[0]
+    m = _extract_after(d / "default.onnx", d / "key.json", "ort-optimize:all", reference=d / "kept.onnx").marks[0]
+    assert m.verdict == stats.DETECTED and m.matches == base.matches and m.p_value == base.p_value
+    assert m.location.candidates == 2 and m.p_corrected == pytest.approx(2 * base.p_value, rel=1e-12)
+
+
+def test_unknown_blocked_layout_could_not_read(build_fixture, capsys):
+    d = build_fixture("deploy-digits-nchwc")
+    res = extract(d / "unknown-block.onnx", load_key(d / "key.json"))
+    assert res.verdict == stats.UNREADABLE and res.exit_code == 2
+    assert res.marks[0].ber is None and "block_size" in res.marks[0].reason
+    rc = main(["extract", str(d / "unknown-block.onnx"), "--key", str(d / "key.json")])
+    out = capsys.readouterr()
+    assert rc == 2 and "COULD NOT READ" in out.out and "not detected" not in out.out.lower()
+    assert "Traceback" not in out.err
+
+
+def test_missing_layer_could_not_read(build_fixture, tmp_path, capsys):
+    """A key whose layer is not in the file: could not read (exit 2), not 'not detected' with BER 1."""
+    d = build_fixture("data-digits-cnn")
+    key = tmp_path / "key.json"
+    # mean reduction over 32 output channels leaves the key's 72 coefficients; no [32, 8, 3, 3] tensor exists
+    rc = main(["key", "import", "--matrix", str(d / "X.npy"), "--bits", str(d / "bits.npy"), "--param",
+               "conv9.weight", "--shape", "32,8,3,3", "--reduce", "mean", "-o", str(key)])
+    assert rc == 0
+    capsys.readouterr()
+    rc = main(["extract", str(d / "model.onnx"), "--key", str(key), "--json"])
+    import json
+
+    doc = json.loads(capsys.readouterr().out)
+    m = doc["result"]["marks"][0]
+    assert rc == 2 and m["verdict"] == "could not read" and m["ber"] is None
+    assert "could not be located" in m["reason"] and doc["result"]["verdict"] == "could not read"
+
+
+def test_ort_format_inspect_and_extract_cli(build_fixture, tmp_path, capsys):
+    d = build_fixture("deploy-digits-nchwc")
+    src = build_fixture("data-digits-cnn")
+    for level in ("basic", "all"):
+        ort = ort_save(src / "model.onnx", tmp_path / f"model-{level}.ort", level, ort_format=True)
+        assert ort.read_bytes()[4:8] == b"ORTM"
+        assert main(["inspect", str(ort)]) == 0
+        assert main(["extract", str(ort), "--key", str(d / "key.json")]) == 0
+        out = capsys.readouterr().out
+        assert "64/64 match" in out and "DETECTED" in out
+
+
+def test_damaged_ort_file_is_one_line_error(build_fixture, tmp_path, capsys):
+    src = build_fixture("data-digits-cnn")
+    ort = ort_save(src / "model.onnx", tmp_path / "m.ort", "basic", ort_format=True)
+    bad = tmp_path / "bad.ort"
+    data = bytearray(ort.read_bytes())
+    bad.write_bytes(bytes(data[:64]))
+    rc = main(["inspect", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_deployment_steps_parse():
+    assert [str(s) for s in parse_steps("quantize:dynamic,ort-optimize:all,ort-format")] == \
+        ["quantize:dynamic", "ort-optimize:all", "ort-format"]
+    for bad in ("ort-optimize", "ort-optimize:max", "ort-format:x", "simplify:foo", "transformers-optimize:int8"):
+        with pytest.raises(AuditError):
+            parse_steps(bad)
