@@ -188,3 +188,32 @@ def test_deployment_steps_parse():
     for bad in ("ort-optimize", "ort-optimize:max", "ort-format:x", "simplify:foo", "transformers-optimize:int8"):
         with pytest.raises(AuditError):
             parse_steps(bad)
+
+
+@pytest.mark.parametrize("name", ["fused.onnx", "fused-fp16.onnx"])
+@pytest.mark.parametrize("which", ["query", "value"])
+def test_packed_qkv_attention_read_from_its_slice(build_fixture, name, which):
+    """onnxruntime's transformer optimizer packs Q, K, V into com.microsoft Attention's weight
+    [32, 96]: the mark on the query (value) projection is read from its columns, with the bits and
+    p of the exporter's file; the twin's fused file never shows it."""
+    d = build_fixture("deploy-bert-attention")
+    key = load_key(d / f"key-{which}.json")
+    base = extract(d / "model.onnx", key).marks[0]
+    m = extract(d / name, key).marks[0]
+    assert m.verdict == stats.DETECTED and m.matches == base.matches and m.p_value == base.p_value
+    want = {"query": "qkv-slice:q:0:32", "value": "qkv-slice:v:64:96"}[which]
+    assert m.location.transform == want
+    twin = extract(d / "twin-fused.onnx", key)
+    assert twin.verdict == stats.NOT_DETECTED and twin.marks[0].p_corrected > 1e-4
+
+
+@pytest.mark.parametrize("name", ["arch-vit", "arch-bert"])
+@pytest.mark.parametrize("steps", ["transformers-optimize", "transformers-optimize:fp16"])
+def test_transformer_optimizer_on_vit_and_bert(build_fixture, name, steps):
+    d = build_fixture(name)
+    base = {m.id: m for m in extract(d / "default.onnx", load_key(d / "key.json")).marks}
+    res = _extract_after(d / "default.onnx", d / "key.json", steps)
+    assert res.verdict == stats.DETECTED
+    for m in res.marks:
+        assert m.matches == base[m.id].matches and m.p_value == base[m.id].p_value, (name, steps, m.id)
+    assert _extract_after(d / "twin.onnx", d / "key.json", steps).verdict == stats.NOT_DETECTED

@@ -110,6 +110,7 @@ def transformers_optimize(model: onnx.ModelProto, mode: str | None = None,
                                            opt_level=0)
             if mode == "fp16":
                 opt.convert_float_to_float16(keep_io_types=True)
+                opt.topological_sort()  # the conversion appends its input Casts after their readers
         except Exception as e:
             raise AuditError(f"onnxruntime.transformers.optimizer failed: {type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
