@@ -217,3 +217,39 @@ def test_transformer_optimizer_on_vit_and_bert(build_fixture, name, steps):
     for m in res.marks:
         assert m.matches == base[m.id].matches and m.p_value == base[m.id].p_value, (name, steps, m.id)
     assert _extract_after(d / "twin.onnx", d / "key.json", steps).verdict == stats.NOT_DETECTED
+
+
+def test_packed_matmul_split_into_multiheadattention(tmp_path):
+    """A projection packed into one MatMul [in, 3 x hidden], split in three into com.microsoft
+    MultiHeadAttention: onnxruntime's output equals attention computed from the separate Q, K, V
+    weights, and the reader gives each of them back from its columns."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    D, N, S = 8, 2, 5
+    rng = np.random.default_rng(0)
+    Wq, Wk, Wv = (rng.standard_normal((D, D)).astype(np.float32) for _ in range(3))
+    packed = np.concatenate([Wq.T, Wk.T, Wv.T], axis=1)
+    g = helper.make_graph([
+        helper.make_node("MatMul", ["x", "W"], ["qkv"]),
+        helper.make_node("Split", ["qkv"], ["q", "k", "v"], axis=-1, num_outputs=3),
+        helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain="com.microsoft", num_heads=N)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, S, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, S, D])], [numpy_helper.from_array(packed, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+                          ir_version=10)
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((1, S, D)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    q, k, v = (x[0] @ W.T for W in (Wq, Wk, Wv))
+    heads = []
+    for h in range(N):
+        sl = slice(h * D // N, (h + 1) * D // N)
+        a = q[:, sl] @ k[:, sl].T / np.sqrt(D // N)
+        a = np.exp(a - a.max(1, keepdims=True))
+        heads.append((a / a.sum(1, keepdims=True)) @ v[:, sl])
+    assert np.allclose(y[0], np.concatenate(heads, 1), atol=1e-4)
+    views = {v.transform: v for v in torch_views(WeightStore.open(tmp_path / "m.onnx"))}
+    for part, W in zip("qkv", (Wq, Wk, Wv)):
+        i = "qkv".index(part)
+        assert np.array_equal(views[f"qkv-slice:{part}:{i * D}:{(i + 1) * D}"].array(), W)

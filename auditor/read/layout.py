@@ -11,8 +11,7 @@ Transform labels: `identity`, `transpose`, `rnn:<LSTM|GRU|RNN>:<W|R>:dir=<d>`,
 `rnn:<LSTM|GRU|RNN>:<Bih|Bhh>:dir=<d>` (the two halves of B),
 `DynamicQuantizeLSTM:<W|R>:dir=<d>`, and the Q / K / V parts of a packed projection
 (onnxruntime's transformer fusions): `qkv-slice:<q|k|v>:<start>:<end>` (columns of com.microsoft
-Attention's weights, or of a MatMul split in three), `qkv-heads:<q|k|v>:<heads>` (MultiHeadAttention's
-packed QKV, laid out per head).
+Attention's weights, or of a MatMul split in three feeding MultiHeadAttention).
 """
 from __future__ import annotations
 
@@ -93,7 +92,7 @@ def apply_transform(a: np.ndarray, transform: str) -> np.ndarray:
         return a
     if transform == "transpose":
         return np.ascontiguousarray(a.T)
-    if transform.startswith(("qkv-slice:", "qkv-heads:")):
+    if transform.startswith("qkv-slice:"):
         return _packed(a, transform)
     parts = transform.split(":")
     d = int(parts[-1].split("=")[1])
@@ -109,17 +108,11 @@ def apply_transform(a: np.ndarray, transform: str) -> np.ndarray:
 
 
 def _packed(a: np.ndarray, transform: str) -> np.ndarray:
-    """Q, K or V of a packed projection weight [in, q+k+v] as torch's Linear weight [out, in].
-
-    `qkv-slice:<q|k|v>:<start>:<end>`: columns start:end (com.microsoft Attention, Q|K|V side by side;
-    a packed MatMul split in three); `qkv-heads:<q|k|v>:<heads>`: columns laid out per head
-    [heads, 3, head size] (MultiHeadAttention's packed QKV input)."""
+    """Q, K or V of a packed projection weight [in, q+k+v] as torch's Linear weight [out, in]:
+    `qkv-slice:<q|k|v>:<start>:<end>` takes columns start:end (com.microsoft Attention, Q|K|V side by
+    side; a packed MatMul split in three)."""
     parts = transform.split(":")
-    which = "qkv".index(parts[1])
-    if parts[0] == "qkv-slice":
-        return np.ascontiguousarray(a[:, int(parts[2]):int(parts[3])].T)
-    n = int(parts[2])
-    return np.ascontiguousarray(a.reshape(a.shape[0], n, 3, -1)[:, :, which, :].reshape(a.shape[0], -1).T)
+    return np.ascontiguousarray(a[:, int(parts[2]):int(parts[3])].T)
 
 
 def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
@@ -146,6 +139,8 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
             kinds.append(("identity" if _number(node, "transB", 0) else "transpose", "linear"))
         elif op in _MATMUL_OPS and idx == _MATMUL_OPS[op] and len(shape) == 2:
             kinds.append(("transpose", "linear"))
+            for t, tshape in _packed_views(store, node_name, shape):
+                add(t, "linear", None, tshape)
         elif op == "FusedMatMul" and idx == 1 and len(shape) == 2:
             # com.microsoft FusedMatMul folds a Transpose of B into transB: B^T [N, K] is torch's layout
             kinds.append(("identity" if _number(node, "transB", 0) else "transpose", "linear"))
@@ -167,9 +162,6 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
                 for part, size in zip("qkv", sizes):
                     add(f"qkv-slice:{part}:{start}:{start + size}", "linear", None, (size, shape[0]))
                     start += size
-        elif op in _MATMUL_OPS and idx == _MATMUL_OPS[op] and len(shape) == 2:
-            for t, tshape in _packed_views(store, node_name, shape):
-                add(t, "linear", None, tshape)
         elif op == "DynamicQuantizeLSTM" and idx in (1, 2) and len(shape) == 3:
             tag = "W" if idx == 1 else "R"
             for d in range(shape[0]):
@@ -195,7 +187,9 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
 
 def _packed_views(store: WeightStore, node_name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple]]:
     """Q, K, V views of a MatMul weight [in, 3 x hidden] whose output (through a bias Add) is split in
-    three along the last axis, or is the packed QKV input of com.microsoft MultiHeadAttention."""
+    three along the last axis (a packed projection feeding MultiHeadAttention's query, key, value).
+    MultiHeadAttention's per-head packed input [B, L, N, 3, H] is not read: onnxruntime runs it on
+    CUDA only, and no file of that form was checked here."""
     if shape[1] % 3:
         return []
     out_key = store._output_key(node_name)
@@ -210,13 +204,6 @@ def _packed_views(store: WeightStore, node_name: str, shape: tuple[int, ...]) ->
         if node.op_type == "Split" and len(node.output) == 3 and _attr(node, "axis", 0) in (-1, 2):
             third = shape[1] // 3
             return [(f"qkv-slice:{p}:{i * third}:{(i + 1) * third}", (third, shape[0])) for i, p in enumerate("qkv")]
-        if node.op_type == "Reshape" and j == 0:
-            out_key = store._output_key(name)
-            continue
-        if node.op_type == "MultiHeadAttention" and j == 0 and not any(node.input[1:3]):
-            heads = _number(node, "num_heads", 0)
-            if heads > 0 and shape[1] % (3 * heads) == 0:
-                return [(f"qkv-heads:{p}:{heads}", (shape[1] // 3, shape[0])) for p in "qkv"]
         return []
     return []
 
