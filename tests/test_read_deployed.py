@@ -253,3 +253,32 @@ def test_packed_matmul_split_into_multiheadattention(tmp_path):
     for part, W in zip("qkv", (Wq, Wk, Wv)):
         i = "qkv".index(part)
         assert np.array_equal(views[f"qkv-slice:{part}:{i * D}:{(i + 1) * D}"].array(), W)
+
+
+def test_scan_sweep_gate_report_say_could_not_read(build_fixture, tmp_path, capsys):
+    """The unknown blocked layout is a distinct state everywhere: scan (exit 2), sweep lines, the gate's
+    requirement, the report's headline; a .ort file in a corpus is swept like an .onnx file."""
+    import json
+
+    from auditor.gate.gate import UNREADABLE, judge_mark
+    from auditor.report.html import render
+
+    d = build_fixture("deploy-digits-nchwc")
+    src = build_fixture("data-digits-cnn")
+    assert main(["scan", str(d / "unknown-block.onnx"), "--key", str(d / "key.json"), "--json",
+                 "-o", str(tmp_path / "scan.json")]) == 2
+    body = json.loads(capsys.readouterr().out)["result"]
+    assert body["verdict"] == "could not read" and body["findings"][0]["verdict"] == "could not read"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "unknown.onnx").write_bytes((d / "unknown-block.onnx").read_bytes())
+    ort_save(src / "model.onnx", corpus / "model.ort", "all", ort_format=True)
+    assert main(["sweep", str(corpus), "--key", str(d / "key.json"), "-o", str(tmp_path / "s.jsonl")]) == 0
+    lines = {Path(r["file"]).name: r for r in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
+    assert lines["unknown.onnx"]["verdict"] == "could not read"
+    assert lines["model.ort"]["verdict"] == "detected"
+    mark = extract(d / "unknown-block.onnx", load_key(d / "key.json")).marks[0].to_json()
+    req = judge_mark("as-shipped", mark, {"max_p_value": 1e-6, "max_ber": 0.1})
+    assert req.status == UNREADABLE and "could not be read" in req.reasons[0]
+    html = render([json.loads((tmp_path / "scan.json").read_text())])
+    assert "COULD NOT READ" in html

@@ -106,7 +106,8 @@ def render(doc: dict) -> str:
         agree = f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "-"
         sq = f"{fid['sqnr_db']:.1f}" if isinstance(fid.get("sqnr_db"), (int, float)) else "-"
         lp = mk.get("log10_p_corrected", mk["log10_p"])
-        return (f"{name[:44]:44s} {mk['ber']:6.3f} {lp:8.1f} {mk['margin_min']:7.3f} "
+        ber = f"{mk['ber']:6.3f}" if mk.get("ber") is not None else "unread"  # None: the mark could not be read
+        return (f"{name[:44]:44s} {ber:>6s} {lp:8.1f} {mk['margin_min']:7.3f} "
                 f"{mk.get('normalized_margin_min', 0.0):7.4f} {acc:>6s} {agree:>6s} {sq:>8s}  {r['verdict']}{bn}")
 
     lines.append(row("(unattacked)", doc["baseline"]))
