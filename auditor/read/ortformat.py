@@ -200,7 +200,7 @@ def to_onnx(data: bytes, where: str) -> onnx.ModelProto:
             out.metadata_props.append(onnx.StringStringEntryProto(key=_s(p.Key()), value=_s(p.Value())))
         out.graph.CopyFrom(_graph(model.Graph(), fbs, where))
         out.metadata_props.append(onnx.StringStringEntryProto(
-            key="wmaudit.source_format", value=f"ort (onnxruntime {_s(session.OrtVersion())})"))
+            key="wmaudit.source_format", value=f"ort (ORT format version {_s(session.OrtVersion())})"))
         return out
     except AuditError:
         raise
