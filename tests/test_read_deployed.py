@@ -282,3 +282,21 @@ def test_scan_sweep_gate_report_say_could_not_read(build_fixture, tmp_path, caps
     assert req.status == UNREADABLE and "could not be read" in req.reasons[0]
     html = render([json.loads((tmp_path / "scan.json").read_text())])
     assert "COULD NOT READ" in html
+
+
+@pytest.mark.parametrize("steps", ["ort-optimize:basic", "ort-optimize:all", "ort-format"])
+def test_reference_file_names_the_weight_the_optimizer_renamed_nothing(build_fixture, steps):
+    """onnxruntime drops the exporter's node metadata (the ViT's Linear weights were found through it),
+    so alone the optimized file is searched by shape and pays for its candidates; with the owner's
+    file as --reference the weight keeps its tensor name and is located without a search: the same
+    bits and the same p as the exporter's file."""
+    d = build_fixture("arch-vit")
+    base = {m.id: m for m in extract(d / "default.onnx", load_key(d / "key.json")).marks}
+    alone = _extract_after(d / "default.onnx", d / "key.json", steps)
+    assert alone.verdict == stats.DETECTED and any(m.location.candidates > 1 for m in alone.marks)
+    res = _extract_after(d / "default.onnx", d / "key.json", steps, reference=d / "default.onnx")
+    for m in res.marks:
+        assert m.location.how == "reference-name" and m.location.candidates == 1
+        assert m.matches == base[m.id].matches and m.p_corrected == base[m.id].p_corrected
+    twin = _extract_after(d / "twin.onnx", d / "key.json", steps, reference=d / "default.onnx")
+    assert twin.verdict == stats.NOT_DETECTED

@@ -9,6 +9,9 @@ Locating the parameter (the key names a torch parameter and its torch shape):
      transposed Linear weight read by MatMul) is found through the node that
      reads it, whose ``pkg.torch.onnx.name_scopes`` names the torch module
      owning the parameter (``located_by: name-scope``);
+  3b. with ``--reference`` (the owner's file), the tensor name the marked weight has there, when
+     it is found there by name or name scope (``located_by: reference-name``): onnxruntime's
+     optimizer keeps tensor names but drops the exporter's node metadata;
   4. otherwise every torch-layout view of every weight with the key's shape
      is tried, the best is reported, and its p-value is Bonferroni-corrected
      for the number of distinct candidates tried (a forensic search must pay
@@ -62,7 +65,7 @@ _PREFIXES = ("onnx__", "model_", "module_", "_orig_mod_", "p_", "l__self___", "s
 class Location:
     weight: str               # ONNX tensor (as listed by WeightStore)
     transform: str            # layout transform to torch layout (auditor.read.layout label)
-    how: str                  # manifest | name | name-scope | shape-search
+    how: str                  # manifest | reference-name | name | name-scope | shape-search
     candidates: int           # distinct candidates tried (Bonferroni m)
     stored_dtype: str = ""
     location: str = ""        # where the tensor lives (initializer, external:..., ...)
@@ -268,8 +271,11 @@ def _scope_reads(store, view, module: str) -> bool:
     return False
 
 
-def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[list, str]:
-    """Candidate views for a mark and how they were chosen."""
+def locate(store, mark: WhiteboxMark, manifest: dict | None = None,
+           reference_tensor: tuple[str, str] | None = None) -> tuple[list, str]:
+    """Candidate views for a mark and how they were chosen. `reference_tensor`: (stored name, layout
+    transform) of the marked weight in the owner's reference file, located there by name (an
+    optimizer that keeps tensor names but drops the exporter's node metadata is followed by it)."""
     views = candidate_views(store, mark)
     if not views:
         return [], "none"
@@ -279,6 +285,10 @@ def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[lis
             hit = [v for v in views if entry.get("onnx") in _name_of(v) and v.transform == entry.get("transform", v.transform)]
             if len(hit) == 1:
                 return hit, "manifest"
+    if reference_tensor is not None:
+        hit = [v for v in views if v.weight.stored_name == reference_tensor[0] and v.transform == reference_tensor[1]]
+        if len(hit) == 1:
+            return hit, "reference-name"
     live = [v for v in views if _computes(v)]
     views = live or views
     named = [v for v in views if any(names_match(mark.param, n) for n in _name_of(v))]
@@ -427,8 +437,8 @@ def resolve_anchors(key: Key, reference: str | Path | None = None,
 
 # ---------------------------------------------------------------- extraction
 def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAULT_ALPHA,
-                 reference_bn=None, null_corpus=None) -> MarkResult:
-    views, how = locate(store, mark, manifest)
+                 reference_bn=None, null_corpus=None, reference_tensor=None) -> MarkResult:
+    views, how = locate(store, mark, manifest, reference_tensor)
     base = dict(id=mark.id, param=mark.param, shape=list(mark.shape), reduce=mark.reduce, alpha=alpha)
     unread = unreadable_for(store, mark)
     if not views:
@@ -479,6 +489,9 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
         notes.append(bn["detail"])
     if wt.quant:
         notes.append(f"weight stored quantized ({wt.quant}); extracted from its dequantized float values")
+    if how == "reference-name":
+        notes.append(f"located through the owner's reference file: the marked weight is {wt.stored_name!r} there "
+                     f"(found by name), and this file keeps that tensor name")
     if how == "name-scope":
         notes.append(f"{wt.name} was renamed by the exporter; located through the node reading it, whose "
                      f"torch name scope is {mark.param.rpartition('.')[0]!r}")
@@ -547,6 +560,17 @@ def _empirical(mark, s, store, exclude, null, alpha, m, null_corpus) -> dict[str
     return s
 
 
+def reference_tensor(ref_store, mark: WhiteboxMark) -> tuple[str, str] | None:
+    """(stored name, transform) of the marked weight in the owner's reference file when it is located
+    there without a search (manifest, name, name scope); None otherwise."""
+    if ref_store is None:
+        return None
+    views, how = locate(ref_store, mark)
+    if len(views) != 1 or how not in ("name", "name-scope", "manifest"):
+        return None
+    return views[0].weight.stored_name, views[0].transform
+
+
 def _is_conv(view) -> bool:
     return getattr(view, "kind", "") == "conv"
 
@@ -569,13 +593,14 @@ def extract(model, key: Key, *, manifest: dict | None = None, alpha: float = sta
     if not selected:
         raise AuditError("the key holds no white-box mark" + (f" named {', '.join(marks)}" if marks else ""))
     results = []
+    ref_store = WeightStore.open(reference) if reference is not None else None
     for mk in selected:
         if reference is not None and len(mk.shape) == 4:
-            ref_bn = reference_batchnorm(reference, mk)
+            ref_bn = reference_batchnorm(ref_store, mk)
         else:
             ref_bn = (anchors or {}).get(mk.id)
         results.append(extract_mark(store, mk, manifest=manifest, alpha=alpha, reference_bn=ref_bn,
-                                    null_corpus=null_corpus))
+                                    null_corpus=null_corpus, reference_tensor=reference_tensor(ref_store, mk)))
     M = len(results)
     unread = [r for r in results if r.verdict == stats.UNREADABLE]
     if unread and len(unread) == M:
