@@ -300,3 +300,32 @@ def test_reference_file_names_the_weight_the_optimizer_renamed_nothing(build_fix
         assert m.matches == base[m.id].matches and m.p_corrected == base[m.id].p_corrected
     twin = _extract_after(d / "twin.onnx", d / "key.json", steps, reference=d / "default.onnx")
     assert twin.verdict == stats.NOT_DETECTED
+
+
+@pytest.mark.parametrize("name", ["arch-bert", "arch-mobilenet"])
+@pytest.mark.parametrize("quant", ["quantize:dynamic",
+                                   pytest.param("quantize:static-qdq-per-channel", marks=pytest.mark.slow)])
+def test_quantize_then_optimize_or_convert(build_fixture, name, quant):
+    """Quantize, then save onnxruntime's optimized graph or the ORT format: the fused quantized forms
+    (com.microsoft MatMulIntegerToFloat / DynamicQuantizeMatMul, QLinearConv, ConvInteger) are read
+    with the bits and p of the quantized file; the twin is never detected."""
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import load_data
+
+    d = build_fixture(name)
+    data = d / "calib.npz" if (d / "calib.npz").is_file() else d / "calib.npy"
+    cal = Calibration(load_data(str(data), d / "default.onnx", purpose="calibration", samples=64, seed=0))
+    key = load_key(d / "key.json")
+
+    def read(model: str, steps: str):
+        res = compose(load_model(d / model), steps, cal)
+        with tempfile.TemporaryDirectory() as tmp:
+            return extract(save(res.model, Path(tmp) / "m.onnx"), key)
+
+    base = {m.id: m for m in read("default.onnx", quant).marks}
+    for post in ("ort-optimize:extended", "ort-optimize:all", "ort-format"):
+        res = read("default.onnx", f"{quant},{post}")
+        assert res.verdict == stats.DETECTED, (post, [(m.id, m.verdict, m.reason) for m in res.marks])
+        for m in res.marks:
+            assert m.matches == base[m.id].matches and m.p_value == base[m.id].p_value, (post, m.id)
+    assert read("twin.onnx", f"{quant},ort-optimize:all").verdict == stats.NOT_DETECTED

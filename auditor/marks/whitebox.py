@@ -285,10 +285,6 @@ def locate(store, mark: WhiteboxMark, manifest: dict | None = None,
             hit = [v for v in views if entry.get("onnx") in _name_of(v) and v.transform == entry.get("transform", v.transform)]
             if len(hit) == 1:
                 return hit, "manifest"
-    if reference_tensor is not None:
-        hit = [v for v in views if v.weight.stored_name == reference_tensor[0] and v.transform == reference_tensor[1]]
-        if len(hit) == 1:
-            return hit, "reference-name"
     live = [v for v in views if _computes(v)]
     views = live or views
     named = [v for v in views if any(names_match(mark.param, n) for n in _name_of(v))]
@@ -300,6 +296,10 @@ def locate(store, mark: WhiteboxMark, manifest: dict | None = None,
             named = ident
     if len(named) == 1:
         return named, "name"
+    if reference_tensor is not None:
+        hit = [v for v in views if v.weight.stored_name == reference_tensor[0] and v.transform == reference_tensor[1]]
+        if len(hit) == 1:
+            return hit, "reference-name"
     if len(named) > 1 and len({v.weight.stored_name for v in named}) == 1 \
             and len({v.transform for v in named}) == 1 and all(v.weight.layout for v in named):
         # one stored tensor read under several runtime layouts the file does not tell apart

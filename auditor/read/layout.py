@@ -36,7 +36,8 @@ GATE_ORDER = {
 # onnxruntime's fused forms (com.microsoft FusedConv / FusedGemm, NCHWc Conv read back by
 # auditor.read.blocked) read their weight where the plain op does.
 _CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}
-_MATMUL_OPS = {"MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1}
+_MATMUL_OPS = {"MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1,
+               "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1}
 _GEMM_OPS = {"Gemm": 1, "QGemm": 3, "FusedGemm": 1}
 _RNN_OPS = {"LSTM", "GRU", "RNN"}
 _LAYER_KIND = {**{op: "conv" for op in _CONV_OPS}, "ConvTranspose": "conv_transpose",

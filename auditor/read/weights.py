@@ -603,6 +603,18 @@ class WeightStore:
                         if c is not None and xs is not None:
                             fn_c = lambda c=c, xs=xs, s=s: (self._value(c).astype(np.float64) * (self._value(xs).astype(np.float64) * self._value(s).astype(np.float64))).astype(np.float32)  # noqa: E731
                             add(c, "QGemm", fn_c, self._shape(c), [(op, nname, 6)], [])
+                elif op in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul") and dom == _MS:
+                    # onnxruntime's fusion of a dynamically quantized MatMul (saved at extended level):
+                    # the int8 weight B with its own scale / zero point as inputs of the fused node
+                    si, zi = (3, 5) if op == "MatMulIntegerToFloat" else (2, 3)
+                    w, s, z = ck(1), ck(si), ck(zi)
+                    if w is None or s is None:
+                        continue
+                    shape = self._shape(w)
+                    axis = len(shape) - 1
+                    self._check_qparams(nname, w, s, z, axis, 0)
+                    fn = lambda w=w, s=s, z=z, axis=axis: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, axis)  # noqa: E731
+                    add(w, op, fn, shape, [(op, nname, 1)], [s, z])
                 elif op in ("ConvInteger", "MatMulInteger"):
                     w, z = ck(1), ck(3)
                     if w is None:
