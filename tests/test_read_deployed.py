@@ -329,3 +329,66 @@ def test_quantize_then_optimize_or_convert(build_fixture, name, quant):
         for m in res.marks:
             assert m.matches == base[m.id].matches and m.p_value == base[m.id].p_value, (post, m.id)
     assert read("twin.onnx", f"{quant},ort-optimize:all").verdict == stats.NOT_DETECTED
+
+
+def _aliased_ort(path: Path, n: int = 2000) -> Path:
+    """A hostile .ort written with onnxruntime's own flatbuffers builders: n initializers that all
+    point at one 64 KiB raw-data vector (n x 64 KiB asked for by a 170 KB file)."""
+    import importlib
+
+    import flatbuffers
+
+    fbs = "onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs"
+    T, G, M, S, O = (importlib.import_module(f"{fbs}.{m}") for m in
+                     ("Tensor", "Graph", "Model", "InferenceSession", "OperatorSetId"))
+    b = flatbuffers.Builder(1024)
+    raw = b.CreateByteVector(bytes(1 << 16))
+    tensors = []
+    for i in range(n):
+        name = b.CreateString(f"t{i}")
+        T.TensorStartDimsVector(b, 1)
+        b.PrependInt64(1 << 14)
+        dims = b.EndVector()
+        T.TensorStart(b)
+        T.TensorAddName(b, name)
+        T.TensorAddDims(b, dims)
+        T.TensorAddDataType(b, 1)
+        T.TensorAddRawData(b, raw)
+        tensors.append(T.TensorEnd(b))
+    G.GraphStartInitializersVector(b, len(tensors))
+    for t in reversed(tensors):
+        b.PrependUOffsetTRelative(t)
+    inits = b.EndVector()
+    G.GraphStart(b)
+    G.GraphAddInitializers(b, inits)
+    g = G.GraphEnd(b)
+    dom = b.CreateString("")
+    O.OperatorSetIdStart(b)
+    O.OperatorSetIdAddDomain(b, dom)
+    O.OperatorSetIdAddVersion(b, 17)
+    op = O.OperatorSetIdEnd(b)
+    M.ModelStartOpsetImportVector(b, 1)
+    b.PrependUOffsetTRelative(op)
+    ops = b.EndVector()
+    M.ModelStart(b)
+    M.ModelAddIrVersion(b, 8)
+    M.ModelAddOpsetImport(b, ops)
+    M.ModelAddGraph(b, g)
+    m = M.ModelEnd(b)
+    ver = b.CreateString("5")
+    S.InferenceSessionStart(b)
+    S.InferenceSessionAddOrtVersion(b, ver)
+    S.InferenceSessionAddModel(b, m)
+    b.Finish(S.InferenceSessionEnd(b), file_identifier=b"ORTM")
+    path.write_bytes(bytes(b.Output()))
+    return path
+
+
+def test_ort_file_with_shared_offsets_refused(tmp_path, capsys):
+    bad = _aliased_ort(tmp_path / "aliased.ort")
+    assert bad.stat().st_size < 200_000
+    rc = main(["inspect", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "more data than the file holds" in err and "Traceback" not in err
+    ok = _aliased_ort(tmp_path / "few.ort", n=2)  # two 64 KiB tensors sharing bytes: still over the file's size
+    assert main(["inspect", str(ok)]) == 2

@@ -42,11 +42,29 @@ def _fbs():
         raise AuditError(f"reading the ORT format needs onnxruntime's tools ({e})") from None
 
 
+class _Where(str):
+    """The file's name for messages, carrying what the conversion may still build: a flatbuffer can
+    point many tensors (or subgraph attributes) at the same bytes, so a small hostile file could ask
+    for far more than it holds. Tensor bytes may not exceed the file's; objects, one per 4 bytes."""
+
+    def __new__(cls, where: str, size: int):
+        w = super().__new__(cls, where)
+        w.bytes_left, w.objects_left = size, size // 4 + 64
+        return w
+
+    def spend(self, nbytes: int = 0, objects: int = 1) -> None:
+        self.bytes_left -= nbytes
+        self.objects_left -= objects
+        if self.bytes_left < 0 or self.objects_left < 0:
+            raise AuditError(f"{self}: the ORT file's tables refer to more data than the file holds "
+                             f"(shared or overlapping offsets); not a file onnxruntime writes")
+
+
 def _s(b) -> str:
     return b.decode("utf-8") if isinstance(b, (bytes, bytearray)) else (b or "")
 
 
-def _tensor(t, where: str) -> onnx.TensorProto:
+def _tensor(t, where: "_Where") -> onnx.TensorProto:
     out = onnx.TensorProto()
     out.name = _s(t.Name())
     out.dims.extend(int(t.Dims(j)) for j in range(t.DimsLength()))
@@ -55,14 +73,19 @@ def _tensor(t, where: str) -> onnx.TensorProto:
         raise AuditError(f"{where}: tensor {out.name!r} keeps its data outside the ORT file "
                          f"(external data offset {t.ExternalDataOffset()}), which is not read")
     if out.data_type == onnx.TensorProto.STRING:
+        where.spend(0, 1 + t.StringDataLength())
         out.string_data.extend(t.StringData(j) for j in range(t.StringDataLength()))
     elif not t.RawDataIsNone():
+        where.spend(t.RawDataLength())
         out.raw_data = t.RawDataAsNumpy().tobytes()
+    else:
+        where.spend()
     return out
 
 
-def _attribute(a, fbs, where: str, depth: int) -> onnx.AttributeProto:
+def _attribute(a, fbs, where: "_Where", depth: int) -> onnx.AttributeProto:
     T = fbs.AttributeType.AttributeType
+    where.spend()
     name, kind = _s(a.Name()), a.Type()
     if kind == T.FLOAT:
         return helper.make_attribute(name, float(a.F()))
@@ -121,13 +144,14 @@ def _value_info(vi, fbs) -> onnx.ValueInfoProto:
     return out
 
 
-def _graph(g, fbs, where: str, depth: int = 0) -> onnx.GraphProto:
+def _graph(g, fbs, where: "_Where", depth: int = 0) -> onnx.GraphProto:
     if depth > 64:
         raise AuditError(f"{where}: subgraphs nested deeper than 64 levels")
     out = onnx.GraphProto(name="ort")
     infos = {}
     for j in range(g.NodeArgsLength()):
         vi = _value_info(g.NodeArgs(j), fbs)
+        where.spend(0, 1 + len(vi.type.tensor_type.shape.dim))
         infos[vi.name] = vi
     inits = [_tensor(g.Initializers(j), where) for j in range(g.InitializersLength())]
     out.initializer.extend(inits)
@@ -141,6 +165,7 @@ def _graph(g, fbs, where: str, depth: int = 0) -> onnx.GraphProto:
         out.output.append(infos.get(n, onnx.ValueInfoProto(name=n)))
     nodes = []
     for n in sorted((g.Nodes(j) for j in range(g.NodesLength())), key=lambda n: n.Index()):
+        where.spend(0, 1 + n.InputsLength() + n.OutputsLength())
         node = onnx.NodeProto(name=_s(n.Name()), op_type=_s(n.OpType()), domain=_s(n.Domain()))
         node.input.extend(_s(n.Inputs(j)) for j in range(n.InputsLength()))
         node.output.extend(_s(n.Outputs(j)) for j in range(n.OutputsLength()))
@@ -184,6 +209,7 @@ def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
 def to_onnx(data: bytes, where: str) -> onnx.ModelProto:
     """The ORT-format model in `data` as an onnx.ModelProto (AuditError, one line, when unreadable)."""
     fbs = _fbs()
+    where = _Where(where, len(data))
     try:
         session = fbs.InferenceSession.InferenceSession.GetRootAs(data, 0)
         model = session.Model()
