@@ -119,7 +119,8 @@ def render(doc: dict) -> str:
              if "--reference" in n}
     lines += [f"note: {h}" for h in sorted(hints)[:1]]
     lines.append(f"survived {s['survived']}/{s['configs']}" + (f"; broken by: {', '.join(s['broken'])}"
-                                                              if s["broken"] else ""))
+                                                              if s["broken"] else "")
+                 + (f"; could not read the mark after: {', '.join(s['unreadable'])}" if s.get("unreadable") else ""))
     ev = doc.get("evidence")
     if ev:
         lines.append(f"evidence: {ev['kind']} ({ev['sentence']})")

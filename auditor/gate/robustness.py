@@ -351,11 +351,14 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
             row["accuracy_drop"] = base_acc - row["accuracy"]
         row["survived"] = row["verdict"] == stats.DETECTED
         configs.append(row)
-    broken = [r["name"] for r in configs if not r["survived"]]
-    summary = {"configs": len(configs), "survived": len(configs) - len(broken), "broken": broken,
+    # a config whose mark could not be read neither survived nor broke it: listed apart
+    unread = [r["name"] for r in configs if r["verdict"] == stats.UNREADABLE]
+    broken = [r["name"] for r in configs if not r["survived"] and r["name"] not in unread]
+    summary = {"configs": len(configs), "survived": len(configs) - len(broken) - len(unread), "broken": broken,
+               "unreadable": unread,
                "calibrated_models": len(prefixes),
                "baseline_detected": baseline["verdict"] == stats.DETECTED,
-               "all_survived": not broken and baseline["verdict"] == stats.DETECTED}
+               "all_survived": not broken and not unread and baseline["verdict"] == stats.DETECTED}
     if progress:
         print(f"robustness: {len(configs)} configs in {seconds:.1f}s with {workers} workers; "
               f"calibrations: {len(prefixes)}", file=sys.stderr)
