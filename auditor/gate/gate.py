@@ -376,8 +376,9 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
                                              ref, backend))
 
     summary = {"requirements": len(reqs), "passed": sum(r.status == PASS for r in reqs),
-               "failed": sum(r.status == FAIL for r in reqs), "errors": sum(r.status == ERROR for r in reqs),
-               "unreadable": sum(r.status == UNREADABLE for r in reqs)}
+               "failed": sum(r.status == FAIL for r in reqs), "errors": sum(r.status == ERROR for r in reqs)}
+    if any(r.status == UNREADABLE for r in reqs):  # recorded only when a mark could not be read
+        summary["unreadable"] = sum(r.status == UNREADABLE for r in reqs)
     verdict = PASS if summary["passed"] == len(reqs) and reqs else FAIL
     data: dict[str, Any] = {}
     if calibration is not None and (calibration.computed or calibration.reused):

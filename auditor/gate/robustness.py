@@ -355,10 +355,11 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
     unread = [r["name"] for r in configs if r["verdict"] == stats.UNREADABLE]
     broken = [r["name"] for r in configs if not r["survived"] and r["name"] not in unread]
     summary = {"configs": len(configs), "survived": len(configs) - len(broken) - len(unread), "broken": broken,
-               "unreadable": unread,
                "calibrated_models": len(prefixes),
                "baseline_detected": baseline["verdict"] == stats.DETECTED,
                "all_survived": not broken and not unread and baseline["verdict"] == stats.DETECTED}
+    if unread:  # recorded only when a mark could not be read
+        summary["unreadable"] = unread
     if progress:
         print(f"robustness: {len(configs)} configs in {seconds:.1f}s with {workers} workers; "
               f"calibrations: {len(prefixes)}", file=sys.stderr)

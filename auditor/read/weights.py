@@ -768,7 +768,13 @@ class WeightStore:
                 name = f["w"] if len(common) == 1 else f"{f['w']}@nchwc{B}"
                 label = f"nchwc(block={B},{order}" + (f",{f['dims'][0]}->{O} channels)" if O != f["dims"][0] else ")")
                 fn = (lambda key=f["w"], B=B, order=order, O=O: self._unblock(key, B, order, O))
-                out.setdefault(f["w"], []).append((name, label, fn, shape, [("Conv", nname, 1)], f["aliases"]))
+                entries = out.setdefault(f["w"], [])
+                same = next((e for e in entries if e[0] == name), None)
+                if same is not None:  # one reordered filter shared by several Convs: one weight, every use
+                    same[4].append(("Conv", nname, 1))
+                    same[5].extend(a for a in f["aliases"] if a not in same[5])
+                else:
+                    entries.append((name, label, fn, shape, [("Conv", nname, 1)], list(f["aliases"])))
             b = f["bias"]
             if b is not None and f["channels"] is not None and self._shape(b) == (f["dims"][0],) != (f["channels"],):
                 fn = (lambda key=b, O=f["channels"]: np.asarray(self._value(key), dtype=np.float32)[:O].copy())
