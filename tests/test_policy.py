@@ -40,9 +40,11 @@ def test_example_policy_parses_to_documented_values():
                             "max_accuracy_drop": 2.0, "min_top1_agreement": 0.95, "min_sqnr_db": 5.0}
     assert p.thresholds_for("prune-50")["min_top1_agreement"] == 0.85
     assert (p.data_source, p.data_labels, p.calibration_data) == (None, None, None)
-    assert [a.id for a in p.attacks] == ["int8-static-per-channel", "prune-50", "prune-50-then-int8"]
+    assert [a.id for a in p.attacks] == ["int8-static-per-channel", "prune-50", "prune-50-then-int8",
+                                         "ort-optimized", "int8-then-ort-format"]
     assert [a.steps for a in p.attacks] == ["quantize:static-qdq-per-channel", "prune:0.5",
-                                            "prune:0.5,quantize:static-qdq-per-channel"]
+                                            "prune:0.5,quantize:static-qdq-per-channel", "ort-optimize:all",
+                                            "quantize:static-qdq-per-channel,ort-format"]
     assert p.attacks[0].options == {"calibration_method": "minmax"}
     # per-attack override on top of the global thresholds
     assert p.thresholds_for("prune-50-then-int8")["max_accuracy_drop"] == 3.0

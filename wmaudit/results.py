@@ -126,7 +126,8 @@ class ExtractResult(Result):
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.verdict == "detected" else 1
+        """0 detected, 2 the mark could not be read (nothing was judged), 1 not detected."""
+        return 0 if self.verdict == "detected" else 2 if self.verdict == "could not read" else 1
 
     @property
     def marks(self) -> list[Mark]:
@@ -235,7 +236,8 @@ class ScanResult(Result):
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.verdict == "detected" else 1
+        """0 detected, 2 the mark could not be read (nothing was judged), 1 not detected."""
+        return 0 if self.verdict == "detected" else 2 if self.verdict == "could not read" else 1
 
     @property
     def detected(self) -> int:

@@ -11,6 +11,9 @@ Step syntax (comma separated, applied left to right):
 * ``obfuscate:STEPS`` with STEPS joined by ``+`` (``obfuscate:perm-in+perm-out+split:4``):
   function-preserving obfuscation (auditor.attacks.obfuscate), on the layer given by the
   option ``obfuscate_layer`` (default: every traceable layer), seeded by ``obfuscate_seed``
+* ``ort-optimize:basic|extended|all``, ``ort-format`` (``ort-format:LEVEL``), ``transformers-optimize``
+  (``transformers-optimize:fp16``), ``simplify`` (``simplify:onnxsim``): the files onnxruntime and its
+  tools write for deployment (auditor.attacks.runtime)
 * ``prune-filters:K``: structured pruning that removes the K filters of smallest L1 norm
   (with their BatchNorm entries and next-layer columns) from ``obfuscate_layer`` or every layer
 
@@ -25,7 +28,7 @@ from typing import Any
 import onnx
 
 from auditor.errors import AuditError
-from auditor.attacks import AttackResult, obfuscate, precision, prune, quantize, simulate
+from auditor.attacks import AttackResult, obfuscate, precision, prune, quantize, runtime, simulate
 
 
 # ``quantize:MODE:QUALIFIER``: the remedies for int8 on CPUs without VNNI, where onnxruntime's u8s8
@@ -36,7 +39,7 @@ QUANTIZE_QUALIFIERS: dict[str, dict[str, Any]] = {"reduce-range": {"reduce_range
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # prune | prune-filters | quantize | fp16 | int4 | simulate | obfuscate
+    kind: str  # prune | prune-filters | quantize | fp16 | int4 | simulate | obfuscate | ort-optimize | ...
     args: tuple[str, ...] = field(default_factory=tuple)
 
     def __str__(self) -> str:
@@ -76,11 +79,24 @@ def parse_steps(spec: str) -> list[Step]:
         elif kind in ("fp16", "int4"):
             if args:
                 raise AuditError(f"step {part!r}: {kind} takes no arguments")
+        elif kind == "ort-optimize":
+            if len(args) != 1 or args[0] not in runtime.LEVELS:
+                raise AuditError(f"step {part!r}: expected ort-optimize:LEVEL with LEVEL one of {', '.join(runtime.LEVELS)}")
+        elif kind == "ort-format":
+            if len(args) > 1 or (args and args[0] not in runtime.LEVELS):
+                raise AuditError(f"step {part!r}: expected ort-format[:LEVEL] with LEVEL one of {', '.join(runtime.LEVELS)}")
+        elif kind == "transformers-optimize":
+            if len(args) > 1 or (args and args[0] not in runtime.TRANSFORMER_MODES):
+                raise AuditError(f"step {part!r}: expected transformers-optimize[:fp16]")
+        elif kind == "simplify":
+            if len(args) > 1 or (args and args[0] not in runtime.SIMPLIFIERS):
+                raise AuditError(f"step {part!r}: expected simplify[:{'|'.join(runtime.SIMPLIFIERS)}]")
         elif kind == "simulate":
             if len(args) > 1 or (args and args[0] not in simulate.GRANULARITIES):
                 raise AuditError(f"step {part!r}: expected simulate[:per-tensor|per-channel]")
         else:
-            raise AuditError(f"unknown attack step {part!r} (prune, prune-filters, quantize, fp16, int4, simulate, obfuscate)")
+            raise AuditError(f"unknown attack step {part!r} (prune, prune-filters, quantize, fp16, int4, simulate, "
+                            f"obfuscate, ort-optimize, ort-format, transformers-optimize, simplify)")
         steps.append(Step(kind, tuple(args)))
     if not steps:
         raise AuditError("no attack steps given")
@@ -111,6 +127,14 @@ def apply_step(model: onnx.ModelProto, step: Step, calibration=None, **options: 
     if step.kind == "obfuscate":
         return obfuscate.obfuscate(model, step.args[0], layer=options.get("obfuscate_layer"),
                                    seed=options.get("obfuscate_seed", 0))
+    if step.kind == "ort-optimize":
+        return runtime.ort_optimize(model, step.args[0])
+    if step.kind == "ort-format":
+        return runtime.ort_format(model, step.args[0] if step.args else "basic")
+    if step.kind == "transformers-optimize":
+        return runtime.transformers_optimize(model, step.args[0] if step.args else None)
+    if step.kind == "simplify":
+        return runtime.simplify(model, step.args[0] if step.args else "onnxslim")
     if step.kind == "simulate":
         return simulate.simulate_int8(model, granularity=step.args[0] if step.args else "per-channel")
     raise AuditError(f"unknown attack step {step}")  # parse_steps prevents this

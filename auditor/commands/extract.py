@@ -13,7 +13,8 @@ from auditor.report import fmt_p
 HELP = "extract white-box (Uchida) marks from an ONNX file and give a verdict"
 DESCRIPTION = """Extract every white-box mark of KEY from MODEL and give a verdict with an exact
 binomial p-value (detected when p < --alpha). Exit 0 detected, 1 not detected or
-insufficient evidence, 2 error."""
+insufficient evidence, 2 error or could not read (the key's layer was not located, or its weight is
+stored in a layout the reader does not understand: nothing was judged)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +55,9 @@ def render(doc: dict) -> str:
         lines.append("")
         lines.append(f"mark {m['id']}: {m['param']} {m['shape']} reduce={m['reduce']}, {m['n_bits']} bits")
         loc = m.get("location")
+        if m["verdict"] == stats.UNREADABLE:
+            lines.append(f"  verdict   {m['verdict']}: {m['reason']}")
+            continue
         if loc:
             q = f", dequantized from {loc['quant']}" if loc.get("quant") else ""
             lines.append(f"  found     {loc['weight']} [{loc['transform']}] by {loc['how']}"

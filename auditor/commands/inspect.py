@@ -9,7 +9,8 @@ from typing import Any
 HELP = "show producer, opsets, operators, external data, every weight and the layers a mark can sit in"
 DESCRIPTION = """Inspect MODEL: producer, IR version, opsets, node count by operator (subgraphs
 included), external data files, every weight (ONNX shape, stored dtype, where it
-lives, quantized form, number of coefficients) and the candidate layers for
+lives, quantized form or runtime layout such as onnxruntime's NCHWc blocks, number of
+coefficients), the weights that could not be read (a layout not understood) and the candidate layers for
 white-box marks (conv / linear / RNN weights with at least 64 coefficients) with
 their torch-layout shapes. Reads no tensor data. Exit 0, or 2 on bad input."""
 
@@ -18,7 +19,7 @@ _CANDIDATE_KINDS = ("conv", "conv_transpose", "linear", "rnn")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="ONNX file")
+    p.add_argument("model", help="ONNX file (or onnxruntime's ORT-format .ort file)")
     p.add_argument("--json", action="store_true", help="machine output (result JSON) on stdout")
 
 
@@ -39,14 +40,18 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     base = model_dir(path)
     ext = [{"location": loc, "bytes": (base / loc).stat().st_size} for loc in external_files(m)]
     weights = [{"name": w.name, "stored_name": w.stored_name, "shape": list(w.shape), "stored_dtype": w.stored_dtype,
-                "location": w.location, "quant": w.quant, "params": w.size,
+                "location": w.location, "quant": w.quant, "layout": w.layout, "aliases": list(w.aliases),
+                "params": w.size,
                 "uses": [{"op": op, "node": node, "input": i} for op, node, i in w.uses]} for w in store.weights]
     candidates = [{"weight": v.weight.name, "kind": v.kind, "transform": v.transform, "torch_shape": list(v.shape),
-                   "direction": v.direction, "quant": v.weight.quant, "params": int(np.prod(v.shape))}
+                   "direction": v.direction, "quant": v.weight.quant, "layout": v.weight.layout,
+                   "aliases": list(v.weight.aliases), "params": int(np.prod(v.shape))}
                   for v in torch_views(store)
                   if v.kind in _CANDIDATE_KINDS and len(v.shape) >= 2  # weights, not biases
                   and int(np.prod(v.shape)) >= MIN_CANDIDATE_SIZE]
+    source = next((p.value for p in m.metadata_props if p.key == "wmaudit.source_format"), "onnx")
     return {
+        "format": source,
         "producer": {"name": m.producer_name, "version": m.producer_version},
         "ir_version": int(m.ir_version),
         "opsets": {(o.domain or "ai.onnx"): int(o.version) for o in m.opset_import},
@@ -57,6 +62,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         "weights": weights,
         "total_params": int(sum(w.size for w in store.weights)),
         "candidates": candidates,
+        "unreadable": list(store.unreadable),
     }
 
 
@@ -70,6 +76,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def render(body: dict[str, Any], path: str) -> str:
     out = [f"{path}",
+           *([f"  format: {body['format']}"] if body.get("format", "onnx") != "onnx" else []),
            f"  producer: {body['producer']['name'] or '?'} {body['producer']['version']}".rstrip(),
            f"  IR version {body['ir_version']}; opsets: " + ", ".join(f"{d} {v}" for d, v in body["opsets"].items()),
            f"  nodes: {body['nodes']['total']} (" + ", ".join(f"{k} {v}" for k, v in body["nodes"]["by_op"].items()) + ")"]
@@ -78,12 +85,20 @@ def render(body: dict[str, Any], path: str) -> str:
     else:
         out.append("  external data: none")
     out.append(f"\nweights ({len(body['weights'])}, {body['total_params']} coefficients):")
-    rows = [[w["name"], "x".join(map(str, w["shape"])) or "scalar", w["stored_dtype"], w["location"], w["quant"] or "-", w["params"]]
-            for w in body["weights"]]
-    out.append(_table(rows, ["name", "onnx shape", "stored", "where", "quantized", "#params"]) if rows else "  (none)")
+    rows = [[w["name"], "x".join(map(str, w["shape"])) or "scalar", w["stored_dtype"], w["location"],
+             w["quant"] or w.get("layout") or "-", w["params"]] for w in body["weights"]]
+    out.append(_table(rows, ["name", "onnx shape", "stored", "where", "quantized / layout", "#params"])
+               if rows else "  (none)")
+    if body.get("unreadable"):
+        out.append("\nweights that could not be read (a mark in them reads 'could not read', never 'not detected'):")
+        for u in body["unreadable"]:
+            shape = "x".join(map(str, u["shape"])) if u.get("shape") is not None else "?"
+            out.append(f"  {u['tensor']} {shape} ({u['op']} node {u['node']!r}): {u['reason']}")
     out.append(f"\ncandidate layers for marks (>= {MIN_CANDIDATE_SIZE} coefficients), torch layout:")
-    rows = [[c["weight"], c["kind"], c["transform"], "x".join(map(str, c["torch_shape"])), c["quant"] or "-"] for c in body["candidates"]]
-    out.append(_table(rows, ["weight", "kind", "transform", "torch shape", "quantized"]) if rows else "  (none)")
+    rows = [[c["weight"] + (f" ({', '.join(c['aliases'])})" if c.get("aliases") else ""), c["kind"], c["transform"],
+             "x".join(map(str, c["torch_shape"])), c["quant"] or c.get("layout") or "-"] for c in body["candidates"]]
+    out.append(_table(rows, ["weight (layer's name)", "kind", "transform", "torch shape", "quantized / layout"])
+               if rows else "  (none)")
     return "\n".join(out) + "\n"
 
 

@@ -113,7 +113,8 @@ def render(doc: dict) -> str:
         fid = r.get("fidelity") or {}
         sq = fid.get("sqnr_db")
         model = {True: "usable", False: "BROKEN", None: "-"}[r.get("usable")] if "usable" in r else ""
-        return [name, f"{mk['ber']:.3f}", f"{mk.get('log10_p_corrected', mk['log10_p']):.1f}",
+        ber = f"{mk['ber']:.3f}" if mk.get("ber") is not None else "unread"  # None: the mark could not be read
+        return [name, ber, f"{mk.get('log10_p_corrected', mk['log10_p']):.1f}",
                 f"{mk['margin_min']:.3f}", f"{mk.get('normalized_margin_min', 0.0):.4f}",
                 f"{r['accuracy']:.3f}" if "accuracy" in r else "-",
                 f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "-",
@@ -127,7 +128,9 @@ def render(doc: dict) -> str:
     hints = {n for r in [doc["baseline"]] + doc["configs"] for mk in r["marks"] for n in mk.get("notes", [])
              if "--reference" in n}
     lines += [f"note: {h}" for h in sorted(hints)[:1]]
-    lines.append(headline(doc["summary"]))
+    lines.append(headline(doc["summary"]) + (f"; could not read the mark after: "
+                                             f"{', '.join(doc['summary']['unreadable'])}"
+                                             if doc["summary"].get("unreadable") else ""))
     ev = doc.get("evidence")
     if ev:
         lines.append(f"evidence: {ev['kind']} ({ev['sentence']})")

@@ -16,7 +16,8 @@ DESCRIPTION = """Scan MODEL for every white-box mark of every key (--key, repeat
 undoing dummy / clique / split neurons, per-channel scales (with the key's BatchNorm anchors)
 and permutations (fitted to the key, or aligned to the owner's --reference models). Every
 p-value is Bonferroni-corrected for everything tried. Exit 0 when a mark is detected, 1 when
-none, 2 on error."""
+none, 2 on error or when a mark could not be read (a weight that could hold it is stored in a
+layout the reader does not understand)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -333,6 +333,7 @@ def _scan(store, keys, marks, had_matrix, references, alpha) -> dict[str, Any]:
         f = _judge(key, mark, vs, cands, corr, alpha, ref_notes, Y)
         if skipped:
             f["not_searched"] = skipped
+        _mark_unreadable(f, store, mark)
         findings.append(f)
     detected = [f for f in findings if f["verdict"] == stats.DETECTED]
     best = min((f.get("log10_p_corrected", 0.0) for f in findings), default=0.0)
@@ -341,8 +342,9 @@ def _scan(store, keys, marks, had_matrix, references, alpha) -> dict[str, Any]:
              "search_kinds_left_out": sum(len(sk) for *_, sk in per_mark),
              "direct_variants": direct, "searched_hypotheses_log10": _log10_sum(searched) if searched else None,
              "correction": corr["how"]}
-    verdict = stats.DETECTED if detected else (stats.INSUFFICIENT if all(f["verdict"] == stats.INSUFFICIENT
-                                                                        for f in findings) else stats.NOT_DETECTED)
+    verdict = stats.DETECTED if detected else (
+        stats.UNREADABLE if any(f["verdict"] == stats.UNREADABLE for f in findings) else
+        stats.INSUFFICIENT if all(f["verdict"] == stats.INSUFFICIENT for f in findings) else stats.NOT_DETECTED)
     return {"verdict": verdict, "alpha": alpha, "detected": len(detected), "findings": findings, "tried": tried,
             "log10_p_best": best,
             "cannot_recover": _limits(cands, references)}
@@ -396,6 +398,20 @@ def _projections(per_mark, had_matrix: set[int]):
         return [one(it) for it in per_mark]
     with ThreadPoolExecutor(workers) as ex:
         return list(ex.map(one, per_mark))
+
+
+def _mark_unreadable(f: dict[str, Any], store, mark) -> None:
+    """A mark not detected in the weights that were read, while a weight that could hold it was not
+    read (a layout the reader does not understand): 'could not read', not 'not detected'. In place."""
+    from auditor.marks.whitebox import UNREADABLE_HINT, describe_unreadable, unreadable_for
+
+    unread = unreadable_for(store, mark)
+    if f["verdict"] in (stats.DETECTED, stats.INSUFFICIENT) or not unread:
+        return
+    f["unreadable"] = unread
+    f["verdict"] = stats.UNREADABLE
+    f["reason"] = (f"not detected in the weights that were read, but {describe_unreadable(unread)}; "
+                   f"{UNREADABLE_HINT}")
 
 
 def _judge(key, mark, vs, cands, corr, alpha, ref_notes, Y=None) -> dict[str, Any]:

@@ -73,21 +73,22 @@ class Entry:
 def find_corpus(corpus: str | os.PathLike) -> list[Entry]:
     """The ONNX files of a corpus, sorted, each once.
 
-    A folder is searched recursively for names ending in ``.onnx`` (a
+    A folder is searched recursively for names ending in ``.onnx`` or ``.ort`` (onnxruntime's ORT
+    format; a
     directory or a FIFO with such a name is listed too: it becomes an error
     line, not a silent gap); symbolic links are not followed into folders,
     and a linked file whose target leaves the corpus folder is refused. A
     name with ``*``, ``?`` or ``[`` is a glob (``**`` recursive). Any other
-    file not ending in ``.onnx`` is a list of paths, one a line (``#``
+    file not ending in ``.onnx`` / ``.ort`` is a list of paths, one a line (``#``
     comments; relative paths are relative to the list's folder).
     """
     text = os.fspath(corpus)
     p = Path(text)
     if p.is_dir():
         return _walk(p)
-    if p.is_file() and p.suffix.lower() != ".onnx":
+    if p.is_file() and p.suffix.lower() not in MODEL_SUFFIXES:
         return _list_file(p)
-    if p.suffix.lower() == ".onnx" and (p.exists() or p.is_symlink()):
+    if p.suffix.lower() in MODEL_SUFFIXES and (p.exists() or p.is_symlink()):
         return [Entry(os.path.abspath(text))]
     if _GLOB_CHARS & set(text):
         hits = sorted({os.path.abspath(h) for h in glob.glob(text, recursive=True)})
@@ -97,6 +98,9 @@ def find_corpus(corpus: str | os.PathLike) -> list[Entry]:
     raise AuditError(f"corpus not found: {text} (a folder, a glob, or a list file of ONNX paths)")
 
 
+MODEL_SUFFIXES = (".onnx", ".ort")  # ONNX files and onnxruntime's ORT format (auditor.read.ortformat)
+
+
 def _walk(root: Path) -> list[Entry]:
     base = os.path.abspath(root)
     real_base = os.path.realpath(base)
@@ -104,7 +108,7 @@ def _walk(root: Path) -> list[Entry]:
     for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames + dirnames):
-            if not name.lower().endswith(".onnx"):
+            if not name.lower().endswith(MODEL_SUFFIXES):
                 continue
             path = os.path.join(dirpath, name)
             refused = None
@@ -114,7 +118,7 @@ def _walk(root: Path) -> list[Entry]:
                     refused = "symbolic link leading outside the corpus folder"
             out[path] = Entry(path, refused)
     if not out:
-        raise AuditError(f"no .onnx file under {root}")
+        raise AuditError(f"no .onnx or .ort file under {root}")
     return [out[k] for k in sorted(out)]
 
 
@@ -214,6 +218,8 @@ def _verdict_row(commitment: str, findings: list[dict[str, Any]]) -> dict[str, A
     best = min(findings, key=lambda f: (f.get("log10_p_corrected", 0.0), f["mark"]))
     if any(f["verdict"] == stats.DETECTED for f in findings):
         verdict = stats.DETECTED
+    elif any(f["verdict"] == stats.UNREADABLE for f in findings):
+        verdict = stats.UNREADABLE  # a weight that could hold the mark was not read
     elif all(f["verdict"] == stats.INSUFFICIENT for f in findings):
         verdict = stats.INSUFFICIENT
     else:

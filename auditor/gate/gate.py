@@ -32,6 +32,9 @@ from auditor.marks.keys import Key
 from auditor.gate.policy import BASELINE_ID, AttackSpec, Policy
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
+# The mark's weight was not read (layer not located, layout not understood): the requirement is not
+# met, and the record says so apart from a mark read and found too weak.
+UNREADABLE = "could not read"
 
 
 @dataclass
@@ -78,6 +81,14 @@ def judge_mark(attack_id: str, mark: dict[str, Any], thresholds: dict[str, float
     BN-kept exports).
     """
     mid = str(mark.get("id") or mark.get("param"))
+    if mark.get("verdict") == UNREADABLE:
+        req = Requirement(id=f"{attack_id}/whitebox/{mid}", attack=attack_id, evidence="whitebox", mark=mid,
+                          measured={"n_bits": int(mark["n_bits"]), "verdict": UNREADABLE},
+                          thresholds={k: v for k, v in thresholds.items()
+                                      if k in ("max_p_value", "max_ber", "min_margin", "min_normalized_margin")})
+        req.reasons.append(f"the mark could not be read: {mark.get('reason', '')}")
+        req.status = UNREADABLE
+        return req
     p = float(mark.get("p_corrected", mark.get("p_value", 1.0)))
     measured = {"n_bits": int(mark["n_bits"]), "matches": int(mark["matches"]), "ber": float(mark["ber"]),
                 "p_value": p, "log10_p": float(mark.get("log10_p", math.log10(p) if p > 0 else -math.inf)),
@@ -372,6 +383,8 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
 
     summary = {"requirements": len(reqs), "passed": sum(r.status == PASS for r in reqs),
                "failed": sum(r.status == FAIL for r in reqs), "errors": sum(r.status == ERROR for r in reqs)}
+    if any(r.status == UNREADABLE for r in reqs):  # recorded only when a mark could not be read
+        summary["unreadable"] = sum(r.status == UNREADABLE for r in reqs)
     verdict = PASS if summary["passed"] == len(reqs) and reqs else FAIL
     data: dict[str, Any] = {}
     if calibration is not None and (calibration.computed or calibration.reused):
@@ -479,4 +492,4 @@ def requirements_from(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 __all__ = ["Requirement", "judge_mark", "judge_any_mark", "judge_accuracy", "run_gate", "gate_document",
-           "exit_code", "apply_attack", "PASS", "FAIL", "ERROR"]
+           "exit_code", "apply_attack", "PASS", "FAIL", "ERROR", "UNREADABLE"]

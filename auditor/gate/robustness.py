@@ -368,14 +368,20 @@ def run_grid(model_path: str | os.PathLike, key, grid: Grid, calibration=None, e
                 d["accuracy_drop"] = baseline["targets"][t]["accuracy"] - d["accuracy"]
         row["survived"] = row["verdict"] == stats.DETECTED
         configs.append(row)
-    broken = [r["name"] for r in configs if not r["survived"]]
-    summary = {"configs": len(configs), "survived": len(configs) - len(broken), "broken": broken,
+    # a config whose mark could not be read neither survived nor broke it: listed apart
+    unread = [r["name"] for r in configs if r["verdict"] == stats.UNREADABLE]
+    broken = [r["name"] for r in configs if not r["survived"] and r["name"] not in unread]
+    summary = {"configs": len(configs), "survived": len(configs) - len(broken) - len(unread), "broken": broken,
                "calibrated_models": len(prefixes),
                "baseline_detected": baseline["verdict"] == stats.DETECTED,
                "all_survived": not broken and baseline["verdict"] == stats.DETECTED}
     from auditor.gate.usability import judge_grid
 
     summary = judge_grid(configs, summary["baseline_detected"], summary, usability)
+    if unread:  # recorded only when a mark could not be read: neither lost nor kept
+        summary["unreadable"] = unread
+        summary["broken"] = [n for n in summary["broken"] if n not in unread]
+        summary["all_survived"] = False
     if progress:
         print(f"robustness: {len(configs)} configs in {seconds:.1f}s with {workers} workers; "
               f"calibrations: {len(prefixes)}", file=sys.stderr)

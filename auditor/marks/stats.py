@@ -16,6 +16,9 @@ DEFAULT_ALPHA = 1e-6
 DETECTED = "detected"
 NOT_DETECTED = "not detected"
 INSUFFICIENT = "insufficient evidence"
+# The weight that should carry the mark was not read (its layer not located, or stored in a layout
+# the reader does not understand): no statement about the mark at all, unlike NOT_DETECTED.
+UNREADABLE = "could not read"
 
 
 def binom_tail_half(n: int, k: int) -> float:
@@ -244,7 +247,8 @@ def decide(p_value: float, best_possible_p: float, alpha: float = DEFAULT_ALPHA)
 
 
 def exit_code(verdict: str) -> int:
-    return 0 if verdict == DETECTED else 1
+    """0 detected, 2 could not read (like an error: nothing was judged), 1 otherwise."""
+    return 0 if verdict == DETECTED else 2 if verdict == UNREADABLE else 1
 
 
 def _log10_int(x: int) -> float:

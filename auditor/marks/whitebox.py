@@ -9,6 +9,9 @@ Locating the parameter (the key names a torch parameter and its torch shape):
      transposed Linear weight read by MatMul) is found through the node that
      reads it, whose ``pkg.torch.onnx.name_scopes`` names the torch module
      owning the parameter (``located_by: name-scope``);
+  3b. with ``--reference`` (the owner's file), the tensor name the marked weight has there, when
+     it is found there by name or name scope (``located_by: reference-name``): onnxruntime's
+     optimizer keeps tensor names but drops the exporter's node metadata;
   4. otherwise every torch-layout view of every weight with the key's shape
      is tried, the best is reported, and its p-value is Bonferroni-corrected
      for the number of distinct candidates tried (a forensic search must pay
@@ -63,7 +66,7 @@ _PREFIXES = ("onnx__", "model_", "module_", "_orig_mod_", "p_", "l__self___", "s
 class Location:
     weight: str               # ONNX tensor (as listed by WeightStore)
     transform: str            # layout transform to torch layout (auditor.read.layout label)
-    how: str                  # manifest | name | name-scope | shape-search
+    how: str                  # manifest | reference-name | name | name-scope | shape-search
     candidates: int           # distinct candidates tried (Bonferroni m)
     stored_dtype: str = ""
     location: str = ""        # where the tensor lives (initializer, external:..., ...)
@@ -78,7 +81,7 @@ class MarkResult:
     reduce: str
     n_bits: int
     matches: int
-    ber: float
+    ber: float | None             # None: the mark could not be read (verdict UNREADABLE)
     p_value: float
     log10_p: float
     p_corrected: float
@@ -193,9 +196,10 @@ def candidate_views(store, mark: WhiteboxMark):
 
 
 def _name_of(view) -> list[str]:
-    """Names under which a view's tensor is known (its graph name and stored name)."""
+    """Names under which a view's tensor is known (its graph name, stored name, and the names its
+    layer gives it where an optimizer renamed it: onnxruntime's NCHWc weights keep their bias's name)."""
     w = view.weight
-    return [n for n in (w.name, w.stored_name) if n]
+    return [n for n in (w.name, w.stored_name, *getattr(w, "aliases", ())) if n]
 
 
 def node_metadata(store, node_name: str) -> dict[str, str]:
@@ -226,8 +230,11 @@ def _scope_reads(store, view, module: str) -> bool:
     return False
 
 
-def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[list, str]:
-    """Candidate views for a mark and how they were chosen."""
+def locate(store, mark: WhiteboxMark, manifest: dict | None = None,
+           reference_tensor: tuple[str, str] | None = None) -> tuple[list, str]:
+    """Candidate views for a mark and how they were chosen. `reference_tensor`: (stored name, layout
+    transform) of the marked weight in the owner's reference file, located there by name (an
+    optimizer that keeps tensor names but drops the exporter's node metadata is followed by it)."""
     views = candidate_views(store, mark)
     if not views:
         return [], "none"
@@ -247,6 +254,15 @@ def locate(store, mark: WhiteboxMark, manifest: dict | None = None) -> tuple[lis
         if len(ident) == 1:
             named = ident
     if len(named) == 1:
+        return named, "name"
+    if reference_tensor is not None:
+        hit = [v for v in views if v.weight.stored_name == reference_tensor[0] and v.transform == reference_tensor[1]]
+        if len(hit) == 1:
+            return hit, "reference-name"
+    if len(named) > 1 and len({v.weight.stored_name for v in named}) == 1 \
+            and len({v.transform for v in named}) == 1 and all(v.weight.layout for v in named):
+        # one stored tensor read under several runtime layouts the file does not tell apart
+        # (NCHWc block 8 or 16): every reading is a candidate, and the p-value pays for them
         return named, "name"
     if not named and gate is None:
         module = mark.param.rpartition(".")[0]
@@ -280,7 +296,7 @@ def folding_evidence(store, view, mark: WhiteboxMark) -> list[str]:
     """What the graph shows of a BatchNorm folded into the conv reading this view's weight."""
     found: list[str] = []
     for op, node_name, _ in getattr(view.weight, "uses", None) or []:
-        if op not in ("Conv", "ConvInteger", "QLinearConv"):
+        if op not in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
             continue
         meta = node_metadata(store, node_name)
         rules = meta.get("pkg.onnxscript.rewriter.rule_name", "")
@@ -291,7 +307,7 @@ def folding_evidence(store, view, mark: WhiteboxMark) -> list[str]:
         if not rules and bn_scopes:
             found.append(f"the conv's torch scope is the BatchNorm module {bn_scopes[-1]!r}")
         node = store.node(node_name)
-        bias = node.input[2] if op == "Conv" and len(node.input) > 2 and node.input[2] else ""
+        bias = node.input[2] if op in ("Conv", "FusedConv") and len(node.input) > 2 and node.input[2] else ""
         torch_bias = mark.param.rpartition(".")[0] + ".bias"
         if bias and not names_match(torch_bias, bias):
             found.append(f"the conv has a bias {bias!r} that is not its torch bias {torch_bias!r} "
@@ -380,18 +396,24 @@ def resolve_anchors(key: Key, reference: str | Path | None = None,
 
 # ---------------------------------------------------------------- extraction
 def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAULT_ALPHA,
-                 reference_bn=None, null_corpus=None) -> MarkResult:
-    views, how = locate(store, mark, manifest)
+                 reference_bn=None, null_corpus=None, reference_tensor=None) -> MarkResult:
+    views, how = locate(store, mark, manifest, reference_tensor)
     base = dict(id=mark.id, param=mark.param, shape=list(mark.shape), reduce=mark.reduce, alpha=alpha)
+    unread = unreadable_for(store, mark)
     if not views:
-        T = mark.n_bits
-        dec = stats.decide(1.0, stats.min_achievable_p_half(T), alpha)
-        return MarkResult(**base, n_bits=T, matches=0, ber=1.0, p_value=1.0, log10_p=0.0, p_corrected=1.0,
-                          verdict=dec.verdict if dec.verdict == stats.INSUFFICIENT else stats.NOT_DETECTED,
-                          reason=f"no tensor with torch shape {list(mark.shape)} in the model",
-                          margin_min=0.0, margin_median=0.0, margin_mean=0.0, signed_margin_min=0.0,
-                          signed_margins=[], wrong_bits=T, bits="", location=None,
-                          evidence=evidence.classify_mark(mark))
+        if unread:
+            why = (f"the weight of its layer could not be read: {describe_unreadable(unread)}; "
+                   f"{UNREADABLE_HINT}")
+        else:
+            why = (f"no tensor with torch shape {list(mark.shape)} was found in the model, so the marked layer "
+                   f"could not be located; give the exporter's --manifest, or check that the key's shape "
+                   f"{list(mark.shape)} is the layer's torch shape (wmaudit inspect lists every layer)")
+        return _unread_result(base, mark, why)
+    if unread and how == "shape-search":
+        # the layer was not found by name, and a weight the reader could not read may be it
+        return _unread_result(base, mark, f"the key's layer was not located by name and "
+                                          f"{describe_unreadable(unread)}; it may be the marked layer. "
+                                          f"{UNREADABLE_HINT}")
     # identical tensors seen through several names (e.g. an initializer and the
     # W built from it by Slice/Concat) are one candidate, not several.
     distinct: dict[str, Any] = {}
@@ -402,7 +424,7 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
         if h not in distinct:
             distinct[h] = v
             arrays[h] = a
-    m = len(distinct) if how == "shape-search" else 1
+    m = len(distinct) if how == "shape-search" or len(views) > 1 else 1
     best = None
     for h, v in distinct.items():
         w = arrays[h].astype(np.float64)
@@ -426,15 +448,57 @@ def extract_mark(store, mark: WhiteboxMark, *, manifest=None, alpha=stats.DEFAUL
         notes.append(bn["detail"])
     if wt.quant:
         notes.append(f"weight stored quantized ({wt.quant}); extracted from its dequantized float values")
+    if how == "reference-name":
+        notes.append(f"located through the owner's reference file: the marked weight is {wt.stored_name!r} there "
+                     f"(found by name), and this file keeps that tensor name")
     if how == "name-scope":
         notes.append(f"{wt.name} was renamed by the exporter; located through the node reading it, whose "
                      f"torch name scope is {mark.param.rpartition('.')[0]!r}")
     if how == "shape-search" and m > 1:
         notes.append(f"{m} distinct tensors have the key's shape; best reported, p Bonferroni-corrected")
+    if wt.layout:
+        notes.append(f"weight stored in onnxruntime's {wt.layout} layout; read back in torch layout")
+    if how == "name" and m > 1:
+        notes.append(f"the file does not record its NCHWc block size and {m} readings fit "
+                     f"({', '.join(sorted(v.weight.layout for v in distinct.values()))}); best reported, "
+                     f"p Bonferroni-corrected for {m}")
+    if how == "name" and wt.name != mark.param and mark.param in getattr(wt, "aliases", ()):
+        notes.append(f"{wt.name} was renamed by onnxruntime; located through its layer's bias name")
     return MarkResult(**base, **{k: s[k] for k in s if k not in ("alpha",)},
                       location=Location(weight=wt.name, transform=v.transform, how=how, candidates=m,
                                         stored_dtype=wt.stored_dtype, location=wt.location, quant=wt.quant),
                       batchnorm=bn_out, notes=notes, evidence=evidence.classify_mark(mark), null=null)
+
+
+UNREADABLE_HINT = ("give the file onnxruntime started from (before its optimizer or format conversion), "
+                   "or the exporter's --manifest; a mark in an unread weight is neither detected nor absent")
+
+
+def unreadable_for(store, mark: WhiteboxMark) -> list[dict]:
+    """Weights the reader could not read that could hold this mark (as many coefficients or more)."""
+    need = int(np.prod(mark.shape))
+    out = []
+    for u in getattr(store, "unreadable", None) or []:
+        shape = u.get("shape")
+        if shape is None or int(np.prod(shape)) >= need:
+            out.append(u)
+    return out
+
+
+def describe_unreadable(unread: list[dict]) -> str:
+    u = unread[0]
+    more = f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""
+    shape = f" {u['shape']}" if u.get("shape") is not None else ""
+    return f"{u['tensor']}{shape} of {u['op']} node {u['node']!r}: {u['reason']}{more}"
+
+
+def _unread_result(base: dict, mark: WhiteboxMark, why: str) -> MarkResult:
+    """A mark that was not read: no bits, no p-value claim (p = 1 stands for 'no evidence')."""
+    T = mark.n_bits
+    return MarkResult(**base, n_bits=T, matches=0, ber=None, p_value=1.0, log10_p=0.0, p_corrected=1.0,
+                      verdict=stats.UNREADABLE, reason=why, margin_min=0.0, margin_median=0.0, margin_mean=0.0,
+                      signed_margin_min=0.0, signed_margins=[], wrong_bits=0, bits="", location=None,
+                      evidence=evidence.classify_mark(mark))
 
 
 def _empirical(mark, s, store, exclude, null, alpha, m, null_corpus) -> dict[str, Any]:
@@ -453,6 +517,17 @@ def _empirical(mark, s, store, exclude, null, alpha, m, null_corpus) -> dict[str
     s.update(p_value=p, log10_p=math.log10(p), p_corrected=p_corr, verdict=dec.verdict,
              reason=f"empirical null, n = {emp['n']}: {dec.reason}")
     return s
+
+
+def reference_tensor(ref_store, mark: WhiteboxMark) -> tuple[str, str] | None:
+    """(stored name, transform) of the marked weight in the owner's reference file when it is located
+    there without a search (manifest, name, name scope); None otherwise."""
+    if ref_store is None:
+        return None
+    views, how = locate(ref_store, mark)
+    if len(views) != 1 or how not in ("name", "name-scope", "manifest"):
+        return None
+    return views[0].weight.stored_name, views[0].transform
 
 
 def _is_conv(view) -> bool:
@@ -477,19 +552,30 @@ def extract(model, key: Key, *, manifest: dict | None = None, alpha: float = sta
     if not selected:
         raise AuditError("the key holds no white-box mark" + (f" named {', '.join(marks)}" if marks else ""))
     results = []
+    ref_store = WeightStore.open(reference) if reference is not None else None
     for mk in selected:
         if reference is not None and len(mk.shape) == 4:
-            ref_bn = reference_batchnorm(reference, mk)
+            ref_bn = reference_batchnorm(ref_store, mk)
         else:
             ref_bn = (anchors or {}).get(mk.id)
         results.append(extract_mark(store, mk, manifest=manifest, alpha=alpha, reference_bn=ref_bn,
-                                    null_corpus=null_corpus))
+                                    null_corpus=null_corpus, reference_tensor=reference_tensor(ref_store, mk)))
     M = len(results)
+    unread = [r for r in results if r.verdict == stats.UNREADABLE]
+    if unread and len(unread) == M:
+        return ExtractionResult(marks=results, verdict=stats.UNREADABLE, p_value=1.0, alpha=alpha,
+                                reason="; ".join(f"{r.id}: {r.reason}" for r in unread),
+                                evidence=evidence.key_evidence(key))
     p = stats.bonferroni(min(r.p_corrected for r in results), M)
     best_possible = stats.bonferroni(min(r.null.get("best_possible_p", stats.bonferroni(
         stats.min_achievable_p_half(r.n_bits), r.location.candidates if r.location else 1))
         for r in results), M)
     dec = stats.decide(p, best_possible, alpha)
     reason = dec.reason + (f" (best of {M} marks, Bonferroni-corrected)" if M > 1 else "")
+    if unread and dec.verdict != stats.DETECTED:
+        # the marks that were read do not show it; the unread ones say nothing either way
+        return ExtractionResult(marks=results, verdict=stats.UNREADABLE, p_value=p, alpha=alpha,
+                                reason=reason + "; could not read " + "; ".join(f"{r.id}: {r.reason}" for r in unread),
+                                evidence=evidence.key_evidence(key))
     return ExtractionResult(marks=results, verdict=dec.verdict, p_value=p, alpha=alpha, reason=reason,
                             evidence=evidence.key_evidence(key))

@@ -46,6 +46,13 @@ def open_model(path: str | os.PathLike) -> onnx.ModelProto:
     """
     p = Path(path)
     data = limits.read_model_bytes(p)
+    from auditor.read import ortformat
+
+    if ortformat.is_ort_format(data):
+        # onnxruntime's ORT format (.ort): its flatbuffer rebuilt as an ONNX model, then checked the same way
+        model = ortformat.to_onnx(data, str(p))
+        limits.check_model(model, model_dir(p), where=str(p))
+        return model
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)

@@ -9,7 +9,9 @@ through the inputs of the RNN node, never by their names.
 
 Transform labels: `identity`, `transpose`, `rnn:<LSTM|GRU|RNN>:<W|R>:dir=<d>`,
 `rnn:<LSTM|GRU|RNN>:<Bih|Bhh>:dir=<d>` (the two halves of B),
-`DynamicQuantizeLSTM:<W|R>:dir=<d>`.
+`DynamicQuantizeLSTM:<W|R>:dir=<d>`, and the Q / K / V parts of a packed projection
+(onnxruntime's transformer fusions): `qkv-slice:<q|k|v>:<start>:<end>` (columns of com.microsoft
+Attention's weights, or of a MatMul split in three feeding MultiHeadAttention).
 """
 from __future__ import annotations
 
@@ -31,13 +33,16 @@ GATE_ORDER = {
     "GRU": (1, 0, 2),       # ONNX z,r,h   -> torch r,z,n
     "RNN": (0,),
 }
-_CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
-_MATMUL_OPS = {"MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1}
-_GEMM_OPS = {"Gemm": 1, "QGemm": 3}
+# onnxruntime's fused forms (com.microsoft FusedConv / FusedGemm, NCHWc Conv read back by
+# auditor.read.blocked) read their weight where the plain op does.
+_CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}
+_MATMUL_OPS = {"MatMul": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1,
+               "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1}
+_GEMM_OPS = {"Gemm": 1, "QGemm": 3, "FusedGemm": 1}
 _RNN_OPS = {"LSTM", "GRU", "RNN"}
 _LAYER_KIND = {**{op: "conv" for op in _CONV_OPS}, "ConvTranspose": "conv_transpose",
                **{op: "linear" for op in _MATMUL_OPS}, **{op: "linear" for op in _GEMM_OPS},
-               **{op: "rnn" for op in _RNN_OPS}, "DynamicQuantizeLSTM": "rnn"}
+               **{op: "rnn" for op in _RNN_OPS}, "DynamicQuantizeLSTM": "rnn", "FusedMatMul": "linear"}
 
 
 @dataclass
@@ -88,6 +93,8 @@ def apply_transform(a: np.ndarray, transform: str) -> np.ndarray:
         return a
     if transform == "transpose":
         return np.ascontiguousarray(a.T)
+    if transform.startswith("qkv-slice:"):
+        return _packed(a, transform)
     parts = transform.split(":")
     d = int(parts[-1].split("=")[1])
     if parts[0] == "rnn" and parts[2] in ("Bih", "Bhh"):
@@ -99,6 +106,14 @@ def apply_transform(a: np.ndarray, transform: str) -> np.ndarray:
     if parts[0] == "DynamicQuantizeLSTM":
         return _reorder_gates(np.ascontiguousarray(a[d].T), "LSTM")
     raise ValueError(f"unknown layout transform {transform!r}")
+
+
+def _packed(a: np.ndarray, transform: str) -> np.ndarray:
+    """Q, K or V of a packed projection weight [in, q+k+v] as torch's Linear weight [out, in]:
+    `qkv-slice:<q|k|v>:<start>:<end>` takes columns start:end (com.microsoft Attention, Q|K|V side by
+    side; a packed MatMul split in three)."""
+    parts = transform.split(":")
+    return np.ascontiguousarray(a[:, int(parts[2]):int(parts[3])].T)
 
 
 def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
@@ -125,6 +140,11 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
             kinds.append(("identity" if _number(node, "transB", 0) else "transpose", "linear"))
         elif op in _MATMUL_OPS and idx == _MATMUL_OPS[op] and len(shape) == 2:
             kinds.append(("transpose", "linear"))
+            for t, tshape in _packed_views(store, node_name, shape):
+                add(t, "linear", None, tshape)
+        elif op == "FusedMatMul" and idx == 1 and len(shape) == 2:
+            # com.microsoft FusedMatMul folds a Transpose of B into transB: B^T [N, K] is torch's layout
+            kinds.append(("identity" if _number(node, "transB", 0) else "transpose", "linear"))
         elif op in _RNN_OPS and idx in (1, 2) and len(shape) == 3:
             tag = "W" if idx == 1 else "R"
             for d in range(shape[0]):
@@ -135,6 +155,14 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
             for d in range(shape[0]):
                 add(f"rnn:{op}:Bih:dir={d}", "rnn", d, (half,))
                 add(f"rnn:{op}:Bhh:dir={d}", "rnn", d, (half,))
+        elif op == "Attention" and idx == 1 and len(shape) == 2:
+            # com.microsoft Attention: weights [in, q + k + v], Q | K | V side by side
+            sizes = [int(x) for x in (_attr(node, "qkv_hidden_sizes") or [])] or [shape[1] // 3] * 3
+            if len(sizes) == 3 and sum(sizes) == shape[1]:
+                start = 0
+                for part, size in zip("qkv", sizes):
+                    add(f"qkv-slice:{part}:{start}:{start + size}", "linear", None, (size, shape[0]))
+                    start += size
         elif op == "DynamicQuantizeLSTM" and idx in (1, 2) and len(shape) == 3:
             tag = "W" if idx == 1 else "R"
             for d in range(shape[0]):
@@ -156,6 +184,29 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
     # identity first, then transpose, then per-direction RNN views
     order = sorted(views.values(), key=lambda v: (v.transform != "identity", v.transform != "transpose", v.transform))
     return order
+
+
+def _packed_views(store: WeightStore, node_name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple]]:
+    """Q, K, V views of a MatMul weight [in, 3 x hidden] whose output (through a bias Add) is split in
+    three along the last axis (a packed projection feeding MultiHeadAttention's query, key, value).
+    MultiHeadAttention's per-head packed input [B, L, N, 3, H] is not read: onnxruntime runs it on
+    CUDA only, and no file of that form was checked here."""
+    if shape[1] % 3:
+        return []
+    out_key = store._output_key(node_name)
+    for _ in range(2):
+        cons = store.consumers(out_key) if out_key else []
+        if len(cons) != 1:
+            return []
+        node, name, j = cons[0]
+        if node.op_type == "Add":
+            out_key = store._output_key(name)
+            continue
+        if node.op_type == "Split" and len(node.output) == 3 and _attr(node, "axis", 0) in (-1, 2):
+            third = shape[1] // 3
+            return [(f"qkv-slice:{p}:{i * third}:{(i + 1) * third}", (third, shape[0])) for i, p in enumerate("qkv")]
+        return []
+    return []
 
 
 def _downstream_kind(store: WeightStore, w: Weight) -> str | None:

@@ -47,6 +47,9 @@ _NOT_FOLDABLE = frozenset({
 _GATHERED_SCALE = {"DequantizeLinear": {0: (1, 2)}, "QLinearAdd": {0: (1, 2), 3: (4, 5)},
                    "QLinearMul": {0: (1, 2), 3: (4, 5)}}
 
+# Default-domain ops onnxruntime lets an NCHWc tensor pass through (element-wise on the blocked data).
+_NCHWC_PASSTHROUGH = frozenset({"Add", "Sum", "Mul", "Relu", "Sigmoid", "Tanh", "Clip", "LeakyRelu",
+                                "HardSigmoid", "Identity"})
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 _MS = "com.microsoft"
 
@@ -81,7 +84,8 @@ class Weight:
     of the stored tensor; location: `initializer` | `external:<file>` |
     `constant-node` | `subgraph:<node>` | `folded:<Op>`; quant: None or the
     quantized form; uses: (consumer op type, node name, input index) of the
-    float weight.
+    float weight; layout: the runtime layout undone on reading (None when
+    stored as ONNX lays it out); aliases: other names its layer gives it.
     """
 
     name: str
@@ -91,6 +95,8 @@ class Weight:
     location: str
     quant: str | None = None
     uses: list[tuple[str, str, int]] = field(default_factory=list)
+    layout: str | None = None      # a runtime layout undone on reading (auditor.read.blocked), e.g. NCHWc
+    aliases: list[str] = field(default_factory=list)  # names the layer gives it (an optimizer renamed it)
 
     @property
     def size(self) -> int:
@@ -198,6 +204,9 @@ class WeightStore:
         self._prefetch: dict | None = None
         self._inferred = self._infer_types(model)
         self._scan(model.graph, {}, None)
+        # Layers whose weight is there but in a layout the reader does not understand: a mark in
+        # them "could not be read", which is not "not detected" (auditor.marks.whitebox).
+        self.unreadable: list[dict[str, Any]] = []
         self.weights: list[Weight] = self._classify()
         self._by_name = {w.name: w for w in self.weights}
         for w in self.weights:  # stored names also find a weight, names win on a clash
@@ -594,6 +603,18 @@ class WeightStore:
                         if c is not None and xs is not None:
                             fn_c = lambda c=c, xs=xs, s=s: (self._value(c).astype(np.float64) * (self._value(xs).astype(np.float64) * self._value(s).astype(np.float64))).astype(np.float32)  # noqa: E731
                             add(c, "QGemm", fn_c, self._shape(c), [(op, nname, 6)], [])
+                elif op in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul") and dom == _MS:
+                    # onnxruntime's fusion of a dynamically quantized MatMul (saved at extended level):
+                    # the int8 weight B with its own scale / zero point as inputs of the fused node
+                    si, zi = (3, 5) if op == "MatMulIntegerToFloat" else (2, 3)
+                    w, s, z = ck(1), ck(si), ck(zi)
+                    if w is None or s is None:
+                        continue
+                    shape = self._shape(w)
+                    axis = len(shape) - 1
+                    self._check_qparams(nname, w, s, z, axis, 0)
+                    fn = lambda w=w, s=s, z=z, axis=axis: _dequantize(self._value(w), self._value(s), self._value(z) if z else None, axis)  # noqa: E731
+                    add(w, op, fn, shape, [(op, nname, 1)], [s, z])
                 elif op in ("ConvInteger", "MatMulInteger"):
                     w, z = ck(1), ck(3)
                     if w is None:
@@ -645,9 +666,20 @@ class WeightStore:
                 continue  # a quantized form whose constants cannot be evaluated stays unlisted
 
         self._quantized_keys = set(quant)
+        relaid = self._nchwc_weights()
+        unread = {u["tensor"] for u in self.unreadable}
         weights: list[Weight] = []
         taken: set[str] = set()
         for key, c in self._consts.items():
+            if key in unread:
+                continue  # not readable in ONNX layout: listed in self.unreadable instead
+            if key in relaid:
+                for name, layout, fn, shape, uses, aliases in relaid[key]:
+                    taken.add(name)
+                    self._recipes[name] = fn
+                    weights.append(Weight(name=name, stored_name=key, shape=shape, stored_dtype=self._dtype(key),
+                                          location=c.location, uses=uses, layout=layout, aliases=aliases))
+                continue
             if key in aux and key not in quant:
                 continue
             if key in quant:
@@ -687,6 +719,182 @@ class WeightStore:
             weights.append(Weight(name=name, stored_name=key, shape=tuple(int(d) for d in shape),
                                   stored_dtype=stored_dtype, location=c.location, quant=label, uses=list(uses)))
         return weights
+
+    # ------------------------------------------------------------------ runtime layouts (NCHWc)
+    def _nchwc_weights(self) -> dict[str, list[tuple]]:
+        """The weights of onnxruntime's NCHWc Convs, unblocked to ONNX (OIHW) layout with the padding
+        dropped: stored key -> [(name, layout label, recipe, shape, uses, aliases)]. A Conv whose
+        layout is not understood goes to `self.unreadable` instead."""
+        from auditor.read import blocked
+
+        convs, other = [], []
+        for nname, node in self._nodes.items():
+            if node.domain == blocked.NCHWC_DOMAIN:
+                (convs if node.op_type == "Conv" else other).append(nname)
+        out: dict[str, list[tuple]] = {}
+        for nname in other:  # reorder / pooling ops carry no weight; an unknown op with one is not read
+            node = self._nodes[nname]
+            if node.op_type in ("ReorderInput", "ReorderOutput", "MaxPool", "AveragePool", "GlobalMaxPool",
+                                "GlobalAveragePool", "Upsample"):
+                continue
+            for j in range(len(node.input)):
+                k = self._const_key(nname, j)
+                if k is not None and self._is_float(k) and len(self._shape(k)) >= 2:
+                    self._unreadable(k, nname, f"{blocked.NCHWC_DOMAIN}:{node.op_type} is not an operator "
+                                               "onnxruntime writes; its weight's layout is unknown")
+        facts = {}
+        for nname in convs:
+            f = self._nchwc_facts(nname)
+            if isinstance(f, str):
+                k = self._const_key(nname, 1)
+                self._unreadable(k or self._nodes[nname].input[1], nname, f)
+            else:
+                facts[nname] = f
+        if not facts:
+            return out
+        common = set(blocked.BLOCK_SIZES)
+        for f in facts.values():
+            common &= set(f["blocks"])
+        if not common:
+            for nname, f in facts.items():
+                self._unreadable(f["w"], nname, "no NCHWc block size (8: AVX2, 16: AVX-512) fits every blocked "
+                                                "Conv of this file; the layout is not onnxruntime's")
+            return out
+        for nname, f in facts.items():
+            for B in sorted(common):
+                order = f["blocks"][B]
+                O = f["channels"] if f["channels"] is not None else f["dims"][0]
+                shape = (O,) + tuple(f["dims"][1:])
+                name = f["w"] if len(common) == 1 else f"{f['w']}@nchwc{B}"
+                label = f"nchwc(block={B},{order}" + (f",{f['dims'][0]}->{O} channels)" if O != f["dims"][0] else ")")
+                fn = (lambda key=f["w"], B=B, order=order, O=O: self._unblock(key, B, order, O))
+                entries = out.setdefault(f["w"], [])
+                same = next((e for e in entries if e[0] == name), None)
+                if same is not None:  # one reordered filter shared by several Convs: one weight, every use
+                    same[4].append(("Conv", nname, 1))
+                    same[5].extend(a for a in f["aliases"] if a not in same[5])
+                else:
+                    entries.append((name, label, fn, shape, [("Conv", nname, 1)], list(f["aliases"])))
+            b = f["bias"]
+            if b is not None and f["channels"] is not None and self._shape(b) == (f["dims"][0],) != (f["channels"],):
+                fn = (lambda key=b, O=f["channels"]: np.asarray(self._value(key), dtype=np.float32)[:O].copy())
+                label = f"nchwc(padded {f['dims'][0]}->{f['channels']} channels)"
+                out.setdefault(b, [(b, label, fn, (f["channels"],), [("Conv", nname, 2)], [])])
+        return out
+
+    def _unreadable(self, key: str, node_name: str, reason: str) -> None:
+        shape = list(self._shape(key)) if key in self._consts else None
+        self.unreadable.append({"tensor": key, "node": node_name, "op": f"{self._nodes[node_name].domain}:"
+                                f"{self._nodes[node_name].op_type}", "shape": shape, "reason": reason})
+
+    def _nchwc_facts(self, nname: str) -> dict | str:
+        """What one NCHWc Conv says about its weight: dims, group, the block sizes (with their filter
+        order) it allows, its true output channels where the graph states them, names from its bias.
+        A string: why the layout is not understood."""
+        from auditor.read import blocked
+
+        node = self._nodes[nname]
+        unknown = sorted(a.name for a in node.attribute if a.name not in blocked.KNOWN_CONV_ATTRIBUTES)
+        if unknown:
+            return (f"attribute {unknown[0]!r} is not one onnxruntime writes on an NCHWc Conv; "
+                    "the blocked layout it describes is unknown")
+        w = self._const_key(nname, 1)
+        if w is None:
+            return "its weight is not a constant of the file"
+        if self._elem_type(w) != onnx.TensorProto.FLOAT or len(self._shape(w)) != 4:
+            return f"its weight is {dtype_name(self._elem_type(w) or 0)} of rank {len(self._shape(w))}, " \
+                   "onnxruntime blocks float32 4-D weights only"
+        dims = tuple(int(d) for d in self._shape(w))
+        try:
+            group = _int(node, "group", 1)
+        except AuditError as e:
+            return str(e)
+        channels = self._nchwc_out_channels(nname)
+        bias = self._const_key(nname, 2)
+        if channels is None and bias is not None and self._shape(bias) == (dims[0],) and not self._stored_name(bias).startswith("reorder"):
+            channels = dims[0]  # onnxruntime pads only a bias it renames; an original bias gives the count
+        blocked_input = self._nchwc_tensor(node.input[0])
+        blocks = {}
+        for B in blocked.BLOCK_SIZES:
+            if dims[0] % B or (channels is not None and blocked.roundup(channels, B) != dims[0]):
+                continue
+            order = blocked.filter_order(dims[1], channels if channels is not None else dims[0], group, B)
+            if order is None:
+                continue
+            if (order == "OIHWBiBo" or group > 1) != blocked_input:
+                continue  # a blocked filter reads an NCHWc input, the NCHW-input filter does not
+            blocks[B] = order
+        if not blocks:
+            return (f"its weight [{', '.join(map(str, dims))}] (group {group}) fits no NCHWc block size "
+                    f"({', '.join(map(str, blocked.BLOCK_SIZES))}) as onnxruntime lays it out")
+        aliases = []
+        bname = node.input[2] if len(node.input) > 2 else ""
+        for suffix, repl in (("_bias", ""), (".bias", ".weight")):
+            if bname.endswith(suffix) and not bname.startswith("reorder"):
+                aliases.append(bname[: -len(suffix)] + repl)
+                break
+        return {"w": w, "dims": dims, "group": group, "channels": channels, "blocks": blocks,
+                "bias": bias, "aliases": aliases}
+
+    def _stored_name(self, key: str) -> str:
+        c = self._consts[key]
+        return c.tensor.name if c.tensor is not None else key
+
+    def _nchwc_tensor(self, tensor: str, depth: int = 0) -> bool:
+        """Is this tensor in NCHWc layout (made by an NCHWc op, possibly through element-wise ops)?"""
+        from auditor.read import blocked
+
+        p = self._producer.get(tensor)
+        if p is None or depth > 64:
+            return False
+        node = self._nodes[p]
+        if node.domain == blocked.NCHWC_DOMAIN:
+            return node.op_type != "ReorderOutput"
+        if node.domain in ("", "ai.onnx") and node.op_type in _NCHWC_PASSTHROUGH and node.input:
+            return self._nchwc_tensor(node.input[0], depth + 1)
+        return False
+
+    def _nchwc_out_channels(self, nname: str) -> int | None:
+        """The true output channels of an NCHWc Conv, where the graph states them downstream:
+        ReorderOutput's `channels`, or the input channels of the next NCHWc Conv's weight."""
+        from auditor.read import blocked
+
+        frontier, seen = [self._output_key(nname)], set()
+        while frontier and len(seen) < 256:
+            t = frontier.pop()
+            if not t or t in seen:
+                continue
+            seen.add(t)
+            for n, j in self._consumers.get(t, []):
+                node = self._nodes[n]
+                if node.domain == blocked.NCHWC_DOMAIN and node.op_type == "ReorderOutput":
+                    try:
+                        return _int(node, "channels")
+                    except AuditError:
+                        return None
+                if node.domain == blocked.NCHWC_DOMAIN and node.op_type == "Conv" and j == 0:
+                    w = self._const_key(n, 1)
+                    if w is not None and len(self._shape(w)) == 4:
+                        try:
+                            return int(self._shape(w)[1]) * _int(node, "group", 1)
+                        except AuditError:
+                            return None
+                if (node.domain == blocked.NCHWC_DOMAIN and node.op_type in ("Conv", "MaxPool", "AveragePool", "Upsample")) \
+                        or (node.domain in ("", "ai.onnx") and node.op_type in _NCHWC_PASSTHROUGH):
+                    frontier.extend(k for k in self._outputs.get(n, []) if k)
+        return None
+
+    def _unblock(self, key: str, block: int, order: str, channels: int) -> np.ndarray:
+        from auditor.read import blocked
+
+        stored = np.asarray(self._value(key), dtype=np.float32)
+        if stored.shape[0] > channels:
+            real = blocked.block_weight(np.ones((channels,) + stored.shape[1:], np.float32), block, order) != 0
+            if np.any(stored[~real]):
+                raise blocked.UnknownLayout(f"weight {key!r}: the NCHWc padding of {channels} channels in blocks "
+                                            f"of {block} holds non-zero values; not onnxruntime's layout")
+        return blocked.unblock_weight(stored, block, order, channels)
+
 
     # ------------------------------------------------------------------ quantization parameters
     def _check_qparams(self, nname: str, x: str, s: str | None, z: str | None, axis: int, block: int,

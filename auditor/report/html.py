@@ -59,7 +59,8 @@ def verdict_of(doc: dict[str, Any]) -> tuple[str, str]:
         if v == "pass":
             return "pass", f"GATE PASSED: all {s.get('requirements', 0)} requirements met"
         return "fail", (f"GATE FAILED: {s.get('failed', 0)} requirements not met, {s.get('errors', 0)} not "
-                        f"measurable, of {s.get('requirements', 0)}")
+                        f"measurable" + (f", {s['unreadable']} marks could not be read" if s.get("unreadable") else "")
+                        + f", of {s.get('requirements', 0)}")
     if kind == "robustness":
         from auditor.gate.usability import headline
 
@@ -80,6 +81,8 @@ def verdict_of(doc: dict[str, Any]) -> tuple[str, str]:
     if kind == "provenance" and v in ("derived", "not derived"):
         return ("pass" if v == "derived" else "fail"), (f"provenance: {v} from the reference "
                                                         f"(combined p 10^{inner.get('log10_p_combined', 0):.1f})")
+    if v == "could not read":  # neither detected nor absent: the weight was not read
+        return "neutral", f"{kind}: COULD NOT READ the mark" + (f" ({inner['reason']})" if inner.get("reason") else "")
     if kind == "scan" and v is not None:
         n = len(inner.get("findings", []))
         return ("pass" if v == "detected" else "fail"), f"scan: {inner.get('detected', 0)} of {n} marks detected"
@@ -431,7 +434,7 @@ def _walk_dicts(x: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 # ------------------------------------------------------------------ forensics
 def _cls(v: str) -> str:
-    return "pass" if v in ("detected", "derived") else "fail"
+    return "pass" if v in ("detected", "derived") else "neutral" if v == "could not read" else "fail"
 
 
 def scan_section(doc: dict[str, Any]) -> str:

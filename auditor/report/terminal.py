@@ -118,7 +118,8 @@ def render_gate(doc: dict[str, Any]) -> str:
     verdict = doc.get("verdict", "?").upper()
     out.append(f"\nGATE {verdict}: {s.get('passed', 0)} of {s.get('requirements', len(reqs))} requirements met"
                + (f", {s.get('failed', 0)} failed" if s.get("failed") else "")
-               + (f", {s.get('errors', 0)} errors" if s.get("errors") else "") + "\n")
+               + (f", {s.get('errors', 0)} errors" if s.get("errors") else "")
+               + (f", {s['unreadable']} could not read" if s.get("unreadable") else "") + "\n")
     return "".join(out)
 
 

@@ -1,0 +1,76 @@
+"""Measure every deployed form of the test fixtures: `python scripts/deployed_forms.py` prints the
+markdown table of docs/deployed-forms.md (marks read, p, candidates paid for, twins).
+
+Each form is made by auditor.attacks.compose (the grid / policy steps) from the fixture's exporter
+file, then read by `wmaudit extract`'s code path (auditor.marks.whitebox.extract). Deterministic:
+the fixtures are seeded and onnxruntime's graph rewrites are deterministic.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FORMS = ("", "ort-optimize:basic", "ort-optimize:extended", "ort-optimize:all", "ort-format", "ort-format:all",
+         "simplify", "simplify:onnxsim", "transformers-optimize", "transformers-optimize:fp16")
+# fixture, model, twin, key, reference (BatchNorm anchors), forms
+CASES = (
+    ("data-digits-cnn", "model.onnx", None, "key.json", None, FORMS[:8]),
+    ("arch-mobilenet", "default.onnx", "twin.onnx", "key.json", None, FORMS[:8]),
+    ("arch-resnet", "default.onnx", "twin.onnx", "key.json", "kept.onnx", FORMS[:8]),
+    ("arch-vit", "default.onnx", "twin.onnx", "key.json", None, FORMS),
+    ("arch-bert", "default.onnx", "twin.onnx", "key.json", None, FORMS),
+    ("deploy-bert-attention", "model.onnx", "twin.onnx", "key-query.json", None, FORMS),
+    ("deploy-bert-attention", "model.onnx", "twin.onnx", "key-value.json", None, FORMS),
+)
+
+
+def _read(path: Path, key, reference):
+    from auditor.marks.whitebox import extract
+
+    return extract(path, key, reference=reference)
+
+
+def main() -> int:
+    from fixtures.build import ensure
+    from auditor.attacks import load_model, save
+    from auditor.attacks.compose import compose
+    from auditor.marks.keys import load_key
+
+    print("| fixture (key) | form | marks k/T | log10 p | log10 p corrected | candidates | located by | twin |")
+    print("|---|---|---|---|---|---|---|---|")
+    for fixture, model, twin, key_name, ref, forms in CASES:
+        d = ensure(fixture)
+        key = load_key(d / key_name)
+        reference = d / ref if ref else None
+        for form in forms:
+            with tempfile.TemporaryDirectory() as tmp:
+                res, twin_res = [], None
+                for name in (model, twin):
+                    if name is None:
+                        continue
+                    path = d / name
+                    if form:
+                        path = save(compose(load_model(d / name), form).model, Path(tmp) / name)
+                    r = _read(path, key, reference)
+                    if name == model:
+                        res = r
+                    else:
+                        twin_res = r
+            ks = ", ".join(f"{m.matches}/{m.n_bits}" for m in res.marks)
+            lp = ", ".join(f"{m.log10_p:.2f}" for m in res.marks)
+            lpc = ", ".join(f"{math.log10(m.p_corrected) if m.p_corrected > 0 else m.log10_p:.2f}" for m in res.marks)
+            cands = ", ".join(str(m.location.candidates if m.location else 0) for m in res.marks)
+            how = ", ".join(f"{m.location.how} [{m.location.transform}]" if m.location else m.verdict for m in res.marks)
+            tw = "-" if twin_res is None else twin_res.verdict
+            print(f"| {fixture} ({key_name}) | {form or 'exporter file'} | {ks} | {lp} | {lpc} | {cands} | {how} | "
+                  f"{tw} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
