@@ -30,6 +30,8 @@ import sys
 if __name__ == "__main__":  # started as a script: this folder must not shadow `onnxruntime`
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    if len(sys.argv) > 2 and sys.argv[1] == "--site":  # an interpreter's packages beside it (arm64 root)
+        sys.path.append(sys.argv[2])
 
 import ctypes
 import io

@@ -178,21 +178,19 @@ def check_available(names) -> list[Target]:
 
 
 def _child_command(t: Target) -> tuple[list[str], dict[str, str]]:
+    """The command that starts the target's child, and its environment. The child runs in isolated
+    mode (-I: no PYTHONPATH, no user site, not even its own folder on sys.path), so that nothing
+    of the caller's path can shadow the standard library or onnxruntime there."""
     env = dict(os.environ)
     env["ORT_DISABLE_TELEMETRY"] = env.get("ORT_DISABLE_TELEMETRY", "1")
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.pop("PYTHONSTARTUP", None)
     if t.emulator == "qemu-aarch64":
         root = aarch64_root()
-        env["PYTHONPATH"] = str(root / "site")
-        env.pop("PYTHONHOME", None)
         env["QEMU_LD_PREFIX"] = str(root)
         return ([shutil.which(t.emulator) or t.emulator, "-cpu", t.emulator_cpu, "-L", str(root),
-                 str(root / "usr" / "bin" / "python3.11"), "-s", str(CHILD)], env)
-    # This interpreter and its packages (the venv), started as a script so that nothing of
-    # auditor but child.py is imported there.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir() and "site-packages" in p)
-    cmd = [sys.executable, "-s", str(CHILD)]
+                 str(root / "usr" / "bin" / "python3.11"), "-I", "-B", str(CHILD), "--site", str(root / "site")], env)
+    # this interpreter and its packages (the venv), started as a script so that nothing of
+    # auditor but child.py is imported there
+    cmd = [sys.executable, "-I", "-B", str(CHILD)]
     if t.kind == "emulated":
         cmd = [shutil.which(t.emulator) or t.emulator, "-cpu", t.emulator_cpu] + cmd
     return cmd, env
