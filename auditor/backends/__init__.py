@@ -63,6 +63,28 @@ def split_batches(n: int, batch_size: int):
         yield slice(start, min(n, start + batch_size))
 
 
+def infer_batches(runner, x: np.ndarray, batch_size: int = 64, output: str | None = None) -> np.ndarray:
+    """Feed ``x`` (rows = queries) through ``runner``'s only input in batches of ``batch_size`` (or
+    the batch size the model fixes, padding the last batch with repeats of its last row); the rows
+    of ``output`` (default: the first output) in the order of ``x``. Every runner's
+    ``infer_batches`` is this."""
+    if len(runner.inputs) != 1:
+        raise AuditError(f"batched queries need a model with one input, this one has {len(runner.inputs)}")
+    fixed = runner.fixed_batch()
+    bs = fixed if fixed is not None else batch_size
+    name = runner.inputs[0][0]
+    out_name = output or runner.output_names[0]
+    parts = []
+    for sl in split_batches(len(x), bs):
+        chunk = x[sl]
+        if fixed is not None and len(chunk) < fixed:
+            pad = np.repeat(chunk[-1:], fixed - len(chunk), axis=0)
+            parts.append(runner.infer({name: np.concatenate([chunk, pad])})[out_name][:len(chunk)])
+        else:
+            parts.append(runner.infer({name: chunk})[out_name])
+    return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+
 def label_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     """Top-1 agreement of two backends' outputs on the same queries."""
     la, lb = np.asarray(a).argmax(axis=1), np.asarray(b).argmax(axis=1)

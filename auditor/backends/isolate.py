@@ -83,10 +83,20 @@ def memory_bytes() -> int:
         raise AuditError(f"WMAUDIT_ISOLATE_MEMORY={v!r} is not a number of bytes") from None
 
 
-def _child(conn, fn: Callable, args: tuple, kwargs: dict, memory: int, env: dict | None = None,
-           cwd: str | None = None) -> None:
+def limit_address_space(memory: int) -> None:
+    """Cap this process's address space at ``memory`` bytes (never above a hard limit already set)."""
     import resource
 
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = memory if hard == resource.RLIM_INFINITY else min(memory, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def _child(conn, fn: Callable, args: tuple, kwargs: dict, memory: int, env: dict | None = None,
+           cwd: str | None = None) -> None:
     if env is not None:  # the caller's, as a spawned process would have it
         os.environ.clear()
         os.environ.update(env)
@@ -96,12 +106,7 @@ def _child(conn, fn: Callable, args: tuple, kwargs: dict, memory: int, env: dict
         except OSError:
             pass
 
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        cap = memory if hard == resource.RLIM_INFINITY else min(memory, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    except (ValueError, OSError):
-        pass
+    limit_address_space(memory)
     try:
         result = ("ok", fn(*args, **kwargs))
     except AuditError as e:

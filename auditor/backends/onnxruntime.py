@@ -138,18 +138,6 @@ class OnnxrtRunner:
     def infer_batches(self, x: np.ndarray, batch_size: int = 64, output: str | None = None) -> np.ndarray:
         """Feed ``x`` (rows = queries) through the first input in batches; the rows of
         ``output`` (default: the first output) in the order of ``x``."""
-        if len(self.inputs) != 1:
-            raise AuditError(f"batched queries need a model with one input, this one has {len(self.inputs)}")
-        fixed = self.fixed_batch()
-        bs = fixed if fixed is not None else batch_size
-        name = self.inputs[0][0]
-        out_name = output or self.output_names[0]
-        parts = []
-        for sl in split_batches(len(x), bs):
-            chunk = x[sl]
-            if fixed is not None and len(chunk) < fixed:  # pad the last batch of a fixed-batch model
-                pad = np.repeat(chunk[-1:], fixed - len(chunk), axis=0)
-                parts.append(self.infer({name: np.concatenate([chunk, pad])})[out_name][:len(chunk)])
-            else:
-                parts.append(self.infer({name: chunk})[out_name])
-        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+        from auditor.backends import infer_batches
+
+        return infer_batches(self, x, batch_size, output)

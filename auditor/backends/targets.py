@@ -198,14 +198,9 @@ def _child_command(t: Target) -> tuple[list[str], dict[str, str]]:
 
 def _limit_memory(limit: int):
     def apply() -> None:
-        import resource
+        from auditor.backends.isolate import limit_address_space
 
-        try:
-            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-            cap = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
-            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-        except (ValueError, OSError):
-            pass
+        limit_address_space(limit)
     return apply
 
 
@@ -366,25 +361,9 @@ class TargetRunner:
         return int(dim) if isinstance(dim, int) and dim > 0 else None
 
     def infer_batches(self, x: np.ndarray, batch_size: int = 64, output: str | None = None) -> np.ndarray:
-        from auditor.backends import split_batches
+        from auditor.backends import infer_batches
 
-        if len(self.inputs) != 1:
-            raise AuditError(f"batched queries need a model with one input, this one has {len(self.inputs)}")
-        fixed = self.fixed_batch()
-        bs = fixed if fixed is not None else batch_size
-        name = self.inputs[0][0]
-        out_name = output or self.output_names[0]
-        parts = []
-        for sl in split_batches(len(x), bs):
-            chunk = x[sl]
-            if fixed is not None and len(chunk) < fixed:
-                pad = np.repeat(chunk[-1:], fixed - len(chunk), axis=0)
-                parts.append(self.infer({name: np.concatenate([chunk, pad])})[out_name][:len(chunk)])
-            else:
-                parts.append(self.infer({name: chunk})[out_name])
-        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
-
-
+        return infer_batches(self, x, batch_size, output)
 def annotate(record: dict[str, Any], target: Target) -> dict[str, Any]:
     """The child's record plus what only the parent knows: the target and the emulator."""
     rec = dict(record)

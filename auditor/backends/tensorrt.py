@@ -207,18 +207,7 @@ class TrtRunner:
         return {n: (o.astype(np.float32) if o.dtype == np.float16 else o) for n, o in outs.items()}
 
     def infer_batches(self, x: np.ndarray, batch_size: int = 64, output: str | None = None) -> np.ndarray:
-        if len(self.inputs) != 1:
-            raise AuditError(f"batched queries need a model with one input, this one has {len(self.inputs)}")
-        fixed = self.fixed_batch()
-        bs = fixed if fixed is not None else min(batch_size, self.loader.max_batch)
-        name = self.inputs[0][0]
-        out_name = output or self.output_names[0]
-        parts = []
-        for sl in split_batches(len(x), bs):
-            chunk = x[sl]
-            if fixed is not None and len(chunk) < fixed:
-                pad = np.repeat(chunk[-1:], fixed - len(chunk), axis=0)
-                parts.append(self.infer({name: np.concatenate([chunk, pad])})[out_name][:len(chunk)])
-            else:
-                parts.append(self.infer({name: chunk})[out_name])
-        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+        from auditor.backends import infer_batches
+
+        # an engine's profile caps the batch: larger requests are split
+        return infer_batches(self, x, min(batch_size, self.loader.max_batch), output)
