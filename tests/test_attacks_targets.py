@@ -2,25 +2,11 @@
 CPUs (the emulated lane). Fidelity floors only: the same static int8 file measures about
 40 dB with VNNI or on Arm and 20-26 dB on AVX2 without VNNI (docs/hardware.md)."""
 import json
-import subprocess
-import sys
 
 import pytest
-
-from auditor.backends.targets import availability
+from targets_helpers import needs as _needs, wmaudit as _wmaudit
 
 DIGITS = "data-digits-cnn"
-
-
-def _needs(name):
-    ok, why, fix = availability(name)
-    if not ok:
-        pytest.skip(f"target {name} is not available here: {why} (run: {fix})")
-
-
-def _wmaudit(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "auditor", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_attack_measured_on_native_and_emulated_avx2(build_fixture, tmp_path):

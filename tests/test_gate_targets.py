@@ -6,28 +6,16 @@ the same static int8 file measures about 40 dB with VNNI or on Arm and 20-26 dB 
 AVX2 without VNNI (docs/hardware.md).
 """
 import json
-import subprocess
-import sys
 
 import pytest
 
 from auditor.attacks.compose import parse_steps
-from auditor.backends.targets import availability
 from auditor.gate.targets import REMEDIES, fidelity_gaps, matrix
+
+from targets_helpers import needs as _needs, wmaudit as _wmaudit
 
 DIGITS = "data-digits-cnn"
 TRIGGER = "bb-trigger"
-
-
-def _needs(name):
-    ok, why, fix = availability(name)
-    if not ok:
-        pytest.skip(f"target {name} is not available here: {why} (run: {fix})")
-
-
-def _wmaudit(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "auditor", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def _record(arch, **features):

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from auditor.errors import AuditError
 
-__all__ = ["call", "timeout_s", "memory_bytes", "forkserver_context"]
+__all__ = ["call", "timeout_s", "memory_bytes", "forkserver_context", "limit_address_space"]
 
 # Imported once by the forkserver (module names only: nothing is imported here). One list for
 # every user of the server (isolated onnxruntime calls and the sweep's per-file children): the
