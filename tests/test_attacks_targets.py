@@ -3,7 +3,6 @@ CPUs (the emulated lane). Fidelity floors only: the same static int8 file measur
 40 dB with VNNI or on Arm and 20-26 dB on AVX2 without VNNI (docs/hardware.md)."""
 import json
 
-import pytest
 from targets_helpers import needs as _needs, wmaudit as _wmaudit
 
 DIGITS = "data-digits-cnn"
