@@ -426,22 +426,31 @@ def _inputs(model: onnx.ModelProto, seed: int, batch: int = 2) -> dict[str, np.n
     return feeds
 
 
-def function_diff(a: onnx.ModelProto, b: onnx.ModelProto, seed: int = 0) -> tuple[float, float]:
-    """(max |y_a - y_b|, max |y_a|) over every output, onnxruntime CPU, seeded inputs."""
+def _run_pair(a: bytes, b: bytes, feeds: dict) -> list:
+    """Every output of the original ``a`` and the obfuscated ``b`` on ``feeds`` (an isolated process)."""
     import onnxruntime as ort
 
-    feeds = _inputs(a, seed)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     outs = []
-    for m in (a, b):
+    for m, what in ((a, "original"), (b, "obfuscated")):
         try:
-            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
-            raise AuditError(f"onnxruntime cannot load the {'obfuscated' if m is b else 'original'} model: "
-                             f"{str(e).splitlines()[0][:200]}") from None
+            raise AuditError(f"onnxruntime cannot load the {what} model: {str(e).splitlines()[0][:200]}") from None
         outs.append(sess.run(None, feeds))
+    return outs
+
+
+def function_diff(a: onnx.ModelProto, b: onnx.ModelProto, seed: int = 0) -> tuple[float, float]:
+    """(max |y_a - y_b|, max |y_a|) over every output, onnxruntime CPU in an isolated process
+    (auditor.backends.isolate), seeded inputs."""
+
+    from auditor.backends import isolate
+
+    feeds = _inputs(a, seed)
+    outs = isolate.call(_run_pair, a.SerializeToString(), b.SerializeToString(), feeds, what="onnxruntime")
     diff = max(float(np.max(np.abs(x.astype(np.float64) - y))) for x, y in zip(*outs))
     scale = max(float(np.max(np.abs(x))) for x in outs[0])
     return diff, scale

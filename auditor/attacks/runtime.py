@@ -41,13 +41,21 @@ def _session_options(level: str, out: str, ort_format: bool = False):
     return so
 
 
-def _run_session(src: str, so) -> None:
+def _optimize_file(src: str, level: str, out: str, ort_format: bool) -> None:
+    """onnxruntime loads ``src`` and saves its optimized graph to ``out`` (run in an isolated process)."""
     import onnxruntime as ort
 
     try:
-        ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(src, _session_options(level, out, ort_format), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise AuditError(f"onnxruntime could not load the model to optimize it: {str(e).splitlines()[0][:200]}") from None
+
+
+def _run_session(src: str, level: str, out: str, ort_format: bool = False) -> None:
+    """``_optimize_file`` where a crash, hang or memory blow-up of onnxruntime is one line."""
+    from auditor.backends import isolate
+
+    isolate.call(_optimize_file, src, level, out, ort_format, what="onnxruntime's graph optimizer")
 
 
 def _ops(model: onnx.ModelProto) -> dict[str, int]:
@@ -65,7 +73,7 @@ def ort_optimize(model: onnx.ModelProto, level: str) -> AttackResult:
     with workdir() as d:
         src = save(cap_ir_version(copy_model(model)), d / "in.onnx")
         out = d / "optimized.onnx"
-        _run_session(str(src), _session_options(level, str(out)))
+        _run_session(str(src), level, str(out))
         m = load(out)
     notes = [f"onnxruntime {_ort_version()} ORT_ENABLE_{level.upper()} graph saved: {_ops_line(m)}"]
     if any(n.domain == "com.microsoft.nchwc" for n in m.graph.node):
@@ -83,7 +91,7 @@ def ort_format(model: onnx.ModelProto, level: str = "basic") -> AttackResult:
     with workdir() as d:
         src = save(cap_ir_version(copy_model(model)), d / "in.onnx")
         out = d / "model.ort"
-        _run_session(str(src), _session_options(level, str(out), ort_format=True))
+        _run_session(str(src), level, str(out), ort_format=True)
         data = out.read_bytes()
     m = to_onnx(data, "ort-format")
     notes = [f"ORT format ({len(data)} bytes, ORT_ENABLE_{level.upper()}) written by onnxruntime "

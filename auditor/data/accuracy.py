@@ -37,6 +37,22 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0):
         raise AuditError(f"onnxruntime cannot load the model: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
+def tensor_values(model: bytes, tensor: str, feeds: dict) -> np.ndarray:
+    """``tensor`` (a graph output) of a serialized model on ``feeds``, onnxruntime CPU, one thread.
+    Meant to run in an isolated process (``isolate.call(tensor_values, ...)``)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        return sess.run([tensor], feeds)[0]
+    except Exception as e:  # onnxruntime's own exception types
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise AuditError(f"onnxruntime cannot run the model to read {tensor!r}: {msg}") from None
+
+
 def _as_float(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32) if a.dtype == np.float16 else a
 

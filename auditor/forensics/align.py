@@ -201,7 +201,10 @@ def _n_channels_prev(gv, lay, W) -> int:
 def activation_match(probe_models, s_layer: ch.Layer, r_layer: ch.Layer, keep) -> np.ndarray | None:
     """Match output channels by the correlation of their activations on seeded probe inputs."""
     import onnx
-    import onnxruntime as ort
+
+    from auditor.attacks.obfuscate import _inputs
+    from auditor.backends import isolate
+    from auditor.data.accuracy import tensor_values
 
     s_model, r_model = probe_models
     acts = []
@@ -210,16 +213,10 @@ def activation_match(probe_models, s_layer: ch.Layer, r_layer: ch.Layer, keep) -
         mm.CopyFrom(m)
         t = lay.node.output[0]
         mm.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
         try:
-            sess = ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        except Exception:  # onnxruntime's own exception types; the weight match stands
+            a = isolate.call(tensor_values, mm.SerializeToString(), t, _inputs(m, 0, PROBES), what="onnxruntime")
+        except AuditError:  # onnxruntime cannot run the probe: the weight match stands
             return None
-        from auditor.attacks.obfuscate import _inputs
-
-        feeds = _inputs(m, 0, PROBES)
-        a = sess.run([t], feeds)[0]
         ax = a.ndim - 1 if lay.op == "MatMul" else 1   # MatMul on [B, T, C]: channels last
         a = np.moveaxis(a, ax, 0).reshape(a.shape[ax], -1)
         acts.append(a)

@@ -92,22 +92,20 @@ def _weight_source(model: onnx.ModelProto, name: str) -> tuple[str, bool] | None
 
 def _probe_patchify(model: onnx.ModelProto, input_name: str, data_name: str, key: KeyedKey):
     """Run input -> data_name on an index image; (token_block [N], feature_offset [L]) or None."""
-    import onnxruntime as ort
-
     # The intermediate tensor is exposed as an extra graph output of a copy of the model
     # (onnx.utils.Extractor needs value_info, which exporters do not always write).
     probe_model = onnx.ModelProto()
     probe_model.CopyFrom(model)
     probe_model.graph.output.append(onnx.helper.make_tensor_value_info(data_name, onnx.TensorProto.FLOAT, None))
-    try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = 1
-        sess = ort.InferenceSession(probe_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        c, h, w, b = key.channels, key.height, key.width, key.block
-        probe = (np.arange(c * h * w, dtype=np.float32) + 1).reshape(1, c, h, w)
-        out = sess.run([data_name], {input_name: probe})[0]
-    except Exception:
+    from auditor.backends import isolate
+    from auditor.data.accuracy import tensor_values
+
+    c, h, w, b = key.channels, key.height, key.width, key.block
+    probe = (np.arange(c * h * w, dtype=np.float32) + 1).reshape(1, c, h, w)
+    try:  # in an isolated process: a graph that crashes onnxruntime is one line, not a dead audit
+        out = isolate.call(tensor_values, probe_model.SerializeToString(), data_name, {input_name: probe},
+                           what="onnxruntime")
+    except AuditError:
         return None
     if out.ndim != 3 or out.shape[0] != 1 or out.shape[1:] != (key.n_blocks, key.size):
         return None
