@@ -44,7 +44,8 @@ def matrix(rows: list[dict[str, Any]], targets) -> dict[str, Any]:
         for t in targets:
             d = per.get(t, {})
             f = d.get("fidelity") or {}
-            cells[t] = {"survived": r.get("verdict") == "detected", "sqnr_db": f.get("sqnr_db"),
+            cells[t] = {"survived": r.get("verdict") == "detected", "usable": d.get("usable"),
+                        "sqnr_db": f.get("sqnr_db"),
                         "top1_agreement": f.get("top1_agreement"), "accuracy": d.get("accuracy"),
                         "accuracy_drop": d.get("accuracy_drop")}
         out.append({"attack": r["name"], "steps": r.get("steps", ""), "mark": r.get("verdict"), "cells": cells})

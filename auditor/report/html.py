@@ -189,7 +189,9 @@ def survival_matrix(doc: dict[str, Any]) -> str:
         for r in doc.get("configs", []):
             mark = "mark detected" if r.get("survived") else "mark lost"
             per = r.get("targets") or {(_target_name(r) or (doc.get("targets") or ["native"])[0]): r}
-            for tgt, cell in per.items():
+            order = [t for t in doc.get("targets") or [] if t in per] or list(per)  # the order asked
+            for tgt in order:
+                cell = per[tgt]
                 usable = cell.get("usable", r.get("usable"))
                 if usable is False:
                     put(r["name"], tgt, "broken", f"model broken ({mark})")
@@ -563,7 +565,8 @@ def target_matrix(doc: dict[str, Any]) -> str:
                 ag = c.get("top1_agreement")
                 txt = (f"{sq:.1f} dB" if isinstance(sq, (int, float)) else "-") + " / " + (
                     f"{ag:.3f}" if isinstance(ag, (int, float)) else "-")
-                cells.append(("pass" if c.get("survived") else "fail", _e(txt)))
+                cls = "broken" if c.get("usable") is False else ("pass" if c.get("survived") else "fail")
+                cells.append((cls, _e(txt + (" (model broken)" if c.get("usable") is False else ""))))
             else:
                 cells.append(("pass" if c == "pass" else "fail", _e((c or "-").upper())))
         rows.append(cells)
