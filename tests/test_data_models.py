@@ -100,7 +100,7 @@ def test_gate_with_the_example_policy_on_digits(digits, tmp_path, capsys):
     assert code == (1 if doc["failing"] else 0)
     assert req["int8-static-per-channel/whitebox/conv2.weight"]["measured"]["matches"] == 64
     assert req["int8-static-per-channel/whitebox/conv2.weight"]["status"] == "pass"
-    assert abs(req["int8-static-per-channel/ort-cpu/accuracy"]["measured"]["accuracy_drop"]) <= 2.0
+    assert abs(req["int8-static-per-channel/native/accuracy"]["measured"]["accuracy_drop"]) <= 2.0
     # 50 % pruning keeps the mark detected; a flipped bit (one of 64 measured, docs/measured.md) puts
     # the signed margin below min_margin = 0, and exactly then the requirement fails
     for attack in ("prune-50", "prune-50-then-int8"):
@@ -109,12 +109,12 @@ def test_gate_with_the_example_policy_on_digits(digits, tmp_path, capsys):
         flipped = w["measured"]["matches"] < w["measured"]["n_bits"]
         assert (w["measured"]["signed_margin_min"] < 0) == flipped
         assert (w["status"] == "fail") == flipped and (not flipped or "min_margin" in w["message"]), w
-    acc = req["prune-50/ort-cpu/accuracy"]
+    acc = req["prune-50/native/accuracy"]
     assert (acc["status"] == "fail") == (acc["measured"]["accuracy_drop"] > 3.0)
-    fid = req["int8-static-per-channel/ort-cpu/fidelity"]
+    fid = req["int8-static-per-channel/native/fidelity"]
     assert fid["status"] == "pass" and fid["measured"]["top1_agreement"] >= 0.97
     assert fid["thresholds"] == {"min_top1_agreement": 0.95, "min_sqnr_db": 5.0}
-    assert req["prune-50/ort-cpu/fidelity"]["thresholds"]["min_top1_agreement"] == 0.85
+    assert req["prune-50/native/fidelity"]["thresholds"]["min_top1_agreement"] == 0.85
     assert doc["data"]["evaluation"]["source"] == "npz:digits.npz"
     assert doc["data"]["calibration"]["source"] == "npz:digits.npz"
 

@@ -334,7 +334,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> int:
 
 
 def main() -> int:
-    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    if os.environ.get("WMAUDIT_ALLOW_ORT_TELEMETRY") != "1":  # the documented opt-in
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     # The protocol gets a private copy of stdout; fd 1 then points at stderr, so that anything a
     # library prints cannot corrupt a message.
     proto = os.fdopen(os.dup(1), "wb", buffering=0)

@@ -182,7 +182,8 @@ def _child_command(t: Target) -> tuple[list[str], dict[str, str]]:
     mode (-I: no PYTHONPATH, no user site, not even its own folder on sys.path), so that nothing
     of the caller's path can shadow the standard library or onnxruntime there."""
     env = dict(os.environ)
-    env["ORT_DISABLE_TELEMETRY"] = env.get("ORT_DISABLE_TELEMETRY", "1")
+    if env.get("WMAUDIT_ALLOW_ORT_TELEMETRY") != "1":  # the documented opt-in (auditor/__init__.py)
+        env.setdefault("ORT_DISABLE_TELEMETRY", "1")
     if t.emulator == "qemu-aarch64":
         root = aarch64_root()
         env["QEMU_LD_PREFIX"] = str(root)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from auditor import results
 from auditor.backends.hardware import measured_on_lines
@@ -36,6 +37,10 @@ def run(args) -> int:
     r = wmaudit.scan(args.model, args.key, keys_dir=args.keys, references=args.reference, alpha=args.alpha,
                      command=results.command_line())
     results.emit(r.document, output=args.output, as_json=args.json, render=render)
+    if r.exit_code == 2:  # nothing was judged: the one line says why (the result is written in full)
+        f = next((f for f in r.document["result"]["findings"] if f["verdict"] == stats.UNREADABLE), {})
+        print(f"wmaudit scan: the mark could not be read: {' '.join(str(f.get('reason', '')).split())}",
+              file=sys.stderr)
     return r.exit_code
 
 
