@@ -396,7 +396,7 @@ def test_scan_through_bias_adds(fx, tmp_path, perm_in):
         no_ref, ref = _scan(p, d / "key.json"), _scan(p, d / "key.json", (d / "model.onnx",))
         if src == "twin.onnx":
             for f in (no_ref, ref):
-                assert f["verdict"] == "not detected" and f["matches"] <= 50, f  # never detected (<= 44 measured)
+                assert f["verdict"] == "not detected", f  # the twin is never detected
             continue
         assert ref["verdict"] == "detected" and ref["matches"] == 64 and ref["p_corrected"] < 1e-6
         assert ref["found"]["source"] == "reference model.onnx"
@@ -423,7 +423,7 @@ def test_scan_through_a_squeeze_excitation_block(fx, tmp_path):
         assert rc == (0 if src == "model.onnx" else 1)     # the CLI: 0 found, 1 not found
         if src == "twin.onnx":
             for f in (no_ref, ref):
-                assert f["verdict"] == "not detected" and f["matches"] <= 90, f  # never detected (<= 80 measured)
+                assert f["verdict"] == "not detected", f  # the twin is never detected
             continue
         for f in (no_ref, ref):
             assert f["verdict"] == "detected" and f["matches"] == 128 and f["p_corrected"] < 1e-6, f

@@ -170,7 +170,7 @@ def test_scan_cleans_inputs_through_a_decomposed_gelu(build_fixture, tmp_path):
         onnx.save(r.model, str(q))
         f = scan(q, [key])["findings"][0]
         if src == "twin.onnx":
-            assert f["verdict"] == "not detected" and f["matches"] <= 50, f  # never detected (<= 44 measured)
+            assert f["verdict"] == "not detected", f  # the twin is never detected
             continue
         assert f["verdict"] == "detected" and f["matches"] == 64 and f["p_corrected"] < 1e-6, f
         assert (f"input neurons (via {fc1}): 2 dummy and 2 clique removed, 2 split copies merged (70 -> 64)"

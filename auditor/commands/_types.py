@@ -71,3 +71,10 @@ def targets_of(args) -> list[str]:
 
     names = [resolve(t).name for t in (getattr(args, "target", None) or ["native"])]
     return list(dict.fromkeys(names))
+
+
+def say_unreadable(command: str, reason: str) -> None:
+    """The one stderr line of a 'could not read' verdict (exit 2: nothing was judged)."""
+    import sys
+
+    print(f"wmaudit {command}: the mark could not be read: {' '.join(str(reason).split())}", file=sys.stderr)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from auditor.commands import _types
 from auditor import results
 from auditor.backends.hardware import measured_on_lines
@@ -46,8 +45,7 @@ def run(args) -> int:
     results.emit(r.document, output=args.output, as_json=args.json, render=render)
     if r.exit_code == 2:  # nothing was judged: the one line says why (the result is written in full)
         m = next((m for m in r.document["result"]["marks"] if m["verdict"] == stats.UNREADABLE), {})
-        print(f"wmaudit extract: the mark could not be read: {' '.join(str(m.get('reason', '')).split())}",
-              file=sys.stderr)
+        _types.say_unreadable("extract", m.get("reason", ""))
     return r.exit_code
 
 

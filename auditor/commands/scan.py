@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from auditor import results
 from auditor.backends.hardware import measured_on_lines
@@ -39,8 +38,7 @@ def run(args) -> int:
     results.emit(r.document, output=args.output, as_json=args.json, render=render)
     if r.exit_code == 2:  # nothing was judged: the one line says why (the result is written in full)
         f = next((f for f in r.document["result"]["findings"] if f["verdict"] == stats.UNREADABLE), {})
-        print(f"wmaudit scan: the mark could not be read: {' '.join(str(f.get('reason', '')).split())}",
-              file=sys.stderr)
+        _types.say_unreadable("scan", f.get("reason", ""))
     return r.exit_code
 
 
