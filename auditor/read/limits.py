@@ -546,13 +546,9 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
                     raise AuditError(f"{where}: {gname}: node {label!r} reads {x!r}, which nothing defines")
             for a in n.attribute:
                 _check_attribute(a, f"{where}: {gname}", label)
-                if a.type == onnx.AttributeProto.TENSOR:
+                for t in _attribute_tensors(a):
                     tensors += 1
-                    _check_tensor(a.t, f"attribute {a.name} of {label}", lim)
-                elif a.type == onnx.AttributeProto.TENSORS:
-                    for t in a.tensors:
-                        tensors += 1
-                        _check_tensor(t, f"attribute {a.name} of {label}", lim)
+                    _check_tensor(t, f"attribute {a.name} of {label}", lim)
             _check_node(n, opsets, dtypes, f"{where}: {gname}", label)
             if tensors > lim.max_tensors:
                 raise AuditError(f"{where}: more than {lim.max_tensors} stored tensors")
@@ -579,7 +575,7 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
             label = n.name or n.op_type or "<unnamed node>"
             for a in n.attribute:
                 _check_attribute(a, f"{where}: {fname}", label)
-                for t in ([a.t] if a.type == _A.TENSOR else list(a.tensors) if a.type == _A.TENSORS else []):
+                for t in _attribute_tensors(a):
                     tensors += 1
                     _check_tensor(t, f"attribute {a.name} of {label} in {fname}", lim)
             if tensors > lim.max_tensors:
@@ -594,6 +590,11 @@ def check_model(model: onnx.ModelProto, base_dir: str | os.PathLike | None, wher
                 for t in _stored(g, initializers=g is not fn):
                     if t.data_location == _T.EXTERNAL:
                         check_external(t, base_dir, lim)
+
+
+def _attribute_tensors(a: onnx.AttributeProto) -> list[onnx.TensorProto]:
+    """The tensors a TENSOR or TENSORS attribute stores (none for other kinds)."""
+    return [a.t] if a.type == _A.TENSOR else list(a.tensors) if a.type == _A.TENSORS else []
 
 
 def _all_graphs(graph: onnx.GraphProto):
