@@ -326,7 +326,7 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
 
                 cell["accuracy"] = {}
                 for backend in policy.backends:
-                    thresholds = policy.thresholds_for(spec.id, backend)
+                    on_target = policy.thresholds_for(spec.id, backend)
                     try:
                         outs, acc = measure_task(path, backend, evaluation)
                         hardware_seen.setdefault(backend, acc.pop("hardware"))
@@ -353,20 +353,20 @@ def run_gate(model_path: str | Path, key: Key, policy: Policy, *, manifest: dict
                         continue
                     fid = compare(baseline_out[backend], outs)
                     acc["fidelity"] = fid
-                    if "accuracy" in acc and "max_accuracy_drop" in thresholds:
+                    if "accuracy" in acc and "max_accuracy_drop" in on_target:
                         r = judge_accuracy(spec.id, backend, float(acc["accuracy"]), float(ref["accuracy"]),
-                                           int(acc["samples"]), thresholds)
+                                           int(acc["samples"]), on_target)
                         acc["accuracy_drop"] = r.measured["accuracy_drop"]
                         reqs.append(r)
-                    if "min_top1_agreement" in thresholds or "min_sqnr_db" in thresholds:
-                        reqs.append(judge_fidelity(spec.id, backend, fid, int(acc["samples"]), thresholds))
+                    if "min_top1_agreement" in on_target or "min_sqnr_db" in on_target:
+                        reqs.append(judge_fidelity(spec.id, backend, fid, int(acc["samples"]), on_target))
                     cell["accuracy"][backend] = acc
 
             if want_blackbox:
                 cell["blackbox"] = {}
                 for backend in policy.backends:
-                    thresholds = policy.thresholds_for(spec.id, backend)
-                    bb_reqs, bb = judge_blackbox(spec.id, path, key, backend, thresholds, policy)
+                    on_target = policy.thresholds_for(spec.id, backend)
+                    bb_reqs, bb = judge_blackbox(spec.id, path, key, backend, on_target, policy)
                     if bb.get("hardware"):
                         hardware_seen.setdefault(backend, bb.pop("hardware"))
                     cell["blackbox"][backend] = bb
