@@ -29,6 +29,7 @@ aliases: ``ort-cpu`` is ``native``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import select
 import shutil
@@ -131,7 +132,9 @@ def aarch64_root() -> Path:
     return Path(os.environ.get("WMAUDIT_AARCH64_ROOT") or REPO / "build" / "targets" / "aarch64")
 
 
+@functools.lru_cache(maxsize=None)
 def _emulator_version(binary: str) -> str | None:
+    """The emulator's version line, asked once per process (every emulated child's record names it)."""
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
