@@ -1,5 +1,12 @@
 """Forensic scan and provenance benchmarks.
 
+0. The streaming scan against its physical anchor, in the same run: a plain read of every byte of
+   the model's files into one reused 64 MiB buffer (page cache warm). Scans with 1 and 100 keys run
+   in fresh processes (so peak RSS is their own): wall time, peak RSS, the weight bytes the scan held
+   at its peak, against the file size and the largest tensor. Also the keys' own floor: generating
+   the 100 keys' projections X (256 x 4096 normals each) once, which any check of those keys pays.
+   The full run then scans a file larger than this machine's memory (`build_huge`: a sparse
+   external-data file of MemTotal + 1 GiB, 256 MiB tensors, one carrying the mark) in a child.
 1. Scan time with 1 and with 100 keys against the time to read the file's weights
    (WeightStore.open + every weight read once and kept in memory, as the scan holds them); also
    against a streaming read (each weight dropped after reading: the page faults of fresh memory
@@ -13,7 +20,7 @@
    -log10 of the combined p. Reports AUC, the largest negative score and the smallest
    positive score (the gap), and the false-positive / true-positive rates at alpha = 1e-6.
 
-    python bench/bench_scan.py --out build/bench [--quick] [--model M.onnx --key K.json]
+    python bench/bench_scan.py --out build/bench [--quick] [--model M.onnx --key K.json] [--no-huge]
 
 Without --model: --quick scans the obfuscated SmallCNN (7.7 MB); the full run builds the 1 GiB
 model (build_large: sixteen 4096 x 4096 weights, a committed 256-bit mark written into W8).
@@ -131,6 +138,193 @@ def time_scan(path, keys, reps: int) -> tuple[float, dict]:
     return statistics.median(times), res
 
 
+def data_files(model: Path) -> list[Path]:
+    """The model file and the external data files beside it that belong to it."""
+    return sorted(f for f in model.parent.iterdir() if f.is_file() and f.name.startswith(model.name))
+
+
+def time_plain_read(model: Path, reps: int = 3) -> float:
+    """The anchor: every byte of the model's files read into one reused 64 MiB buffer (median)."""
+    import statistics
+
+    buf = memoryview(bytearray(64 << 20))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for f in data_files(model):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_key_generation(keys) -> float:
+    """Generating every key's projection X once (and dropping it): what any check of these keys pays."""
+    from auditor.marks.keys import generate_projection
+
+    t0 = time.perf_counter()
+    for k in keys:
+        for m in k.whitebox:
+            p = m.projection
+            generate_projection(p["seed"], m.n_bits, m.n_coeffs, p.get("scale", 1.0))
+    return time.perf_counter() - t0
+
+
+def child_scan(model: Path, key_file: Path, n_keys: int, reps: int = 1) -> dict:
+    """`scan` with the owner's key and n_keys - 1 random keys in a fresh process: wall seconds (median
+    of reps, inside the process, keys made before the clock starts), peak RSS, RSS before the scan,
+    the weight bytes the scan held at its peak, and the owner's finding."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               ORT_DISABLE_TELEMETRY="1")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(model), str(key_file), str(n_keys), str(reps)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1], "rc": r.returncode}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _child(model: str, key_file: str, n_keys: int, reps: int) -> int:
+    import resource
+    import statistics
+
+    from auditor.forensics.scan import scan
+    from auditor.marks.keys import load_key
+
+    key = load_key(Path(key_file))
+    keys = [key] + random_keys(key, n_keys - 1, seed=0)
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024.0
+
+    before = rss_mb()
+    times, res = [], None
+    for _ in range(reps):
+        for k in keys:            # each run generates the projections anew, as a fresh process would
+            for m in k.whitebox:
+                m._X = None
+        t0 = time.perf_counter()
+        res = scan(Path(model), keys)
+        times.append(time.perf_counter() - t0)
+    f0 = res["findings"][0]
+    print(json.dumps({"seconds": statistics.median(times), "seconds_all": times, "keys": n_keys,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                      "rss_before_scan_mb": before,
+                      "peak_weight_bytes_held": res["tried"].get("peak_weight_bytes_held"),
+                      "candidate_tensors": res["tried"]["candidate_tensors"],
+                      "owner_verdict": f0["verdict"], "owner_matches": f0.get("matches"),
+                      "owner_log10_p_corrected": f0.get("log10_p_corrected"),
+                      "random_keys_detected": sum(1 for f in res["findings"][1:] if f["verdict"] == "detected")}))
+    return 0
+
+
+def build_huge(out_dir: Path, min_bytes: int, side: int = 8192):
+    """A model whose external data file is larger than `min_bytes` (this machine's memory): a chain
+    of side x side float32 MatMul weights in one sparse file (holes read back as zeros, so the disk
+    holds little), each tensor's first 4 KiB random (distinct tensors), and one tensor in the middle
+    fully random with a committed 256-bit `mean` mark written as in `build_large`. Built once
+    (stamp), deterministically. Returns (model, key path, file bytes, allocated bytes)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import set_external_data
+
+    from auditor.marks.evidence import committed_mark
+    from auditor.marks.keys import Key, save_key
+
+    per = side * side * 4
+    n = -(-min_bytes // per)
+    target = n // 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path, data_path, key_path = out_dir / "model.onnx", out_dir / "model.onnx.data", out_dir / "key.json"
+    stamp = out_dir / "stamp.json"
+    spec = {"side": side, "n": n, "target": target, "seed": 7, "bits": 256}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == spec and model_path.exists() and key_path.exists()):
+        rng = np.random.default_rng(7)
+        mark = committed_mark("wmaudit bench", "scan-huge", "2026-12-06", param=f"W{target}", shape=(side, side),
+                              reduce="mean", n_bits=256)
+        tmp = data_path.with_suffix(".data.tmp")
+        inits, nodes = [], []
+        with open(tmp, "wb") as f:
+            f.truncate(n * per)                       # sparse: nothing written yet
+            for i in range(n):
+                f.seek(i * per)
+                if i == target:
+                    W = rng.standard_normal((side, side), dtype=np.float32).astype(np.float64)   # [in, out]
+                    X = mark.matrix()
+                    m = W.mean(axis=1)
+                    y = X @ m
+                    d = X.T @ np.linalg.solve(X @ X.T, (2.0 * mark.bits - 1.0) * 3.0 * float(y.std()) - y)
+                    f.write((W + d[:, None]).astype(np.float32).tobytes())
+                    del W, X
+                else:
+                    f.write(rng.standard_normal(1024, dtype=np.float32).tobytes())
+                t = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[side, side])
+                t.raw_data = b""
+                set_external_data(t, location=data_path.name, offset=i * per, length=per)
+                t.ClearField("raw_data")
+                t.data_location = TensorProto.EXTERNAL
+                inits.append(t)
+                nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"W{i}"], [f"h{i}"]))
+        graph = helper.make_graph(nodes, "huge", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
+                                  [helper.make_tensor_value_info(f"h{n - 1}", TensorProto.FLOAT, [1, side])], inits)
+        os.replace(tmp, data_path)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(model_path))
+        save_key(Key([mark], model={"name": "bench larger than memory"}), key_path)
+        stamp.write_text(json.dumps(spec))
+    st = data_path.stat()
+    return model_path, key_path, st.st_size, st.st_blocks * 512
+
+
+def mem_total() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("MemTotal:")) * 1024
+
+
+def stream_section(model: Path, key_file: Path, keys, reps: int) -> dict:
+    """Part 0: the streaming scan against a plain read of the file, in one run."""
+    import numpy as np
+
+    from auditor.read.weights import WeightStore
+
+    time_plain_read(model, 1)                               # page cache warm
+    plain = time_plain_read(model, reps)
+    gen = time_key_generation(keys)
+    one = child_scan(model, key_file, 1, reps)
+    many = child_scan(model, key_file, len(keys), reps)
+    plain_after = time_plain_read(model, reps)              # the anchor again: the machine did not change
+    s = WeightStore.open(model)
+    largest = max(int(np.prod(w.shape)) * 4 for w in s.weights)
+    size = sum(f.stat().st_size for f in data_files(model))
+    out = {"model_bytes": size, "largest_tensor_bytes": largest,
+           "plain_read_seconds": plain, "plain_read_seconds_after": plain_after,
+           "plain_read_how": "every byte of the model's files read into one reused 64 MiB buffer, page cache warm "
+                             "(median of reps)",
+           f"key_generation_{len(keys)}_keys_seconds": gen,
+           "scan_1_key": one, f"scan_{len(keys)}_keys": many}
+    if "seconds" in one:
+        out["ratio_1_key_to_plain_read"] = one["seconds"] / plain
+        out["peak_rss_1_key_over_largest_tensor"] = one["peak_rss_mb"] * 2 ** 20 / largest
+    if "seconds" in many:
+        out[f"ratio_{len(keys)}_keys_to_plain_read"] = many["seconds"] / plain
+        out[f"ratio_{len(keys)}_keys_to_plain_read_plus_key_generation"] = many["seconds"] / (plain + gen)
+        out[f"peak_rss_{len(keys)}_keys_mb"] = many["peak_rss_mb"]
+    return out
+
+
+def huge_section(out_dir: Path) -> dict:
+    """A file larger than this machine's memory, scanned in a child (1 key)."""
+    total = mem_total()
+    model, key_file, size, allocated = build_huge(out_dir, total + (1 << 30))
+    r = child_scan(model, key_file, 1)
+    return {"machine_memory_bytes": total, "file_bytes": size, "file_allocated_bytes": allocated,
+            "model": str(model), "scan": r,
+            "peak_rss_over_file": (r["peak_rss_mb"] * 2 ** 20 / size) if "peak_rss_mb" in r else None}
+
+
 def roc(pos: list[float], neg: list[float]) -> dict:
     auc = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
     return {"auc": auc, "positives": len(pos), "negatives": len(neg), "min_positive_score": min(pos),
@@ -146,6 +340,14 @@ def main(argv=None) -> int:
     ap.add_argument("--key")
     ap.add_argument("--model-dir", default=str(ROOT / "build" / "bench-data" / "scan-1g"),
                     help="where the full run builds its 1 GiB model")
+    ap.add_argument("--huge-dir", default=str(ROOT / "build" / "bench-data" / "scan-huge"),
+                    help="where the full run builds its model larger than the machine's memory")
+    ap.add_argument("--no-huge", action="store_true", help="leave out the file larger than memory")
+    ap.add_argument("--only-stream", action="store_true", help="part 0 only (streaming scan, memory, huge file)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        c = sys.argv[2:6]
+        return _child(c[0], c[1], int(c[2]), int(c[3]))
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from fixtures.build import ensure
@@ -162,6 +364,17 @@ def main(argv=None) -> int:
     n_random = 9 if a.quick else 99
     keys = [key] + random_keys(key, n_random, seed=0)
     reps = 1 if a.quick else 3
+    streaming = stream_section(model, key_file, keys, reps)
+    if not a.quick and not a.no_huge and not a.model:
+        streaming["larger_than_memory"] = huge_section(Path(a.huge_dir))
+    if a.only_stream:
+        d = Path(a.out)
+        d.mkdir(parents=True, exist_ok=True)
+        doc = {"bench": "scan", "command": " ".join([sys.executable] + sys.argv), "quick": a.quick,
+               "model": str(model), "streaming": streaming}
+        (d / "scan.json").write_text(json.dumps(doc, indent=2) + "\n")
+        print(json.dumps(doc, indent=2))
+        return 0
     # read times: the median of `reps` runs each (page-cache warm after the first), and scan times
     # likewise; three baselines, since allocating memory for the whole file is a large part of a read
     import statistics
@@ -175,7 +388,7 @@ def main(argv=None) -> int:
     detected_random = sum(1 for f in rn["findings"][1:] if f["verdict"] == "detected")
     data_bytes = sum(f.stat().st_size for f in model.parent.iterdir() if f.name.startswith(model.name))
     out = {"bench": "scan", "command": " ".join([sys.executable] + sys.argv), "quick": a.quick,
-           "model": str(model), "model_bytes": data_bytes, "reps": reps,
+           "model": str(model), "model_bytes": data_bytes, "reps": reps, "streaming": streaming,
            "read_seconds": read, "read_how": "WeightStore: every weight read and kept in memory (median of reps)",
            "read_streaming_seconds": stream, "onnx_load_seconds": load,
            "scan_1_key_seconds": t1, f"scan_{len(keys)}_keys_seconds": tn,

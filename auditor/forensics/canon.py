@@ -198,8 +198,7 @@ def live_outputs(gv: GraphValues, lay: ch.Layer, depth: int) -> np.ndarray | Non
         else:
             g = neuron_groups(gv, flow, depth=depth)
             live = np.zeros(flow.channels, dtype=bool)
-            for mem in g.members:
-                live[[j for j, _ in mem]] = True
+            live[[j for mem in g.members for j, _ in mem]] = True
             cache[key] = live
     return cache[key]
 
@@ -264,9 +263,10 @@ def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray, cos_equal: float = COS_EQU
     # pair of copies is missed) and close to O(C N): a single direction is not enough in high
     # dimension, where projections of unit rows spread only about 1/sqrt(N).
     tol = float(np.sqrt(2.0 * (1.0 - cos_equal))) * 1.01
-    C = ps.shape[0]
     partners: dict[int, set[int]] = {}
-    order = np.argsort(ps[:, 0], kind="stable")
+    live = np.flatnonzero(~np.asarray(dummy, bool))   # rows left out never enter a window
+    C = live.size
+    order = live[np.argsort(ps[live, 0], kind="stable")]
     ps = ps[order]
     ends = np.searchsorted(ps[:, 0], ps[:, 0] + tol, side="right")
     chunk = 256
@@ -406,7 +406,9 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
                 c = row_cos(i, j)
                 return c if c < cos_equal or _same_path(path, i, j, rn[j] / rn[i] if rn[i] > 0 else 1.0) else -1.0
 
-        partners = _pairs(ps, cosine, np.zeros(C, dtype=bool), cos_equal)
+        # a zero row has no direction and copies nothing (an all-zero layer would otherwise put every
+        # pair of rows in one window)
+        partners = _pairs(ps, cosine, rn <= 0, cos_equal)
     return rn, partners
 
 
@@ -456,19 +458,32 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = Non
         cache[ckey] = _copies(gv, flow, W2, f, sh)
     rn, all_partners = cache[ckey]
     partners = {i: {j for j in js if not dummy[j]} for i, js in all_partners.items() if not dummy[i]}
+    partners = {i: js for i, js in partners.items() if js}
+    # a channel with no copy is a neuron of its own (factor 1); only channels with copies are grouped
+    # one by one: each takes the copies after it not taken yet (in channel order)
     assigned = np.full(C, -1)
-    groups: list[list[tuple[int, float]]] = []
-    for i in range(C):
-        if dummy[i] or assigned[i] >= 0:
+    special: dict[int, list[tuple[int, float]]] = {}
+    for i in sorted(partners):
+        if assigned[i] >= 0:
             continue
-        same = sorted({i} | {j for j in partners.get(i, ()) if assigned[j] < 0 and j > i})
-        for j in same:
-            assigned[j] = len(groups)
-        groups.append([(j, float(rn[j] / rn[i]) if rn[i] > 0 else 1.0) for j in same])
+        same = sorted({i} | {j for j in partners[i] if assigned[j] < 0 and j > i})
+        assigned[same] = i
+        special[i] = [(j, float(rn[j] / rn[i]) if rn[i] > 0 else 1.0) for j in same]
+    solo = np.flatnonzero(~dummy & (assigned < 0))
+    reps = np.union1d(solo, np.fromiter(special, dtype=int, count=len(special))) if special else solo
     out = Groups([], [], dummies=int(dummy.sum()), channels=C)
-    multi = sorted({j for g in groups if len(g) > 1 for j, _ in g})
+    if not special:
+        out.keep = reps.tolist()
+        out.members = [[(r, 1.0)] for r in out.keep]
+        return out
+    multi = sorted({j for g in special.values() if len(g) > 1 for j, _ in g})
     cols = dict(zip(multi, outgoing(gv, flow, depth, rows=multi))) if multi else {}
-    for g in groups:
+    for r in reps.tolist():
+        g = special.get(r)
+        if g is None:
+            out.keep.append(r)
+            out.members.append([(r, 1.0)])
+            continue
         if len(g) > 1:
             merged = sum(fj * cols[j] for j, fj in g)
             total = sum(abs(fj) * cn[j] for j, fj in g)

@@ -61,13 +61,34 @@ def log10_factorial(n: int) -> float:
 
 @dataclass
 class Variant:
-    weight: np.ndarray            # torch layout
+    weight: np.ndarray | None     # torch layout; None once reduced (or when `parent` gives it)
     candidate: int                # index into the candidate list
     undone: list[str] = field(default_factory=list)
     log10_family: float = 0.0     # log10 of how many hypotheses this variant stands for
     source: str = "suspect"
     out_fixed: bool = False       # output channels already in the key's order (anchors)
     reduced: dict = field(default_factory=dict)   # reduce -> reduced vector (float64), cached
+    shape: tuple = ()             # torch-layout shape (kept when the weight is dropped)
+    parent: "Variant | None" = None       # weight = parent's weight, input columns times col_scale
+    col_scale: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not self.shape and self.weight is not None:
+            self.shape = tuple(self.weight.shape)
+
+    def array(self) -> np.ndarray:
+        """The variant's weight (built from its parent's when it has one)."""
+        if self.weight is None and self.parent is not None:
+            g = self.col_scale.reshape((1, -1) + (1,) * (len(self.shape) - 2))
+            return self.parent.array() * g
+        if self.weight is None:
+            raise RuntimeError("the variant's weight was dropped before every mark was reduced")
+        return self.weight
+
+    def drop(self) -> None:
+        """Forget the weight (the reduced vectors stay): memory is bounded by the step at hand."""
+        self.weight = None
+        self.parent = None
 
 
 @dataclass
@@ -105,37 +126,85 @@ def _fingerprint(a: np.ndarray) -> bytes:
     return hashlib.sha256(sample.tobytes()).digest()
 
 
-def candidates(store, gv) -> list[Candidate]:
-    """Distinct weights of rank >= 2 in every torch view, each cleaned of dummy / split neurons
-    where its layer's neighbours can be traced."""
+def _scannable(v) -> bool:
+    return not (len(v.shape) < 2 or v.kind in ("rnn",) and v.transform.startswith("rnn:") and ":B" in v.transform)
+
+
+def _cleanable(v) -> bool:
+    return v.kind in ("conv", "linear") and v.transform in ("identity", "transpose")
+
+
+def may_fit(mark: WhiteboxMark, v) -> bool:
+    """Could any variant of view `v` fit `mark`? Decided from shapes alone, before reading: the
+    cleaning only removes or merges channels (outputs, and inputs in whole channels), the other
+    variants keep the shape."""
+    shape, want = tuple(v.shape), tuple(mark.shape)
+    if _fits(mark, shape):
+        return True
+    if not _cleanable(v) or len(shape) != len(want) or shape[2:] != want[2:]:
+        return False
+    if mark.reduce == "mean":
+        return shape[1] > want[1]
+    return shape[0] >= want[0] and shape[1] >= want[1]
+
+
+def _view_array(store, v) -> np.ndarray:
+    # a transposed view stays a view of the stored array (no copy of a large weight)
+    return store.array(v.weight.name).T if v.transform == "transpose" else np.asarray(v.array(), np.float32)
+
+
+def _make_candidate(store, gv, v, a) -> Candidate:
     from auditor.forensics import canon
+
+    cand = Candidate(v, a)
+    if _cleanable(v):
+        lay = gv.layer_of_weight(v.weight.name)
+        if lay is not None:
+            torch_is_rows = (lay.out_axis == 0) == (v.transform == "identity")
+            if torch_is_rows:
+                try:
+                    cand.cleaned = canon.clean(gv, lay)
+                except (KeyError, ValueError) as e:
+                    cand.notes.append(f"neighbours not read: {e}")
+    return cand
+
+
+class _Distinct:
+    """Identical arrays under several views or names are one candidate: a sampled digest, confirmed
+    by comparing the arrays (the earlier one read again when it was released)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.seen: dict[tuple, list[tuple[int, Any]]] = {}
+
+    def is_copy(self, a: np.ndarray, v) -> bool:
+        h = (a.shape, _fingerprint(a))
+        for _, u in self.seen.get(h, ()):
+            if np.array_equal(_view_array(self.store, u), a):
+                return True
+        return False
+
+    def add(self, a: np.ndarray, v, index: int) -> None:
+        self.seen.setdefault((a.shape, _fingerprint(a)), []).append((index, v))
+
+
+def candidates(store, gv, marks=None) -> list[Candidate]:
+    """Distinct weights of rank >= 2 in every torch view (those that could fit one of `marks`, when
+    given), each cleaned of dummy / split neurons where its layer's neighbours can be traced. Every
+    array is kept (the alignment to a reference visits them all); `scan` walks the file instead."""
     from auditor.read.layout import torch_views
 
-    # each weight read once (in a background thread, unless the address space is limited), shared
-    # by the views, the cleaning and the alignment
     store.keep_arrays(prefetch=_threads_ok())
-    seen: dict[tuple, list[int]] = {}
+    distinct = _Distinct(store)
     out: list[Candidate] = []
     for v in torch_views(store):
-        if len(v.shape) < 2 or v.kind in ("rnn",) and v.transform.startswith("rnn:") and ":B" in v.transform:
+        if not _scannable(v) or (marks is not None and not any(may_fit(m, v) for m in marks)):
             continue
-        # a transposed view stays a view of the stored array (no copy of a large weight)
-        a = store.array(v.weight.name).T if v.transform == "transpose" else np.asarray(v.array(), np.float32)
-        h = (a.shape, _fingerprint(a))
-        if any(np.array_equal(out[j].array, a) for j in seen.get(h, ())):
+        a = _view_array(store, v)
+        if distinct.is_copy(a, v):
             continue
-        seen.setdefault(h, []).append(len(out))
-        cand = Candidate(v, a)
-        if v.kind in ("conv", "linear") and v.transform in ("identity", "transpose"):
-            lay = gv.layer_of_weight(v.weight.name)
-            if lay is not None:
-                torch_is_rows = (lay.out_axis == 0) == (v.transform == "identity")
-                if torch_is_rows:
-                    try:
-                        cand.cleaned = canon.clean(gv, lay)
-                    except (KeyError, ValueError) as e:
-                        cand.notes.append(f"neighbours not read: {e}")
-        out.append(cand)
+        distinct.add(a, v, len(out))
+        out.append(_make_candidate(store, gv, v, a))
     return out
 
 
@@ -143,14 +212,6 @@ def _fits(mark: WhiteboxMark, shape: tuple[int, ...]) -> bool:
     if mark.reduce == "mean":
         return tuple(shape[1:]) == tuple(mark.shape[1:])
     return tuple(shape) == tuple(mark.shape)
-
-
-def _fit_input_perm(mark: WhiteboxMark, W: np.ndarray, sx: np.ndarray) -> np.ndarray:
-    I = W.shape[1]
-    w = W.mean(axis=0, dtype=np.float64).reshape(I, -1)
-    S = sx.reshape(I, -1)
-    r, c = linear_sum_assignment(-(S @ w.T))
-    return W[:, c]
 
 
 def _fit_input_perm_flat(W: np.ndarray, sx: np.ndarray) -> np.ndarray:
@@ -189,13 +250,15 @@ def _bases(c: Candidate, i: int) -> list[Variant]:
     if c.bases is None:
         base = [Variant(c.array, i, [])]
         cl = c.cleaned
-        if cl is not None and cl.undone:
+        if cl is not None and cl.undone and 0 not in cl.weight.shape:   # (a layer of dummies only: nothing left)
             base.append(Variant(cl.weight, i, list(cl.undone)))
         c.bases = base + _gamma_variants(c, i, base)
     return c.bases
 
 
 def _gamma_variants(c: Candidate, i: int, base: list[Variant]) -> list[Variant]:
+    """Input scales canonicalised: each base's columns times a per-input vector. Built lazily from
+    the base (a mean reduction is the base's times the vector; no copy of the weight)."""
     cl = c.cleaned
     out = []
     if cl is None:
@@ -205,62 +268,83 @@ def _gamma_variants(c: Candidate, i: int, base: list[Variant]) -> list[Variant]:
         if vec is None:
             continue
         for b in base:
-            if b.weight.ndim >= 2 and b.weight.shape[1] == vec.size:
-                g = vec.reshape((1, -1) + (1,) * (b.weight.ndim - 2))
-                out.append(Variant(b.weight * g, i, b.undone + [what], out_fixed=b.out_fixed))
+            if len(b.shape) >= 2 and b.shape[1] == vec.size:
+                out.append(Variant(None, i, b.undone + [what], out_fixed=b.out_fixed, shape=b.shape, parent=b,
+                                   col_scale=np.asarray(vec, np.float64)))
     return out
 
 
-def mark_variants(mark: WhiteboxMark, cands: list[Candidate], gv, extra: list[Variant],
-                  alpha: float = stats.DEFAULT_ALPHA, skipped: list[str] | None = None) -> list[Variant]:
-    """Every variant of every candidate that fits `mark` (and the aligned ones in `extra`).
-    Permutation searches that could not reach `alpha` with the mark's bits are left out and
-    described in `skipped`."""
+def _candidate_variants(mark: WhiteboxMark, c: Candidate, i: int, gv, alpha: float, skip: dict[str, int],
+                        sx_box: list) -> list[Variant]:
+    """Every variant of candidate `i` that fits `mark`, with the key-fitted permutation searches
+    that can reach `alpha` (those that cannot are counted in `skip`). `sx_box` caches the key's
+    signed projection sum (computed on the first search)."""
     from auditor.forensics import canon
 
-    sx = None
     out: list[Variant] = []
-    skip: dict[str, int] = {}
+    base = [b for b in _bases(c, i) if _fits(mark, b.shape)]
+    cl = c.cleaned
+    if cl is not None and mark.batchnorm and c.view.kind == "conv" and cl.weight is not None \
+            and _fits(mark, cl.weight.shape):
+        try:
+            un = canon.anchor_unfold(gv, cl, mark.batchnorm)
+        except (KeyError, ValueError):
+            un = None
+        if un is not None:
+            anch = Variant(un[0], i, list(cl.undone) + [un[1]], out_fixed=True)
+            base += [anch] + _gamma_variants(c, i, [anch])
+    for b in base:
+        out.append(b)
+        O, I = b.shape[0], b.shape[1]
+        if mark.reduce == "mean" and I > 1:
+            what, fam, kind = f"input permutation fitted to the key ({I}! tried)", log10_factorial(I), "mean"
+        elif mark.reduce == "flatten" and b.out_fixed and I > 1:
+            what, fam, kind = f"input permutation fitted to the key ({I}! tried)", log10_factorial(I), "flat-in"
+        elif mark.reduce == "flatten" and len(b.shape) >= 2 and (O > 1 or I > 1):
+            what = f"output and input permutations fitted to the key ({O}! x {I}! tried)"
+            fam, kind = log10_factorial(O) + log10_factorial(I), "flat-both"
+        else:
+            continue
+        if not search_reachable(mark.n_bits, fam, alpha):
+            label = what.replace(" tried)", ")").replace("fitted to the key ", "") + f": 10^{fam:.1f} permutations"
+            skip[label] = skip.get(label, 0) + 1
+            continue
+        if not sx_box:
+            sx_box.append((2.0 * mark.bits.astype(np.float64) - 1.0) @ mark.matrix())
+        sx = sx_box[0]
+        if kind == "mean":   # the mean over outputs is all the mark reads: permute its rows, no weight copy
+            w = _reduce(mark, b).reshape(I, -1)
+            _, perm = linear_sum_assignment(-(sx.reshape(I, -1) @ w.T))
+            out.append(Variant(None, i, b.undone + [what], fam, shape=b.shape,
+                               reduced={"mean": np.ascontiguousarray(w[perm]).reshape(-1)}))
+        elif kind == "flat-in":
+            out.append(Variant(_fit_input_perm_flat(b.array(), sx), i, b.undone + [what], fam))
+        else:
+            out.append(Variant(_fit_both_perms(mark, b.array(), sx), i, b.undone + [what], fam))
+    return out
+
+
+def _skip_notes(mark: WhiteboxMark, skip: dict[str, int], alpha: float) -> list[str]:
+    T = mark.n_bits
+    return [f"{what} x {n} view(s) not searched: with {T} bits even a perfect read "
+            f"(p = 10^{stats.log10_binom_tail_half(T, T):.1f}) times the permutations searched "
+            f"stays above alpha = {alpha:g}" for what, n in skip.items()]
+
+
+def mark_variants(mark: WhiteboxMark, cands: list[Candidate], gv, extra: list[Variant],
+                  alpha: float = stats.DEFAULT_ALPHA, skipped: list[str] | None = None,
+                  skip_counts: dict[str, int] | None = None) -> list[Variant]:
+    """Every variant of every candidate that fits `mark` (and the aligned ones in `extra`).
+    Permutation searches that could not reach `alpha` with the mark's bits are left out and
+    described in `skipped` (counted per kind in `skip_counts`)."""
+    out: list[Variant] = []
+    skip: dict[str, int] = {} if skip_counts is None else skip_counts
+    sx_box: list = []
     for i, c in enumerate(cands):
-        base = [b for b in _bases(c, i) if _fits(mark, b.weight.shape)]
-        cl = c.cleaned
-        if cl is not None and mark.batchnorm and c.view.kind == "conv" and _fits(mark, cl.weight.shape):
-            try:
-                un = canon.anchor_unfold(gv, cl, mark.batchnorm)
-            except (KeyError, ValueError):
-                un = None
-            if un is not None:
-                anch = Variant(un[0], i, list(cl.undone) + [un[1]], out_fixed=True)
-                base += [anch] + _gamma_variants(c, i, [anch])
-        for b in base:
-            out.append(b)
-            O, I = b.weight.shape[0], b.weight.shape[1]
-            if mark.reduce == "mean" and I > 1:
-                what, fam = f"input permutation fitted to the key ({I}! tried)", log10_factorial(I)
-                fit = lambda W, sx: _fit_input_perm(mark, W, sx)  # noqa: E731
-            elif mark.reduce == "flatten" and b.out_fixed and I > 1:
-                what, fam = f"input permutation fitted to the key ({I}! tried)", log10_factorial(I)
-                fit = _fit_input_perm_flat
-            elif mark.reduce == "flatten" and b.weight.ndim >= 2 and (O > 1 or I > 1):
-                what = f"output and input permutations fitted to the key ({O}! x {I}! tried)"
-                fam = log10_factorial(O) + log10_factorial(I)
-                fit = lambda W, sx: _fit_both_perms(mark, W, sx)  # noqa: E731
-            else:
-                continue
-            if not search_reachable(mark.n_bits, fam, alpha):
-                label = what.replace(" tried)", ")").replace("fitted to the key ", "") + f": 10^{fam:.1f} permutations"
-                skip[label] = skip.get(label, 0) + 1
-                continue
-            if sx is None:
-                sx = (2.0 * mark.bits.astype(np.float64) - 1.0) @ mark.matrix()
-            out.append(Variant(fit(b.weight, sx), i, b.undone + [what], fam))
-    out.extend(v for v in extra if _fits(mark, v.weight.shape))
+        out.extend(_candidate_variants(mark, c, i, gv, alpha, skip, sx_box))
+    out.extend(v for v in extra if _fits(mark, v.shape))
     if skipped is not None:
-        T = mark.n_bits
-        for what, n in skip.items():
-            skipped.append(f"{what} x {n} view(s) not searched: with {T} bits even a perfect read "
-                           f"(p = 10^{stats.log10_binom_tail_half(T, T):.1f}) times the permutations searched "
-                           f"stays above alpha = {alpha:g}")
+        skipped.extend(_skip_notes(mark, skip, alpha))
     return out
 
 
@@ -268,9 +352,13 @@ def _reduce(mark: WhiteboxMark, v: Variant) -> np.ndarray:
     """The variant's reduced vector (float64), cached on the variant: marks of one shape share it."""
     r = v.reduced.get(mark.reduce)
     if r is None:
-        W = v.weight
-        r = (W.mean(axis=0, dtype=np.float64).reshape(-1) if mark.reduce == "mean"
-             else np.asarray(W, np.float64).reshape(-1))
+        if mark.reduce == "mean" and v.parent is not None:
+            pr = _reduce(mark, v.parent).reshape(v.shape[1], -1)
+            r = (pr * v.col_scale[:, None]).reshape(-1)
+        else:
+            W = v.array()
+            r = (W.mean(axis=0, dtype=np.float64).reshape(-1) if mark.reduce == "mean"
+                 else np.asarray(W, np.float64).reshape(-1))
         v.reduced[mark.reduce] = r
     return r
 
@@ -284,7 +372,13 @@ def _evidence(key: Key, mark: WhiteboxMark) -> dict[str, Any]:
 
 def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAULT_ALPHA) -> dict[str, Any]:
     """Scan `model_path` for every white-box mark of every key. Returns the result body:
-    findings (one per mark), what was tried (counts), and the verdict."""
+    findings (one per mark), what was tried (counts), and the verdict.
+
+    Without references the file is walked one candidate weight at a time: each is read once (the
+    next one read ahead in a background thread), reduced to what the marks read, and dropped with
+    the neighbours its cleaning needed, so memory is bounded by a few of the largest weights a mark
+    could fit, not by the file. The keys' projections are generated meanwhile, within a budget of
+    the same size. A file that changes while it is scanned is refused (AuditError)."""
     from auditor.read.weights import WeightStore
 
     if not keys:
@@ -293,35 +387,190 @@ def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAUL
     if not marks:
         raise AuditError("the keys hold no white-box mark")
     had_matrix = {id(m) for _, m in marks if m._X is not None}
+    before = _file_state(model_path)
     store = WeightStore.open(model_path)
     try:
-        return _scan(store, keys, marks, had_matrix, references, alpha)
+        out = _scan(store, keys, marks, had_matrix, references, alpha)
     finally:
         store.stop_prefetch()
+    after = _file_state(model_path, before)
+    if after != before:
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        raise AuditError(f"{', '.join(changed[:3])} changed while it was scanned (size or modification time); "
+                         f"no verdict: scan a copy that nothing writes to")
+    return out
+
+
+def _file_state(model_path, like: dict | None = None) -> dict[str, tuple]:
+    """(size, modification time, inode) of the model file and of every external data file beside it
+    that the model names (`like`: the same files as an earlier state), never following a link."""
+    p = Path(model_path)
+    names = [p.name] + (sorted(n for n in like if n != p.name) if like is not None else _external_files(p))
+    out = {}
+    for n in names:
+        try:
+            st = os.stat(p.parent / n, follow_symlinks=False)
+        except OSError:
+            out[n] = None
+            continue
+        out[n] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def _external_files(p: Path) -> list[str]:
+    import onnx
+
+    from auditor.read.graph import iter_graphs
+
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception:   # not ONNX (an .ort file) or unreadable: WeightStore.open says why
+        return []
+    locs = set()
+    for g, _ in iter_graphs(m.graph):
+        for t in g.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                for e in t.external_data:
+                    if e.key == "location" and e.value and not os.path.isabs(e.value) and ".." not in e.value:
+                        locs.add(e.value)
+    return sorted(locs)
+
+
+@dataclass
+class _MarkState:
+    key: Key
+    mark: WhiteboxMark
+    vs: list = field(default_factory=list)
+    skip: dict = field(default_factory=dict)
+    sx_box: list = field(default_factory=list)
+    ref_notes: list = field(default_factory=list)
+
+
+def _walk(store, gv, states: list[_MarkState], alpha: float) -> list[Candidate]:
+    """One pass over the candidate weights (graph order): each read once, the next read ahead,
+    every fitting mark's variants built and reduced, then the weights dropped (see `scan`)."""
+    from auditor.read.layout import torch_views
+
+    every = [v for v in torch_views(store) if _scannable(v)]
+    views = [v for v in every if any(may_fit(st.mark, v) for st in states)]
+    gv.__dict__["_scan_views"] = (len(every), len(views))
+    store.keep_arrays()
+    ahead = _threads_ok()
+    names = [v.weight.name for v in views]
+    if ahead and names:
+        store.prefetch_names(names[:2])
+    gen = _Projections(states, 2 * max((int(np.prod(v.shape)) * 4 for v in views), default=0), ahead)
+    distinct = _Distinct(store)
+    cands: list[Candidate] = []
+    peak = 0
+    try:
+        for n, v in enumerate(views):
+            if ahead and n + 2 < len(views):
+                store.prefetch_names([names[n + 2]])
+            peak = max(peak, store.kept_bytes())
+            a = _view_array(store, v)
+            if distinct.is_copy(a, v):
+                _release(store, gv)
+                continue
+            i = len(cands)
+            distinct.add(a, v, i)
+            c = _make_candidate(store, gv, v, a)
+            cands.append(c)
+            made: list[Variant] = []
+            for st in states:
+                if not may_fit(st.mark, v):
+                    continue
+                vs = _candidate_variants(st.mark, c, i, gv, alpha, st.skip, st.sx_box)
+                for x in vs:
+                    _reduce(st.mark, x)
+                st.vs.extend(vs)
+                made.extend(vs)
+            for x in made + list(c.bases or ()):
+                x.drop()
+            c.array, c.bases = None, None
+            if c.cleaned is not None:
+                c.cleaned.weight = None
+            peak = max(peak, store.kept_bytes())
+            _release(store, gv)
+    finally:
+        gen.stop()
+    gv.__dict__["_scan_peak"] = peak
+    return cands
+
+
+def _release(store, gv) -> None:
+    """Drop the weights the last step did not touch, and large cached graph values."""
+    store.release()
+    cache = gv.__dict__.get("_cache")
+    if cache:
+        for k in [k for k, v in cache.items() if getattr(v, "nbytes", 0) > (1 << 20)]:
+            del cache[k]
+
+
+class _Projections:
+    """The keys' projections X, generated in a background thread while the file is read, in mark
+    order, holding at most `budget` bytes of them (at least 64 MiB) at a time; the rest are
+    generated when projected."""
+
+    def __init__(self, states: list[_MarkState], budget: int, threads: bool):
+        self.futures = []
+        if not threads:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        budget = max(budget, 64 << 20)
+        todo, used = [], 0
+        for st in states:
+            m = st.mark
+            if m._X is not None:
+                continue
+            nb = int(m.n_bits) * int(m.n_coeffs) * 8
+            if used + nb > budget:
+                break
+            used += nb
+            todo.append(m)
+        if todo:
+            self.ex = ThreadPoolExecutor(1, thread_name_prefix="wmaudit-keys")
+            self.futures = [self.ex.submit(_matrix_or_none, m) for m in todo]
+
+    def stop(self) -> None:
+        if self.futures:
+            for f in self.futures:
+                f.cancel()
+            self.ex.shutdown(wait=True)
+
+
+def _matrix_or_none(mark):
+    try:
+        return mark.matrix()
+    except AuditError:     # a bad projection: reported when the mark is judged
+        return None
 
 
 def _scan(store, keys, marks, had_matrix, references, alpha) -> dict[str, Any]:
     from auditor.forensics import align, canon
 
     gv = canon.GraphValues(store)
-    cands = candidates(store, gv)
-    per_mark = []
-    for key, mark in marks:
-        extra: list[Variant] = []
-        ref_notes: list[str] = []
-        for ref in references:
-            try:
-                al = align.align_to_reference(gv, cands, ref, mark, alpha)
-            except AuditError as e:
-                ref_notes.append(f"{Path(ref).name}: {e}")
-                continue
-            for a in al:
-                extra.append(Variant(a["weight"], a["candidate"], a["undone"], 0.0, source=f"reference {Path(ref).name}"))
-            if not al:
-                ref_notes.append(f"{Path(ref).name}: no layer of this file aligns with the marked layer")
-        skipped: list[str] = []
-        vs = mark_variants(mark, cands, gv, extra, alpha, skipped)
-        per_mark.append((key, mark, vs, ref_notes, skipped))
+    states = [_MarkState(k, m) for k, m in marks]
+    if references:       # alignment visits every layer of the file: all weights kept
+        cands = candidates(store, gv)
+        for st in states:
+            extra: list[Variant] = []
+            for ref in references:
+                try:
+                    al = align.align_to_reference(gv, cands, ref, st.mark, alpha)
+                except AuditError as e:
+                    st.ref_notes.append(f"{Path(ref).name}: {e}")
+                    continue
+                for a in al:
+                    extra.append(Variant(a["weight"], a["candidate"], a["undone"], 0.0,
+                                         source=f"reference {Path(ref).name}"))
+                if not al:
+                    st.ref_notes.append(f"{Path(ref).name}: no layer of this file aligns with the marked layer")
+            st.vs = mark_variants(st.mark, cands, gv, extra, alpha, skip_counts=st.skip)
+    else:
+        cands = _walk(store, gv, states, alpha)
+    per_mark = [(st.key, st.mark, st.vs, st.ref_notes, _skip_notes(st.mark, st.skip, alpha)) for st in states]
     direct = sum(1 for _, _, vs, _, _ in per_mark for v in vs if v.log10_family == 0.0)
     searched = [v.log10_family for _, _, vs, _, _ in per_mark for v in vs if v.log10_family > 0.0]
     corr = _corrections(direct, searched)
@@ -337,7 +586,10 @@ def _scan(store, keys, marks, had_matrix, references, alpha) -> dict[str, Any]:
         findings.append(f)
     detected = [f for f in findings if f["verdict"] == stats.DETECTED]
     best = min((f.get("log10_p_corrected", 0.0) for f in findings), default=0.0)
+    n_views, n_fit = gv.__dict__.get("_scan_views", (None, None))
     tried = {"keys": len(keys), "marks": len(marks), "candidate_tensors": len(cands),
+             "weight_views": n_views, "weight_views_read": n_fit,
+             "peak_weight_bytes_held": gv.__dict__.get("_scan_peak"),
              "variants": sum(len(vs) for _, _, vs, _, _ in per_mark),
              "search_kinds_left_out": sum(len(sk) for *_, sk in per_mark),
              "direct_variants": direct, "searched_hypotheses_log10": _log10_sum(searched) if searched else None,

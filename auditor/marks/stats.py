@@ -8,6 +8,7 @@ space. Multiple testing: Bonferroni over the m candidates that were tried.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -32,8 +33,10 @@ def binom_tail_half(n: int, k: int) -> float:
     return _ratio_to_float(num, 1 << n)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def log10_binom_tail_half(n: int, k: int) -> float:
-    """log10 P[Bin(n, 1/2) >= k], exact to float precision even where p underflows."""
+    """log10 P[Bin(n, 1/2) >= k], exact to float precision even where p underflows (cached: a scan
+    asks for the same few (n, k) for every variant of every key)."""
     if k <= 0:
         return 0.0
     if k > n:

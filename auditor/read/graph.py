@@ -199,11 +199,40 @@ _PLAIN = {
 }
 
 
-def _read_exact(path: "ExternalFile", offset: int, nbytes: int, name: str) -> np.ndarray:
-    """Read nbytes at offset into a fresh uint8 buffer, the file opened under onnx's rules
-    (auditor.read.limits.open_external: no symlink, regular file, one hard link)."""
+class BufferPool:
+    """Buffers of arrays a caller released, reused by the next external reads of the same size:
+    reading into memory that is already mapped costs a plain read; fresh memory costs a page
+    fault every 4 KiB on top. Holds at most `limit` buffers; thread-safe (the prefetch thread reads)."""
+
+    def __init__(self, limit: int = 4):
+        import threading
+
+        self.limit = limit
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray | None:
+        with self._lock:
+            lst = self._free.get(nbytes)
+            return lst.pop() if lst else None
+
+    def give(self, buf: np.ndarray) -> None:
+        if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.c_contiguous or not buf.flags.writeable:
+            return
+        with self._lock:
+            if sum(len(v) for v in self._free.values()) < self.limit:
+                self._free.setdefault(buf.nbytes, []).append(buf)
+
+
+def _read_exact(path: "ExternalFile", offset: int, nbytes: int, name: str,
+                pool: BufferPool | None = None) -> np.ndarray:
+    """Read nbytes at offset into a uint8 buffer (a fresh one, or one of `pool`'s), the file opened
+    under onnx's rules (auditor.read.limits.open_external: no symlink, regular file, one hard link).
+    A file shorter than the tensor needs (truncated since it was opened) is an AuditError."""
     try:
-        buf = np.empty(nbytes, dtype=np.uint8)
+        buf = pool.take(nbytes) if pool is not None else None
+        if buf is None:
+            buf = np.empty(nbytes, dtype=np.uint8)
     except MemoryError:
         raise AuditError(f"tensor {name!r}: its {nbytes} bytes of external data do not fit in this process's "
                          f"memory") from None
@@ -224,7 +253,8 @@ def _read_exact(path: "ExternalFile", offset: int, nbytes: int, name: str) -> np
     return buf
 
 
-def tensor_array(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None = None) -> np.ndarray:
+def tensor_array(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None = None,
+                 pool: BufferPool | None = None) -> np.ndarray:
     """The values of one tensor as numpy, in its stored dtype.
 
     External data is read with one seek and one read of exactly its bytes;
@@ -239,7 +269,7 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: str | os.PathLike | None = 
     if base_dir is None:
         raise AuditError(f"tensor {name!r}: external data needs the model's folder")
     path, offset, length = resolve_external(tensor, base_dir)
-    raw = _read_exact(path, offset, length, name)
+    raw = _read_exact(path, offset, length, name, pool if tensor.data_type in _PLAIN else None)
     if tensor.data_type in _PLAIN:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
         arr = raw.view(dtype).reshape(tensor_shape(tensor))

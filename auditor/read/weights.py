@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -202,6 +203,10 @@ class WeightStore:
         self._recipes: dict[str, Callable[[], np.ndarray]] = {}
         self._kept: dict[str, np.ndarray] | None = None   # see keep_arrays
         self._prefetch: dict | None = None
+        self._reader = None                                # the prefetch thread's executor
+        self._touched: set[str] = set()                    # weights asked for since the last release
+        self._recent: list[set[str]] = []                  # ... during the releases before
+        self._pool = None                                  # buffers of released arrays (BufferPool)
         self._inferred = self._infer_types(model)
         self._scan(model.graph, {}, None)
         # Layers whose weight is there but in a layout the reader does not understand: a mark in
@@ -237,18 +242,66 @@ class WeightStore:
         callers (the forensic scan) that visit each weight from several places. With `prefetch`, one
         background thread reads the plainly stored float weights (initializers and external data,
         in file order) while the caller computes; `array` waits for a weight not read yet and
-        raises its error as its own."""
+        raises its error as its own. A caller that walks the file in steps keeps memory bounded
+        with `prefetch_names` (read the next step's weights ahead) and `release` (drop what the
+        last step did not touch) instead."""
         if self._kept is None:
             self._kept = {}
         if prefetch and self._prefetch is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             plain = [w for w in self.weights if w.quant is None and w.size >= 4096
                      and (w.location == "initializer" or w.location.startswith("external:"))]
             if plain:
-                ex = ThreadPoolExecutor(1, thread_name_prefix="wmaudit-read")
-                self._prefetch = {w.name: ex.submit(self._read, w) for w in plain}
-                ex.shutdown(wait=False)
+                self.prefetch_names([w.name for w in plain])
+
+    def prefetch_names(self, names) -> None:
+        """Read these weights in one background thread, in the order given, while the caller computes
+        (kept once read; `array` waits for one not read yet). Names already kept or pending are skipped."""
+        if self._kept is None:
+            self._kept = {}
+        if self._prefetch is None:
+            self._prefetch = {}
+        todo = [self.get(n) for n in names]
+        todo = [w for w in todo if w.name not in self._kept and w.name not in self._prefetch]
+        if not todo:
+            return
+        if self._reader is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="wmaudit-read")
+        for w in todo:
+            self._prefetch[w.name] = self._reader.submit(self._read, w)
+
+    def release(self, keep=(), steps: int = 2) -> int:
+        """Drop the kept arrays that no `array` call asked for during the last `steps` releases (and
+        that are not in `keep`), so that a caller walking the model keeps only its current
+        neighbourhood in memory. Returns the bytes dropped."""
+        self._recent = ([set(self._touched)] + self._recent)[:max(1, steps)]
+        self._touched = set()
+        if not self._kept:
+            return 0
+        keep_set = set().union(*self._recent) | {self.get(n).name for n in keep if n in self}
+        drop = [n for n in self._kept if n not in keep_set]
+        freed = sum(self._kept[n].nbytes for n in drop)
+        if self._pool is None:
+            from auditor.read.graph import BufferPool
+
+            self._pool = BufferPool()
+        for n in drop:
+            a = self._kept.pop(n)
+            # its buffer is reused for a later read only when nothing else holds the array or any
+            # view of it (the name `a` and getrefcount's argument; the array's base link, the name
+            # `base` and the argument)
+            base = a.base
+            if sys.getrefcount(a) == 2 and isinstance(base, np.ndarray) and base.base is None:
+                del a
+                if sys.getrefcount(base) == 2:
+                    self._pool.give(base)
+                del base
+        return freed
+
+    def kept_bytes(self) -> int:
+        """Bytes of the arrays kept now (prefetched ones included)."""
+        return sum(a.nbytes for a in (self._kept or {}).values())
 
     def stop_prefetch(self) -> None:
         """Cancel the prefetch reads not started yet (a caller done early, or failing, does not wait
@@ -256,6 +309,9 @@ class WeightStore:
         for fut in (self._prefetch or {}).values():
             fut.cancel()
         self._prefetch = {}
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._reader = None
 
     def array(self, name: str) -> np.ndarray:
         """The weight as float32 in ONNX layout, dequantized; reads only this tensor's bytes.
@@ -263,6 +319,7 @@ class WeightStore:
         A weight holding NaN or infinite values is refused (AuditError): no verdict can rest on it."""
         w = self.get(name)
         if self._kept is not None:
+            self._touched.add(w.name)
             a = self._kept.get(w.name)
             if a is None:
                 fut = self._prefetch.pop(w.name, None) if self._prefetch else None
@@ -400,7 +457,7 @@ class WeightStore:
         """Stored-dtype value of a constant (folded ones computed with onnx.reference and cached)."""
         c = self._consts[key]
         if c.tensor is not None:
-            return tensor_array(c.tensor, self.base_dir)
+            return tensor_array(c.tensor, self.base_dir, self._pool)
         if key in self._folded_cache:
             return self._folded_cache[key]
         node = c.node
