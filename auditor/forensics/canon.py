@@ -27,7 +27,9 @@ only with the owner's reference model).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +42,7 @@ COS_EQUAL_QUANT = 1.0 - 1e-3   # ... when the layer's weight is stored quantized
                                # of a scaled copy (measured 0.9991-0.99998 after prune:0.2 then int8)
 ZERO_REL = 1e-6            # outgoing columns this small (relative) are zero
 PRUNE_DIRECTIONS = 8       # random directions that must all agree before a cosine is computed
+GRID_DIMS = 3              # of which the copy search grids the first three (canon._pairs)
 
 
 class GraphValues:
@@ -198,9 +201,27 @@ def live_outputs(gv: GraphValues, lay: ch.Layer, depth: int) -> np.ndarray | Non
         else:
             g = neuron_groups(gv, flow, depth=depth)
             live = np.zeros(flow.channels, dtype=bool)
-            live[[j for mem in g.members for j, _ in mem]] = True
+            live[g.keep if isinstance(g.members, _Solo) else [j for mem in g.members for j, _ in mem]] = True
             cache[key] = live
     return cache[key]
+
+
+class _Solo:
+    """members of a layer whose every neuron is one channel: [(channel, 1.0)] each, built on access."""
+
+    def __init__(self, keep: list[int]):
+        self.keep = keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [[(r, 1.0)] for r in self.keep[i]]
+        return [(self.keep[i], 1.0)]
+
+    def __iter__(self):
+        return ([(r, 1.0)] for r in self.keep)
 
 
 @dataclass
@@ -209,7 +230,7 @@ class Groups:
     members[i] = [(channel, factor)] whose activations are factor * the representative's."""
 
     keep: list[int]
-    members: list[list[tuple[int, float]]]
+    members: Any   # list[list[tuple[int, float]]] (or _Solo, the same read lazily)
     dummies: int = 0
     cliques: int = 0
     splits: int = 0
@@ -257,34 +278,57 @@ def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray, cos_equal: float = COS_EQU
     """Copies among rows whose unit vectors project to `ps` (C x PRUNE_DIRECTIONS) on
     `_directions`; cosine(i, j) verifies a candidate pair."""
     # copies lie within sqrt(2 (1 - COS_EQUAL)) of each other on the unit sphere, so within that
-    # distance along every unit direction. Sort by the first direction, take the window of rows
-    # within tol along it (searchsorted), keep those within tol along PRUNE_DIRECTIONS - 1 more
-    # directions (one vectorised test), and verify the cosine of the few that remain. Exact (no
-    # pair of copies is missed) and close to O(C N): a single direction is not enough in high
-    # dimension, where projections of unit rows spread only about 1/sqrt(N).
+    # distance `tol` along every unit direction. Rows are put in a grid of cells of side tol on the
+    # first GRID_DIMS directions (rows within tol of each other lie in the same or adjacent cells),
+    # each row compared with the rows of its own cell and of half of its neighbours (every adjacent
+    # pair of cells once), those within tol along every direction kept (one vectorised test per block),
+    # and the cosine of the few that remain verified. Exact (no pair of copies is missed) and close
+    # to O(C N): one direction is not enough in high dimension, where projections of unit rows
+    # spread only about 1/sqrt(N).
     tol = float(np.sqrt(2.0 * (1.0 - cos_equal))) * 1.01
     partners: dict[int, set[int]] = {}
-    live = np.flatnonzero(~np.asarray(dummy, bool))   # rows left out never enter a window
+    live = np.flatnonzero(~np.asarray(dummy, bool))   # rows left out are never compared
     C = live.size
-    order = live[np.argsort(ps[live, 0], kind="stable")]
-    ps = ps[order]
-    ends = np.searchsorted(ps[:, 0], ps[:, 0] + tol, side="right")
-    chunk = 256
-    for a0 in range(0, C, chunk):      # rows a0..a1-1 against their windows, one array test per chunk
-        a1 = min(C, a0 + chunk)
-        lo, hi = a0 + 1, int(ends[a1 - 1])
-        if hi <= lo:
-            continue
-        b_idx, a_idx = np.nonzero(np.abs(ps[lo:hi, None, 1] - ps[None, a0:a1, 1]) <= tol)  # [window, chunk]
-        b_idx, a_idx = b_idx + lo, a_idx + a0
-        keep = (b_idx > a_idx) & (b_idx < ends[a_idx])
-        b_idx, a_idx = b_idx[keep], a_idx[keep]
-        keep = np.all(np.abs(ps[b_idx, 2:] - ps[a_idx, 2:]) <= tol, axis=1)
-        for a, b in zip(a_idx[keep], b_idx[keep]):
-            i, j = int(order[a]), int(order[b])
-            if not dummy[i] and not dummy[j] and cosine(i, j) >= cos_equal:
-                partners.setdefault(i, set()).add(j)
-                partners.setdefault(j, set()).add(i)
+    if C < 2:
+        return partners
+    P = ps[live]
+    D = min(GRID_DIMS, P.shape[1])
+    cells = np.floor(P[:, :D] / tol).astype(np.int64)
+    cells -= cells.min(axis=0)
+    width = cells.max(axis=0) + 3                 # cell + 1 +- 1 stays inside its row of the grid
+    radix = np.concatenate([np.cumprod(width[::-1])[::-1][1:], [1]]).astype(np.int64)
+    key = (cells + 1) @ radix
+    order = np.argsort(key, kind="stable")
+    ks, Ps = key[order], P[order]
+    rows = np.arange(C)
+    block = 1 << 22                               # candidate pairs tested at once (bounded memory)
+    # one's own cell, then every neighbouring cell once: the offsets lexicographically after zero
+    offsets = [d for d in itertools.product((-1, 0, 1), repeat=D) if d > (0,) * D]
+    for d in [(0,) * D] + offsets:
+        tgt = ks + int(np.dot(d, radix))
+        lo = np.searchsorted(ks, tgt, side="left")
+        hi = np.searchsorted(ks, tgt, side="right")
+        if not any(d):
+            lo = np.maximum(lo, rows + 1)         # one's own cell: each pair once
+        cnt = np.maximum(hi - lo, 0)
+        ends = np.cumsum(cnt)
+        a0 = 0
+        while a0 < C:
+            base = int(ends[a0 - 1]) if a0 else 0
+            a1 = max(a0 + 1, int(np.searchsorted(ends, base + block, side="right")))
+            a1 = min(a1, C)
+            n = cnt[a0:a1]
+            tot = int(n.sum())
+            if tot:
+                a_idx = np.repeat(rows[a0:a1], n)
+                b_idx = np.repeat(lo[a0:a1], n) + (np.arange(tot) - np.repeat(np.cumsum(n) - n, n))
+                keep = np.all(np.abs(Ps[b_idx] - Ps[a_idx]) <= tol, axis=1)
+                for a, b in zip(a_idx[keep], b_idx[keep]):
+                    i, j = int(live[order[a]]), int(live[order[b]])
+                    if cosine(i, j) >= cos_equal:
+                        partners.setdefault(i, set()).add(j)
+                        partners.setdefault(j, set()).add(i)
+            a0 = a1
     return partners
 
 
@@ -444,9 +488,6 @@ def _cancel_tolerance(gv: GraphValues, flow: ch.Flow) -> float:
 
 def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = None, depth: int = 3) -> Groups:
     C = flow.channels
-    W2, f, sh = _row_affine(gv, flow)
-    if cols is not None and cols.size == W2.shape[1]:
-        W2 = W2[:, cols]
     cn = outgoing_norms(gv, flow, depth)
     scale = float(cn.max()) if cn.size else 0.0
     dummy = cn <= ZERO_REL * max(scale, 1e-30)
@@ -454,7 +495,10 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = Non
     # per layer and columns, then restricted to the non-dummy channels
     ckey = _flow_key(flow) + (None if cols is None else cols.tobytes(),)
     cache = gv.__dict__.setdefault("_copies", {})
-    if ckey not in cache:
+    if ckey not in cache:     # the layer's weight is read only here (a scan walking the file drops it after)
+        W2, f, sh = _row_affine(gv, flow)
+        if cols is not None and cols.size == W2.shape[1]:
+            W2 = W2[:, cols]
         cache[ckey] = _copies(gv, flow, W2, f, sh)
     rn, all_partners = cache[ckey]
     partners = {i: {j for j in js if not dummy[j]} for i, js in all_partners.items() if not dummy[i]}
@@ -474,7 +518,7 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = Non
     out = Groups([], [], dummies=int(dummy.sum()), channels=C)
     if not special:
         out.keep = reps.tolist()
-        out.members = [[(r, 1.0)] for r in out.keep]
+        out.members = _Solo(out.keep)
         return out
     multi = sorted({j for g in special.values() if len(g) > 1 for j, _ in g})
     cols = dict(zip(multi, outgoing(gv, flow, depth, rows=multi))) if multi else {}

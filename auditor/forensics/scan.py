@@ -458,15 +458,15 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> list[Candidate]:
     ahead = _threads_ok()
     names = [v.weight.name for v in views]
     if ahead and names:
-        store.prefetch_names(names[:2])
+        store.prefetch_names(_next_distinct(names, 0, LOOKAHEAD))
     gen = _Projections(states, 2 * max((int(np.prod(v.shape)) * 4 for v in views), default=0), ahead)
     distinct = _Distinct(store)
     cands: list[Candidate] = []
     peak = 0
     try:
         for n, v in enumerate(views):
-            if ahead and n + 2 < len(views):
-                store.prefetch_names([names[n + 2]])
+            if ahead:    # the next weights in graph order: the cleaning reads up to LOOKAHEAD layers on
+                store.prefetch_names(_next_distinct(names, n + 1, LOOKAHEAD))
             peak = max(peak, store.kept_bytes())
             a = _view_array(store, v)
             if distinct.is_copy(a, v):
@@ -496,6 +496,19 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> list[Candidate]:
         gen.stop()
     gv.__dict__["_scan_peak"] = peak
     return cands
+
+
+LOOKAHEAD = 5   # distinct weights read ahead: the cleaning's depth (canon.live_outputs, 3) + the layer + 1
+
+
+def _next_distinct(names: list[str], start: int, n: int) -> list[str]:
+    out: list[str] = []
+    for x in names[start:]:
+        if x not in out:
+            out.append(x)
+            if len(out) == n:
+                break
+    return out
 
 
 def _release(store, gv) -> None:

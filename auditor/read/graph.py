@@ -204,7 +204,7 @@ class BufferPool:
     reading into memory that is already mapped costs a plain read; fresh memory costs a page
     fault every 4 KiB on top. Holds at most `limit` buffers; thread-safe (the prefetch thread reads)."""
 
-    def __init__(self, limit: int = 4):
+    def __init__(self, limit: int = 2):
         import threading
 
         self.limit = limit
