@@ -118,6 +118,25 @@ class GraphValues:
         return self._by_weight.get(weight_name)
 
 
+_LAYER_CACHES = ("_copies", "_groups", "_live", "_rowsq")
+
+
+def forget_layers(gv: GraphValues, keep) -> int:
+    """Drop what the neuron analysis cached for layers whose weight is not in `keep` (store weight
+    names): a caller walking the file keeps only its neighbourhood (copies of a layer of many parallel
+    rows are millions of pairs). Returns the entries dropped."""
+    keep = set(keep)
+    n = 0
+    for name in _LAYER_CACHES:
+        cache = gv.__dict__.get(name)
+        if not cache:
+            continue
+        for k in [k for k in cache if (gv.weight_name(k[0]) or k[0]) not in keep]:
+            del cache[k]
+            n += 1
+    return n
+
+
 def torch_rows(gv: GraphValues, lay: ch.Layer) -> np.ndarray:
     """The layer's weight in torch layout (output channels first), float64."""
     w = gv.value(lay.weight)
@@ -274,9 +293,13 @@ def _directions(dim: int) -> np.ndarray:
     return dirs / np.linalg.norm(dirs, axis=0, keepdims=True)
 
 
-def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray, cos_equal: float = COS_EQUAL) -> dict[int, set[int]]:
+def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray, cos_equal: float = COS_EQUAL,
+           unit_rows=None, label: np.ndarray | None = None, accept=None) -> dict[int, set[int]]:
     """Copies among rows whose unit vectors project to `ps` (C x PRUNE_DIRECTIONS) on
-    `_directions`; cosine(i, j) verifies a candidate pair."""
+    `_directions`; cosine(i, j) verifies a candidate pair. With `unit_rows` (indices -> their unit
+    rows, float64) the candidate pairs are verified in blocks of dot products instead (a layer of
+    many parallel rows costs array work, not a Python call per pair), pairs must share their
+    `label` (when given) and pass `accept(i, j)` (when given)."""
     # copies lie within sqrt(2 (1 - COS_EQUAL)) of each other on the unit sphere, so within that
     # distance `tol` along every unit direction. Rows are put in a grid of cells of side tol on the
     # first GRID_DIMS directions (rows within tol of each other lie in the same or adjacent cells),
@@ -323,13 +346,34 @@ def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray, cos_equal: float = COS_EQU
                 a_idx = np.repeat(rows[a0:a1], n)
                 b_idx = np.repeat(lo[a0:a1], n) + (np.arange(tot) - np.repeat(np.cumsum(n) - n, n))
                 keep = np.all(np.abs(Ps[b_idx] - Ps[a_idx]) <= tol, axis=1)
-                for a, b in zip(a_idx[keep], b_idx[keep]):
-                    i, j = int(live[order[a]]), int(live[order[b]])
-                    if cosine(i, j) >= cos_equal:
+                I, J = live[order[a_idx[keep]]], live[order[b_idx[keep]]]
+                if unit_rows is not None:
+                    if label is not None:
+                        ok = label[I] == label[J]
+                        I, J = I[ok], J[ok]
+                    if I.size:
+                        ok = _batched_cosines(unit_rows, I, J) >= cos_equal
+                        I, J = I[ok], J[ok]
+                for i, j in zip(I.tolist(), J.tolist()):
+                    if (accept(i, j) if accept is not None else True) if unit_rows is not None \
+                            else cosine(i, j) >= cos_equal:
                         partners.setdefault(i, set()).add(j)
                         partners.setdefault(j, set()).add(i)
             a0 = a1
     return partners
+
+
+def _batched_cosines(unit_rows, I: np.ndarray, J: np.ndarray, budget: int = 1 << 24) -> np.ndarray:
+    """cos(I[k], J[k]) for every candidate pair: the rows involved fetched once, then the pairs' dot
+    products in blocks of at most `budget` numbers."""
+    S, inv = np.unique(np.concatenate([I, J]), return_inverse=True)
+    U = unit_rows(S)
+    ia, jb = inv[:I.size], inv[I.size:]
+    out = np.empty(I.size)
+    step = max(1, budget // max(U.shape[1], 1))
+    for k in range(0, I.size, step):
+        out[k:k + step] = np.einsum("ij,ij->i", U[ia[k:k + step]], U[jb[k:k + step]])
+    return out
 
 
 def copy_pairs(unit: np.ndarray, dummy: np.ndarray) -> dict[int, set[int]]:
@@ -431,6 +475,9 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
         dirs = _directions(W2.shape[1] + 1)
         ps = ((W2 @ dirs[:-1].astype(W2.dtype)).astype(np.float64) * f[:, None] + sh[:, None] * dirs[-1]) / safe[:, None]
 
+        def unit_rows(idx: np.ndarray) -> np.ndarray:
+            return np.concatenate([np.asarray(W2[idx], np.float64) * f[idx, None], sh[idx, None]], axis=1) / safe[idx, None]
+
         def cosine(i: int, j: int) -> float:
             a = np.append(np.asarray(W2[i], np.float64) * f[i], sh[i]) / safe[i]
             b = np.append(np.asarray(W2[j], np.float64) * f[j], sh[j]) / safe[j]
@@ -452,7 +499,13 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
 
         # a zero row has no direction and copies nothing (an all-zero layer would otherwise put every
         # pair of rows in one window)
-        partners = _pairs(ps, cosine, rn <= 0, cos_equal)
+        heads = flow.heads if flow.heads > 1 and C % flow.heads == 0 else 0
+        label = np.arange(C) // (C // heads) if heads else None
+        accept = None
+        if path is not None:
+            def accept(i: int, j: int) -> bool:
+                return _same_path(path, i, j, rn[j] / rn[i] if rn[i] > 0 else 1.0)
+        partners = _pairs(ps, cosine, rn <= 0, cos_equal, unit_rows, label, accept)
     return rn, partners
 
 

@@ -512,8 +512,12 @@ def _next_distinct(names: list[str], start: int, n: int) -> list[str]:
 
 
 def _release(store, gv) -> None:
-    """Drop the weights the last step did not touch, and large cached graph values."""
+    """Drop the weights the last steps did not touch, what the neuron analysis cached for their
+    layers, and large cached graph values."""
+    from auditor.forensics import canon
+
     store.release()
+    canon.forget_layers(gv, store.recent())
     cache = gv.__dict__.get("_cache")
     if cache:
         for k in [k for k, v in cache.items() if getattr(v, "nbytes", 0) > (1 << 20)]:

@@ -299,6 +299,10 @@ class WeightStore:
                 del base
         return freed
 
+    def recent(self) -> set[str]:
+        """The weights asked for since the last release and during the releases `release` remembers."""
+        return set(self._touched).union(*self._recent) if self._recent else set(self._touched)
+
     def kept_bytes(self) -> int:
         """Bytes of the arrays kept now (prefetched ones included)."""
         return sum(a.nbytes for a in (self._kept or {}).values())
