@@ -667,6 +667,10 @@ class WeightStore:
 
         self._quantized_keys = set(quant)
         relaid = self._nchwc_weights()
+        from auditor.read.packed import packed_inputs
+        for p in packed_inputs(self):  # MultiHeadAttention's packed inputs laid out in a way not read
+            if p.reason is not None and p.weight_key is not None:
+                self._unreadable(p.weight_key, p.attention, p.reason)
         unread = {u["tensor"] for u in self.unreadable}
         weights: list[Weight] = []
         taken: set[str] = set()
