@@ -151,3 +151,53 @@ def test_provenance_cli_on_the_all_file(build_fixture, saved, capsys):
     assert main(["provenance", str(saved["arch-resnet/default.onnx"]), "--reference", str(res / "kept.onnx")]) == 0
     out = capsys.readouterr().out
     assert "VERDICT: DERIVED" in out and "NCHWc block-size readings" in out
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_nchwc_pooling_upsample_and_fused_activations(tmp_path, mode):
+    """Conv + LeakyRelu / Sigmoid / Relu (fused as NCHWc activations), AveragePool, an integer Resize
+    (NCHWc Upsample), GlobalMaxPool, 24 channels (padded for block 16): the plain graph has no NCHWc
+    node left and computes onnxruntime's outputs of the ORT_ENABLE_ALL file within 1e-4."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = []
+
+    def const(name, a):
+        inits.append(numpy_helper.from_array(np.asarray(a), name))
+        return name
+
+    def conv(x, y, o, i, name):
+        return helper.make_node("Conv", [x, const(f"{name}.weight", (rng.standard_normal((o, i, 3, 3)) * 0.2).astype(np.float32)),
+                                         const(f"{name}.bias", rng.standard_normal(o).astype(np.float32))], [y],
+                                pads=[1, 1, 1, 1], name=name)
+
+    resize = {"nearest": dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+              "linear": dict(mode="linear", coordinate_transformation_mode="asymmetric")}[mode]
+    nodes = [conv("x", "a", 16, 3, "c1"), helper.make_node("LeakyRelu", ["a"], ["a1"], alpha=0.1),
+             helper.make_node("AveragePool", ["a1"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             conv("p", "b", 16, 16, "c2"), helper.make_node("Sigmoid", ["b"], ["b1"]),
+             helper.make_node("Resize", ["b1", "", const("scales", np.array([1, 1, 2, 2], np.float32))], ["u"], **resize),
+             conv("u", "c", 24, 16, "c3"), helper.make_node("Relu", ["c"], ["c1o"]),
+             helper.make_node("GlobalMaxPool", ["c1o"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", const("fc.weight", rng.standard_normal((10, 24)).astype(np.float32)),
+                                       const("fc.bias", np.zeros(10, np.float32))], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(tmp_path / "m.onnx"))
+    path = ort_save(tmp_path / "m.onnx", tmp_path / "all.onnx", "all")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node if n.domain == blocked.NCHWC_DOMAIN}
+    assert {"Conv", "AveragePool", "Upsample", "GlobalMaxPool"} <= ops
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    store = WeightStore.open(path)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    diffs = []
+    for b in nchwc_plain.readings(store):
+        m, _, _ = nchwc_plain.plain_model(store, b)
+        assert not any(n.domain == blocked.NCHWC_DOMAIN for n in m.graph.node)
+        got = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        diffs.append(float(np.abs(got - want).max()))
+    assert diffs and min(diffs) <= 1e-4

@@ -113,14 +113,22 @@ def plain_model(store, block: int | None) -> tuple[onnx.ModelProto, dict[str, st
             n.attribute.extend(node.attribute)
             nodes.append(n)
         elif op == "Upsample":
-            scales = [float(s) for s in (_attr(node, "scales") or [])]
+            # onnxruntime's NCHWc Upsample: integer `scales` over all four axes, `mode` nearest (asymmetric
+            # coordinates, floor) or linear with the Resize's `coordinate_transformation_mode`
+            scales = [float(x) for x in (_attr(node, "scales") or [])]
+            scales = ([1.0, 1.0] + scales) if len(scales) == 2 else scales
             mode = _attr(node, "mode", b"nearest")
             mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+            ctm = _attr(node, "coordinate_transformation_mode", b"asymmetric")
+            ctm = ctm.decode() if isinstance(ctm, bytes) else str(ctm)
+            if len(scales) != 4 or mode not in ("nearest", "linear"):
+                raise AuditError(f"{blocked.NCHWC_DOMAIN}:Upsample node {name!r}: scales {scales} / mode {mode!r} "
+                                 "are not what onnxruntime writes")
             sname = f"{name}/scales"
-            replaced[sname] = numpy_helper.from_array(np.array([1.0, 1.0] + scales, np.float32), sname)
-            attrs = ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
-                     if mode == "nearest" else {"mode": "linear", "coordinate_transformation_mode":
-                                                "align_corners" if int(_attr(node, "align_corners", 0)) else "asymmetric"})
+            replaced[sname] = numpy_helper.from_array(np.array(scales, np.float32), sname)
+            attrs = {"mode": mode, "coordinate_transformation_mode": ctm}
+            if mode == "nearest":
+                attrs["nearest_mode"] = "floor"
             nodes.append(helper.make_node("Resize", [node.input[0], "", sname], [node.output[0]], name=name, **attrs))
         else:
             raise AuditError(f"{blocked.NCHWC_DOMAIN}:{op} node {name!r} has no plain NCHW meaning known here; "
