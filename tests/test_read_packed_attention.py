@@ -214,3 +214,28 @@ def test_reshape_not_interpreted_is_could_not_read(build_fixture, tmp_path, caps
     assert main(["extract", str(bad), "--key", str(d / "key-attn1-to_q.json")]) == 2
     out = capsys.readouterr()
     assert "COULD NOT READ" in out.out and "Traceback" not in out.err
+
+
+def test_unet_optimizer_writes_the_packed_forms_and_they_are_read(build_fixture, tmp_path):
+    """The deployer's command, `optimize_model(..., model_type="unet")` (which also fuses
+    SkipLayerNormalization): the packed QKV and KV forms, every projection's mark read with the
+    unfused file's bits and p, the twin's never."""
+    from onnxruntime.transformers import optimizer
+
+    d = build_fixture(FIX)
+    for src, marked in (("model.onnx", True), ("twin.onnx", False)):
+        opt = optimizer.optimize_model(str(d / src), model_type="unet", num_heads=4, hidden_size=32, opt_level=0)
+        mha = [n for n in opt.model.graph.node if n.op_type == "MultiHeadAttention"]
+        assert sorted(len([i for i in n.input if i]) for n in mha) == [1, 2]
+        out = tmp_path / f"unet-{src}"
+        opt.save_model_to_file(str(out))
+        for key, transform in KEYS.items():
+            k = load_key(d / f"key-{key}.json")
+            res = extract(out, k)
+            if marked:
+                base = extract(d / "model.onnx", k).marks[0]
+                m = res.marks[0]
+                assert m.verdict == stats.DETECTED and m.matches == base.matches and m.p_value == base.p_value
+                assert m.location.transform == transform
+            else:
+                assert res.verdict == stats.NOT_DETECTED
