@@ -109,7 +109,6 @@ def candidates(store, gv) -> list[Candidate]:
     """Distinct weights of rank >= 2 in every torch view, each cleaned of dummy / split neurons
     where its layer's neighbours can be traced."""
     from auditor.forensics import canon
-    from auditor.read.blocked import UnknownLayout
     from auditor.read.layout import torch_views
 
     # each weight read once (in a background thread, unless the address space is limited), shared
@@ -121,10 +120,7 @@ def candidates(store, gv) -> list[Candidate]:
         if len(v.shape) < 2 or v.kind in ("rnn",) and v.transform.startswith("rnn:") and ":B" in v.transform:
             continue
         # a transposed view stays a view of the stored array (no copy of a large weight)
-        try:
-            a = store.array(v.weight.name).T if v.transform == "transpose" else np.asarray(v.array(), np.float32)
-        except UnknownLayout:
-            continue  # an NCHWc block-size reading the weight's non-zero padding rules out
+        a = store.array(v.weight.name).T if v.transform == "transpose" else np.asarray(v.array(), np.float32)
         h = (a.shape, _fingerprint(a))
         if any(np.array_equal(out[j].array, a) for j in seen.get(h, ())):
             continue

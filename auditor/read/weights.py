@@ -759,6 +759,8 @@ class WeightStore:
         common = set(blocked.BLOCK_SIZES)
         for f in facts.values():
             common &= set(f["blocks"])
+        if len(common) > 1:  # a reading whose channel padding is not zero is not the one onnxruntime wrote
+            common = {B for B in common if all(self._zero_padding(f, B) for f in facts.values())} or common
         if not common:
             for nname, f in facts.items():
                 self._unreadable(f["w"], nname, "no NCHWc block size (8: AVX2, 16: AVX-512) fits every blocked "
@@ -887,6 +889,20 @@ class WeightStore:
                         or (node.domain in ("", "ai.onnx") and node.op_type in _NCHWC_PASSTHROUGH):
                     frontier.extend(k for k in self._outputs.get(n, []) if k)
         return None
+
+    def _zero_padding(self, f: dict, block: int) -> bool:
+        """Is the padding a block-size reading drops from an NCHWc Conv's weight zero (True where the
+        reading drops none)?"""
+        from auditor.read import blocked
+
+        O = f["channels"]
+        if O is None or O >= f["dims"][0]:
+            return True
+        try:
+            self._unblock(f["w"], block, f["blocks"][block], O)
+        except blocked.UnknownLayout:
+            return False
+        return True
 
     def _unblock(self, key: str, block: int, order: str, channels: int) -> np.ndarray:
         from auditor.read import blocked
