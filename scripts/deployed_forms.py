@@ -1,5 +1,8 @@
 """Measure every deployed form of the test fixtures: `python scripts/deployed_forms.py` prints the
-markdown table of docs/deployed-forms.md (marks read, p, candidates paid for, twins).
+markdown table of docs/deployed-forms.md (marks read, p, candidates paid for, twins);
+`python scripts/deployed_forms.py FIXTURE...` only those fixtures' rows;
+`python scripts/deployed_forms.py --provenance` the provenance table (each suspect as exported and
+saved by this machine's onnxruntime at ORT_ENABLE_ALL, against its reference).
 
 Each form is made by auditor.attacks.compose (the grid / policy steps) from the fixture's exporter
 file, then read by `wmaudit extract`'s code path (auditor.marks.whitebox.extract). Deterministic:
@@ -26,6 +29,20 @@ CASES = (
     ("arch-bert", "default.onnx", "twin.onnx", "key.json", None, FORMS),
     ("deploy-bert-attention", "model.onnx", "twin.onnx", "key-query.json", None, FORMS),
     ("deploy-bert-attention", "model.onnx", "twin.onnx", "key-value.json", None, FORMS),
+    # MultiHeadAttention's per-head packed QKV / KV (onnxruntime's UNet attention fusion, in the fixture)
+    *(("deploy-packed-attention", model, "twin-packed.onnx", f"key-{k}.json", None, forms)
+      for k in ("attn1-to_q", "attn1-to_k", "attn1-to_v", "attn2-to_k", "attn2-to_v")
+      for model, forms in (("packed.onnx", ("", "quantize:dynamic")), ("packed-fp16.onnx", ("",)))),
+)
+# suspect, reference (fixture-relative), for --provenance
+PROVENANCE = (
+    ("data-digits-cnn/model.onnx", "data-digits-cnn/model.onnx"),
+    ("arch-resnet/default.onnx", "arch-resnet/kept.onnx"),
+    ("arch-mobilenet/default.onnx", "arch-mobilenet/kept.onnx"),
+    ("forensics-resnet-obfuscated/default/all.onnx", "arch-resnet/kept.onnx"),
+    ("forensics-resnet-obfuscated/kept/dummy-4.onnx", "arch-resnet/kept.onnx"),
+    ("forensics-resnet-twin/model.onnx", "arch-resnet/kept.onnx"),
+    ("forensics-resnet-obfuscated/twin/all.onnx", "arch-resnet/kept.onnx"),
 )
 
 
@@ -35,7 +52,29 @@ def _read(path: Path, key, reference):
     return extract(path, key, reference=reference)
 
 
+def provenance_table() -> int:
+    from auditor.forensics.provenance import provenance
+    from fixtures.build import ensure
+    from fixtures.deploy import ort_save
+
+    def path(rel: str) -> Path:
+        name, rest = rel.split("/", 1)
+        return ensure(name) / rest
+
+    print("| suspect | reference | as exported: verdict, log10 p | ORT_ENABLE_ALL: verdict, log10 p | readings |")
+    print("|---|---|---|---|---|")
+    for sus, ref in PROVENANCE:
+        with tempfile.TemporaryDirectory() as tmp:
+            a = provenance(path(sus), path(ref))
+            b = provenance(ort_save(path(sus), Path(tmp) / "all.onnx", "all"), path(ref))
+        print(f"| {sus} | {ref} | {a['verdict']}, {a['log10_p_combined']:.2f} | {b['verdict']}, "
+              f"{b['log10_p_combined']:.2f} | {b.get('nchwc_readings', 1)} |", flush=True)
+    return 0
+
+
 def main() -> int:
+    if "--provenance" in sys.argv[1:]:
+        return provenance_table()
     from fixtures.build import ensure
     from auditor.attacks import load_model, save
     from auditor.attacks.compose import compose
@@ -43,7 +82,10 @@ def main() -> int:
 
     print("| fixture (key) | form | marks k/T | log10 p | log10 p corrected | candidates | located by | twin |")
     print("|---|---|---|---|---|---|---|---|")
+    only = [a for a in sys.argv[1:] if not a.startswith("-")]   # fixture names, to measure only those
     for fixture, model, twin, key_name, ref, forms in CASES:
+        if only and fixture not in only:
+            continue
         d = ensure(fixture)
         key = load_key(d / key_name)
         reference = d / ref if ref else None
@@ -67,7 +109,10 @@ def main() -> int:
             cands = ", ".join(str(m.location.candidates if m.location else 0) for m in res.marks)
             how = ", ".join(f"{m.location.how} [{m.location.transform}]" if m.location else m.verdict for m in res.marks)
             tw = "-" if twin_res is None else twin_res.verdict
-            print(f"| {fixture} ({key_name}) | {form or 'exporter file'} | {ks} | {lp} | {lpc} | {cands} | {how} | "
+            label = form or "exporter file"
+            if model not in ("model.onnx", "default.onnx"):  # a form the fixture made (onnxruntime's fusion)
+                label = model + (f", {form}" if form else "")
+            print(f"| {fixture} ({key_name}) | {label} | {ks} | {lp} | {lpc} | {cands} | {how} | "
                   f"{tw} |", flush=True)
     return 0
 

@@ -46,12 +46,33 @@ GRID_DIMS = 3              # of which the copy search grids the first three (can
 
 
 class GraphValues:
-    """Values of graph tensors through a WeightStore (dequantized float), by graph tensor name."""
+    """Values of graph tensors through a WeightStore (dequantized float), by graph tensor name.
 
-    def __init__(self, store):
+    A file onnxruntime saved at ORT_ENABLE_ALL (NCHWc nodes, FusedConv) is traced as the plain NCHW
+    graph it computes (auditor.read.nchwc_plain): `block` picks the NCHWc block-size reading (default:
+    the first of `nchwc_plain.readings(store)`, 8 before 16)."""
+
+    def __init__(self, store, block: int | None = None):
+        from auditor.read import nchwc_plain
+
         self.store = store
         self.model = store.model
-        self.graph = ch._Graph(store.model)
+        self.block = None
+        plain_alias: dict[str, str] = {}
+        trimmed: dict[str, np.ndarray] = {}
+        if nchwc_plain.has_nchwc(store.model):
+            if block is not None:
+                self.block = block
+                self.model, plain_alias, trimmed = nchwc_plain.plain_model(store, block)
+            else:  # the first reading that reads (a wrong one may show non-zero padding); else the file as is
+                for b in nchwc_plain.readings(store) or [None]:
+                    try:
+                        self.model, plain_alias, trimmed = nchwc_plain.plain_model(store, b)
+                    except AuditError:
+                        continue
+                    self.block = b
+                    break
+        self.graph = ch._Graph(self.model)
         self._alias: dict[str, str] = {}
         for w in store.weights:
             for op, node_name, idx in w.uses:
@@ -63,11 +84,17 @@ class GraphValues:
                     self._alias.setdefault(node.input[idx], w.name)
             self._alias.setdefault(w.name, w.name)
             self._alias.setdefault(w.stored_name, w.name)
+        self._alias.update(plain_alias)   # the unblocked weights of this block-size reading
         self._cache: dict[str, np.ndarray] = {}
+        # ... with a residual stream's padding dropped: by graph tensor and by weight name
+        self._trimmed = {k: np.asarray(a, dtype=np.float32) for t, a in trimmed.items()
+                         for k in {t, self._alias.get(t, t)}}
 
     def value(self, name: str) -> np.ndarray:
         if name not in self._cache:
-            if name in self._alias:
+            if name in self._trimmed:
+                v = self._trimmed[name]
+            elif name in self._alias:
                 v = self.store.array(self._alias[name])
             else:
                 v = self.graph.value(name)
@@ -83,6 +110,8 @@ class GraphValues:
     def raw(self, name: str) -> np.ndarray:
         """A weight's values as stored-and-dequantized float32 (WeightStore.array: read once when the
         store keeps arrays, see WeightStore.keep_arrays); other graph tensors as `value` gives them."""
+        if name in self._trimmed:
+            return self._trimmed[name]
         wn = self._alias.get(name)
         if wn is None:
             return self.value(name)

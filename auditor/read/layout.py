@@ -11,7 +11,9 @@ Transform labels: `identity`, `transpose`, `rnn:<LSTM|GRU|RNN>:<W|R>:dir=<d>`,
 `rnn:<LSTM|GRU|RNN>:<Bih|Bhh>:dir=<d>` (the two halves of B),
 `DynamicQuantizeLSTM:<W|R>:dir=<d>`, and the Q / K / V parts of a packed projection
 (onnxruntime's transformer fusions): `qkv-slice:<q|k|v>:<start>:<end>` (columns of com.microsoft
-Attention's weights, or of a MatMul split in three feeding MultiHeadAttention).
+Attention's weights, or of a MatMul split in three feeding MultiHeadAttention), and
+`qkv-heads:<q|k|v>:<N>x<P>x<H>`: one projection of MultiHeadAttention's per-head packed input (a MatMul
+weight [in, N x P x H], columns laid out (head, part, h), reshaped to [B, L, N, P, H]; auditor.read.packed).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import onnx
 from onnx import helper
 
 from auditor.errors import AuditError
+from auditor.read import packed
 from auditor.read.weights import Weight, WeightStore
 
 __all__ = ["TorchView", "torch_views", "views_of", "following_batchnorm", "GATE_ORDER", "apply_transform"]
@@ -95,6 +98,8 @@ def apply_transform(a: np.ndarray, transform: str) -> np.ndarray:
         return np.ascontiguousarray(a.T)
     if transform.startswith("qkv-slice:"):
         return _packed(a, transform)
+    if transform.startswith("qkv-heads:"):
+        return packed.unpack(a, transform)
     parts = transform.split(":")
     d = int(parts[-1].split("=")[1])
     if parts[0] == "rnn" and parts[2] in ("Bih", "Bhh"):
@@ -142,6 +147,16 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
             kinds.append(("transpose", "linear"))
             for t, tshape in _packed_views(store, node_name, shape):
                 add(t, "linear", None, tshape)
+            for p in packed.packed_inputs(store):
+                if p.matmul == node_name and p.reason is None and shape[1] == p.heads * p.parts * p.head_size:
+                    for t in p.labels():
+                        add(t, "linear", None, (p.heads * p.head_size, shape[0]))
+        elif op == "Add" and len(shape) == 1:
+            # the packed bias added between a packed projection's MatMul and its Reshape
+            for p in packed.packed_inputs(store):
+                if p.bias_node == node_name and p.reason is None and shape[0] == p.heads * p.parts * p.head_size:
+                    for t in p.labels():
+                        add(t, "tensor", None, (p.heads * p.head_size,))
         elif op == "FusedMatMul" and idx == 1 and len(shape) == 2:
             # com.microsoft FusedMatMul folds a Transpose of B into transB: B^T [N, K] is torch's layout
             kinds.append(("identity" if _number(node, "transB", 0) else "transpose", "linear"))
@@ -189,8 +204,8 @@ def views_of(store: WeightStore, w: Weight) -> list[TorchView]:
 def _packed_views(store: WeightStore, node_name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple]]:
     """Q, K, V views of a MatMul weight [in, 3 x hidden] whose output (through a bias Add) is split in
     three along the last axis (a packed projection feeding MultiHeadAttention's query, key, value).
-    MultiHeadAttention's per-head packed input [B, L, N, 3, H] is not read: onnxruntime runs it on
-    CUDA only, and no file of that form was checked here."""
+    MultiHeadAttention's per-head packed inputs [B, L, N, 3, H] / [B, L, N, 2, H] are read by
+    auditor.read.packed."""
     if shape[1] % 3:
         return []
     out_key = store._output_key(node_name)

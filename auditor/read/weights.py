@@ -728,6 +728,10 @@ class WeightStore:
 
         self._quantized_keys = set(quant)
         relaid = self._nchwc_weights()
+        from auditor.read.packed import packed_inputs
+        for p in packed_inputs(self):  # MultiHeadAttention's packed inputs laid out in a way not read
+            if p.reason is not None and p.weight_key is not None:
+                self._unreadable(p.weight_key, p.attention, p.reason)
         unread = {u["tensor"] for u in self.unreadable}
         weights: list[Weight] = []
         taken: set[str] = set()
@@ -816,6 +820,8 @@ class WeightStore:
         common = set(blocked.BLOCK_SIZES)
         for f in facts.values():
             common &= set(f["blocks"])
+        if len(common) > 1:  # a reading whose channel padding is not zero is not the one onnxruntime wrote
+            common = {B for B in common if all(self._zero_padding(f, B) for f in facts.values())} or common
         if not common:
             for nname, f in facts.items():
                 self._unreadable(f["w"], nname, "no NCHWc block size (8: AVX2, 16: AVX-512) fits every blocked "
@@ -944,6 +950,20 @@ class WeightStore:
                         or (node.domain in ("", "ai.onnx") and node.op_type in _NCHWC_PASSTHROUGH):
                     frontier.extend(k for k in self._outputs.get(n, []) if k)
         return None
+
+    def _zero_padding(self, f: dict, block: int) -> bool:
+        """Is the padding a block-size reading drops from an NCHWc Conv's weight zero (True where the
+        reading drops none)?"""
+        from auditor.read import blocked
+
+        O = f["channels"]
+        if O is None or O >= f["dims"][0]:
+            return True
+        try:
+            self._unblock(f["w"], block, f["blocks"][block], O)
+        except blocked.UnknownLayout:
+            return False
+        return True
 
     def _unblock(self, key: str, block: int, order: str, channels: int) -> np.ndarray:
         from auditor.read import blocked
