@@ -224,7 +224,7 @@ def _child(model: str, key_file: str, n_keys: int, reps: int) -> int:
 def build_huge(out_dir: Path, min_bytes: int, side: int = 8192):
     """A model whose external data file is larger than `min_bytes` (this machine's memory): a chain
     of side x side float32 MatMul weights in one sparse file (holes read back as zeros, so the disk
-    holds little), each tensor's first 4 KiB random (distinct tensors), and one tensor in the middle
+    holds little), each tensor with 64 short random runs on 64 rows (distinct tensors), and one tensor in the middle
     fully random with a committed 256-bit `mean` mark written as in `build_large`. Built once
     (stamp), deterministically. Returns (model, key path, file bytes, allocated bytes)."""
     import numpy as np
@@ -241,7 +241,7 @@ def build_huge(out_dir: Path, min_bytes: int, side: int = 8192):
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path, data_path, key_path = out_dir / "model.onnx", out_dir / "model.onnx.data", out_dir / "key.json"
     stamp = out_dir / "stamp.json"
-    spec = {"side": side, "n": n, "target": target, "seed": 7, "bits": 256}
+    spec = {"side": side, "n": n, "target": target, "seed": 7, "bits": 256, "filler": "64x32"}
     if not (stamp.exists() and json.loads(stamp.read_text()) == spec and model_path.exists() and key_path.exists()):
         rng = np.random.default_rng(7)
         mark = committed_mark("wmaudit bench", "scan-huge", "2026-12-06", param=f"W{target}", shape=(side, side),
@@ -260,8 +260,11 @@ def build_huge(out_dir: Path, min_bytes: int, side: int = 8192):
                     d = X.T @ np.linalg.solve(X @ X.T, (2.0 * mark.bits - 1.0) * 3.0 * float(y.std()) - y)
                     f.write((W + d[:, None]).astype(np.float32).tobytes())
                     del W, X
-                else:
-                    f.write(rng.standard_normal(1024, dtype=np.float32).tobytes())
+                else:   # 64 stored rows get 32 random values each (64 pages written): distinct tensors whose
+                    # rows and columns point every which way, as trained weights do, the rest holes (zeros)
+                    for r in range(64):
+                        f.seek(i * per + (r * (side // 64)) * side * 4 + r * 32 * 4)
+                        f.write(rng.standard_normal(32, dtype=np.float32).tobytes())
                 t = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[side, side])
                 t.raw_data = b""
                 set_external_data(t, location=data_path.name, offset=i * per, length=per)

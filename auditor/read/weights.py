@@ -304,8 +304,14 @@ class WeightStore:
         return set(self._touched).union(*self._recent) if self._recent else set(self._touched)
 
     def kept_bytes(self) -> int:
-        """Bytes of the arrays kept now (prefetched ones included)."""
-        return sum(a.nbytes for a in (self._kept or {}).values())
+        """Bytes of the arrays kept now, and of those read ahead (done or being read)."""
+        n = sum(a.nbytes for a in (self._kept or {}).values())
+        for name, fut in (self._prefetch or {}).items():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                n += fut.result().nbytes
+            elif not fut.done():
+                n += self.get(name).size * 4
+        return n
 
     def stop_prefetch(self) -> None:
         """Cancel the prefetch reads not started yet (a caller done early, or failing, does not wait
