@@ -387,13 +387,14 @@ def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAUL
     if not marks:
         raise AuditError("the keys hold no white-box mark")
     had_matrix = {id(m) for _, m in marks if m._X is not None}
-    before = _file_state(model_path)
+    before = _file_state(model_path, [])
     store = WeightStore.open(model_path)
     try:
+        before.update(_file_state(model_path, _external_files(store)))
         out = _scan(store, keys, marks, had_matrix, references, alpha)
     finally:
         store.stop_prefetch()
-    after = _file_state(model_path, before)
+    after = _file_state(model_path, [n for n in before if n != Path(model_path).name])
     if after != before:
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         raise AuditError(f"{', '.join(changed[:3])} changed while it was scanned (size or modification time); "
@@ -401,13 +402,12 @@ def scan(model_path, keys: list[Key], references=(), alpha: float = stats.DEFAUL
     return out
 
 
-def _file_state(model_path, like: dict | None = None) -> dict[str, tuple]:
-    """(size, modification time, inode) of the model file and of every external data file beside it
-    that the model names (`like`: the same files as an earlier state), never following a link."""
+def _file_state(model_path, external: list[str]) -> dict[str, tuple | None]:
+    """(size, modification time, inode) of the model file and of the `external` data files beside
+    it, never following a link."""
     p = Path(model_path)
-    names = [p.name] + (sorted(n for n in like if n != p.name) if like is not None else _external_files(p))
-    out = {}
-    for n in names:
+    out: dict[str, tuple | None] = {}
+    for n in [p.name] + list(external):
         try:
             st = os.stat(p.parent / n, follow_symlinks=False)
         except OSError:
@@ -417,23 +417,10 @@ def _file_state(model_path, like: dict | None = None) -> dict[str, tuple]:
     return out
 
 
-def _external_files(p: Path) -> list[str]:
-    import onnx
-
-    from auditor.read.graph import iter_graphs
-
-    try:
-        m = onnx.load(str(p), load_external_data=False)
-    except Exception:   # not ONNX (an .ort file) or unreadable: WeightStore.open says why
-        return []
-    locs = set()
-    for g, _ in iter_graphs(m.graph):
-        for t in g.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                for e in t.external_data:
-                    if e.key == "location" and e.value and not os.path.isabs(e.value) and ".." not in e.value:
-                        locs.add(e.value)
-    return sorted(locs)
+def _external_files(store) -> list[str]:
+    """The external data files the model's weights live in (as the store located them)."""
+    return sorted({w.location.removeprefix("external:") for w in store.weights
+                   if w.location.startswith("external:") and w.location != "external:"})
 
 
 @dataclass
@@ -488,8 +475,9 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> list[Candidate]:
             for x in made + list(c.bases or ()):
                 x.drop()
             c.array, c.bases = None, None
-            if c.cleaned is not None:
-                c.cleaned.weight = None
+            if c.cleaned is not None:    # what the result still reads of it: undone, blocked
+                cl = c.cleaned
+                cl.weight = cl.out_groups = cl.in_groups = cl.flow = cl.in_gamma = cl.in_rownorm = None
             peak = max(peak, store.kept_bytes())
             _release(store, gv)
     finally:
