@@ -74,6 +74,19 @@ def test_scan_holds_a_few_weights_not_the_file(chain):
     assert t["weight_views_read"] == t["weight_views"] == 120   # every square weight read both ways
 
 
+def test_scan_says_what_it_read_and_held(chain, capsys):
+    import re
+
+    from auditor.cli import main
+
+    model, key = chain
+    assert main(["scan", str(model), "--key", str(key)]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"read (\d+) of (\d+) weight views .* at most ([\d.]+) MiB of weights held at once", out)
+    assert m and m.group(1) == m.group(2) == "120", out
+    assert 0 < float(m.group(3)) * 2 ** 20 < (model.parent / "model.onnx.data").stat().st_size / 3
+
+
 def test_scan_streaming_matches_holding_every_weight(chain):
     """The walk gives what holding every weight gives (the reference path keeps them all)."""
     from auditor.forensics import canon

@@ -49,6 +49,10 @@ def render(doc: dict) -> str:
              f"tried  {t['keys']} keys, {t['marks']} marks, {t['candidate_tensors']} candidate tensors, "
              f"{t['variants']} variants",
              f"       {t['correction']}"]
+    if t.get("weight_views") is not None:
+        held = t.get("peak_weight_bytes_held") or 0
+        lines.insert(2, f"       read {t['weight_views_read']} of {t['weight_views']} weight views (the others fit no "
+                        f"mark), at most {held / 2 ** 20:.1f} MiB of weights held at once")
     for f in r["findings"]:
         lines.append("")
         lines.append(f"mark {f['mark']} (key {f['key_commitment'][:19]}…): {f['param']} {f['shape']} "
