@@ -243,7 +243,7 @@ def test_external_data_reads_only_the_asked_tensor(tmp_path, monkeypatch):
     onnx.save_model(m, p, save_as_external_data=True, all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
     reads = []
     real = graph_mod._read_exact
-    monkeypatch.setattr(graph_mod, "_read_exact", lambda path, off, n, name: reads.append((name, off, n)) or real(path, off, n, name))
+    monkeypatch.setattr(graph_mod, "_read_exact", lambda path, off, n, name, *rest: reads.append((name, off, n)) or real(path, off, n, name, *rest))
     store = WeightStore.open(p)
     assert reads == []  # opening reads no tensor data
     by = {w.name: w for w in store.weights}
@@ -325,7 +325,7 @@ def test_kept_arrays_are_read_once_read_only_and_prefetch_errors_are_the_weights
                     size_threshold=0)
     reads = []
     real = graph_mod._read_exact
-    monkeypatch.setattr(graph_mod, "_read_exact", lambda path, off, n, name: reads.append(name) or real(path, off, n, name))
+    monkeypatch.setattr(graph_mod, "_read_exact", lambda path, off, n, name, *rest: reads.append(name) or real(path, off, n, name, *rest))
     for prefetch in (False, True):
         reads.clear()
         store = WeightStore.open(p)
@@ -357,10 +357,10 @@ def test_stopping_the_prefetch_cancels_reads_not_started(tmp_path, monkeypatch):
     gate, reads = threading.Event(), []
     real = graph_mod._read_exact
 
-    def slow(path, off, n, name):
+    def slow(path, off, n, name, *rest):
         reads.append(name)
         gate.wait(10)   # the first read holds the thread until the prefetch is stopped
-        return real(path, off, n, name)
+        return real(path, off, n, name, *rest)
 
     monkeypatch.setattr(graph_mod, "_read_exact", slow)
     store = WeightStore.open(p)

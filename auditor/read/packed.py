@@ -156,9 +156,15 @@ def _trace(store, att_name: str, att, slot: int, parts: int) -> PackedInput | No
 
 
 def _num_heads(node) -> int:
-    from auditor.read.weights import _attr
+    from onnx import helper
 
-    v = _attr(node, "num_heads", 0)
+    v = 0
+    for a in node.attribute:
+        if a.name == "num_heads":
+            try:
+                v = helper.get_attribute_value(a)
+            except Exception:
+                raise AuditError(f"node {node.name or node.op_type!r}: attribute 'num_heads' has no readable value") from None
     if isinstance(v, bool) or not isinstance(v, int):
         raise AuditError(f"node {node.name or node.op_type!r}: attribute 'num_heads' must be an integer")
     return v
