@@ -74,9 +74,13 @@ class GraphValues:
                         continue
                     self.block = b
                     break
+        self.unread: str | None = None   # why the int8 graph was not written as float (traced as it is)
         if qop_plain.has_quantized_ops(self.model):
-            self.model, qop_alias = qop_plain.plain_model(self.model, store)
-            plain_alias = {**qop_alias, **plain_alias}
+            try:
+                self.model, qop_alias = qop_plain.plain_model(self.model, store)
+                plain_alias = {**qop_alias, **plain_alias}
+            except AuditError as e:   # as before: the layers in float / QDQ form are still traced
+                self.unread = str(e)
         self.graph = ch._Graph(self.model)
         self._alias: dict[str, str] = {}
         for w in store.weights:
