@@ -2,7 +2,9 @@
 markdown table of docs/deployed-forms.md (marks read, p, candidates paid for, twins);
 `python scripts/deployed_forms.py FIXTURE...` only those fixtures' rows;
 `python scripts/deployed_forms.py --provenance` the provenance table (each suspect as exported and
-saved by this machine's onnxruntime at ORT_ENABLE_ALL, against its reference).
+saved by this machine's onnxruntime at ORT_ENABLE_ALL, against its reference);
+`python scripts/deployed_forms.py --qoperator` the provenance table of the residual CNN's int8 files
+in onnxruntime's QOperator and dynamic forms (as quantized, and saved at ORT_ENABLE_EXTENDED / ALL).
 
 Each form is made by auditor.attacks.compose (the grid / policy steps) from the fixture's exporter
 file, then read by `wmaudit extract`'s code path (auditor.marks.whitebox.extract). Deterministic:
@@ -72,9 +74,47 @@ def provenance_table() -> int:
     return 0
 
 
+# suspect (fixture-relative), for --qoperator; reference arch-resnet/kept.onnx
+QOPERATOR = ("arch-resnet/default.onnx", "forensics-resnet-obfuscated/default/all.onnx",
+             "forensics-resnet-twin/model.onnx", "forensics-resnet-obfuscated/twin/all.onnx")
+
+
+def qoperator_table() -> int:
+    from auditor.attacks import load_model, save
+    from auditor.attacks.compose import compose
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import load_data
+    from auditor.forensics.provenance import provenance
+    from fixtures.build import ensure
+
+    res = ensure("arch-resnet")
+    ref = res / "kept.onnx"
+    cal = Calibration(load_data(str(res / "calib.npy"), res / "default.onnx", purpose="calibration",
+                                samples=64, seed=0))
+    print("| suspect | as exported | int8 form | as quantized | ORT_ENABLE_EXTENDED | ORT_ENABLE_ALL |")
+    print("|---|---|---|---|---|---|")
+    for sus in QOPERATOR:
+        name, rest = sus.split("/", 1)
+        m = load_model(ensure(name) / rest)
+        base = provenance(ensure(name) / rest, ref)
+        for mode in ("static-qop", "static-qop-per-channel", "dynamic"):
+            q = compose(m, f"quantize:{mode}", cal).model
+            cells = []
+            with tempfile.TemporaryDirectory() as tmp:
+                for level in ("", "extended", "all"):
+                    f = save(q if not level else compose(q, f"ort-optimize:{level}").model, Path(tmp) / "m.onnx")
+                    r = provenance(f, ref)
+                    cells.append(f"{r['verdict']}, {r['log10_p_combined']:.2f}")
+            print(f"| {sus} | {base['verdict']}, {base['log10_p_combined']:.2f} | quantize:{mode} | "
+                  + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
 def main() -> int:
     if "--provenance" in sys.argv[1:]:
         return provenance_table()
+    if "--qoperator" in sys.argv[1:]:
+        return qoperator_table()
     from fixtures.build import ensure
     from auditor.attacks import load_model, save
     from auditor.attacks.compose import compose

@@ -5,11 +5,11 @@ QLinearConv in Transpose pairs, NhwcMaxPool; DynamicQuantizeMatMul; NCHWc MaxPoo
 The residual CNN of arch-resnet (default.onnx, BatchNorm folded, marked; kept.onnx the reference) and
 its independently trained twin (forensics-resnet-twin) are quantized with the project's own steps
 (`quantize:static-qop`, `quantize:static-qop-per-channel`, `quantize:dynamic`, then `ort-optimize:LEVEL`)
-in a module-scoped temporary folder. Measured on an AMD EPYC (AVX2) with onnxruntime 1.x: every form of
-the marked model log10 p = -26.87 (the float file's value: the sign test counts rows, and int8 keeps
-every row's correlation above rho0), every twin form 0.0; the rewritten float graph is 0.008-0.019 (relative
-to the largest output) from the float model, and as far from onnxruntime's int8 outputs as the float
-model is (0.02-0.25, per channel the largest).
+in a module-scoped temporary folder. Measured (`python scripts/deployed_forms.py --qoperator`, table in
+docs/deployed-forms.md): the marked model's float file log10 p -28.33, its per-tensor int8 forms -26.87
+and per-channel ones -28.33 (as quantized and saved at both levels alike), every twin form 0.00. The
+rewritten float graph is 0.008-0.019 (relative to the largest output) from the float model, and as
+far from onnxruntime's int8 outputs as the float model is (0.02-0.25, per channel the largest).
 """
 from __future__ import annotations
 
