@@ -17,11 +17,12 @@ pairs. onnxruntime's quantizer writes two other int8 forms, and its optimizer re
   ``Transpose`` pairs (perm [0,2,3,1] into NHWC, [0,3,1,2] back).
 
 Each has a float meaning with the weights the WeightStore dequantizes: the quantized layer is the
-float layer (weight and bias dequantized, a ReLU where the output range starts at zero), the
+float layer (weight and bias dequantized) clipped to its quantized output's range (which holds a
+folded ReLU / ReLU6 and the int8 saturation), the
 activation quantizers and the dynamic scale chains are the identity, and a channels-last region is
 its NCHW graph (every tensor in it is kept in NCHW; a Transpose is written only where a tensor
 leaves the region for an op that reads it as NHWC). What the float graph does not compute is the
-quantization error: activation rounding and saturation at the calibrated maximum.
+activations' rounding (and the saturation of the int8 kernels' own arithmetic).
 
 `plain_model(model, store)` writes that graph (standard ONNX ops only, float initializers under the
 quantized tensors' names) and the map from the weight tensors' names to the store's weight names.
@@ -47,7 +48,8 @@ _QUANT_OPS = frozenset(_LAYERS) | {"QLinearAdd", "QLinearMul", "QLinearGlobalAve
 # ops computing one value per element from elements at the same position (any layout)
 _ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Identity", "HardSigmoid", "HardSwish",
                           "QuantizeLinear", "DequantizeLinear", "Cast", "Add", "Mul", "Sub", "Div"})
-_QMIN = {TensorProto.UINT8: 0, TensorProto.INT8: -128, TensorProto.UINT16: 0, TensorProto.INT16: -32768}
+_QRANGE = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
+           TensorProto.INT16: (-32768, 32767)}
 
 
 def has_quantized_ops(model: onnx.ModelProto) -> bool:
@@ -103,6 +105,13 @@ class _Rewrite:
         self.scales: set[str] = set()       # dynamic activation scales (and products with constants)
         self.zeros: set[str] = set()        # dynamic activation zero points
         self.acc: set[str] = set()          # integer accumulators, float here (the scales are in the weight)
+        # a ConvInteger's output (through Cast and the rescale) -> its Conv, while only one node reads it
+        self.conv_of: dict[str, onnx.NodeProto] = {}
+        self.readers: dict[str, int] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                if i:
+                    self.readers[i] = self.readers.get(i, 0) + 1
         self.count = 0
 
     # ---------------------------------------------------------------- helpers
@@ -130,7 +139,7 @@ class _Rewrite:
             self.nodes.append(helper.make_node("Transpose", [t], [out], name=out, perm=_TO_NHWC))
         return out
 
-    def _nchw(self, t: str, what: str) -> str:
+    def _nchw(self, t: str) -> str:
         """A channels-last op's input as NCHW."""
         t = self._in(t)
         if t in self.nhwc:
@@ -171,28 +180,31 @@ class _Rewrite:
         what follows a layer reads it directly (a bias Add stays the layer's bias for the trace)."""
         self.rename[out] = self._in(src)
 
-    def _clamped(self, node, zp_idx: int, name: str) -> bool:
-        """The quantized output's range starts at 0 (zero point at the type's minimum): the ReLU the
-        quantizer folded into it. Otherwise the identity (saturation is quantization error)."""
+    def _out(self, node, zp_idx: int, name: str, suffix: str) -> tuple[str, tuple[float, float]]:
+        """(the float op's output name, the range [lo, hi] of the node's quantized output): a Clip to it
+        follows the float op into the node's output. That range holds the activation the quantizer
+        folded into the output (ReLU: lo = 0; ReLU6: hi = 6) and the int8 saturation."""
+        st = node.input[zp_idx - 1]
         zt = node.input[zp_idx] if zp_idx < len(node.input) else ""
-        if zt and not self._is_const(zt):
-            raise AuditError(f"{node.op_type} {name!r}: output zero point {zt!r} is not a constant")
+        if not self._is_const(st) or (zt and not self._is_const(zt)):
+            raise AuditError(f"{node.op_type} {name!r}: output scale / zero point is not a constant")
+        sc = self._const(st).reshape(-1)
         if zt:
             tp = self.inits[zt]
-            z = numpy_helper.to_array(tp).reshape(-1)
-            clamped = tp.data_type in _QMIN and z.size > 0 and bool(np.all(z == _QMIN[tp.data_type]))
+            z, kind = numpy_helper.to_array(tp).reshape(-1), tp.data_type
         else:
-            clamped = True   # default zero point: uint8 0
-        return clamped
+            z, kind = np.zeros(1), TensorProto.UINT8   # the default zero point: uint8 0
+        if sc.size != 1 or z.size != 1 or kind not in _QRANGE:
+            raise AuditError(f"{node.op_type} {name!r}: output quantized per channel or to an unknown type")
+        qmin, qmax = _QRANGE[kind]
+        s_, z_ = float(sc[0]), float(z[0])
+        return f"{name}/{suffix}", ((qmin - z_) * s_, (qmax - z_) * s_)
 
-    def _out(self, node, zp_idx: int, name: str, suffix: str) -> tuple[str, bool]:
-        """(the float op's output name, whether a ReLU follows it into the node's output)."""
-        relu = self._clamped(node, zp_idx, name)
-        return (f"{name}/{suffix}" if relu else node.output[0]), relu
-
-    def _relu(self, node, y: str, relu: bool, name: str) -> None:
-        if relu:
-            self.nodes.append(helper.make_node("Relu", [y], [node.output[0]], name=f"{name}/relu"))
+    def _saturate(self, node, y: str, bounds: tuple[float, float], name: str) -> None:
+        lo, hi = f"{name}/min", f"{name}/max"
+        self.floats[lo] = numpy_helper.from_array(np.array(bounds[0], np.float32), lo)
+        self.floats[hi] = numpy_helper.from_array(np.array(bounds[1], np.float32), hi)
+        self.nodes.append(helper.make_node("Clip", [y, lo, hi], [node.output[0]], name=f"{name}/range"))
 
     def _dequantized_const(self, t: str, s: str, z: str, name: str) -> str:
         q, sc = self._const(t), self._const(s)
@@ -234,6 +246,8 @@ class _Rewrite:
         n = helper.make_node(op or node.op_type, list(ins), list(outs if outs is not None else node.output),
                              name=name or node.name, **kw)
         n.attribute.extend(attrs)
+        if op is None:   # the node as the file has it (its inputs renamed): its domain too
+            n.domain = node.domain
         self.nodes.append(n)
         return n
 
@@ -266,13 +280,21 @@ class _Rewrite:
         if op == "Cast" and node.input[0] in self.acc:
             self._same(node.output[0], node.input[0])
             self.acc.add(node.output[0])
+            self._follow_conv(node.input[0], node.output[0])
             return
         if any(i in self.scales for i in ins):
             if op == "Mul" and len(ins) == 2 and any(i in self.acc for i in ins):
-                self._same(node.output[0], next(i for i in ins if i in self.acc))
+                a = next(i for i in ins if i in self.acc)
+                self._same(node.output[0], a)
+                self._follow_conv(a, node.output[0])
                 return
             raise AuditError(f"{what} reads a dynamic activation scale other than to rescale an integer "
                              "layer's output; no float meaning known here")
+        if op in ("Reshape", "Unsqueeze") and ins and all(self._is_const(i) for i in ins):
+            self._fold_constant(node)   # a bias reshaped at run time: a constant here
+            return
+        if op == "Add" and len(ins) == 2 and self._conv_bias(node):
+            return
         if op in ("QuantizeLinear", "DequantizeLinear"):
             if self._is_const(node.input[0]):   # a QDQ weight: as the file has it
                 self._emit(node, list(node.input), attrs=node.attribute)
@@ -295,7 +317,7 @@ class _Rewrite:
         if op in ("QLinearAdd", "QLinearMul"):
             a = self._operand(node, 0, 1, 2, name)
             b = self._operand(node, 3, 4, 5, name)
-            y, relu = self._out(node, 7, name, op[len("QLinear"):].lower())
+            y, bounds = self._out(node, 7, name, op[len("QLinear"):].lower())
             both = [node.input[0], node.input[3]]
             if all(self._in(t) in self.nhwc or self._scalar(t) for t in both) and \
                     any(self._in(t) in self.nhwc for t in both):
@@ -304,11 +326,11 @@ class _Rewrite:
                 a, b = (self._real(node.input[0]) if a == self._in(node.input[0]) else a,
                         self._real(node.input[3]) if b == self._in(node.input[3]) else b)
             self._emit(node, [a, b], [y], op=op[len("QLinear"):], name=name)
-            self._relu(node, y, relu, name)
+            self._saturate(node, y, bounds, name)
             return
         if op in ("QLinearGlobalAveragePool", "QLinearAveragePool", "NhwcMaxPool"):
             last = op == "NhwcMaxPool" or int(_attr(node, "channels_last", 0))
-            x = self._nchw(node.input[0], what) if last else self._real(node.input[0])
+            x = self._nchw(node.input[0]) if last else self._real(node.input[0])
             fop = {"QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearAveragePool": "AveragePool",
                    "NhwcMaxPool": "MaxPool"}[op]
             self._emit(node, [x], [node.output[0]], op=fop, attrs=_attrs_but(node, "channels_last"))
@@ -341,6 +363,47 @@ class _Rewrite:
             return
         self._emit(node, [self._real(i) for i in node.input], attrs=node.attribute)
 
+    def _follow_conv(self, src: str, dst: str) -> None:
+        if src in self.conv_of and self.readers.get(src, 0) == 1:
+            self.conv_of[dst] = self.conv_of[src]
+
+    def _fold_constant(self, node) -> None:
+        x = self._const(node.input[0])
+        if node.op_type == "Reshape":
+            shape = [int(v) for v in self._const(node.input[1]).reshape(-1)]
+            if not int(_attr(node, "allowzero", 0)):
+                shape = [x.shape[i] if v == 0 and i < x.ndim else v for i, v in enumerate(shape)]
+            y = x.reshape(shape)
+        else:
+            axes = _attr(node, "axes")
+            axes = [int(v) for v in (self._const(node.input[1]).reshape(-1) if axes is None else axes)]
+            y = x
+            for a in sorted(a if a >= 0 else a + x.ndim + len(axes) for a in axes):
+                y = np.expand_dims(y, a)
+        out = node.output[0]
+        self.inits[out] = self.floats[out] = numpy_helper.from_array(np.ascontiguousarray(y), out)
+
+    def _conv_bias(self, node) -> bool:
+        """A constant Add of one value per output channel right after a ConvInteger's rescale (how the
+        dynamic quantizer writes a Conv's bias): the Conv's bias, so that a depthwise Conv's bias is
+        where the float Conv had it. False (nothing done) for any other Add."""
+        for k in (0, 1):
+            t, c = node.input[k], node.input[1 - k]
+            conv = self.conv_of.get(t)
+            if conv is None or self.readers.get(t, 0) != 1 or len(conv.input) > 2 or not self._is_const(c):
+                continue
+            b = self._const(c)
+            C = int(self.floats[conv.input[1]].dims[0])
+            if b.dtype.kind != "f" or b.size != C or (b.ndim >= 3 and b.shape[-3] != C) or b.ndim not in (1, 3, 4) \
+                    or (b.ndim == 1 and C != 1):
+                continue
+            bt = f"{conv.name or conv.output[0]}/bias"
+            self.floats[bt] = numpy_helper.from_array(np.asarray(b, np.float32).reshape(-1), bt)
+            conv.input.append(bt)
+            self._same(node.output[0], t)
+            return True
+        return False
+
     def _scalar(self, t: str) -> bool:
         a = self._const(t)
         return a is not None and a.size == 1
@@ -352,7 +415,7 @@ class _Rewrite:
     def _conv(self, node, name, what) -> None:
         q = node.op_type == "QLinearConv"
         last = q and int(_attr(node, "channels_last", 0))
-        x = self._nchw(node.input[0], what) if last else self._real(node.input[0])
+        x = self._nchw(node.input[0]) if last else self._real(node.input[0])
         w = self._weight(node, name, 3 if q else 1, what)
         ins = [x, w]
         b = self._bias(node, 8, what) if q else None
@@ -360,14 +423,15 @@ class _Rewrite:
             ins.append(b)
         attrs = _attrs_but(node, "channels_last")
         if q:
-            y, relu = self._out(node, 7, name, "conv")
+            y, bounds = self._out(node, 7, name, "conv")
             self._emit(node, ins, [y], op="Conv", attrs=attrs, name=name)
-            self._relu(node, y, relu, name)
+            self._saturate(node, y, bounds, name)
             if last:
                 self.nhwc.add(y)
         else:
-            self._emit(node, ins, [node.output[0]], op="Conv", attrs=attrs, name=name)
+            conv = self._emit(node, ins, [node.output[0]], op="Conv", attrs=attrs, name=name)
             self.acc.add(node.output[0])
+            self.conv_of[node.output[0]] = conv
         if last:
             self.nhwc.add(node.output[0])
 
@@ -377,16 +441,17 @@ class _Rewrite:
         if op == "QGemm":
             w, c = self._weight(node, name, 3, what), self._bias(node, 6, what)
             quant_out = len(node.input) > 7 and node.input[7]
-            y, relu = self._out(node, 8, name, "gemm") if quant_out else (node.output[0], False)
+            y, bounds = self._out(node, 8, name, "gemm") if quant_out else (node.output[0], None)
             self._emit(node, [a, w] + ([c] if c else []), [y], op="Gemm", name=name,
                        attrs=[x for x in node.attribute if x.name in ("alpha", "transA", "transB")])
-            self._relu(node, y, relu, name)
+            if bounds is not None:
+                self._saturate(node, y, bounds, name)
             return
         w = self._weight(node, name, 3 if op == "QLinearMatMul" else 1, what)
         if op == "QLinearMatMul":
-            y, relu = self._out(node, 7, name, "matmul")
+            y, bounds = self._out(node, 7, name, "matmul")
             self._emit(node, [a, w], [y], op="MatMul", name=name)
-            self._relu(node, y, relu, name)
+            self._saturate(node, y, bounds, name)
             return
         if op == "MatMulInteger":
             self._emit(node, [a, w], [node.output[0]], op="MatMul", name=name)
