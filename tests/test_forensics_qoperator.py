@@ -31,7 +31,9 @@ from auditor.read.weights import WeightStore
 LOG_ALPHA = math.log10(DEFAULT_ALPHA)
 MODES = ("static-qop", "static-qop-per-channel", "dynamic")
 LEVELS = ("raw", "extended", "all")
-FORMS = [(m, lv) for m in MODES for lv in LEVELS]
+# ... and a QDQ file saved by onnxruntime at EXTENDED / ALL: its Q/DQ pairs fused into QOperator nodes
+QDQ = ("static-qdq-per-channel",)
+FORMS = [(m, lv) for m in MODES for lv in LEVELS] + [(QDQ[0], "extended"), (QDQ[0], "all")]
 
 
 def _calibration(res: Path):
@@ -65,8 +67,9 @@ def resnet(build_fixture, tmp_path_factory):
     out = tmp_path_factory.mktemp("qoperator")
     cal = _calibration(res)
     return {"reference": res / "kept.onnx", "float": {"marked": res / "default.onnx", "twin": twin / "model.onnx"},
-            "marked": _forms(load_model(res / "default.onnx"), cal, out, "marked"),
-            "twin": _forms(load_model(twin / "model.onnx"), cal, out, "twin"), "calibration": cal, "out": out}
+            "marked": _forms(load_model(res / "default.onnx"), cal, out, "marked", modes=MODES + QDQ),
+            "twin": _forms(load_model(twin / "model.onnx"), cal, out, "twin", modes=MODES + QDQ),
+            "calibration": cal, "out": out}
 
 
 def _ops(path: Path) -> set[str]:
@@ -85,6 +88,7 @@ def test_the_forms_are_what_deployers_ship(resnet):
     assert "com.microsoft:QLinearAdd" in ops[("static-qop", "raw")]
     assert "com.microsoft:DynamicQuantizeMatMul" in ops[("dynamic", "extended")]
     assert "MatMulInteger" in ops[("dynamic", "raw")] and "DynamicQuantizeLinear" in ops[("dynamic", "raw")]
+    assert "QLinearConv" in ops[("static-qdq-per-channel", "extended")]
 
 
 @pytest.mark.parametrize("mode,level", FORMS)
@@ -187,7 +191,8 @@ def test_unknown_quantized_op_is_one_line(resnet, tmp_path, capsys):
     i = next(k for k, n in enumerate(nodes) if n.op_type == "ReduceMean")
     dq, q = nodes[i - 1], nodes[i + 1]
     assert dq.op_type == "DequantizeLinear" and q.op_type == "QuantizeLinear"
-    axes = [int(a) for a in onnx.numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == nodes[i].input[1]))]
+    inits = {t.name: t for t in m.graph.initializer}
+    axes = [int(a) for a in onnx.numpy_helper.to_array(inits[nodes[i].input[1]])]
     red = helper.make_node("QLinearReduceMean", [dq.input[0], dq.input[1], dq.input[2], q.input[1], q.input[2]],
                            [q.output[0]], name="qmean", domain="com.microsoft", axes=axes, keepdims=0)
     del m.graph.node[i - 1:i + 2]
@@ -199,3 +204,49 @@ def test_unknown_quantized_op_is_one_line(resnet, tmp_path, capsys):
     rc = main(["provenance", str(bad), "--reference", str(resnet["reference"])])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "QLinearReduceMean" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def mobilenet(build_fixture, tmp_path_factory):
+    from auditor.attacks import load_model
+
+    d = build_fixture("arch-mobilenet")
+    out = tmp_path_factory.mktemp("qoperator-mobilenet")
+    return d, _forms(load_model(d / "default.onnx"), _calibration(d), out, "mobilenet",
+                     modes=("static-qop", "dynamic"), levels=("raw", "all"))
+
+
+def test_mobilenet_depthwise_and_dynamic_linear_layer(mobilenet):
+    """The depthwise MobileNet (ReLU6 as Clip, depthwise Convs; quantize_dynamic writes each Conv's bias
+    as an Add after the rescale and the classifier's Gemm as MatMulInteger + Add): every QOperator and
+    dynamic form derived with the float file's log10 p (measured -63.79 for each); in the float graph
+    of the dynamic file each depthwise Conv holds its bias (the channel trace passes it), and the graph
+    is within the weights' int8 error of the float model."""
+    import onnxruntime as ort
+
+    d, files = mobilenet
+    base = provenance(d / "default.onnx", d / "kept.onnx")
+    x = np.load(str(d / "calib.npy"))[:32].astype(np.float32)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def run(model, opts=None):
+        s = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+    flt = run(str(d / "default.onnx"))
+    for form, path in files.items():
+        res = provenance(path, d / "kept.onnx")
+        assert res["verdict"] == "derived" and res["log10_p_combined"] < LOG_ALPHA, form
+        assert res["log10_p_combined"] == pytest.approx(base["log10_p_combined"], abs=3.0), form
+        gv = canon.GraphValues(WeightStore.open(path))
+        from auditor.read import channels as ch
+
+        lays = ch.layers(gv.model, gv.graph)
+        assert len(lays) == 6 and all(gv.flow(l).blocked is None for l in lays[:-1]), form
+        if form[0] == "dynamic":
+            depthwise = [n for n in gv.model.graph.node if n.op_type == "Conv" and
+                         any(a.name == "group" and a.i > 1 for a in n.attribute)]
+            assert depthwise and all(len(n.input) == 3 for n in depthwise), form
+        plain = run(gv.model.SerializeToString(), so)
+        assert float(np.abs(plain - flt).max()) / float(np.abs(flt).max()) < 0.05, form
