@@ -74,9 +74,14 @@ def provenance_table() -> int:
     return 0
 
 
-# suspect (fixture-relative), for --qoperator; reference arch-resnet/kept.onnx
-QOPERATOR = ("arch-resnet/default.onnx", "forensics-resnet-obfuscated/default/all.onnx",
-             "forensics-resnet-twin/model.onnx", "forensics-resnet-obfuscated/twin/all.onnx")
+# suspect, reference (fixture-relative), for --qoperator (calibration: the reference fixture's calib.npy)
+QOPERATOR = (
+    ("arch-resnet/default.onnx", "arch-resnet/kept.onnx"),
+    ("forensics-resnet-obfuscated/default/all.onnx", "arch-resnet/kept.onnx"),
+    ("arch-mobilenet/default.onnx", "arch-mobilenet/kept.onnx"),
+    ("forensics-resnet-twin/model.onnx", "arch-resnet/kept.onnx"),
+    ("forensics-resnet-obfuscated/twin/all.onnx", "arch-resnet/kept.onnx"),
+)
 
 
 def qoperator_table() -> int:
@@ -87,25 +92,28 @@ def qoperator_table() -> int:
     from auditor.forensics.provenance import provenance
     from fixtures.build import ensure
 
-    res = ensure("arch-resnet")
-    ref = res / "kept.onnx"
-    cal = Calibration(load_data(str(res / "calib.npy"), res / "default.onnx", purpose="calibration",
-                                samples=64, seed=0))
-    print("| suspect | as exported | int8 form | as quantized | ORT_ENABLE_EXTENDED | ORT_ENABLE_ALL |")
-    print("|---|---|---|---|---|---|")
-    for sus in QOPERATOR:
-        name, rest = sus.split("/", 1)
-        m = load_model(ensure(name) / rest)
-        base = provenance(ensure(name) / rest, ref)
-        for mode in ("static-qop", "static-qop-per-channel", "dynamic"):
+    def path(rel: str) -> Path:
+        name, rest = rel.split("/", 1)
+        return ensure(name) / rest
+
+    print("| suspect | reference | as exported | int8 form | as quantized | ORT_ENABLE_EXTENDED | ORT_ENABLE_ALL |")
+    print("|---|---|---|---|---|---|---|")
+    for sus, ref in QOPERATOR:
+        d = path(ref).parent
+        cal = Calibration(load_data(str(d / "calib.npy"), d / "default.onnx", purpose="calibration",
+                                    samples=64, seed=0))
+        m = load_model(path(sus))
+        base = provenance(path(sus), path(ref))
+        # static-qdq-per-channel: QDQ as quantized; onnxruntime fuses it into QOperator nodes when it saves
+        for mode in ("static-qop", "static-qop-per-channel", "dynamic", "static-qdq-per-channel"):
             q = compose(m, f"quantize:{mode}", cal).model
             cells = []
             with tempfile.TemporaryDirectory() as tmp:
                 for level in ("", "extended", "all"):
                     f = save(q if not level else compose(q, f"ort-optimize:{level}").model, Path(tmp) / "m.onnx")
-                    r = provenance(f, ref)
+                    r = provenance(f, path(ref))
                     cells.append(f"{r['verdict']}, {r['log10_p_combined']:.2f}")
-            print(f"| {sus} | {base['verdict']}, {base['log10_p_combined']:.2f} | quantize:{mode} | "
+            print(f"| {sus} | {ref} | {base['verdict']}, {base['log10_p_combined']:.2f} | quantize:{mode} | "
                   + " | ".join(cells) + " |", flush=True)
     return 0
 
