@@ -39,7 +39,7 @@ __all__ = ["has_quantized_ops", "plain_model"]
 
 _MS = "com.microsoft"
 _TO_NHWC, _TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
-# quantized ops with a float meaning here: op -> (float op, data inputs, output scale / zero point inputs)
+# the quantized layers: op -> the input holding the weight
 _LAYERS = {"QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3, "ConvInteger": 1, "MatMulInteger": 1,
            "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1}
 _QUANT_OPS = frozenset(_LAYERS) | {"QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
@@ -100,7 +100,7 @@ class _Rewrite:
         self.nodes: list[onnx.NodeProto] = []
         self.floats: dict[str, onnx.TensorProto] = {}   # new float initializers
         self.alias: dict[str, str] = {}
-        self.rename: dict[str, str] = {}    # a quantized tensor -> the float tensor standing for it
+        self.rename: dict[str, str] = {}    # a tensor an identity wrote -> the tensor standing for it
         self.nhwc: set[str] = set()         # tensors kept NCHW here whose file value is NHWC
         self.scales: set[str] = set()       # dynamic activation scales (and products with constants)
         self.zeros: set[str] = set()        # dynamic activation zero points
