@@ -2,7 +2,9 @@
 markdown table of docs/deployed-forms.md (marks read, p, candidates paid for, twins);
 `python scripts/deployed_forms.py FIXTURE...` only those fixtures' rows;
 `python scripts/deployed_forms.py --provenance` the provenance table (each suspect as exported and
-saved by this machine's onnxruntime at ORT_ENABLE_ALL, against its reference).
+saved by this machine's onnxruntime at ORT_ENABLE_ALL, against its reference);
+`python scripts/deployed_forms.py --qoperator` the provenance table of the residual CNN's int8 files
+in onnxruntime's QOperator and dynamic forms (as quantized, and saved at ORT_ENABLE_EXTENDED / ALL).
 
 Each form is made by auditor.attacks.compose (the grid / policy steps) from the fixture's exporter
 file, then read by `wmaudit extract`'s code path (auditor.marks.whitebox.extract). Deterministic:
@@ -72,9 +74,55 @@ def provenance_table() -> int:
     return 0
 
 
+# suspect, reference (fixture-relative), for --qoperator (calibration: the reference fixture's calib.npy)
+QOPERATOR = (
+    ("arch-resnet/default.onnx", "arch-resnet/kept.onnx"),
+    ("forensics-resnet-obfuscated/default/all.onnx", "arch-resnet/kept.onnx"),
+    ("arch-mobilenet/default.onnx", "arch-mobilenet/kept.onnx"),
+    ("forensics-resnet-twin/model.onnx", "arch-resnet/kept.onnx"),
+    ("forensics-resnet-obfuscated/twin/all.onnx", "arch-resnet/kept.onnx"),
+)
+
+
+def qoperator_table() -> int:
+    from auditor.attacks import load_model, save
+    from auditor.attacks.compose import compose
+    from auditor.data.calibration import Calibration
+    from auditor.data.inputs import load_data
+    from auditor.forensics.provenance import provenance
+    from fixtures.build import ensure
+
+    def path(rel: str) -> Path:
+        name, rest = rel.split("/", 1)
+        return ensure(name) / rest
+
+    print("| suspect | reference | as exported | int8 form | as quantized | ORT_ENABLE_EXTENDED | ORT_ENABLE_ALL |")
+    print("|---|---|---|---|---|---|---|")
+    for sus, ref in QOPERATOR:
+        d = path(ref).parent
+        cal = Calibration(load_data(str(d / "calib.npy"), d / "default.onnx", purpose="calibration",
+                                    samples=64, seed=0))
+        m = load_model(path(sus))
+        base = provenance(path(sus), path(ref))
+        # static-qdq-per-channel: QDQ as quantized; onnxruntime fuses it into QOperator nodes when it saves
+        for mode in ("static-qop", "static-qop-per-channel", "dynamic", "static-qdq-per-channel"):
+            q = compose(m, f"quantize:{mode}", cal).model
+            cells = []
+            with tempfile.TemporaryDirectory() as tmp:
+                for level in ("", "extended", "all"):
+                    f = save(q if not level else compose(q, f"ort-optimize:{level}").model, Path(tmp) / "m.onnx")
+                    r = provenance(f, path(ref))
+                    cells.append(f"{r['verdict']}, {r['log10_p_combined']:.2f}")
+            print(f"| {sus} | {ref} | {base['verdict']}, {base['log10_p_combined']:.2f} | quantize:{mode} | "
+                  + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
 def main() -> int:
     if "--provenance" in sys.argv[1:]:
         return provenance_table()
+    if "--qoperator" in sys.argv[1:]:
+        return qoperator_table()
     from fixtures.build import ensure
     from auditor.attacks import load_model, save
     from auditor.attacks.compose import compose

@@ -259,6 +259,12 @@ def depth(gv: canon.GraphValues, lay: ch.Layer, _streams: int = 0) -> int:
     return len(ch_) + depth(gv, f.layer, _streams + 1)
 
 
+def _kind(op: str) -> str:
+    """Gemm and MatMul are one kind of layer: quantize_dynamic (and some converters) write a Gemm as
+    MatMul + bias Add; canon.torch_rows reads both as [out, in] rows."""
+    return "linear" if op in ("Gemm", "MatMul") else op
+
+
 def suspect_layers_like(gv: canon.GraphValues, ref_gv: canon.GraphValues, r_layer: ch.Layer) -> list[ch.Layer]:
     """Suspect layers at the same depth as r_layer, of the same op and kernel."""
     depth = len(chain(ref_gv, r_layer))
@@ -266,7 +272,7 @@ def suspect_layers_like(gv: canon.GraphValues, ref_gv: canon.GraphValues, r_laye
     out = []
     for lay in ch.layers(gv.model, gv.graph):
         d = gv.graph.dims(lay.weight)
-        if lay.op != r_layer.op or len(d) != len(rdims) or d[2:] != rdims[2:]:
+        if _kind(lay.op) != _kind(r_layer.op) or len(d) != len(rdims) or d[2:] != rdims[2:]:
             continue
         if len(chain(gv, lay)) == depth:
             out.append(lay)

@@ -50,10 +50,12 @@ class GraphValues:
 
     A file onnxruntime saved at ORT_ENABLE_ALL (NCHWc nodes, FusedConv) is traced as the plain NCHW
     graph it computes (auditor.read.nchwc_plain): `block` picks the NCHWc block-size reading (default:
-    the first of `nchwc_plain.readings(store)`, 8 before 16)."""
+    the first of `nchwc_plain.readings(store)`, 8 before 16). An int8 file in onnxruntime's QOperator
+    or dynamic form (also saved at ORT_ENABLE_EXTENDED / ALL: NHWC QLinearConv in Transpose pairs) is
+    traced as the float graph it computes with the dequantized weights (auditor.read.qop_plain)."""
 
     def __init__(self, store, block: int | None = None):
-        from auditor.read import nchwc_plain
+        from auditor.read import nchwc_plain, qop_plain
 
         self.store = store
         self.model = store.model
@@ -72,6 +74,13 @@ class GraphValues:
                         continue
                     self.block = b
                     break
+        self.unread: str | None = None   # why the int8 graph was not written as float (traced as it is)
+        if qop_plain.has_quantized_ops(self.model):
+            try:
+                self.model, qop_alias = qop_plain.plain_model(self.model, store)
+                plain_alias = {**qop_alias, **plain_alias}
+            except AuditError as e:   # as before: the layers in float / QDQ form are still traced
+                self.unread = str(e)
         self.graph = ch._Graph(self.model)
         self._alias: dict[str, str] = {}
         for w in store.weights:

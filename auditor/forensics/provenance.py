@@ -103,7 +103,9 @@ def _best_chain(sgv, rgv, r_last: ch.Layer, rho0: float, probe, skip=frozenset()
     None when every aligned layer is in `skip`."""
     cands = align.suspect_layers_like(sgv, rgv, r_last)
     if not cands:
-        raise AuditError("the suspect has no layer chain like the reference's (different architecture?)")
+        why = getattr(sgv, "unread", None)
+        raise AuditError("the suspect has no layer chain like the reference's "
+                         + (f"(its int8 graph was not read as float: {why})" if why else "(different architecture?)"))
     best, err, tested = None, "", False
     for sl in cands:
         try:
