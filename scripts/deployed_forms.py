@@ -54,15 +54,19 @@ def _read(path: Path, key, reference):
     return extract(path, key, reference=reference)
 
 
+def _fixture_path(rel: str) -> Path:
+    """FIXTURE/relative/path -> the file in the built fixture."""
+    from fixtures.build import ensure
+
+    name, rest = rel.split("/", 1)
+    return ensure(name) / rest
+
+
 def provenance_table() -> int:
     from auditor.forensics.provenance import provenance
-    from fixtures.build import ensure
     from fixtures.deploy import ort_save
 
-    def path(rel: str) -> Path:
-        name, rest = rel.split("/", 1)
-        return ensure(name) / rest
-
+    path = _fixture_path
     print("| suspect | reference | as exported: verdict, log10 p | ORT_ENABLE_ALL: verdict, log10 p | readings |")
     print("|---|---|---|---|---|")
     for sus, ref in PROVENANCE:
@@ -90,12 +94,8 @@ def qoperator_table() -> int:
     from auditor.data.calibration import Calibration
     from auditor.data.inputs import load_data
     from auditor.forensics.provenance import provenance
-    from fixtures.build import ensure
 
-    def path(rel: str) -> Path:
-        name, rest = rel.split("/", 1)
-        return ensure(name) / rest
-
+    path = _fixture_path
     print("| suspect | reference | as exported | int8 form | as quantized | ORT_ENABLE_EXTENDED | ORT_ENABLE_ALL |")
     print("|---|---|---|---|---|---|---|")
     for sus, ref in QOPERATOR:
