@@ -331,13 +331,13 @@ def _directions(dim: int) -> np.ndarray:
     return dirs / np.linalg.norm(dirs, axis=0, keepdims=True)
 
 
-def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray, cos_equal: float = COS_EQUAL,
-           unit_rows=None, label: np.ndarray | None = None, accept=None) -> dict[int, set[int]]:
+def _pairs(ps: np.ndarray, unit_rows, dummy: np.ndarray, cos_equal: float = COS_EQUAL,
+           label: np.ndarray | None = None, accept=None) -> dict[int, set[int]]:
     """Copies among rows whose unit vectors project to `ps` (C x PRUNE_DIRECTIONS) on
-    `_directions`; cosine(i, j) verifies a candidate pair. With `unit_rows` (indices -> their unit
-    rows, float64) the candidate pairs are verified in blocks of dot products instead (a layer of
-    many parallel rows costs array work, not a Python call per pair), pairs must share their
-    `label` (when given) and pass `accept(i, j)` (when given)."""
+    `_directions`: `unit_rows(indices)` gives those rows (float64), whose cosines verify the candidate
+    pairs in blocks of dot products (a layer of many parallel rows costs array work, not a Python
+    call per pair). Pairs must share their `label` (when given) and pass `accept(i, j)` (when given);
+    `dummy` rows are never compared."""
     # copies lie within sqrt(2 (1 - COS_EQUAL)) of each other on the unit sphere, so within that
     # distance `tol` along every unit direction. Rows are put in a grid of cells of side tol on the
     # first GRID_DIMS directions (rows within tol of each other lie in the same or adjacent cells),
@@ -385,16 +385,14 @@ def _pairs(ps: np.ndarray, cosine, dummy: np.ndarray, cos_equal: float = COS_EQU
                 b_idx = np.repeat(lo[a0:a1], n) + (np.arange(tot) - np.repeat(np.cumsum(n) - n, n))
                 keep = np.all(np.abs(Ps[b_idx] - Ps[a_idx]) <= tol, axis=1)
                 I, J = live[order[a_idx[keep]]], live[order[b_idx[keep]]]
-                if unit_rows is not None:
-                    if label is not None:
-                        ok = label[I] == label[J]
-                        I, J = I[ok], J[ok]
-                    if I.size:
-                        ok = _batched_cosines(unit_rows, I, J) >= cos_equal
-                        I, J = I[ok], J[ok]
+                if label is not None:
+                    ok = label[I] == label[J]
+                    I, J = I[ok], J[ok]
+                if I.size:
+                    ok = _batched_cosines(unit_rows, I, J) >= cos_equal
+                    I, J = I[ok], J[ok]
                 for i, j in zip(I.tolist(), J.tolist()):
-                    if (accept(i, j) if accept is not None else True) if unit_rows is not None \
-                            else cosine(i, j) >= cos_equal:
+                    if accept is None or accept(i, j):
                         partners.setdefault(i, set()).add(j)
                         partners.setdefault(j, set()).add(i)
             a0 = a1
@@ -418,7 +416,7 @@ def copy_pairs(unit: np.ndarray, dummy: np.ndarray) -> dict[int, set[int]]:
     """{row: rows it copies}: pairs of non-dummy unit rows whose cosine is >= COS_EQUAL."""
     if unit.shape[0] < 2 or unit.shape[1] == 0:
         return {}
-    return _pairs(unit @ _directions(unit.shape[1]), lambda i, j: float(unit[i] @ unit[j]), dummy)
+    return _pairs(unit @ _directions(unit.shape[1]), lambda idx: np.asarray(unit[idx], np.float64), dummy)
 
 
 PATH_REL = 1e-4    # per-channel parameters this close (relative) are equal
@@ -516,34 +514,18 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
         def unit_rows(idx: np.ndarray) -> np.ndarray:
             return np.concatenate([np.asarray(W2[idx], np.float64) * f[idx, None], sh[idx, None]], axis=1) / safe[idx, None]
 
-        def cosine(i: int, j: int) -> float:
-            a = np.append(np.asarray(W2[i], np.float64) * f[i], sh[i]) / safe[i]
-            b = np.append(np.asarray(W2[j], np.float64) * f[j], sh[j]) / safe[j]
-            return float(a @ b)
-
-        if flow.heads > 1 and C % flow.heads == 0:   # attention values: a copy is one only within its head
-            per_head, head_cos = C // flow.heads, cosine
-
-            def cosine(i: int, j: int) -> float:
-                return head_cos(i, j) if i // per_head == j // per_head else -1.0
-
-        path = _path_params(gv, flow)
-        if path is not None:   # copies through a depthwise conv: its per-channel parameters agree too
-            row_cos = cosine
-
-            def cosine(i: int, j: int) -> float:
-                c = row_cos(i, j)
-                return c if c < cos_equal or _same_path(path, i, j, rn[j] / rn[i] if rn[i] > 0 else 1.0) else -1.0
-
-        # a zero row has no direction and copies nothing (an all-zero layer would otherwise put every
-        # pair of rows in one window)
+        # attention values: a copy is one only within its head
         heads = flow.heads if flow.heads > 1 and C % flow.heads == 0 else 0
         label = np.arange(C) // (C // heads) if heads else None
         accept = None
-        if path is not None:
+        path = _path_params(gv, flow)
+        if path is not None:   # copies through a depthwise conv: its per-channel parameters agree too
             def accept(i: int, j: int) -> bool:
                 return _same_path(path, i, j, rn[j] / rn[i] if rn[i] > 0 else 1.0)
-        partners = _pairs(ps, cosine, rn <= 0, cos_equal, unit_rows, label, accept)
+
+        # a zero row has no direction and copies nothing (an all-zero layer would otherwise put every
+        # pair of rows in one cell)
+        partners = _pairs(ps, unit_rows, rn <= 0, cos_equal, label, accept)
     return rn, partners
 
 
