@@ -175,36 +175,32 @@ class _Distinct:
 
     def __init__(self, store):
         self.store = store
-        self.seen: dict[tuple, list[tuple[int, Any]]] = {}
+        self.seen: dict[tuple, list[Any]] = {}
 
-    def is_copy(self, a: np.ndarray, v) -> bool:
-        h = (a.shape, _fingerprint(a))
-        for _, u in self.seen.get(h, ()):
-            if np.array_equal(_view_array(self.store, u), a):
-                return True
-        return False
-
-    def add(self, a: np.ndarray, v, index: int) -> None:
-        self.seen.setdefault((a.shape, _fingerprint(a)), []).append((index, v))
+    def first(self, a: np.ndarray, v) -> bool:
+        """True the first time these values are seen (then remembered under view `v`)."""
+        views = self.seen.setdefault((a.shape, _fingerprint(a)), [])
+        if any(np.array_equal(_view_array(self.store, u), a) for u in views):
+            return False
+        views.append(v)
+        return True
 
 
-def candidates(store, gv, marks=None) -> list[Candidate]:
-    """Distinct weights of rank >= 2 in every torch view (those that could fit one of `marks`, when
-    given), each cleaned of dummy / split neurons where its layer's neighbours can be traced. Every
-    array is kept (the alignment to a reference visits them all); `scan` walks the file instead."""
+def candidates(store, gv) -> list[Candidate]:
+    """Distinct weights of rank >= 2 in every torch view, each cleaned of dummy / split neurons where
+    its layer's neighbours can be traced. Every array is kept (the alignment to a reference visits
+    them all); `scan` without references walks the file instead (`_walk`)."""
     from auditor.read.layout import torch_views
 
     store.keep_arrays(prefetch=_threads_ok())
     distinct = _Distinct(store)
     out: list[Candidate] = []
     for v in torch_views(store):
-        if not _scannable(v) or (marks is not None and not any(may_fit(m, v) for m in marks)):
+        if not _scannable(v):
             continue
         a = _view_array(store, v)
-        if distinct.is_copy(a, v):
-            continue
-        distinct.add(a, v, len(out))
-        out.append(_make_candidate(store, gv, v, a))
+        if distinct.first(a, v):
+            out.append(_make_candidate(store, gv, v, a))
     return out
 
 
@@ -332,19 +328,16 @@ def _skip_notes(mark: WhiteboxMark, skip: dict[str, int], alpha: float) -> list[
 
 
 def mark_variants(mark: WhiteboxMark, cands: list[Candidate], gv, extra: list[Variant],
-                  alpha: float = stats.DEFAULT_ALPHA, skipped: list[str] | None = None,
-                  skip_counts: dict[str, int] | None = None) -> list[Variant]:
+                  alpha: float = stats.DEFAULT_ALPHA, skip_counts: dict[str, int] | None = None) -> list[Variant]:
     """Every variant of every candidate that fits `mark` (and the aligned ones in `extra`).
-    Permutation searches that could not reach `alpha` with the mark's bits are left out and
-    described in `skipped` (counted per kind in `skip_counts`)."""
+    Permutation searches that could not reach `alpha` with the mark's bits are left out and counted
+    per kind in `skip_counts` (see `_skip_notes`)."""
     out: list[Variant] = []
     skip: dict[str, int] = {} if skip_counts is None else skip_counts
     sx_box: list = []
     for i, c in enumerate(cands):
         out.extend(_candidate_variants(mark, c, i, gv, alpha, skip, sx_box))
     out.extend(v for v in extra if _fits(mark, v.shape))
-    if skipped is not None:
-        skipped.extend(_skip_notes(mark, skip, alpha))
     return out
 
 
@@ -433,14 +426,14 @@ class _MarkState:
     ref_notes: list = field(default_factory=list)
 
 
-def _walk(store, gv, states: list[_MarkState], alpha: float) -> list[Candidate]:
+def _walk(store, gv, states: list[_MarkState], alpha: float) -> tuple[list[Candidate], dict[str, int]]:
     """One pass over the candidate weights (graph order): each read once, the next read ahead,
-    every fitting mark's variants built and reduced, then the weights dropped (see `scan`)."""
+    every fitting mark's variants built and reduced, then the weights dropped (see `scan`).
+    Returns the candidates and what the walk read and held (for the result's `tried`)."""
     from auditor.read.layout import torch_views
 
     every = [v for v in torch_views(store) if _scannable(v)]
     views = [v for v in every if any(may_fit(st.mark, v) for st in states)]
-    gv.__dict__["_scan_views"] = (len(every), len(views))
     store.keep_arrays()
     ahead = _threads_ok()
     names = [v.weight.name for v in views]
@@ -456,11 +449,10 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> list[Candidate]:
                 store.prefetch_names(_next_distinct(names, n + 1, LOOKAHEAD))
             peak = max(peak, store.kept_bytes())
             a = _view_array(store, v)
-            if distinct.is_copy(a, v):
+            if not distinct.first(a, v):
                 _release(store, gv)
                 continue
             i = len(cands)
-            distinct.add(a, v, i)
             c = _make_candidate(store, gv, v, a)
             cands.append(c)
             made: list[Variant] = []
@@ -482,8 +474,7 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> list[Candidate]:
             _release(store, gv)
     finally:
         gen.stop()
-    gv.__dict__["_scan_peak"] = peak
-    return cands
+    return cands, {"weight_views": len(every), "weight_views_read": len(views), "peak_weight_bytes_held": peak}
 
 
 LOOKAHEAD = 5   # distinct weights read ahead: the cleaning's depth (canon.live_outputs, 3) + the layer + 1
@@ -557,6 +548,7 @@ def _scan(store, keys, marks, had_matrix, references, alpha) -> dict[str, Any]:
 
     gv = canon.GraphValues(store)
     states = [_MarkState(k, m) for k, m in marks]
+    walked: dict[str, int | None] = dict.fromkeys(("weight_views", "weight_views_read", "peak_weight_bytes_held"))
     if references:       # alignment visits every layer of the file: all weights kept
         cands = candidates(store, gv)
         for st in states:
@@ -574,7 +566,7 @@ def _scan(store, keys, marks, had_matrix, references, alpha) -> dict[str, Any]:
                     st.ref_notes.append(f"{Path(ref).name}: no layer of this file aligns with the marked layer")
             st.vs = mark_variants(st.mark, cands, gv, extra, alpha, skip_counts=st.skip)
     else:
-        cands = _walk(store, gv, states, alpha)
+        cands, walked = _walk(store, gv, states, alpha)
     per_mark = [(st.key, st.mark, st.vs, st.ref_notes, _skip_notes(st.mark, st.skip, alpha)) for st in states]
     direct = sum(1 for _, _, vs, _, _ in per_mark for v in vs if v.log10_family == 0.0)
     searched = [v.log10_family for _, _, vs, _, _ in per_mark for v in vs if v.log10_family > 0.0]
@@ -591,10 +583,7 @@ def _scan(store, keys, marks, had_matrix, references, alpha) -> dict[str, Any]:
         findings.append(f)
     detected = [f for f in findings if f["verdict"] == stats.DETECTED]
     best = min((f.get("log10_p_corrected", 0.0) for f in findings), default=0.0)
-    n_views, n_fit = gv.__dict__.get("_scan_views", (None, None))
-    tried = {"keys": len(keys), "marks": len(marks), "candidate_tensors": len(cands),
-             "weight_views": n_views, "weight_views_read": n_fit,
-             "peak_weight_bytes_held": gv.__dict__.get("_scan_peak"),
+    tried = {"keys": len(keys), "marks": len(marks), "candidate_tensors": len(cands), **walked,
              "variants": sum(len(vs) for _, _, vs, _, _ in per_mark),
              "search_kinds_left_out": sum(len(sk) for *_, sk in per_mark),
              "direct_variants": direct, "searched_hypotheses_log10": _log10_sum(searched) if searched else None,
