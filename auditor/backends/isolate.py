@@ -123,6 +123,20 @@ def _child(conn, fn: Callable, args: tuple, kwargs: dict, memory: int, env: dict
     conn.close()
 
 
+def killed_by_signal(code: int | None, what: str, where: str) -> str | None:
+    """The one line for a child that a signal ended (exit code -N), None for any other ending:
+    SIGKILL is most often the kernel's out-of-memory killer."""
+    if code is None or code >= 0:
+        return None
+    if -code == signal.SIGKILL:
+        return f"{what} was killed (out of memory?) {where}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"{what} crashed ({name}) {where}"
+
+
 def call(fn: Callable[..., Any], *args: Any, what: str = "onnxruntime", timeout: float | None = None,
          memory: int | None = None, **kwargs: Any) -> Any:
     """fn(*args, **kwargs) in a fresh process under time and memory limits (see the module doc).
@@ -148,15 +162,8 @@ def call(fn: Callable[..., Any], *args: Any, what: str = "onnxruntime", timeout:
         except (EOFError, OSError):
             proc.join(5)
             code = proc.exitcode
-            if code is not None and code < 0:
-                try:
-                    name = signal.Signals(-code).name
-                except ValueError:
-                    name = f"signal {-code}"
-                if -code == signal.SIGKILL:
-                    raise AuditError(f"{what} was killed (out of memory?) on this model") from None
-                raise AuditError(f"{what} crashed ({name}) on this model") from None
-            raise AuditError(f"{what} exited without a result (exit {code}) on this model") from None
+            raise AuditError(killed_by_signal(code, what, "on this model")
+                             or f"{what} exited without a result (exit {code}) on this model") from None
     finally:
         recv.close()
         if proc.is_alive():

@@ -296,16 +296,13 @@ class TargetRunner:
             p.wait(5)
         except subprocess.TimeoutExpired:
             pass
+        from auditor.backends.isolate import killed_by_signal
+
         code = p.returncode
         where = f"on target {self.name}" if self.name != "native" else "on this model"
-        if code is not None and code < 0:
-            try:
-                sig = signal.Signals(-code).name
-            except ValueError:
-                sig = f"signal {-code}"
-            if -code == signal.SIGKILL:
-                return AuditError(f"onnxruntime was killed (out of memory?) {where}")
-            return AuditError(f"onnxruntime crashed ({sig}) {where}")
+        line = killed_by_signal(code, "onnxruntime", where)
+        if line is not None:
+            return AuditError(line)
         tail = ""
         if self._stderr is not None:
             self._stderr.seek(0)
