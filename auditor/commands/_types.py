@@ -73,8 +73,12 @@ def targets_of(args) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def say_unreadable(command: str, reason: str) -> None:
-    """The one stderr line of a 'could not read' verdict (exit 2: nothing was judged)."""
+def say_unreadable(command: str, items: list[dict]) -> None:
+    """The one stderr line of a 'could not read' verdict (exit 2: nothing was judged): the reason of
+    the first of `items` (a result's marks or findings) that could not be read."""
     import sys
 
+    from auditor.marks import stats
+
+    reason = next((i for i in items if i.get("verdict") == stats.UNREADABLE), {}).get("reason", "")
     print(f"wmaudit {command}: the mark could not be read: {' '.join(str(reason).split())}", file=sys.stderr)

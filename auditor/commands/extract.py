@@ -44,8 +44,7 @@ def run(args) -> int:
                         command=results.command_line())
     results.emit(r.document, output=args.output, as_json=args.json, render=render)
     if r.exit_code == 2:  # nothing was judged: the one line says why (the result is written in full)
-        m = next((m for m in r.document["result"]["marks"] if m["verdict"] == stats.UNREADABLE), {})
-        _types.say_unreadable("extract", m.get("reason", ""))
+        _types.say_unreadable("extract", r.document["result"]["marks"])
     return r.exit_code
 
 

@@ -37,8 +37,7 @@ def run(args) -> int:
                      command=results.command_line())
     results.emit(r.document, output=args.output, as_json=args.json, render=render)
     if r.exit_code == 2:  # nothing was judged: the one line says why (the result is written in full)
-        f = next((f for f in r.document["result"]["findings"] if f["verdict"] == stats.UNREADABLE), {})
-        _types.say_unreadable("scan", f.get("reason", ""))
+        _types.say_unreadable("scan", r.document["result"]["findings"])
     return r.exit_code
 
 
