@@ -56,6 +56,19 @@ def random_keys(base, n: int, seed: int):
     return out
 
 
+def with_mark(W, mark):
+    """A MatMul weight W [in, out] (float32) carrying a `mean` mark: the minimal-norm change of W (one
+    vector added to every output column, i.e. to the mean the mark reads: torch layout [out, in],
+    mean over out) that gives every bit a margin of 3 standard deviations of X m."""
+    import numpy as np
+
+    W = np.asarray(W, np.float64)
+    X = mark.matrix()
+    y = X @ W.mean(axis=1)
+    d = X.T @ np.linalg.solve(X @ X.T, (2.0 * mark.bits - 1.0) * 3.0 * float(y.std()) - y)
+    return (W + d[:, None]).astype(np.float32)
+
+
 def build_large(out_dir: Path, side: int = 4096):
     """The 1 GiB model of bench_read (sixteen side x side float32 MatMul weights, x @ W0 @ ... @ W15)
     with a committed 256-bit `mean` mark written into W8: the minimal-norm change of W8 (one vector
@@ -83,14 +96,9 @@ def build_large(out_dir: Path, side: int = 4096):
     data = out_dir / info["location"]
     with open(data, "r+b") as f:
         f.seek(off)
-        W = np.frombuffer(f.read(n), dtype=np.float32).reshape(side, side).astype(np.float64)  # [in, out]
-        X = mark.matrix()
-        m = W.mean(axis=1)                               # torch layout [out, in]: mean over out
-        y = X @ m
-        target_y = (2.0 * mark.bits - 1.0) * 3.0 * float(y.std())
-        d = X.T @ np.linalg.solve(X @ X.T, target_y - y)
+        W = np.frombuffer(f.read(n), dtype=np.float32).reshape(side, side)
         f.seek(off)
-        f.write((W + d[:, None]).astype(np.float32).tobytes())
+        f.write(with_mark(W, mark).tobytes())
     save_key(key, key_path)
     stamp.write_text(json.dumps(spec))
     return model, key_path
@@ -270,13 +278,7 @@ def build_huge(out_dir: Path, min_bytes: int, side: int = 8192):
             for i in range(n):
                 f.seek(i * per)
                 if i == target:
-                    W = rng.standard_normal((side, side), dtype=np.float32).astype(np.float64)   # [in, out]
-                    X = mark.matrix()
-                    m = W.mean(axis=1)
-                    y = X @ m
-                    d = X.T @ np.linalg.solve(X @ X.T, (2.0 * mark.bits - 1.0) * 3.0 * float(y.std()) - y)
-                    f.write((W + d[:, None]).astype(np.float32).tobytes())
-                    del W, X
+                    f.write(with_mark(rng.standard_normal((side, side), dtype=np.float32), mark).tobytes())
                 else:   # 64 stored rows get 32 random values each (64 pages written): distinct tensors whose
                     # rows and columns point every which way, as trained weights do, the rest holes (zeros)
                     for r in range(64):
