@@ -181,3 +181,42 @@ def test_copy_search_is_exact():
                 want.setdefault(i, set()).add(j)
                 want.setdefault(j, set()).add(i)
         assert got == want and 3 in got and 40 in got and len(got[60]) == 10 and 5 not in got
+
+
+def test_scan_reads_each_weight_once(chain, monkeypatch):
+    """The walk keeps the weights it will visit next and the neuron analysis of the layers either
+    side, so no weight is read twice (a square weight is visited as two views, one read)."""
+    from auditor.forensics.scan import scan
+    from auditor.read.weights import WeightStore
+
+    model, key = chain
+    reads: list[str] = []
+    orig = WeightStore._read
+
+    def counted(self, w):
+        reads.append(w.name)
+        return orig(self, w)
+
+    monkeypatch.setattr(WeightStore, "_read", counted)
+    f = scan(model, [load_key(key)])["findings"][0]
+    assert f["verdict"] == "detected" and f["matches"] == 64
+    assert sorted(reads) == sorted(f"W{i}" for i in range(60))
+
+
+@pytest.mark.parametrize("shape,transposed", [((1024, 700), False), ((700, 1024), True), ((600, 16, 3, 3), False),
+                                              ((1000, 3), False), ((100, 50), False)])
+def test_mean_over_outputs_is_the_float64_mean(shape, transposed):
+    """The blocked float32 sums stay within the bound every float32 summation order meets
+    (MEAN_BLOCK - 1 roundings of the sum of magnitudes), on any CPU's BLAS; small weights take
+    numpy's float64 mean."""
+    from auditor.forensics.scan import MEAN_BLOCK, mean_over_outputs
+
+    rng = np.random.default_rng(3)
+    W = (rng.standard_normal(shape) + 0.25).astype(np.float32)
+    if transposed:
+        W = np.ascontiguousarray(W.T).T        # the torch view of a MatMul weight: F-ordered
+    got = mean_over_outputs(W)
+    want = W.astype(np.float64).mean(axis=0).reshape(-1)
+    bound = (MEAN_BLOCK - 1) * 2.0 ** -24 * np.abs(W.astype(np.float64)).mean(axis=0).reshape(-1) + 1e-12
+    assert got.dtype == np.float64 and got.shape == want.shape
+    assert np.all(np.abs(got - want) <= bound)

@@ -82,3 +82,26 @@ def test_not_json(tmp_path):
     (tmp_path / "k.json").write_text("{nope")
     with pytest.raises(AuditError, match="not valid JSON"):
         keys.load_key(tmp_path / "k.json")
+
+
+def test_projection_into_a_reused_buffer_is_the_projection():
+    """A generated projection written into a caller's buffer has exactly the values `matrix()` gives
+    (the same generator stream), and a non-finite scale is refused."""
+    import copy as _copy
+
+    import numpy as np
+    import pytest
+
+    from auditor.errors import AuditError
+    from auditor.marks.keys import make_mark
+
+    m = make_mark("w", (16, 24, 3, 3), "mean", np.arange(32) % 2, seed=11)
+    want = m.matrix().copy()
+    m._X = None
+    buf = np.full((32, 24 * 9), np.nan)
+    got = m.projection_into(lambda shape: buf)
+    assert got is buf and np.array_equal(got, want) and m._X is None
+    bad = _copy.deepcopy(m)
+    bad.projection = dict(bad.projection, scale=float("inf"))
+    with pytest.raises(AuditError, match="finite"):
+        bad.projection_into(lambda shape: buf)

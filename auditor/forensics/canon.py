@@ -202,15 +202,17 @@ def _consumer_rows(gv: GraphValues, c: ch.Consumer, channels: int) -> np.ndarray
 def _consumer_rowsq(gv: GraphValues, c: ch.Consumer, channels: int, live: np.ndarray | None) -> np.ndarray:
     """[channels * spatial]: per row of the consumer's block, the sum of squares over its live
     outputs and kernel axes (one pass, no copy of the weight; cached when every output is live)."""
-    blk = _consumer_rows(gv, c, channels)
-    V3 = blk.reshape(blk.shape[0], blk.shape[1] if blk.ndim > 1 else 1, -1)
-    if live is not None and not live.all():
-        V3 = V3[:, live]
-        return np.einsum("iok,iok->i", V3, V3).astype(np.float64)
+    every = live is None or bool(live.all())
     key = (c.layer.weight, c.offset, c.spatial, channels)
     cache = gv.__dict__.setdefault("_rowsq", {})
-    if key not in cache:
-        cache[key] = np.einsum("iok,iok->i", V3, V3).astype(np.float64)
+    if every and key in cache:      # (the weight is not asked for again: a walk may drop it)
+        return cache[key]
+    blk = _consumer_rows(gv, c, channels)
+    V3 = blk.reshape(blk.shape[0], blk.shape[1] if blk.ndim > 1 else 1, -1)
+    if not every:
+        V3 = V3[:, live]
+        return np.einsum("iok,iok->i", V3, V3).astype(np.float64)
+    cache[key] = np.einsum("iok,iok->i", V3, V3).astype(np.float64)
     return cache[key]
 
 
@@ -498,6 +500,16 @@ def input_columns(gv: GraphValues, lay: ch.Layer) -> np.ndarray | None:
     return np.repeat(live, per_row // pflow.channels)
 
 
+def _row_norms(gv: GraphValues, flow: ch.Flow) -> np.ndarray:
+    """Norms of the layer's effective rows [W2 * f, shift] (as `_copies` computed them for the
+    neuron groups, when it did: one pass over the weight less)."""
+    hit = gv.__dict__.get("_copies", {}).get(_flow_key(flow) + (None,))
+    if hit is not None:
+        return hit[0]
+    W2, f, sh = _row_affine(gv, flow)
+    return np.sqrt(f * f * np.einsum("ij,ij->i", W2, W2).astype(np.float64) + sh * sh)
+
+
 def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: np.ndarray):
     """(row norms, {row: rows it copies}) of the effective rows [W2 * f, sh], every channel taken as
     live (the caller drops the dummies)."""
@@ -561,11 +573,9 @@ def _cancel_tolerance(gv: GraphValues, flow: ch.Flow) -> float:
 
 def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = None, depth: int = 3) -> Groups:
     C = flow.channels
-    cn = outgoing_norms(gv, flow, depth)
-    scale = float(cn.max()) if cn.size else 0.0
-    dummy = cn <= ZERO_REL * max(scale, 1e-30)
     # the rows' copies do not depend on `depth` (only which channels are dummies does): found once
-    # per layer and columns, then restricted to the non-dummy channels
+    # per layer and columns, then restricted to the non-dummy channels. Found first, before the next
+    # layers are looked at: a scan walking the file works on this layer while they are read
     ckey = _flow_key(flow) + (None if cols is None else cols.tobytes(),)
     cache = gv.__dict__.setdefault("_copies", {})
     if ckey not in cache:     # the layer's weight is read only here (a scan walking the file drops it after)
@@ -574,6 +584,9 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = Non
             W2 = W2[:, cols]
         cache[ckey] = _copies(gv, flow, W2, f, sh)
     rn, all_partners = cache[ckey]
+    cn = outgoing_norms(gv, flow, depth)
+    scale = float(cn.max()) if cn.size else 0.0
+    dummy = cn <= ZERO_REL * max(scale, 1e-30)
     partners = {i: {j for j in js if not dummy[j]} for i, js in all_partners.items() if not dummy[i]}
     partners = {i: js for i, js in partners.items() if js}
     # a channel with no copy is a neuron of its own (factor 1); only channels with copies are grouped
@@ -667,8 +680,7 @@ def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
                 # BatchNorm folded (or none): a positive scale of input channel c multiplies the feeding
                 # layer's effective row c (weights and bias) and divides this layer's column c, so
                 # their product is unchanged; it equals the original column times the original row norm
-                W2p, fp, shp = _row_affine(gv, pflow)
-                rn = np.sqrt(fp * fp * np.einsum("ij,ij->i", W2p, W2p).astype(np.float64) + shp * shp)
+                rn = _row_norms(gv, pflow)
                 if np.all(rn[g.keep] > 0):
                     res.in_rownorm = rn[g.keep]
             if g.dummies or g.cliques or g.splits:

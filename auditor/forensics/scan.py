@@ -350,10 +350,37 @@ def _reduce(mark: WhiteboxMark, v: Variant) -> np.ndarray:
             r = (pr * v.col_scale[:, None]).reshape(-1)
         else:
             W = v.array()
-            r = (W.mean(axis=0, dtype=np.float64).reshape(-1) if mark.reduce == "mean"
-                 else np.asarray(W, np.float64).reshape(-1))
+            r = mean_over_outputs(W) if mark.reduce == "mean" else np.asarray(W, np.float64).reshape(-1)
         v.reduced[mark.reduce] = r
     return r
+
+
+MEAN_BLOCK = 256    # values summed in float32 per matrix-vector product (the partial sums added in float64)
+
+
+def mean_over_outputs(W: np.ndarray) -> np.ndarray:
+    """W.mean(axis=0) flattened, float64: the vector a `mean` mark reads. A float32 weight stored
+    either way round (a torch-layout view of a MatMul weight is its transpose) is summed by
+    matrix-vector products over blocks of MEAN_BLOCK rows (or, transposed, columns), each block's
+    float32 sum added in float64: one pass at BLAS speed (numpy's float64 reduction of a float32
+    array is about three times slower), within a block's float32 roundings of the float64 mean."""
+    O = W.shape[0]
+    if W.dtype != np.float32 or O < 2 * MEAN_BLOCK or W.size == 0:
+        return W.mean(axis=0, dtype=np.float64).reshape(-1)
+    W2 = W.reshape(O, -1)             # a view when W is contiguous either way, else a copy
+    ones = np.ones(MEAN_BLOCK, np.float32)
+    acc = np.zeros(W2.shape[1])
+    full = O - O % MEAN_BLOCK
+    if W2.flags.f_contiguous and not W2.flags.c_contiguous:
+        S = W2.T                      # rows of S are what is averaged: sums over column blocks of S
+        for k in range(0, full, MEAN_BLOCK):
+            acc += S[:, k:k + MEAN_BLOCK] @ ones
+    else:
+        for k in range(0, full, MEAN_BLOCK):
+            acc += ones @ W2[k:k + MEAN_BLOCK]
+    if full < O:
+        acc += W2[full:].sum(axis=0, dtype=np.float64)
+    return acc / O
 
 
 def _evidence(key: Key, mark: WhiteboxMark) -> dict[str, Any]:
@@ -450,7 +477,7 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> tuple[list[Candi
             peak = max(peak, store.kept_bytes())
             a = _view_array(store, v)
             if not distinct.first(a, v):
-                _release(store, gv)
+                _release(store, gv, names, n)
                 continue
             i = len(cands)
             c = _make_candidate(store, gv, v, a)
@@ -471,7 +498,7 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> tuple[list[Candi
                 cl = c.cleaned
                 cl.weight = cl.out_groups = cl.in_groups = cl.flow = cl.in_gamma = cl.in_rownorm = None
             peak = max(peak, store.kept_bytes())
-            _release(store, gv)
+            _release(store, gv, names, n)
     finally:
         gen.stop()
     return cands, {"weight_views": len(every), "weight_views_read": len(views), "peak_weight_bytes_held": peak}
@@ -490,13 +517,17 @@ def _next_distinct(names: list[str], start: int, n: int) -> list[str]:
     return out
 
 
-def _release(store, gv) -> None:
-    """Drop the weights the last steps did not touch, what the neuron analysis cached for their
-    layers, and large cached graph values."""
+def _release(store, gv, names: list[str], n: int) -> None:
+    """After view `n` of the walk (`names`: the views' weights in walk order): drop the weights this
+    step did not touch, except the next LOOKAHEAD distinct ones (read ahead, visited next); drop what
+    the neuron analysis cached for layers outside the window of LOOKAHEAD distinct weights either
+    side (a layer's groups are its successor's input side); drop large cached graph values."""
     from auditor.forensics import canon
 
-    store.release()
-    canon.forget_layers(gv, store.recent())
+    ahead = _next_distinct(names, n + 1, LOOKAHEAD)
+    behind = _next_distinct(names[n::-1], 0, LOOKAHEAD + 1)
+    store.release(steps=1, keep=ahead)
+    canon.forget_layers(gv, store.recent() | set(ahead) | set(behind))
     cache = gv.__dict__.get("_cache")
     if cache:
         for k in [k for k, v in cache.items() if getattr(v, "nbytes", 0) > (1 << 20)]:
@@ -626,15 +657,25 @@ def _limits(cands, references) -> list[str]:
 
 def _projections(per_mark, had_matrix: set[int]):
     """Y = X R for every mark (T x variants), in a small thread pool (generating a key's X and the
-    product release the GIL). A projection the caller had not generated is dropped again once used,
-    so memory stays at a few keys' X however many keys are scanned."""
+    product release the GIL). A projection not generated yet is written into a buffer its thread
+    reuses for the next key of that shape, and one generated ahead (`_Projections`) that the caller
+    had not is dropped once used: memory stays at a few keys' X however many keys are scanned."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def buffer_for(shape):
+        bufs = local.__dict__.setdefault("bufs", {})
+        if shape not in bufs:
+            bufs[shape] = np.empty(shape)
+        return bufs[shape]
 
     def one(item):
         _, mark, vs, _, _ = item
         if not vs:
             return None
-        Y = mark.matrix() @ np.stack([_reduce(mark, v) for v in vs], axis=1)
+        Y = mark.projection_into(buffer_for) @ np.stack([_reduce(mark, v) for v in vs], axis=1)
         if id(mark) not in had_matrix:
             mark._X = None
         return Y

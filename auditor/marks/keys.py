@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,22 @@ SCHEMA_PATH = Path(__file__).parent.parent / "schemas" / "key.schema.json"
 
 
 # ---------------------------------------------------------------- projection
-def generate_projection(seed: int, n_bits: int, n_coeffs: int, scale: float = 1.0) -> np.ndarray:
-    """X = scale * default_rng(seed).standard_normal((n_bits, n_coeffs)), float64."""
-    return scale * np.random.default_rng(int(seed)).standard_normal((int(n_bits), int(n_coeffs)))
+def generate_projection(seed: int, n_bits: int, n_coeffs: int, scale: float = 1.0,
+                        out: np.ndarray | None = None) -> np.ndarray:
+    """X = scale * default_rng(seed).standard_normal((n_bits, n_coeffs)), float64. `out`: a
+    float64 C-contiguous buffer of that shape to fill (the same values: the generator fills it in
+    the same order), so that a caller projecting many keys reuses one block of memory."""
+    shape = (int(n_bits), int(n_coeffs))
+    rng = np.random.default_rng(int(seed))
+    if out is None:
+        X = rng.standard_normal(shape)
+    else:
+        if out.shape != shape or out.dtype != np.float64 or not out.flags.c_contiguous:
+            raise ValueError(f"projection buffer {out.shape} {out.dtype}, expected {shape} float64 C-contiguous")
+        X = rng.standard_normal(out=out)
+    if scale != 1.0:        # (a scale of one would only copy the matrix)
+        X *= scale
+    return X
 
 
 def reduce_weight(w: np.ndarray, reduce: str) -> np.ndarray:
@@ -106,14 +120,32 @@ class WhiteboxMark:
     def n_coeffs(self) -> int:
         return reduced_length(self.shape, self.reduce)
 
+    def _generator_scale(self) -> float:
+        p = self.projection
+        if p.get("generator", GENERATOR) != GENERATOR:
+            raise AuditError(f"unknown projection generator {p.get('generator')!r}")
+        scale = p.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise AuditError(f"mark {self.id!r}: the projection's scale must be a finite number, got {scale!r}")
+        return float(scale)
+
+    def projection_into(self, buffer_for) -> np.ndarray:
+        """X, without keeping it: a generated projection is written into `buffer_for((T, N))` (a
+        float64 buffer the caller reuses for the next key of that shape: memory already mapped, no
+        new allocation per key); a projection already generated or read from a sidecar is `matrix()`'s."""
+        if self._X is not None or self.projection["kind"] != "generator":
+            return self.matrix()
+        return generate_projection(self.projection["seed"], self.n_bits, self.n_coeffs, self._generator_scale(),
+                                   out=buffer_for((self.n_bits, self.n_coeffs)))
+
     def matrix(self) -> np.ndarray:
         """The T x N projection X (float64)."""
         if self._X is None:
             p = self.projection
             if p["kind"] == "generator":
-                if p.get("generator", GENERATOR) != GENERATOR:
-                    raise AuditError(f"unknown projection generator {p.get('generator')!r}")
-                X = generate_projection(p["seed"], self.n_bits, self.n_coeffs, p.get("scale", 1.0))
+                X = generate_projection(p["seed"], self.n_bits, self.n_coeffs, self._generator_scale())
+                self._X = X            # finite by construction (a finite scale times normal deviates)
+                return X
             else:
                 path = safe_sidecar(self._base or Path("."), p["path"])
                 X = _load_npy(path, p.get("sha256"))

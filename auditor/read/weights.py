@@ -271,15 +271,15 @@ class WeightStore:
         for w in todo:
             self._prefetch[w.name] = self._reader.submit(self._read, w)
 
-    def release(self, steps: int = 2) -> int:
-        """Drop the kept arrays that no `array` call asked for during the last `steps` releases, so
-        that a caller walking the model keeps only its current neighbourhood in memory. Returns the
-        bytes dropped."""
+    def release(self, steps: int = 2, keep=()) -> int:
+        """Drop the kept arrays that no `array` call asked for during the last `steps` releases and
+        that are not in `keep` (what the caller will ask for next), so that a caller walking the model
+        keeps only its current neighbourhood in memory. Returns the bytes dropped."""
         self._recent = ([set(self._touched)] + self._recent)[:max(1, steps)]
         self._touched = set()
         if not self._kept:
             return 0
-        keep_set = self.recent()
+        keep_set = self.recent() | set(keep)
         drop = [n for n in self._kept if n not in keep_set]
         freed = sum(self._kept[n].nbytes for n in drop)
         if self._pool is None:
