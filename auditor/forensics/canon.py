@@ -364,29 +364,40 @@ def _pairs(ps: np.ndarray, unit_rows, dummy: np.ndarray, cos_equal: float = COS_
     order = np.argsort(key, kind="stable")
     ks, Ps = key[order], P[order]
     rows = np.arange(C)
-    block = 1 << 22                               # candidate pairs tested at once (bounded memory)
-    # one's own cell, then every neighbouring cell once: the offsets lexicographically after zero
-    offsets = [d for d in itertools.product((-1, 0, 1), repeat=D) if d > (0,) * D]
-    for d in [(0,) * D] + offsets:
-        tgt = ks + int(np.dot(d, radix))
+    block = 1 << 19                               # candidate pairs tested at once (bounded memory)
+    # one's own cell, then every neighbouring cell once: the offsets lexicographically after zero.
+    # Every (offset, row) is one "virtual row"; they are handled in chunks of whole offsets, so the
+    # array work is paid once per chunk, not once per offset
+    offsets = [(0,) * D] + [d for d in itertools.product((-1, 0, 1), repeat=D) if d > (0,) * D]
+    shift = np.array([int(np.dot(d, radix)) for d in offsets], dtype=np.int64)
+    # the directions not gridded first (the grid's own already agree to within two cells)
+    test_cols = [np.ascontiguousarray(Ps[:, k]) for k in list(range(D, Ps.shape[1])) + list(range(D))]
+    per_chunk = max(1, (1 << 20) // C)
+    for o0 in range(0, len(offsets), per_chunk):
+        sh = shift[o0:o0 + per_chunk]
+        tgt = (ks[None, :] + sh[:, None]).reshape(-1)
         lo = np.searchsorted(ks, tgt, side="left")
         hi = np.searchsorted(ks, tgt, side="right")
-        if not any(d):
-            lo = np.maximum(lo, rows + 1)         # one's own cell: each pair once
+        if o0 == 0:
+            lo[:C] = np.maximum(lo[:C], rows + 1)  # one's own cell: each pair once
+        src = np.tile(rows, sh.size)
         cnt = np.maximum(hi - lo, 0)
         ends = np.cumsum(cnt)
+        V = cnt.size
         a0 = 0
-        while a0 < C:
+        while a0 < V:
             base = int(ends[a0 - 1]) if a0 else 0
             a1 = max(a0 + 1, int(np.searchsorted(ends, base + block, side="right")))
-            a1 = min(a1, C)
+            a1 = min(a1, V)
             n = cnt[a0:a1]
             tot = int(n.sum())
             if tot:
-                a_idx = np.repeat(rows[a0:a1], n)
+                a_idx = np.repeat(src[a0:a1], n)
                 b_idx = np.repeat(lo[a0:a1], n) + (np.arange(tot) - np.repeat(np.cumsum(n) - n, n))
-                keep = np.all(np.abs(Ps[b_idx] - Ps[a_idx]) <= tol, axis=1)
-                I, J = live[order[a_idx[keep]]], live[order[b_idx[keep]]]
+                for col in test_cols:              # one direction at a time, on the pairs left
+                    keep = np.abs(col[b_idx] - col[a_idx]) <= tol
+                    a_idx, b_idx = a_idx[keep], b_idx[keep]
+                I, J = live[order[a_idx]], live[order[b_idx]]
                 if label is not None:
                     ok = label[I] == label[J]
                     I, J = I[ok], J[ok]
