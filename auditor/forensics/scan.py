@@ -98,6 +98,7 @@ class Candidate:
     cleaned: Any = None           # canon.Cleaned or None
     notes: list[str] = field(default_factory=list)
     bases: Any = None             # mark-independent variants, built on first use
+    mean: Any = None              # the view's mean over outputs, computed by the reading thread
 
 
 def _log10_sum(values: list[float]) -> float:
@@ -244,7 +245,7 @@ def _bases(c: Candidate, i: int) -> list[Variant]:
     """The mark-independent variants of candidate `i` (as stored, neurons cleaned, input scales
     canonicalised), built once per candidate and shared by every mark."""
     if c.bases is None:
-        base = [Variant(c.array, i, [])]
+        base = [Variant(c.array, i, [], reduced={} if c.mean is None else {"mean": c.mean})]
         cl = c.cleaned
         if cl is not None and cl.undone and 0 not in cl.weight.shape:   # (a layer of dummies only: nothing left)
             base.append(Variant(cl.weight, i, list(cl.undone)))
@@ -467,6 +468,7 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> tuple[list[Candi
     if ahead and names:
         store.prefetch_names(_next_distinct(names, 0, LOOKAHEAD))
     gen = _Projections(states, 2 * max((int(np.prod(v.shape)) * 4 for v in views), default=0), ahead)
+    means = _ReadMeans(store, views, [st.mark for st in states])
     distinct = _Distinct(store)
     cands: list[Candidate] = []
     peak = 0
@@ -481,6 +483,7 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> tuple[list[Candi
                 continue
             i = len(cands)
             c = _make_candidate(store, gv, v, a)
+            c.mean = means.take(v)
             cands.append(c)
             made: list[Variant] = []
             for st in states:
@@ -501,7 +504,33 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> tuple[list[Candi
             _release(store, gv, names, n)
     finally:
         gen.stop()
+        store.after_read = None
     return cands, {"weight_views": len(every), "weight_views_read": len(views), "peak_weight_bytes_held": peak}
+
+
+class _ReadMeans:
+    """The means over outputs that `mean` marks read off the as-stored views of 2-D weights, computed
+    by the thread that read the weight (the prefetch thread, which is otherwise idle while the walk
+    computes), so the walk's own thread does not."""
+
+    def __init__(self, store, views, marks):
+        self.want: dict[str, set[str]] = {}
+        for v in views:
+            if v.transform in ("identity", "transpose") and len(v.shape) == 2 and any(
+                    m.reduce == "mean" and _fits(m, tuple(v.shape)) for m in marks):
+                self.want.setdefault(v.weight.name, set()).add(v.transform)
+        self.done: dict[tuple[str, str], np.ndarray] = {}
+        if self.want:
+            store.after_read = self.compute
+
+    def compute(self, name: str, a: np.ndarray) -> None:
+        for t in self.want.get(name, ()):
+            if a.ndim == 2 and a.dtype == np.float32:
+                self.done[(name, t)] = mean_over_outputs(a.T if t == "transpose" else a)
+
+    def take(self, v) -> np.ndarray | None:
+        m = self.done.get((v.weight.name, v.transform))
+        return m if m is not None and m.shape == (int(np.prod(v.shape[1:])),) else None
 
 
 LOOKAHEAD = 5   # distinct weights read ahead: the cleaning's depth (canon.live_outputs, 3) + the layer + 1

@@ -207,6 +207,7 @@ class WeightStore:
         self._touched: set[str] = set()                    # weights asked for since the last release
         self._recent: list[set[str]] = []                  # ... during the releases before
         self._pool = None                                  # buffers of released arrays (BufferPool)
+        self.after_read = None     # f(name, array) called once a weight is read, in the reading thread
         self._inferred = self._infer_types(model)
         self._scan(model.graph, {}, None)
         # Layers whose weight is there but in a layout the reader does not understand: a mark in
@@ -345,6 +346,9 @@ class WeightStore:
             n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
             raise AuditError(f"weight {w.name!r} holds {n_nan} NaN and {n_inf} infinite values "
                              f"of {a.size}; refusing to judge a mark on it")
+        hook = self.after_read
+        if hook is not None:    # in the thread that read it (the prefetch thread, when ahead)
+            hook(w.name, a)
         return a
 
     def node(self, node_name: str) -> onnx.NodeProto:
