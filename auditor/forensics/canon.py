@@ -38,8 +38,10 @@ from auditor.read import channels as ch
 
 COS_EQUAL = 1.0 - 1e-5     # rows this close in cosine are copies of one neuron
 COS_EQUAL_QUANT = 1.0 - 1e-3   # ... when the layer's weight is stored quantized: copies quantized per channel
-                               # stay parallel, but magnitude pruning before quantization zeroes other entries
-                               # of a scaled copy (measured 0.9991-0.99998 after prune:0.2 then int8)
+                               # stay parallel; magnitude pruning before quantization zeroes other entries of a
+                               # scaled copy (cosine 0.84-0.99998 after prune:0.2 then int8, bench/
+                               # bench_pruned_copies.py): those are compared where both keep entries
+                               # (pruned_copy_pairs), this tolerance then on the common entries
 ZERO_REL = 1e-6            # outgoing columns this small (relative) are zero
 PRUNED_SHARE = 0.1         # a layer whose non-zero rows and columns hold this share of exact zeros was pruned
                            # (int8 rounding alone zeroes the entries below half a step: at most 3.8 % on the
