@@ -561,26 +561,38 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
     return rn, partners, ratios
 
 
+def _row_blocks(C: int, N: int, budget: int = 1 << 22):
+    """Slices of rows holding at most `budget` entries each (at least one row): a layer is read in
+    blocks, never copied whole."""
+    step = max(1, budget // max(N, 1))
+    for a in range(0, C, step):
+        yield slice(a, min(C, a + step))
+
+
 def pruned_threshold(W2: np.ndarray, quant: bool = False) -> float | None:
     """An upper bound of the largest |w| magnitude pruning zeroed in this layer, or None when the layer
     does not look pruned: fewer than PRUNED_SHARE of the entries of its non-zero rows and columns are
     exact zeros (a pruned entry stays 0 after quantization; zero rows are dummies or pruned filters,
-    zero columns read dummy inputs). Every entry
-    pruning kept was at least the threshold, so each row's smallest kept |w| bounds it (after
-    quantization: plus half the row's step, its largest |w| / QUANT_LEVELS); the least bound over the
-    rows is returned."""
-    A = np.abs(np.asarray(W2, np.float64))
-    nz = A > 0
-    live = nz.any(axis=1)
-    cols = nz.any(axis=0)
+    zero columns read dummy inputs). Every entry pruning kept was at least the threshold, so each row's
+    smallest kept |w| bounds it (after quantization: plus half the row's step, its largest |w| /
+    QUANT_LEVELS); the least bound over the rows is returned."""
+    C, N = W2.shape
+    cnt = np.zeros(C, dtype=np.int64)
+    cols = np.zeros(N, dtype=bool)
+    low = np.full(C, np.inf)
+    for sl in _row_blocks(C, N):
+        A = np.abs(np.asarray(W2[sl], np.float64))
+        nz = A > 0
+        cnt[sl] = nz.sum(axis=1)
+        cols |= nz.any(axis=0)
+        low[sl] = np.where(nz, A, np.inf).min(axis=1) if N else np.inf
+        if quant:
+            low[sl] += 0.5 * A.max(axis=1, initial=0.0) / QUANT_LEVELS
+    live = cnt > 0
     total = int(live.sum()) * int(cols.sum())
-    if total == 0 or total - int(nz.sum()) < PRUNED_SHARE * total:
+    if total == 0 or total - int(cnt.sum()) < PRUNED_SHARE * total:
         return None
-    A = A[live]
-    low = np.where(A > 0, A, np.inf).min(axis=1)
-    if quant:
-        low = low + 0.5 * A.max(axis=1) / QUANT_LEVELS
-    return float(low.min())
+    return float(low[live].min())
 
 
 def pruned_copy_pairs(W2: np.ndarray, f: np.ndarray, sh: np.ndarray, theta: float, quant: bool,
@@ -605,57 +617,62 @@ def pruned_copy_pairs(W2: np.ndarray, f: np.ndarray, sh: np.ndarray, theta: floa
     at any level tau >= both thresholds (entries below tau zeroed) they are parallel. Levels
     tau = t_min * 2^L: at level L the rows with t_i <= tau are masked and searched with `_pairs`,
     the pairs whose larger threshold falls in (tau / 2, tau] kept (each pair at one level). Cost: one
-    `_pairs` per level, O(log2(t_max / t_min)) levels. `candidates` (pairs i < j): verify these
-    instead of searching (every pair: what the search must find)."""
+    `_pairs` per level, O(log2(t_max / t_min)) levels; the weight is read in row blocks. `candidates`
+    (pairs i < j): verify these instead of searching (every pair: what the search must find)."""
     C, N = W2.shape
-    Wf = np.asarray(W2, np.float64) * f[:, None]
-    mx = np.abs(Wf).max(axis=1) if N else np.zeros(C)
+    mx = np.zeros(C)
+    for sl in _row_blocks(C, N):
+        if N:
+            mx[sl] = np.abs(np.asarray(W2[sl], np.float64)).max(axis=1) * np.abs(f[sl])
     ok = mx > 0
-    safe = np.where(ok, mx, 1.0)
-    V = Wf / safe[:, None]
-    bias = sh / safe
+    scale = np.where(ok, f / np.where(ok, mx, 1.0), 0.0)     # row i normalised: W2[i] * scale[i]
+    bias = np.where(ok, sh / np.where(ok, mx, 1.0), 0.0)
     step = 1.0 / QUANT_LEVELS if quant else 0.0
-    t = theta * np.abs(f) / safe + step
-    # rows keeping too few entries above their own threshold cannot be verified
-    ok &= (np.abs(V) >= t[:, None]).sum(axis=1) >= PRUNED_COMMON
+    t = theta * np.abs(f) / np.where(ok, mx, 1.0) + step
+    for sl in _row_blocks(C, N):   # rows keeping too few entries above their own threshold cannot be verified
+        V = np.abs(np.asarray(W2[sl], np.float64) * scale[sl, None])
+        ok[sl] &= (V >= t[sl, None]).sum(axis=1) >= PRUNED_COMMON
     out: dict[tuple[int, int], float] = {}
     if candidates is not None:
         cand = set(candidates)
     elif ok.sum() < 2:
         return out
     else:
-        cand = _pruned_candidates(V, bias, t, ok, cos_equal, label)
+        cand = _pruned_candidates(W2, scale, bias, t, ok, cos_equal, label)
     if not cand:
         return out
     I, J = (np.array(x, dtype=np.int64) for x in zip(*sorted(cand)))
-    A, B = Wf[I], Wf[J]
-    nzA, nzB = A != 0, B != 0
-    S = nzA & nzB
-    dot = (A * B * S).sum(axis=1) + sh[I] * sh[J]
-    na = (A * A * S).sum(axis=1) + sh[I] ** 2
-    nb = (B * B * S).sum(axis=1) + sh[J] ** 2
-    good = (S.sum(axis=1) >= PRUNED_COMMON) & (na > 0) & (nb > 0)
-    cos = np.where(good, dot / np.sqrt(np.where(good, na * nb, 1.0)), -1.0)
-    good &= cos >= cos_equal
-    r = np.sqrt(np.where(good, nb, 1.0) / np.where(good, na, 1.0))
-    # each row's threshold and quantization step in effective units
-    th = theta * np.abs(f)
+    th = theta * np.abs(f)                       # each row's threshold and quantization step, effective units
     qs = mx / QUANT_LEVELS if quant else np.zeros(C)
-    only_a = nzA & ~nzB       # kept by i only: scaled to j, below j's threshold
-    only_b = nzB & ~nzA
-    over_a = (np.abs(A) * r[:, None] > (th[J] + qs[J])[:, None]) & only_a
-    over_b = (np.abs(B) / r[:, None] > (th[I] + qs[I])[:, None]) & only_b
-    good &= ~over_a.any(axis=1) & ~over_b.any(axis=1)
-    for k in np.flatnonzero(good).tolist():
-        out[(int(I[k]), int(J[k]))] = float(r[k])
-    return out
+    good = np.zeros(I.size, dtype=bool)
+    r = np.ones(I.size)
+    for sl in _row_blocks(I.size, 2 * N):
+        i, j = I[sl], J[sl]
+        A = np.asarray(W2[i], np.float64) * f[i, None]
+        B = np.asarray(W2[j], np.float64) * f[j, None]
+        nzA, nzB = A != 0, B != 0
+        S = nzA & nzB
+        dot = (A * B * S).sum(axis=1) + sh[i] * sh[j]
+        na = (A * A * S).sum(axis=1) + sh[i] ** 2
+        nb = (B * B * S).sum(axis=1) + sh[j] ** 2
+        g = (S.sum(axis=1) >= PRUNED_COMMON) & (na > 0) & (nb > 0)
+        cos = np.where(g, dot / np.sqrt(np.where(g, na * nb, 1.0)), -1.0)
+        g &= cos >= cos_equal
+        rr = np.sqrt(np.where(g, nb, 1.0) / np.where(g, na, 1.0))
+        # kept by i only: scaled to j, below j's threshold; and the other way round
+        over_a = (np.abs(A) * rr[:, None] > (th[j] + qs[j])[:, None]) & nzA & ~nzB
+        over_b = (np.abs(B) / rr[:, None] > (th[i] + qs[i])[:, None]) & nzB & ~nzA
+        good[sl] = g & ~over_a.any(axis=1) & ~over_b.any(axis=1)
+        r[sl] = rr
+    return {(int(I[k]), int(J[k])): float(r[k]) for k in np.flatnonzero(good).tolist()}
 
 
-def _pruned_candidates(V: np.ndarray, bias: np.ndarray, t: np.ndarray, ok: np.ndarray, cos_equal: float,
-                       label: np.ndarray | None) -> set[tuple[int, int]]:
+def _pruned_candidates(W2: np.ndarray, scale: np.ndarray, bias: np.ndarray, t: np.ndarray, ok: np.ndarray,
+                       cos_equal: float, label: np.ndarray | None) -> set[tuple[int, int]]:
     """Pairs (i < j) of rows `ok` parallel at the mask level of the larger of their thresholds `t`
-    (rows V normalised by their largest |entry|, shifts `bias` likewise; see `pruned_copy_pairs`)."""
-    C, N = V.shape
+    (rows W2 * scale, normalised by their largest |entry|, shifts `bias` likewise; see
+    `pruned_copy_pairs`)."""
+    C, N = W2.shape
     t_lo = max(float(t[ok].min()), 2.0 ** -PRUNED_LEVELS)
     lev = np.zeros(C, dtype=np.int64)
     lev[ok] = np.maximum(0, np.ceil(np.log2(np.maximum(t[ok], t_lo) / t_lo) - 1e-12)).astype(np.int64)
@@ -667,12 +684,22 @@ def _pruned_candidates(V: np.ndarray, bias: np.ndarray, t: np.ndarray, ok: np.nd
         rows = np.flatnonzero(ok & (lev <= L))
         if rows.size < 2:
             continue
-        M = np.where(np.abs(V[rows]) >= tau, V[rows], 0.0)
-        U = np.concatenate([M, bias[rows, None]], axis=1)
-        nrm = np.linalg.norm(U, axis=1)
-        U /= np.where(nrm > 0, nrm, 1.0)[:, None]
-        got = _pairs(U @ dirs, lambda idx: U[idx], nrm <= 0, cos_equal,
-                     None if label is None else label[rows])
+
+        def masked(idx: np.ndarray, tau=tau, rows=rows) -> np.ndarray:
+            """The rows rows[idx] masked at tau, with their shift, as unit vectors (zero rows stay 0)."""
+            g = rows[idx]
+            V = np.asarray(W2[g], np.float64) * scale[g, None]
+            U = np.concatenate([np.where(np.abs(V) >= tau, V, 0.0), bias[g, None]], axis=1)
+            n = np.linalg.norm(U, axis=1)
+            return U / np.where(n > 0, n, 1.0)[:, None]
+
+        ps = np.empty((rows.size, dirs.shape[1]))
+        zero = np.zeros(rows.size, dtype=bool)
+        for sl in _row_blocks(rows.size, N + 1):
+            U = masked(np.arange(rows.size)[sl])
+            ps[sl] = U @ dirs
+            zero[sl] = ~U.any(axis=1)
+        got = _pairs(ps, masked, zero, cos_equal, None if label is None else label[rows])
         for a, bs in got.items():
             for b in bs:
                 i, j = int(rows[a]), int(rows[b])
