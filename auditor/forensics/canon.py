@@ -614,7 +614,9 @@ def pruned_copy_pairs(W2: np.ndarray, f: np.ndarray, sh: np.ndarray, theta: floa
     normalised by its largest |entry| (kept by pruning; the same entry of every copy), its own threshold
     t_i there (theta |f_i| / max_i, plus 1/QUANT_LEVELS when quantized). Copies i, j agree on every
     entry above max(t_i, t_j) (the smaller copy keeps them all, equal) and on the shift, so masked
-    at any level tau >= both thresholds (entries below tau zeroed) they are parallel. Levels
+    at any level tau >= both thresholds (entries below tau zeroed) they are parallel (int8 copies hold
+    the same integers there, so the same entries are masked; float ones differ by rounding, which
+    masks an entry in one copy only if it lies within that rounding of tau). Levels
     tau = t_min * 2^L: at level L the rows with t_i <= tau are masked and searched with `_pairs`,
     the pairs whose larger threshold falls in (tau / 2, tau] kept (each pair at one level). Cost: one
     `_pairs` per level, O(log2(t_max / t_min)) levels; the weight is read in row blocks. `candidates`
