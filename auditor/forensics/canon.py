@@ -38,9 +38,17 @@ from auditor.read import channels as ch
 
 COS_EQUAL = 1.0 - 1e-5     # rows this close in cosine are copies of one neuron
 COS_EQUAL_QUANT = 1.0 - 1e-3   # ... when the layer's weight is stored quantized: copies quantized per channel
-                               # stay parallel, but magnitude pruning before quantization zeroes other entries
-                               # of a scaled copy (measured 0.9991-0.99998 after prune:0.2 then int8)
+                               # stay parallel; magnitude pruning before quantization zeroes other entries of a
+                               # scaled copy (cosine 0.84-0.99998 after prune:0.2 then int8, bench/
+                               # bench_pruned_copies.py): those are compared where both keep entries
+                               # (pruned_copy_pairs), this tolerance then on the common entries
 ZERO_REL = 1e-6            # outgoing columns this small (relative) are zero
+PRUNED_SHARE = 0.1         # a layer whose non-zero rows and columns hold this share of exact zeros was pruned
+                           # (int8 rounding alone zeroes the entries below half a step: at most 3.8 % on the
+                           # 59 weights of the forensics-blocks* int8 files; 20 % after prune:0.2)
+PRUNED_COMMON = 6          # pruned copies are compared on at least this many entries both rows keep
+PRUNED_LEVELS = 24         # mask levels (factors of 2) of the pruned-copy search
+QUANT_LEVELS = 127         # steps between 0 and a quantized row's largest |entry| (8-bit, per channel)
 PRUNE_DIRECTIONS = 8       # random directions that must all agree before a cosine is computed
 GRID_DIMS = 3              # of which the copy search grids the first three (canon._pairs)
 
@@ -549,7 +557,168 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
         # a zero row has no direction and copies nothing (an all-zero layer would otherwise put every
         # pair of rows in one cell)
         partners = _pairs(ps, unit_rows, rn <= 0, cos_equal, label, accept)
-    return rn, partners
+    ratios: dict[tuple[int, int], float] = {}
+    quant = _stored_rounded(gv, flow.layer.weight) == "quant"
+    theta = pruned_threshold(W2, quant) if C > 1 else None
+    if theta is not None:   # magnitude-pruned: scaled copies lost different small entries
+        got = pruned_copy_pairs(W2, f, sh, theta, quant, cos_equal, label)
+        for (i, j), r in got.items():
+            if j not in partners.get(i, ()) and path is not None and not _same_path(path, i, j, r):
+                continue
+            # (a pair parallel as it is too: its factor from the entries both keep, not the norms)
+            ratios[(i, j)], ratios[(j, i)] = r, 1.0 / r
+            partners.setdefault(i, set()).add(j)
+            partners.setdefault(j, set()).add(i)
+    return rn, partners, ratios
+
+
+def _row_blocks(C: int, N: int, budget: int = 1 << 22):
+    """Slices of rows holding at most `budget` entries each (at least one row): a layer is read in
+    blocks, never copied whole."""
+    step = max(1, budget // max(N, 1))
+    for a in range(0, C, step):
+        yield slice(a, min(C, a + step))
+
+
+def pruned_threshold(W2: np.ndarray, quant: bool = False) -> float | None:
+    """An upper bound of the largest |w| magnitude pruning zeroed in this layer, or None when the layer
+    does not look pruned: fewer than PRUNED_SHARE of the entries of its non-zero rows and columns are
+    exact zeros (a pruned entry stays 0 after quantization; zero rows are dummies or pruned filters,
+    zero columns read dummy inputs). Every entry pruning kept was at least the threshold, so each row's
+    smallest kept |w| bounds it (after quantization: plus half the row's step, its largest |w| /
+    QUANT_LEVELS); the least bound over the rows is returned."""
+    C, N = W2.shape
+    cnt = np.zeros(C, dtype=np.int64)
+    cols = np.zeros(N, dtype=bool)
+    low = np.full(C, np.inf)
+    for sl in _row_blocks(C, N):
+        A = np.abs(np.asarray(W2[sl], np.float64))
+        nz = A > 0
+        cnt[sl] = nz.sum(axis=1)
+        cols |= nz.any(axis=0)
+        low[sl] = np.where(nz, A, np.inf).min(axis=1) if N else np.inf
+        if quant:
+            low[sl] += 0.5 * A.max(axis=1, initial=0.0) / QUANT_LEVELS
+    live = cnt > 0
+    total = int(live.sum()) * int(cols.sum())
+    if total == 0 or total - int(cnt.sum()) < PRUNED_SHARE * total:
+        return None
+    return float(low[live].min())
+
+
+def pruned_copy_pairs(W2: np.ndarray, f: np.ndarray, sh: np.ndarray, theta: float, quant: bool,
+                      cos_equal: float = COS_EQUAL, label: np.ndarray | None = None,
+                      candidates: list[tuple[int, int]] | None = None) -> dict[tuple[int, int], float]:
+    """Scaled copies among the effective rows [W2 * f, sh] of a magnitude-pruned layer (threshold
+    `theta` on |W2|, see `pruned_threshold`): {(i, j): r} with row j = r * row i (r > 0) on the entries
+    both keep, i < j.
+
+    Pruning zeroes the entries of each row below theta, so of two copies the smaller (in W2 units)
+    loses entries the larger keeps, and they stop being parallel. A pair is a copy when
+    * they are proportional on the entries both keep and the shift (cosine >= cos_equal there, over at
+      least PRUNED_COMMON kept entries);
+    * every entry only one row keeps, scaled to the other row, lies below the other row's threshold
+      (theta * |f| in effective units; plus one quantization step of that row when `quant`, a step being
+      its largest |entry| / QUANT_LEVELS): the other row would have pruned it.
+
+    Candidates (no pair of rows is compared unless it passes the grid of `_pairs`): each row
+    normalised by its largest |entry| (kept by pruning; the same entry of every copy), its own threshold
+    t_i there (theta |f_i| / max_i, plus 1/QUANT_LEVELS when quantized). Copies i, j agree on every
+    entry above max(t_i, t_j) (the smaller copy keeps them all, equal) and on the shift, so masked
+    at any level tau >= both thresholds (entries below tau zeroed) they are parallel (int8 copies hold
+    the same integers there, so the same entries are masked; float ones differ by rounding, which
+    masks an entry in one copy only if it lies within that rounding of tau). Levels
+    tau = t_min * 2^L: at level L the rows with t_i <= tau are masked and searched with `_pairs`,
+    the pairs whose larger threshold falls in (tau / 2, tau] kept (each pair at one level). Cost: one
+    `_pairs` per level, O(log2(t_max / t_min)) levels; the weight is read in row blocks. `candidates`
+    (pairs i < j): verify these instead of searching (every pair: what the search must find)."""
+    C, N = W2.shape
+    mx = np.zeros(C)
+    for sl in _row_blocks(C, N):
+        if N:
+            mx[sl] = np.abs(np.asarray(W2[sl], np.float64)).max(axis=1) * np.abs(f[sl])
+    ok = mx > 0
+    scale = np.where(ok, f / np.where(ok, mx, 1.0), 0.0)     # row i normalised: W2[i] * scale[i]
+    bias = np.where(ok, sh / np.where(ok, mx, 1.0), 0.0)
+    step = 1.0 / QUANT_LEVELS if quant else 0.0
+    t = theta * np.abs(f) / np.where(ok, mx, 1.0) + step
+    for sl in _row_blocks(C, N):   # rows keeping too few entries above their own threshold cannot be verified
+        V = np.abs(np.asarray(W2[sl], np.float64) * scale[sl, None])
+        ok[sl] &= (V >= t[sl, None]).sum(axis=1) >= PRUNED_COMMON
+    out: dict[tuple[int, int], float] = {}
+    if candidates is not None:
+        cand = set(candidates)
+    elif ok.sum() < 2:
+        return out
+    else:
+        cand = _pruned_candidates(W2, scale, bias, t, ok, cos_equal, label)
+    if not cand:
+        return out
+    I, J = (np.array(x, dtype=np.int64) for x in zip(*sorted(cand)))
+    th = theta * np.abs(f)                       # each row's threshold and quantization step, effective units
+    qs = mx / QUANT_LEVELS if quant else np.zeros(C)
+    good = np.zeros(I.size, dtype=bool)
+    r = np.ones(I.size)
+    for sl in _row_blocks(I.size, 2 * N):
+        i, j = I[sl], J[sl]
+        A = np.asarray(W2[i], np.float64) * f[i, None]
+        B = np.asarray(W2[j], np.float64) * f[j, None]
+        nzA, nzB = A != 0, B != 0
+        S = nzA & nzB
+        dot = (A * B * S).sum(axis=1) + sh[i] * sh[j]
+        na = (A * A * S).sum(axis=1) + sh[i] ** 2
+        nb = (B * B * S).sum(axis=1) + sh[j] ** 2
+        g = (S.sum(axis=1) >= PRUNED_COMMON) & (na > 0) & (nb > 0)
+        cos = np.where(g, dot / np.sqrt(np.where(g, na * nb, 1.0)), -1.0)
+        g &= cos >= cos_equal
+        rr = np.sqrt(np.where(g, nb, 1.0) / np.where(g, na, 1.0))
+        # kept by i only: scaled to j, below j's threshold; and the other way round
+        over_a = (np.abs(A) * rr[:, None] > (th[j] + qs[j])[:, None]) & nzA & ~nzB
+        over_b = (np.abs(B) / rr[:, None] > (th[i] + qs[i])[:, None]) & nzB & ~nzA
+        good[sl] = g & ~over_a.any(axis=1) & ~over_b.any(axis=1)
+        r[sl] = rr
+    return {(int(I[k]), int(J[k])): float(r[k]) for k in np.flatnonzero(good).tolist()}
+
+
+def _pruned_candidates(W2: np.ndarray, scale: np.ndarray, bias: np.ndarray, t: np.ndarray, ok: np.ndarray,
+                       cos_equal: float, label: np.ndarray | None) -> set[tuple[int, int]]:
+    """Pairs (i < j) of rows `ok` parallel at the mask level of the larger of their thresholds `t`
+    (rows W2 * scale, normalised by their largest |entry|, shifts `bias` likewise; see
+    `pruned_copy_pairs`)."""
+    C, N = W2.shape
+    t_lo = max(float(t[ok].min()), 2.0 ** -PRUNED_LEVELS)
+    lev = np.zeros(C, dtype=np.int64)
+    lev[ok] = np.maximum(0, np.ceil(np.log2(np.maximum(t[ok], t_lo) / t_lo) - 1e-12)).astype(np.int64)
+    lev = np.minimum(lev, PRUNED_LEVELS)
+    dirs = _directions(N + 1)
+    cand: set[tuple[int, int]] = set()
+    for L in np.unique(lev[ok]).tolist():
+        tau = t_lo * 2.0 ** L if L < PRUNED_LEVELS else float(t[ok].max())
+        rows = np.flatnonzero(ok & (lev <= L))
+        if rows.size < 2:
+            continue
+
+        def masked(idx: np.ndarray, tau=tau, rows=rows) -> np.ndarray:
+            """The rows rows[idx] masked at tau, with their shift, as unit vectors (zero rows stay 0)."""
+            g = rows[idx]
+            V = np.asarray(W2[g], np.float64) * scale[g, None]
+            U = np.concatenate([np.where(np.abs(V) >= tau, V, 0.0), bias[g, None]], axis=1)
+            n = np.linalg.norm(U, axis=1)
+            return U / np.where(n > 0, n, 1.0)[:, None]
+
+        ps = np.empty((rows.size, dirs.shape[1]))
+        zero = np.zeros(rows.size, dtype=bool)
+        for sl in _row_blocks(rows.size, N + 1):
+            U = masked(np.arange(rows.size)[sl])
+            ps[sl] = U @ dirs
+            zero[sl] = ~U.any(axis=1)
+        got = _pairs(ps, masked, zero, cos_equal, None if label is None else label[rows])
+        for a, bs in got.items():
+            for b in bs:
+                i, j = int(rows[a]), int(rows[b])
+                if i < j and max(lev[i], lev[j]) == L:
+                    cand.add((i, j))
+    return cand
 
 
 CANCEL_REL = 1e-4          # copies whose merged outgoing columns are this small (relative) cancel: a clique
@@ -594,7 +763,7 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = Non
         if cols is not None and cols.size == W2.shape[1]:
             W2 = W2[:, cols]
         cache[ckey] = _copies(gv, flow, W2, f, sh)
-    rn, all_partners = cache[ckey]
+    rn, all_partners, ratios = cache[ckey]
     cn = outgoing_norms(gv, flow, depth)
     scale = float(cn.max()) if cn.size else 0.0
     dummy = cn <= ZERO_REL * max(scale, 1e-30)
@@ -609,7 +778,9 @@ def _neuron_groups(gv: GraphValues, flow: ch.Flow, cols: np.ndarray | None = Non
             continue
         same = sorted({i} | {j for j in partners[i] if assigned[j] < 0 and j > i})
         assigned[same] = i
-        special[i] = [(j, float(rn[j] / rn[i]) if rn[i] > 0 else 1.0) for j in same]
+        # the factor of a pruned copy is its ratio on the entries both keep (norms count the lost ones)
+        special[i] = [(j, ratios[(i, j)] if (i, j) in ratios else float(rn[j] / rn[i]) if rn[i] > 0 else 1.0)
+                      for j in same]
     solo = np.flatnonzero(~dummy & (assigned < 0))
     reps = np.union1d(solo, np.fromiter(special, dtype=int, count=len(special))) if special else solo
     out = Groups([], [], dummies=int(dummy.sum()), channels=C)
