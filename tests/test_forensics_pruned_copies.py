@@ -132,3 +132,28 @@ def test_pruned_copy_search_finds_what_every_pair_finds(tmp_path):
     # every planted copy whose smaller row keeps enough entries is found (directly or through its source)
     want = {(int(min(s, 120 + k)), int(max(s, 120 + k))) for k, s in enumerate(src)}
     assert len(want & set(found)) >= 30 and not {(i, j) for i, j in found if i < 120 and j < 120}
+
+
+def test_a_dense_layer_is_told_apart_by_a_sample_and_a_pruned_one_never():
+    """The sample before the exact count: a dense layer (no zeros, or fewer than a quarter of the
+    pruned share) is rejected by it; a layer holding the pruned share of zeros, wherever they are
+    (spread, or packed in a block of rows), is never rejected by it, and the exact count decides."""
+    import numpy as np
+
+    from auditor.forensics import canon
+
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((512, 300)).astype(np.float32)
+    assert not canon._may_be_pruned(W) and canon.pruned_threshold(W) is None
+    for layout in ("spread", "rows"):
+        P = W.copy()
+        if layout == "spread":
+            P[np.abs(P) < np.quantile(np.abs(P), canon.PRUNED_SHARE)] = 0.0
+        else:
+            P[:int(canon.PRUNED_SHARE * 512) + 1, ::2] = -0.0
+            P[:int(canon.PRUNED_SHARE * 512) + 1, 1::2] = 0.0
+            P[0, 0] = 1.0           # (not a dead row: the share counts over live rows)
+        assert canon._may_be_pruned(P), layout
+    P = W.copy()
+    P[np.abs(P) < np.quantile(np.abs(P), 0.2)] = 0.0
+    assert canon.pruned_threshold(P) is not None

@@ -510,8 +510,10 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> tuple[list[Candi
 
 class _ReadMeans:
     """The means over outputs that `mean` marks read off the as-stored views of 2-D weights, computed
-    by the thread that read the weight (the prefetch thread, which is otherwise idle while the walk
-    computes), so the walk's own thread does not."""
+    by the thread that read the weight (the prefetch thread, otherwise idle while the walk computes),
+    so the walk's own thread does not."""
+
+    MIN_SIZE = 1 << 16     # smaller weights are cheaper to reduce where they are used
 
     def __init__(self, store, views, marks):
         self.want: dict[str, set[str]] = {}
@@ -524,12 +526,14 @@ class _ReadMeans:
             store.after_read = self.compute
 
     def compute(self, name: str, a: np.ndarray) -> None:
+        if a.dtype != np.float32 or a.size < self.MIN_SIZE:
+            return
         for t in self.want.get(name, ()):
-            if a.ndim == 2 and a.dtype == np.float32:
+            if a.ndim == 2:
                 self.done[(name, t)] = mean_over_outputs(a.T if t == "transpose" else a)
 
     def take(self, v) -> np.ndarray | None:
-        m = self.done.get((v.weight.name, v.transform))
+        m = self.done.pop((v.weight.name, v.transform), None)
         return m if m is not None and m.shape == (int(np.prod(v.shape[1:])),) else None
 
 
