@@ -188,6 +188,47 @@ def test_structured_pruning_zeroes_whole_channels(models, mode, axis):
     assert int(np.all(fc == 0, axis=1 - axis).sum()) == prune.count(0.5, fc.shape[axis])
 
 
+@pytest.mark.parametrize("mode", ["magnitude", "global", "l1-filter"])
+def test_pruning_an_int8_qdq_file_zeroes_dequantized_values(models, calibration, mode, tmp_path):
+    """int8 then pruning: a QDQ per-channel file is pruned in its dequantized weights (each pruned
+    entry set to its zero point, so it dequantizes to exactly 0); the kept integers are untouched, the
+    pruned ones are the smallest dequantized magnitudes (whole filters of least L1 norm), and
+    onnxruntime runs the file."""
+    model, _ = models[MARKED]
+    q = quantize.quantize(model, "static-qdq-per-channel", calibration).model
+    r = prune.prune(q, 0.5, mode=mode)
+    assert set(r.params["quantized_layers_pruned"]) == set(r.params["layers"]) and len(r.params["layers"]) == 3
+    ints0 = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    ints1 = {i.name: numpy_helper.to_array(i) for i in r.model.graph.initializer}
+    for tag, m in (("q", q), ("p", r.model)):
+        onnx.save_model(m, str(tmp_path / f"{tag}.onnx"))
+    s0, s1 = WeightStore.open(tmp_path / "q.onnx"), WeightStore.open(tmp_path / "p.onnx")
+    deq = {w.name: (s0.array(w.name), s1.array(w.name)) for w in s0.weights
+           if w.quant is not None and len(w.shape) >= 2}          # (the int32 biases are not pruned)
+    assert len(deq) == 3
+    z0 = {n: int((a == 0).sum()) for n, (a, b) in deq.items()}
+    z1 = {n: int((b == 0).sum()) for n, (a, b) in deq.items()}
+    for name in r.params["layers"]:
+        a0, a1 = ints0[name], ints1[name]
+        changed = a1 != a0
+        assert a1.dtype == a0.dtype and not np.any(a1[changed])     # set to the zero point (0: symmetric int8)
+    for w0, w1 in deq.values():
+        np.testing.assert_array_equal(w1[w1 != 0], w0[w1 != 0])    # what is kept dequantizes as before
+    if mode == "magnitude":
+        for n, (w0, w1) in deq.items():
+            assert z1[n] == max(prune.count(0.5, w0.size), z0[n])
+            assert np.abs(w0[w1 == 0]).max() <= np.abs(w0[w1 != 0]).min()
+    elif mode == "global":
+        total = sum(a.size for a, _ in deq.values())
+        assert prune.count(0.5, total) <= sum(z1.values()) <= prune.count(0.5, total) + sum(z0.values())
+    else:
+        for w0, w1 in deq.values():   # conv [O, I, k, k] and Gemm [out, in] (transB=1): filters on axis 0
+            dead = np.all(w1.reshape(w1.shape[0], -1) == 0, axis=1)
+            assert dead.sum() >= prune.count(0.5, w1.shape[0])
+    logits = predict(r.model, fashion_mnist("evaluation", 64, seed=0))
+    assert logits.shape == (64, 10) and np.isfinite(logits).all()
+
+
 def test_pruning_refuses_bad_rates_and_quantized_models(models, calibration):
     model, _ = models[MARKED]
     for bad in (-0.1, 1.0, "x"):

@@ -205,6 +205,30 @@ def test_scaled_copies_found_after_pruning_and_int8(fx, block, tmp_path):
     assert t["verdict"] != "detected" and t.get("log10_p_corrected", 0.0) > np.log10(ALPHA), t.get("matches")
 
 
+@pytest.mark.parametrize("block", BLOCKS)
+def test_int8_then_pruning_after_obfuscation(fx, block, tmp_path):
+    """Obfuscation, then int8 (the fixture's rounds/int8.onnx), then 20 % magnitude pruning of the int8
+    weights (auditor.attacks prunes a QDQ file in its dequantized values): the scaled copies lose
+    different entries after quantization here, and the mark is still found without a reference; the
+    twin's int8 round pruned the same way never."""
+    import onnx
+
+    from auditor.attacks import load_model
+    from auditor.attacks.prune import prune
+
+    out = {}
+    for rel in ("rounds/int8.onnx", "rounds/twin-int8.onnx"):
+        r = prune(load_model(fx / block / rel), 0.2)
+        assert r.params["quantized_layers_pruned"], r.notes
+        p = tmp_path / rel.replace("rounds/", "").replace(".onnx", "-prune.onnx")
+        onnx.save_model(r.model, str(p))
+        out[rel] = scanmod.scan(p, [_key(fx, block, rel)], alpha=ALPHA)["findings"][0]
+    f, t = out["rounds/int8.onnx"], out["rounds/twin-int8.onnx"]
+    assert f["verdict"] == "detected" and f["log10_p_corrected"] < np.log10(ALPHA), (f.get("matches"), f["undone"])
+    assert any(u.startswith("input neurons (via ") and f"-> {INNER[block]})" in u for u in f["undone"]), f["undone"]
+    assert t["verdict"] != "detected" and t.get("log10_p_corrected", 0.0) > np.log10(ALPHA), t.get("matches")
+
+
 # ------------------------------------------------------------------ the reported case
 def test_resnet_inner_channels_split_and_cancelling_pairs_found_with_anchors(build_fixture, tmp_path):
     """arch-resnet (BatchNorm folded, 128-bit mean mark on layer2.1.conv2), its inner channels

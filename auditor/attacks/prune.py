@@ -27,10 +27,14 @@ ConvTranspose [I, O, ...] -> 1 / 0; Gemm B -> 0 / 1 with transB=1, else
 1 / 0; MatMul B [.., K, N] -> last / second to last; RNN W/R [D, G*H, K] ->
 1 / 2.
 
-Already-quantized models: integer initializers (int8 weights behind
-DequantizeLinear, QLinearConv, ConvInteger, ...) are not pruned, and the
-notes count them; a deployer prunes the float model, then quantizes
-(``compose`` does this in the order asked).
+Already-quantized models: an integer weight behind a DequantizeLinear (a QDQ
+file, per tensor or per channel) is pruned in its dequantized values: the
+ranking (magnitude, global, L1 groups) uses |(q - zero point) * scale| and a
+pruned entry is set to its zero point, so it dequantizes to exactly 0 (a
+deployer pruning an int8 file, after quantizing). The weights of quantized
+operators (QLinearConv, ConvInteger, QGemm, ...) and blocked quantization are
+not pruned, and the notes count them; ``compose`` applies steps in the order
+asked.
 """
 from __future__ import annotations
 
@@ -109,9 +113,61 @@ def prunable_weights(model: onnx.ModelProto, ops=WEIGHT_OPS) -> tuple[list[tuple
         if n.op_type in ("DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                          "QGemm", "DynamicQuantizeLSTM", "MatMulNBits"):
             for name in n.input:
-                if name in tensors and tensors[name].data_type not in _FLOATS and name not in quantized:
+                t = tensors.get(name)
+                if t is not None and t.data_type not in _FLOATS and len(t.dims) >= 2 and name not in quantized:
                     quantized.append(name)
     return found, quantized
+
+
+class _DQWeight:
+    """An integer weight behind a DequantizeLinear feeding a weight slot: its dequantized values (the
+    ranking) and how to write a pruned copy back (pruned entries set to the zero point)."""
+
+    def __init__(self, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int):
+        self.q = q
+        shape = [1] * q.ndim
+        if scale.size > 1:
+            shape[axis % q.ndim] = scale.size
+        self.zp = np.broadcast_to(zp.astype(np.int64).reshape(shape), q.shape)
+        self.values = (q.astype(np.float64) - self.zp) * scale.astype(np.float64).reshape(shape)
+
+    def write(self, pruned_values: np.ndarray) -> np.ndarray:
+        return np.where(pruned_values == 0, self.zp, self.q).astype(self.q.dtype)
+
+
+def dq_weights(model: onnx.ModelProto, ops=WEIGHT_OPS) -> tuple[list[tuple[str, onnx.NodeProto, int]], dict]:
+    """([(integer weight name, consumer node, slot)], {name: _DQWeight}) for the weights a DequantizeLinear
+    hands to a weight slot of `ops` (QDQ files), in graph order; blocked quantization is left out."""
+    from auditor.read.graph import iter_graphs
+
+    tensors = stored_tensors(model)
+    nodes = [n for g, _ in iter_graphs(model.graph) for n in g.node]
+    dq = {n.output[0]: n for n in nodes if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")
+          and n.output and n.input and n.input[0] in tensors}
+    found, info = [], {}
+    for n in nodes:
+        if n.op_type not in ops:
+            continue
+        slots = {"Conv": [1], "ConvTranspose": [1], "Gemm": [1], "MatMul": [0, 1]}.get(n.op_type, [1, 2])
+        for s in slots:
+            d = dq.get(n.input[s]) if s < len(n.input) else None
+            if d is None or d.input[0] in info:
+                continue
+            t = tensors[d.input[0]]
+            attrs = {a.name: helper.get_attribute_value(a) for a in d.attribute}
+            if t.data_type in _FLOATS or len(t.dims) < 2 or attrs.get("block_size", 0) or len(d.input) < 2 \
+                    or d.input[1] not in tensors or (len(d.input) > 2 and d.input[2] and d.input[2] not in tensors):
+                continue
+            q = numpy_helper.to_array(t)
+            scale = numpy_helper.to_array(tensors[d.input[1]]).reshape(-1)
+            zp = (numpy_helper.to_array(tensors[d.input[2]]).reshape(-1) if len(d.input) > 2 and d.input[2]
+                  else np.zeros(1, dtype=np.int64))
+            axis = int(attrs.get("axis", 1))
+            if scale.size not in (1, q.shape[axis % q.ndim]) or zp.size not in (1, scale.size):
+                continue
+            info[d.input[0]] = _DQWeight(q, scale, zp, axis)
+            found.append((d.input[0], n, s))
+    return found, info
 
 
 def _prune_groups(w: np.ndarray, axis: int, rate: float) -> tuple[np.ndarray, int]:
@@ -140,17 +196,21 @@ def prune(model: onnx.ModelProto, rate: float, *, mode: str = "magnitude", seed:
 
     constants_as_tensors(m)  # value_floats Constants become tensors the loop below can rewrite
     found, quantized = prunable_weights(m, tuple(ops))
+    dq_found, dq = dq_weights(m, tuple(ops))
+    found += dq_found
+    quantized = [q for q in quantized if q not in dq]
     if names is not None:
         by = {f[0]: f for f in found}
         missing = [n for n in names if n not in by]
         if missing:
-            raise AuditError(f"{missing[0]!r} is not a float weight of {'/'.join(ops)}")
+            raise AuditError(f"{missing[0]!r} is not a float or QDQ weight of {'/'.join(ops)}")
         found = [by[n] for n in names]
     if not found:
-        raise AuditError("no float weights to prune" + (" (the model is quantized: prune before quantizing)"
-                                                        if quantized else ""))
+        raise AuditError("no float or QDQ weights to prune" + (
+            " (the weights are inside quantized operators: prune before quantizing, or quantize to QDQ)"
+            if quantized else ""))
     inits = stored_tensors(m)
-    arrays = {name: numpy_helper.to_array(inits[name]) for name, _, _ in found}
+    arrays = {name: (dq[name].values if name in dq else numpy_helper.to_array(inits[name])) for name, _, _ in found}
     layers: dict[str, dict] = {}
     if mode == "global":
         flat = np.concatenate([np.abs(arrays[n].astype(np.float64)).ravel() for n, _, _ in found])
@@ -180,13 +240,18 @@ def prune(model: onnx.ModelProto, rate: float, *, mode: str = "magnitude", seed:
                 arrays[name], pruned = _prune_groups(w, out_axis if mode == "l1-filter" else in_axis, rate)
             layers[name] = {"size": int(w.size), "pruned": int(pruned)}
     for name, w in arrays.items():
-        inits[name].CopyFrom(numpy_helper.from_array(w, inits[name].name))
+        inits[name].CopyFrom(numpy_helper.from_array(dq[name].write(w) if name in dq else w, inits[name].name))
     total = sum(v["size"] for v in layers.values())
     pruned = sum(v["pruned"] for v in layers.values())
     params = {"rate": rate, "mode": mode, "layers": layers, "sparsity": pruned / total if total else 0.0}
+    if dq:
+        params["quantized_layers_pruned"] = sorted(n for n in layers if n in dq)
     if mode == "random":
         params["seed"] = int(seed)
     notes = [f"pruned {pruned} of {total} weights in {len(layers)} layers ({mode}, rate {rate:g})"]
+    if dq:
+        notes.append(f"{len([n for n in layers if n in dq])} QDQ (integer) weights pruned in their dequantized "
+                     f"values, pruned entries set to the zero point")
     if quantized:
-        notes.append(f"{len(quantized)} quantized (integer) weights not pruned: prune before quantizing")
+        notes.append(f"{len(quantized)} weights inside quantized operators not pruned: prune before quantizing")
     return AttackResult(cap_ir_version(m), params, notes)
