@@ -904,6 +904,19 @@ def clean(gv: GraphValues, lay: ch.Layer) -> Cleaned:
     return res
 
 
+def stored_column_sq(gv: GraphValues, cleaned: Cleaned) -> np.ndarray | None:
+    """Per input channel of the layer's stored weight, the sum of squares over every output and tap,
+    when the input side's analysis already computed it (the layer as its feeding layer's consumer,
+    every output live); None otherwise."""
+    lay, pflow = cleaned.layer, None
+    if lay is None or cleaned.in_groups is None or cleaned.in_spatial != 1:
+        return None
+    pflow = gv.input_flow(lay)
+    if pflow is None:
+        return None
+    return gv.__dict__.get("_rowsq", {}).get((lay.weight, 0, 1, pflow.channels))
+
+
 def anchor_unfold(gv: GraphValues, cleaned: Cleaned, anchors: dict) -> tuple[np.ndarray, str] | None:
     """Undo positive per-channel scales (and BN folding) of the output channels with the key's
     BatchNorm anchors, matching channels by what scaling leaves invariant: (gamma, beta) of a

@@ -99,6 +99,7 @@ class Candidate:
     notes: list[str] = field(default_factory=list)
     bases: Any = None             # mark-independent variants, built on first use
     mean: Any = None              # the view's mean over outputs, computed by the reading thread
+    colsq: Any = None             # the stored view's per-input sums of squares, when the cleaning had them
 
 
 def _log10_sum(values: list[float]) -> float:
@@ -165,6 +166,7 @@ def _make_candidate(store, gv, v, a) -> Candidate:
             if torch_is_rows:
                 try:
                     cand.cleaned = canon.clean(gv, lay)
+                    cand.colsq = canon.stored_column_sq(gv, cand.cleaned)
                 except (KeyError, ValueError) as e:
                     cand.notes.append(f"neighbours not read: {e}")
     return cand
@@ -268,7 +270,25 @@ def _gamma_variants(c: Candidate, i: int, base: list[Variant]) -> list[Variant]:
             if len(b.shape) >= 2 and b.shape[1] == vec.size:
                 out.append(Variant(None, i, b.undone + [what], out_fixed=b.out_fixed, shape=b.shape, parent=b,
                                    col_scale=np.asarray(vec, np.float64)))
+    if cl.in_gamma is not None or cl.in_rownorm is not None:
+        # a positive scale of input channel c divides this layer's column c (every output, every tap):
+        # the column over its own norm is unchanged by it, and equals the original column over the
+        # original column norm (norms over all outputs, which vary less between channels than the
+        # feeding layer's rows once a BatchNorm factor is folded into them)
+        for b in base:
+            if len(b.shape) >= 2:
+                as_stored = b.weight is c.array and c.colsq is not None and c.colsq.shape == (b.shape[1],)
+                n = np.sqrt(c.colsq) if as_stored else column_norms(b.array())
+                out.append(Variant(None, i, b.undone + ["input scales canonicalised: columns over their own norms"],
+                                   out_fixed=b.out_fixed, shape=b.shape, parent=b,
+                                   col_scale=np.where(n > 0, 1.0 / np.where(n > 0, n, 1.0), 0.0)))
     return out
+
+
+def column_norms(W: np.ndarray) -> np.ndarray:
+    """Per input channel (axis 1 of a torch-layout weight), the norm over every output and tap."""
+    V = np.asarray(W).reshape(W.shape[0], W.shape[1], -1)
+    return np.sqrt(np.einsum("oik,oik->i", V, V, dtype=np.float64))
 
 
 def _candidate_variants(mark: WhiteboxMark, c: Candidate, i: int, gv, alpha: float, skip: dict[str, int],
@@ -681,7 +701,8 @@ def _limits(cands, references) -> list[str]:
     if not references:
         out.append("without the owner's reference: positive per-channel scales of the input channels are only "
                    "canonicalised (columns times the feeding BatchNorm's |gamma|, or once it is folded times the "
-                   "feeding layer's row norms: exact only where those were equal before the scaling), "
+                   "feeding layer's row norms; and columns over their own norms: each exact only where those "
+                   "gammas or norms were equal before the scaling), "
                    "and scales of the output channels are undone only with the key's BatchNorm anchors")
     blocked = sorted({b for c in cands if c.cleaned is not None for b in c.cleaned.blocked})
     out.extend(blocked[:8])
