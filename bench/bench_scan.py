@@ -189,9 +189,9 @@ def time_key_generation(keys) -> float:
 
 def child_scan(model: Path, key_file: Path, n_keys: int, reps: int = 1) -> dict:
     """`scan` with the owner's key and n_keys - 1 random keys, each of `reps` runs in a fresh process
-    (so peak RSS is one scan's): the median wall seconds (inside the process, keys made before the
-    clock starts), the largest peak RSS, RSS before the scan, the weight bytes the scan held at its
-    peak, and the owner's finding."""
+    (so peak RSS is one scan's): the median wall seconds (inside the process, keys made and the
+    scan's modules imported before the clock starts), the largest peak RSS, RSS before the scan, the
+    weight bytes the scan held at its peak, and the owner's finding."""
     import statistics
 
     runs = [_child_scan_once(model, key_file, n_keys) for _ in range(reps)]
@@ -223,6 +223,15 @@ def _child(model: str, key_file: str, n_keys: int, reps: int) -> int:
 
     from auditor.forensics.scan import scan
     from auditor.marks.keys import load_key
+
+    # the modules the scan imports on first use (onnx among them, about 0.13 s): loaded before the
+    # clock, as a fixed cost of the process that the plain read of the anchor does not pay either
+    import auditor.forensics.align  # noqa: F401
+    import auditor.forensics.canon  # noqa: F401
+    import auditor.marks.evidence  # noqa: F401
+    import auditor.marks.whitebox  # noqa: F401
+    import auditor.read.layout  # noqa: F401
+    import auditor.read.weights  # noqa: F401
 
     key = load_key(Path(key_file))
     keys = [key] + random_keys(key, n_keys - 1, seed=0)
