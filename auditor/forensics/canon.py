@@ -560,9 +560,21 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
         partners = _pairs(ps, unit_rows, rn <= 0, cos_equal, label, accept)
     ratios: dict[tuple[int, int], float] = {}
     quant = _stored_rounded(gv, flow.layer.weight) == "quant"
-    theta = pruned_threshold(W2, quant) if C > 1 else None
-    if theta is not None:   # magnitude-pruned: scaled copies lost different small entries
-        got = pruned_copy_pairs(W2, f, sh, theta, quant, cos_equal, label)
+    got: dict[tuple[int, int], float] = {}
+    if C > 1 and W2.size and _may_be_pruned(W2):
+        # the rows holding any weight (a layer of many zero rows, dummies or pruned filters, is
+        # analysed on the others only: the same threshold, the same pairs)
+        kept = np.count_nonzero(W2, axis=1)
+        rows = np.flatnonzero(kept)
+        sub = theta = None
+        if np.count_nonzero(kept >= PRUNED_COMMON) > 1:   # else no pair could be verified
+            sub = W2 if rows.size == C else W2[rows]
+            theta = pruned_threshold(sub, quant)
+        if theta is not None:   # magnitude-pruned: scaled copies lost different small entries
+            found = pruned_copy_pairs(sub, f[rows], sh[rows], theta, quant, cos_equal,
+                                      None if label is None else label[rows])
+            got = {(int(rows[i]), int(rows[j])): r for (i, j), r in found.items()}
+    if got:
         for (i, j), r in got.items():
             if j not in partners.get(i, ()) and path is not None and not _same_path(path, i, j, r):
                 continue
