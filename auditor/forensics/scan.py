@@ -725,11 +725,20 @@ def _projections(per_mark, had_matrix: set[int]):
             bufs[shape] = np.empty(shape)
         return bufs[shape]
 
+    stacked: dict[tuple, np.ndarray] = {}      # marks of one shape share their variants' matrix R
+
+    def matrix_of(mark, vs) -> np.ndarray:
+        k = (mark.reduce,) + tuple(id(v) for v in vs)
+        R = stacked.get(k)
+        if R is None:
+            R = stacked[k] = np.stack([_reduce(mark, v) for v in vs], axis=1)
+        return R
+
     def one(item):
         _, mark, vs, _, _ = item
         if not vs:
             return None
-        Y = mark.projection_into(buffer_for) @ np.stack([_reduce(mark, v) for v in vs], axis=1)
+        Y = mark.projection_into(buffer_for) @ matrix_of(mark, vs)
         if id(mark) not in had_matrix:
             mark._X = None
         return Y
