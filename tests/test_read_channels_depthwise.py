@@ -315,7 +315,9 @@ def test_scan_with_reference_and_twin(mb, src, tmp_path):
         assert f["verdict"] == "not detected" and f["matches"] <= 90 and f["log10_p_corrected"] > -3, f
         assert _scan(p, mb / "key.json")["verdict"] == "not detected"
     else:
-        assert f["verdict"] == "detected" and f["matches"] == 128 and f["log10_p_corrected"] < -38, f
+        # every bit read (p = 2^-128 = 10^-38.5), corrected for every variant tried (their count grows
+        # with what the scan tries: 10^-37.9 with the column-norm variants)
+        assert f["verdict"] == "detected" and f["matches"] == 128 and f["log10_p_corrected"] < -35, f
 
 
 def test_split_copies_need_equal_depthwise_kernels(mb):
