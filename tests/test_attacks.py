@@ -229,6 +229,23 @@ def test_pruning_an_int8_qdq_file_zeroes_dequantized_values(models, calibration,
     assert logits.shape == (64, 10) and np.isfinite(logits).all()
 
 
+def test_pruning_leaves_4_bit_qdq_weights_alone():
+    """A 4-bit weight behind a DequantizeLinear is not pruned (written back it would change type
+    against its zero point): one clear refusal, nothing rewritten."""
+    w = helper.make_tensor("w_q", onnx.TensorProto.INT4, [4, 2, 3, 3],
+                           np.random.default_rng(0).integers(-7, 8, 72).tolist())
+    g = helper.make_graph([helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0),
+                           helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 8, 8])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [w, numpy_helper.from_array(np.full(4, 0.1, np.float32), "w_s"),
+                           helper.make_tensor("w_z", onnx.TensorProto.INT4, [4], [0, 0, 0, 0])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    with pytest.raises(AuditError, match="4-bit") as e:
+        prune.prune(m, 0.5)
+    assert "\n" not in str(e.value) and "prune before quantizing" in str(e.value)
+
+
 def test_pruning_refuses_bad_rates_and_quantized_models(models, calibration):
     model, _ = models[MARKED]
     for bad in (-0.1, 1.0, "x"):

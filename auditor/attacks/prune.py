@@ -32,8 +32,8 @@ file, per tensor or per channel) is pruned in its dequantized values: the
 ranking (magnitude, global, L1 groups) uses |(q - zero point) * scale| and a
 pruned entry is set to its zero point, so it dequantizes to exactly 0 (a
 deployer pruning an int8 file, after quantizing). The weights of quantized
-operators (QLinearConv, ConvInteger, QGemm, ...) and blocked quantization are
-not pruned, and the notes count them; ``compose`` applies steps in the order
+operators (QLinearConv, ConvInteger, QGemm, ...), blocked quantization and
+4-bit or float8 weights are not pruned, and the notes count them; ``compose`` applies steps in the order
 asked.
 """
 from __future__ import annotations
@@ -48,6 +48,9 @@ from auditor.attacks import AttackResult, cap_ir_version, copy_model
 MODES = ("magnitude", "global", "random", "l1-filter", "l1-channel")
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+# integer weights a DequantizeLinear reads that are pruned in place (4-bit packed and float8 ones are not:
+# they would be written back as another type than their zero point's)
+_DQ_INTS = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
 
 
 def count(rate: float, n: int) -> int:
@@ -155,7 +158,7 @@ def dq_weights(model: onnx.ModelProto, ops=WEIGHT_OPS) -> tuple[list[tuple[str, 
                 continue
             t = tensors[d.input[0]]
             attrs = {a.name: helper.get_attribute_value(a) for a in d.attribute}
-            if t.data_type in _FLOATS or len(t.dims) < 2 or attrs.get("block_size", 0) or len(d.input) < 2 \
+            if t.data_type not in _DQ_INTS or len(t.dims) < 2 or attrs.get("block_size", 0) or len(d.input) < 2 \
                     or d.input[1] not in tensors or (len(d.input) > 2 and d.input[2] and d.input[2] not in tensors):
                 continue
             q = numpy_helper.to_array(t)
@@ -207,7 +210,8 @@ def prune(model: onnx.ModelProto, rate: float, *, mode: str = "magnitude", seed:
         found = [by[n] for n in names]
     if not found:
         raise AuditError("no float or QDQ weights to prune" + (
-            " (the weights are inside quantized operators: prune before quantizing, or quantize to QDQ)"
+            " (its weights are quantized inside quantized operators, or as 4-bit, float8 or blocked QDQ: prune "
+            "before quantizing, or quantize to 8-bit QDQ)"
             if quantized else ""))
     inits = stored_tensors(m)
     arrays = {name: (dq[name].values if name in dq else numpy_helper.to_array(inits[name])) for name, _, _ in found}
@@ -253,5 +257,6 @@ def prune(model: onnx.ModelProto, rate: float, *, mode: str = "magnitude", seed:
         notes.append(f"{len([n for n in layers if n in dq])} QDQ (integer) weights pruned in their dequantized "
                      f"values, pruned entries set to the zero point")
     if quantized:
-        notes.append(f"{len(quantized)} weights inside quantized operators not pruned: prune before quantizing")
+        notes.append(f"{len(quantized)} weights inside quantized operators or in 4-bit, float8 or blocked QDQ form "
+                     f"not pruned: prune before quantizing")
     return AttackResult(cap_ir_version(m), params, notes)
