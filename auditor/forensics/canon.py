@@ -531,8 +531,8 @@ def _row_norms(gv: GraphValues, flow: ch.Flow) -> np.ndarray:
 
 
 def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: np.ndarray):
-    """(row norms, {row: rows it copies}) of the effective rows [W2 * f, sh], every channel taken as
-    live (the caller drops the dummies)."""
+    """(row norms, {row: rows it copies}, {(row, copy): factor} where pruning set the factor) of the
+    effective rows [W2 * f, sh], every channel taken as live (the caller drops the dummies)."""
     C = flow.channels
     cos_equal = COS_EQUAL_QUANT if _stored_rounded(gv, flow.layer.weight) else COS_EQUAL
     sq = np.einsum("ij,ij->i", W2, W2).astype(np.float64)
@@ -574,14 +574,13 @@ def _copies(gv: GraphValues, flow: ch.Flow, W2: np.ndarray, f: np.ndarray, sh: n
             found = pruned_copy_pairs(sub, f[rows], sh[rows], theta, quant, cos_equal,
                                       None if label is None else label[rows])
             got = {(int(rows[i]), int(rows[j])): r for (i, j), r in found.items()}
-    if got:
-        for (i, j), r in got.items():
-            if j not in partners.get(i, ()) and path is not None and not _same_path(path, i, j, r):
-                continue
-            # (a pair parallel as it is too: its factor from the entries both keep, not the norms)
-            ratios[(i, j)], ratios[(j, i)] = r, 1.0 / r
-            partners.setdefault(i, set()).add(j)
-            partners.setdefault(j, set()).add(i)
+    for (i, j), r in got.items():
+        if j not in partners.get(i, ()) and path is not None and not _same_path(path, i, j, r):
+            continue
+        # (a pair parallel as it is too: its factor from the entries both keep, not the norms)
+        ratios[(i, j)], ratios[(j, i)] = r, 1.0 / r
+        partners.setdefault(i, set()).add(j)
+        partners.setdefault(j, set()).add(i)
     return rn, partners, ratios
 
 
@@ -920,13 +919,11 @@ def stored_column_sq(gv: GraphValues, cleaned: Cleaned) -> np.ndarray | None:
     """Per input channel of the layer's stored weight, the sum of squares over every output and tap,
     when the input side's analysis already computed it (the layer as its feeding layer's consumer,
     every output live); None otherwise."""
-    lay, pflow = cleaned.layer, None
-    if lay is None or cleaned.in_groups is None or cleaned.in_spatial != 1:
+    lay, g = cleaned.layer, cleaned.in_groups
+    if lay is None or g is None or cleaned.in_spatial != 1:
         return None
-    pflow = gv.input_flow(lay)
-    if pflow is None:
-        return None
-    return gv.__dict__.get("_rowsq", {}).get((lay.weight, 0, 1, pflow.channels))
+    # (the input side is cleaned only when the feeding layer's channels map one-to-one, offset 0)
+    return gv.__dict__.get("_rowsq", {}).get((lay.weight, 0, 1, g.channels))
 
 
 def anchor_unfold(gv: GraphValues, cleaned: Cleaned, anchors: dict) -> tuple[np.ndarray, str] | None:

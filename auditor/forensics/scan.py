@@ -494,12 +494,15 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> tuple[list[Candi
     peak = 0
     try:
         for n, v in enumerate(views):
-            if ahead:    # the next weights in graph order: the cleaning reads up to LOOKAHEAD layers on
-                store.prefetch_names(_next_distinct(names, n + 1, LOOKAHEAD))
+            # the next weights in graph order (the cleaning reads up to LOOKAHEAD layers on): read
+            # ahead, and kept when this step releases the others
+            following = _next_distinct(names, n + 1, LOOKAHEAD)
+            if ahead:
+                store.prefetch_names(following)
             peak = max(peak, store.kept_bytes())
             a = _view_array(store, v)
             if not distinct.first(a, v):
-                _release(store, gv, names, n)
+                _release(store, gv, names, n, following)
                 continue
             i = len(cands)
             c = _make_candidate(store, gv, v, a)
@@ -516,12 +519,12 @@ def _walk(store, gv, states: list[_MarkState], alpha: float) -> tuple[list[Candi
                 made.extend(vs)
             for x in made + list(c.bases or ()):
                 x.drop()
-            c.array, c.bases = None, None
+            c.array, c.bases, c.mean, c.colsq = None, None, None, None
             if c.cleaned is not None:    # what the result still reads of it: undone, blocked
                 cl = c.cleaned
                 cl.weight = cl.out_groups = cl.in_groups = cl.flow = cl.in_gamma = cl.in_rownorm = None
             peak = max(peak, store.kept_bytes())
-            _release(store, gv, names, n)
+            _release(store, gv, names, n, following)
     finally:
         gen.stop()
         store.after_read = None
@@ -546,11 +549,10 @@ class _ReadMeans:
             store.after_read = self.compute
 
     def compute(self, name: str, a: np.ndarray) -> None:
-        if a.dtype != np.float32 or a.size < self.MIN_SIZE:
+        if a.dtype != np.float32 or a.ndim != 2 or a.size < self.MIN_SIZE:
             return
         for t in self.want.get(name, ()):
-            if a.ndim == 2:
-                self.done[(name, t)] = mean_over_outputs(a.T if t == "transpose" else a)
+            self.done[(name, t)] = mean_over_outputs(a.T if t == "transpose" else a)
 
     def take(self, v) -> np.ndarray | None:
         m = self.done.pop((v.weight.name, v.transform), None)
@@ -560,9 +562,11 @@ class _ReadMeans:
 LOOKAHEAD = 5   # distinct weights read ahead: the cleaning's depth (canon.live_outputs, 3) + the layer + 1
 
 
-def _next_distinct(names: list[str], start: int, n: int) -> list[str]:
+def _next_distinct(names: list[str], start: int, n: int, step: int = 1) -> list[str]:
+    """The first `n` distinct names from index `start` on, going forward (`step` 1) or back (-1)."""
     out: list[str] = []
-    for x in names[start:]:
+    for k in range(start, len(names) if step > 0 else -1, step):
+        x = names[k]
         if x not in out:
             out.append(x)
             if len(out) == n:
@@ -570,15 +574,15 @@ def _next_distinct(names: list[str], start: int, n: int) -> list[str]:
     return out
 
 
-def _release(store, gv, names: list[str], n: int) -> None:
-    """After view `n` of the walk (`names`: the views' weights in walk order): drop the weights this
-    step did not touch, except the next LOOKAHEAD distinct ones (read ahead, visited next); drop what
-    the neuron analysis cached for layers outside the window of LOOKAHEAD distinct weights either
-    side (a layer's groups are its successor's input side); drop large cached graph values."""
+def _release(store, gv, names: list[str], n: int, ahead: list[str]) -> None:
+    """After view `n` of the walk (`names`: the views' weights in walk order; `ahead`: the next
+    LOOKAHEAD distinct ones, read ahead and visited next): drop the weights this step did not touch,
+    except those ahead; drop what the neuron analysis cached for layers outside the window of
+    LOOKAHEAD distinct weights either side (a layer's groups are its successor's input side); drop
+    large cached graph values."""
     from auditor.forensics import canon
 
-    ahead = _next_distinct(names, n + 1, LOOKAHEAD)
-    behind = _next_distinct(names[n::-1], 0, LOOKAHEAD + 1)
+    behind = _next_distinct(names, n, LOOKAHEAD + 1, step=-1)
     store.release(steps=1, keep=ahead)
     canon.forget_layers(gv, store.recent() | set(ahead) | set(behind))
     cache = gv.__dict__.get("_cache")

@@ -280,7 +280,7 @@ class WeightStore:
         self._touched = set()
         if not self._kept:
             return 0
-        keep_set = self.recent() | set(keep)
+        keep_set = self.recent() | {self.get(n).name for n in keep if n in self}
         drop = [n for n in self._kept if n not in keep_set]
         freed = sum(self._kept[n].nbytes for n in drop)
         if self._pool is None:
