@@ -34,12 +34,24 @@ def table(fx):
                            attacks=["quantize:static-qdq-per-channel", "fp16", "prune:0.5"])
 
 
+def _separates(table, row) -> float:
+    """One-sided Fisher exact p that the hash accepts Signal more often than Noise (row: tpr, fpr)."""
+    from scipy.stats import fisher_exact
+
+    ns, nn = table["n_signal"], table["n_noise"]
+    tp, fp = round(row["tpr"] * ns), round(row["fpr"] * nn)
+    return fisher_exact([[tp, ns - tp], [fp, nn - fp]], alternative="greater")[1]
+
+
 def test_int8_qdq_per_channel_flips(table):
     b = table["before"]
-    assert b["tpr"] >= 0.85 and b["fpr"] <= 0.3  # measured 0.94 / 0.11
+    # the hash tells Signal from Noise (measured TPR 0.94, FPR 0.11: p ~ 1e-40)
+    assert b["tpr"] >= 0.85 and _separates(table, b) < 1e-10
     rows = {r["attack"]: r for r in table["attacks"]}
     q = rows["quantize:static-qdq-per-channel"]
-    assert q["flips"] <= 15  # at most 5 % of the 300 decisions (measured: 5, 2 Signal and 3 Noise)
+    # int8 flips few decisions: it still separates, and flips far fewer than pruning half the weights,
+    # which breaks the hash (measured 5 flips against 176; how many depends on the CPU's int8 kernels)
+    assert _separates(table, q) < 1e-10 and 4 * q["flips"] < rows["prune:0.5"]["flips"]
     assert abs(q["tpr"] - b["tpr"]) <= 0.05 and abs(q["fpr"] - b["fpr"]) <= 0.1
     assert 0 < q["centroid_drift_r"] < 0.1  # int8 moves the Signal centroid a little (~0.03 R measured)
     assert rows["fp16"]["flips"] <= 2 and rows["fp16"]["centroid_drift_r"] < 0.01
